@@ -1,0 +1,311 @@
+"""AlexNet (Krizhevsky, Sutskever & Hinton, 2012) as the paper drew it: two towers.
+
+The network is written once, as the computation of ONE tower. The places where
+the paper's two GPUs talked (the input of conv3 and the inputs of fc6, fc7 and
+fc8) are named-axis collectives over the axis ``'tower'``: an ``all_gather``
+along channels. The same tower function then runs
+
+* on one device, both towers at once, under ``flax.linen.vmap`` with
+  ``axis_name='tower'`` (this is what ``AlexNet.apply`` does), and
+* on a ``('data', 'tower')`` mesh under ``jax.shard_map``, each device running
+  its own tower on its own slice of the batch (``alexnet_jax.parallel``).
+
+Tower parameters are stacked on a leading axis of size ``towers``, so one
+parameter tree serves every layout. With ``towers=1`` (the paper's one-GPU
+comparison net) the exchanges are skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+TOWER_AXIS = "tower"
+
+# Whole-net widths of the paper's two-tower net (Section 3.5, Figure 2).
+_TWO_TOWER_CONV = (96, 256, 384, 384, 256)
+_TWO_TOWER_FC = (4096, 4096)
+# Footnote 2: the one-GPU net halves the kernels of every conv layer except the
+# last, and keeps the fully-connected layers whole.
+_ONE_TOWER_CONV = (48, 128, 192, 192, 256)
+_ONE_TOWER_FC = (4096, 4096)
+
+# Layers whose biases the paper initialises to 1 (Section 5); the others get 0.
+BIAS_ONE_LAYERS = ("conv2", "conv4", "conv5", "fc6", "fc7")
+LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+
+
+def tower_widths(towers: int, width: float, num_classes: int) -> dict[str, int]:
+    """Output width of each layer within one tower."""
+    if towers == 2:
+        whole = _TWO_TOWER_CONV + _TWO_TOWER_FC
+        per_tower = [w // 2 for w in whole]
+    elif towers == 1:
+        per_tower = list(_ONE_TOWER_CONV + _ONE_TOWER_FC)
+    else:
+        raise ValueError(f"model.towers must be 1 or 2 (the paper's nets), got {towers}.")
+    if not width > 0:
+        raise ValueError(f"model.width must be > 0, got {width}.")
+    if num_classes % towers:
+        raise ValueError(
+            f"model.num_classes={num_classes} must be divisible by model.towers={towers}: "
+            "each tower's fc8 computes an equal share of the class scores."
+        )
+    scaled = [max(1, int(round(w * width))) for w in per_tower]
+    return dict(zip(LAYERS, scaled + [num_classes // towers]))
+
+
+def conv1_padding(size: int, kernel: int = 11, stride: int = 4) -> int:
+    """Zeros added at the bottom/right so that conv1 covers the image as cuda-convnet did.
+
+    cuda-convnet placed ceil((size - kernel) / stride) + 1 windows, padding the far
+    edge as needed: a 224 crop gives 55x55 (as if it were 227 with no padding);
+    a 227 crop needs no padding and also gives 55x55.
+    """
+    if size < kernel:
+        raise ValueError(f"model.image_size={size} is smaller than conv1's {kernel}x{kernel} kernel.")
+    out = -(-(size - kernel) // stride) + 1
+    return (out - 1) * stride + kernel - size
+
+
+class LRN(nn.Module):
+    """Local response normalisation across channels (Section 3.3).
+
+    ``b[i] = a[i] / (k + alpha' * sum_{j=i-n//2}^{i+n//2} a[j]^2) ** beta`` with the sum
+    clipped to existing channels. ``convention='paper'`` (default) takes the
+    paper's formula literally: ``alpha' = alpha``. ``convention='alpha_over_n'``
+    uses ``alpha' = alpha / n`` as cuda-convnet, Caffe and PyTorch do. The sum
+    runs over the channels of the array it is given: called inside a tower it
+    never reaches the other tower's maps, as on the paper's GPUs.
+    """
+
+    k: float = 2.0
+    n: int = 5
+    alpha: float = 1e-4
+    beta: float = 0.75
+    convention: str = "paper"
+
+    @nn.compact
+    def __call__(self, x_NHWC: jax.Array) -> jax.Array:
+        if self.convention == "paper":
+            alpha = self.alpha
+        elif self.convention == "alpha_over_n":
+            alpha = self.alpha / self.n
+        else:
+            raise ValueError(
+                f"model.lrn_convention must be 'paper' or 'alpha_over_n', got {self.convention!r}."
+            )
+        half = self.n // 2
+        sq = jnp.square(x_NHWC)
+        window_sum = jax.lax.reduce_window(
+            sq, 0.0, jax.lax.add,
+            window_dimensions=(1, 1, 1, 2 * half + 1),
+            window_strides=(1, 1, 1, 1),
+            padding=((0, 0), (0, 0), (0, 0), (half, half)),
+        )
+        return x_NHWC * (self.k + alpha * window_sum) ** (-self.beta)
+
+
+def _exchange(x: jax.Array, towers: int, to_layer: str) -> jax.Array:
+    """The towers swap activations: every tower gets all towers' channels.
+
+    Named ``exchange_to_<layer>`` in the lowered program, where tests look for it.
+    """
+    if towers == 1:
+        return x
+    with jax.named_scope(f"exchange_to_{to_layer}"):
+        return jax.lax.all_gather(x, TOWER_AXIS, axis=x.ndim - 1, tiled=True)
+
+
+class Tower(nn.Module):
+    """One tower of the network; run it under a named axis ``'tower'``.
+
+    Returns this tower's share of the class scores, ``(N, num_classes // towers)``.
+    ``dropout_key`` is the same on every tower and every data shard; masks are
+    derived from it per tower and per *global* example index, so they do not
+    depend on how the batch or the towers are laid out on devices.
+    """
+
+    towers: int = 2
+    lrn: bool = True
+    lrn_convention: str = "paper"
+    pool_window: int = 3
+    pool_stride: int = 2
+    dropout: float = 0.5
+    activation: str = "relu"
+    num_classes: int = 1000
+    width: float = 1.0
+    init_std: float = 0.01
+    init_bias: float = 1.0
+    deterministic: bool = True
+    data_axis: str | None = None  # set when the batch is sharded over a named axis
+
+    def _act(self, x):
+        if self.activation == "relu":
+            return nn.relu(x)
+        if self.activation == "tanh":
+            return jnp.tanh(x)
+        raise ValueError(f"model.activation must be 'relu' or 'tanh', got {self.activation!r}.")
+
+    def _pool(self, x):
+        w, s = self.pool_window, self.pool_stride
+        return nn.max_pool(x, (w, w), strides=(s, s), padding="VALID")
+
+    def _kernel_init(self):
+        return nn.initializers.normal(stddev=self.init_std)
+
+    def _bias_init(self, name):
+        value = self.init_bias if name in BIAS_ONE_LAYERS else 0.0
+        return nn.initializers.constant(value)
+
+    def _conv(self, name, features, kernel, stride=1, padding=None):
+        k = kernel
+        if padding is None:
+            padding = ((k // 2, k // 2), (k // 2, k // 2))
+        return nn.Conv(features, (k, k), strides=(stride, stride), padding=padding,
+                       kernel_init=self._kernel_init(), bias_init=self._bias_init(name), name=name)
+
+    def _dense(self, name, features):
+        return nn.Dense(features, kernel_init=self._kernel_init(),
+                        bias_init=self._bias_init(name), name=name)
+
+    def _dropout(self, x, key, layer):
+        if self.deterministic or self.dropout == 0.0:
+            return x
+        if key is None:
+            raise ValueError("Training with dropout needs rngs={'dropout': key}.")
+        keep = 1.0 - self.dropout
+        n = x.shape[0]
+        first = 0 if self.data_axis is None else jax.lax.axis_index(self.data_axis) * n
+        tower = jax.lax.axis_index(TOWER_AXIS)
+        key = jax.random.fold_in(jax.random.fold_in(key, layer), tower)
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(n))
+        mask = jax.vmap(lambda k: jax.random.bernoulli(k, keep, x.shape[1:]))(keys)
+        # Inverted dropout: scaling by 1/keep now equals the paper's x0.5 at test time.
+        return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
+
+    @nn.compact
+    def __call__(self, images_NHWC: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        w = tower_widths(self.towers, self.width, self.num_classes)
+        T = self.towers
+        lrn = (lambda x: LRN(convention=self.lrn_convention)(x)) if self.lrn else (lambda x: x)
+
+        pad = conv1_padding(images_NHWC.shape[1])
+        x = self._conv("conv1", w["conv1"], 11, stride=4, padding=((0, pad), (0, pad)))(images_NHWC)
+        x = self._pool(lrn(self._act(x)))
+        self.sow("intermediates", "conv1_pooled", x)
+        x = self._conv("conv2", w["conv2"], 5)(x)  # own tower only
+        x = self._pool(lrn(self._act(x)))
+        self.sow("intermediates", "conv2_pooled", x)
+        x = _exchange(x, T, "conv3")  # conv3 sees both towers' conv2 maps
+        x = self._act(self._conv("conv3", w["conv3"], 3)(x))
+        x = self._act(self._conv("conv4", w["conv4"], 3)(x))  # own tower only
+        x = self._pool(self._act(self._conv("conv5", w["conv5"], 3)(x)))  # own tower only
+        self.sow("intermediates", "conv5_pooled", x)
+        x = _exchange(x, T, "fc6").reshape(x.shape[0], -1)  # fc6 sees all conv5 features
+        x = self._act(self._dense("fc6", w["fc6"])(x))
+        self.sow("intermediates", "fc6_act", x)
+        x = _exchange(self._dropout(x, dropout_key, 6), T, "fc7")  # fc7 sees all fc6 units
+        x = self._act(self._dense("fc7", w["fc7"])(x))
+        self.sow("intermediates", "fc7_act", x)  # the paper's Figure 4 features
+        x = _exchange(self._dropout(x, dropout_key, 7), T, "fc8")  # fc8 sees all fc7 units
+        return self._dense("fc8", w["fc8"])(x)  # this tower's class scores; softmax is over all
+
+
+class AlexNet(nn.Module):
+    """The paper's network. ``AlexNet()`` is the two-tower ImageNet net.
+
+    Attributes are the ``model.*`` config fields (see ``default_config``).
+    ``model.init(key, images)`` returns the parameters of all towers, stacked on
+    a leading axis of size ``towers``; ``model.apply(variables, images_NHWC,
+    train=False)`` returns logits ``(N, num_classes)`` computed on one device.
+    To run the same parameters on a mesh, see ``alexnet_jax.parallel.apply_on_mesh``.
+    """
+
+    towers: int = 2  # 2: the paper's two-GPU net; 1: its one-GPU comparison net
+    lrn: bool = True  # local response normalisation after conv1 and conv2
+    lrn_convention: str = "paper"  # 'paper' (alpha as printed) or 'alpha_over_n'
+    pool_window: int = 3  # max-pool window z (3: overlapping; 2 with stride 2: not)
+    pool_stride: int = 2  # max-pool stride s
+    dropout: float = 0.5  # dropout rate in fc6 and fc7
+    activation: str = "relu"  # 'relu' or 'tanh' (the paper's Figure 1 comparison)
+    num_classes: int = 1000  # split evenly between the towers' fc8
+    width: float = 1.0  # multiplier on every layer's width except fc8
+    image_size: int = 224  # input crops are image_size x image_size x 3
+    init_std: float = 0.01  # weights ~ N(0, init_std^2)
+    init_bias: float = 1.0  # bias of conv2, conv4, conv5, fc6, fc7 (others 0)
+    # Layout plumbing, not config: set by alexnet_jax.parallel inside shard_map.
+    tower_axis_is_mapped: bool = False
+    data_axis: str | None = None
+
+    def tower_kwargs(self, train: bool) -> dict[str, Any]:
+        names = [f.name for f in dataclasses.fields(Tower) if f.name not in ("parent", "name")]
+        kw = {n: getattr(self, n) for n in names if hasattr(self, n)}
+        kw["deterministic"] = not train
+        return kw
+
+    @nn.compact
+    def __call__(self, images_NHWC: jax.Array, train: bool = False) -> jax.Array:
+        n, h, w_, c = images_NHWC.shape
+        if (h, w_, c) != (self.image_size, self.image_size, 3):
+            raise ValueError(
+                f"AlexNet expects NHWC images of shape (N, {self.image_size}, {self.image_size}, 3) "
+                f"(model.image_size={self.image_size}); got {images_NHWC.shape}."
+            )
+        tower_widths(self.towers, self.width, self.num_classes)  # validate early
+        key = self.make_rng("dropout") if (train and self.dropout > 0) else None
+        # On one device vmap creates the 'tower' axis; inside shard_map it already
+        # exists, and a vmap of size 1 only keeps the stacked parameter layout.
+        axis_size = 1 if self.tower_axis_is_mapped else self.towers
+        axis_name = None if self.tower_axis_is_mapped else TOWER_AXIS
+        towers = nn.vmap(
+            Tower,
+            variable_axes={"params": 0, "intermediates": 0},
+            split_rngs={"params": True},
+            in_axes=(None, None),
+            out_axes=1,
+            axis_size=axis_size,
+            axis_name=axis_name,
+        )
+        logits_NTK = towers(name="towers", **self.tower_kwargs(train))(images_NHWC, key)
+        return logits_NTK.reshape(n, -1)  # class index = tower * (num_classes/towers) + j
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The ``model`` section of a run config: the paper's net."""
+    m = AlexNet()
+    return ml_collections.ConfigDict(
+        {f.name: getattr(m, f.name) for f in dataclasses.fields(AlexNet) if f.name in CONFIG_FIELDS}
+    )
+
+
+CONFIG_FIELDS = (
+    "towers", "lrn", "lrn_convention", "pool_window", "pool_stride", "dropout",
+    "activation", "num_classes", "width", "image_size", "init_std", "init_bias",
+)
+
+
+def from_config(cfg: ml_collections.ConfigDict | dict) -> AlexNet:
+    """Build the network from a ``model`` config section; unknown keys fail by name."""
+    items = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
+    unknown = sorted(set(items) - set(CONFIG_FIELDS))
+    if unknown:
+        raise ValueError(
+            f"Unknown model config key(s) {unknown}; known keys: {list(CONFIG_FIELDS)}."
+        )
+    return AlexNet(**items)
+
+
+def count_params(params: Any) -> int:
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+
+
+def layer_param_counts(params: Any) -> dict[str, int]:
+    """Parameters per layer, summed over towers."""
+    tower_params = params["params"]["towers"] if "params" in params else params["towers"]
+    return {name: count_params(tower_params[name]) for name in LAYERS}

@@ -1,0 +1,132 @@
+"""Device layouts: the ``('data', 'tower')`` mesh and the network under ``shard_map``.
+
+One parameter tree, every layout. Each parameter has a leading ``tower`` axis,
+sharded ``P('tower')`` on a mesh, so each device holds its own tower, as the
+paper's two GPUs did. The batch is sharded over ``data``. Inside ``shard_map``
+each device runs ``Tower`` on its slice of the batch; the towers exchange
+activations through ``all_gather`` over ``'tower'`` (see ``model.py``).
+
+On a machine with no accelerators, call ``use_virtual_cpu_devices(n)`` before
+anything touches a JAX device (or set
+``XLA_FLAGS=--xla_force_host_platform_device_count=n``) to get ``n`` CPU devices.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from alexnet_jax.model import TOWER_AXIS, AlexNet
+
+DATA_AXIS = "data"
+
+
+def use_virtual_cpu_devices(n: int) -> None:
+    """Split the host CPU into ``n`` JAX devices; must run before JAX starts its backend."""
+    from jax._src import xla_bridge  # no public query for "backend already started"
+
+    if xla_bridge.backends_are_initialized():
+        if jax.device_count() == n:
+            return
+        raise RuntimeError(
+            f"JAX has already started with {jax.device_count()} device(s); cannot switch to "
+            f"{n} virtual CPU devices. Call use_virtual_cpu_devices({n}) before any JAX "
+            f"computation, or set XLA_FLAGS=--xla_force_host_platform_device_count={n} "
+            "in the environment."
+        )
+    jax.config.update("jax_num_cpu_devices", n)
+
+
+def make_mesh(towers: int = 2, data: int | None = None, devices=None) -> Mesh:
+    """A ``('data', 'tower')`` mesh; ``data`` defaults to all remaining devices.
+
+    Axes are ``Auto``: arrays carry no sharding in their types, and the
+    compiler places the (few) operations outside ``shard_map``.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if data is None:
+        if len(devices) % towers:
+            raise ValueError(f"{len(devices)} devices cannot be split into towers={towers}.")
+        data = len(devices) // towers
+    if data * towers > len(devices):
+        raise ValueError(
+            f"A mesh of data={data} x tower={towers} needs {data * towers} devices; "
+            f"only {len(devices)} are available (on CPU see use_virtual_cpu_devices)."
+        )
+    grid = np.asarray(devices[: data * towers], dtype=object).reshape(data, towers)
+    return Mesh(grid, (DATA_AXIS, TOWER_AXIS), axis_types=(AxisType.Auto,) * 2)
+
+
+def param_sharding(mesh: Mesh) -> NamedSharding:
+    """Every parameter: leading tower axis split over the mesh's ``tower`` axis."""
+    return NamedSharding(mesh, P(TOWER_AXIS))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def shard_variables(variables: Any, mesh: Mesh) -> Any:
+    return jax.device_put(variables, param_sharding(mesh))
+
+
+def _check(model: AlexNet, mesh: Mesh) -> None:
+    if mesh.shape[TOWER_AXIS] != model.towers:
+        raise ValueError(
+            f"The model has towers={model.towers} but the mesh's '{TOWER_AXIS}' axis has size "
+            f"{mesh.shape[TOWER_AXIS]}; build it with make_mesh(towers={model.towers})."
+        )
+
+
+def mesh_forward(model: AlexNet, mesh: Mesh, *, train: bool = False):
+    """``f(variables, images_NHWC, dropout_key) -> logits`` running one tower per device.
+
+    The logits come back sharded ``P('data', 'tower')``: each tower's share of
+    the classes, as the paper's GPUs each held half of fc8. The softmax over all
+    classes is taken outside, by whoever computes the loss.
+    """
+    _check(model, mesh)
+    local = model.clone(tower_axis_is_mapped=True, data_axis=DATA_AXIS)
+
+    def per_device(variables, images_nHWC, key):
+        rngs = {"dropout": key} if key is not None else {}
+        return local.apply(variables, images_nHWC, train=train, rngs=rngs)
+
+    return jax.shard_map(
+        per_device,
+        mesh=mesh,
+        in_specs=(P(TOWER_AXIS), P(DATA_AXIS), P()),
+        out_specs=P(DATA_AXIS, TOWER_AXIS),
+    )
+
+
+def apply_on_mesh(
+    model: AlexNet,
+    variables: Any,
+    images_NHWC: jax.Array,
+    mesh: Mesh,
+    *,
+    train: bool = False,
+    rngs: dict[str, jax.Array] | None = None,
+) -> jax.Array:
+    """``model.apply`` on a mesh: same parameters, same logits, one tower per device.
+
+    ``variables`` may live anywhere (e.g. fresh from ``model.init`` on one
+    device); they are placed on the mesh first. The batch size must divide by
+    the mesh's ``data`` axis.
+    """
+    n = images_NHWC.shape[0]
+    if n % mesh.shape[DATA_AXIS]:
+        raise ValueError(
+            f"Batch size {n} does not divide over the mesh's data axis ({mesh.shape[DATA_AXIS]})."
+        )
+    key = None
+    if train and model.dropout > 0:
+        if not rngs or "dropout" not in rngs:
+            raise ValueError("Training with dropout needs rngs={'dropout': key}.")
+        key = rngs["dropout"]
+    f = jax.jit(mesh_forward(model, mesh, train=train))
+    return f(shard_variables(variables, mesh), jax.device_put(images_NHWC, batch_sharding(mesh)), key)
