@@ -207,7 +207,7 @@ def dropout_masks_via_fc7(model, variables, x, key):
     eye = np.eye(T * units, dtype=np.float32)
     tp["fc7"] = {"kernel": jnp.asarray(np.stack([eye[:, t * units:(t + 1) * units] for t in range(T)])),
                  "bias": jnp.zeros((T, units))}
-    _, st = model.apply({"params": tp}, x, train=True, rngs={"dropout": key},
+    _, st = model.apply({"params": {"towers": tp}}, x, train=True, rngs={"dropout": key},
                         capture_intermediates=True, mutable=["intermediates"])
     return st["intermediates"]["towers"]["fc7"]["__call__"][0]  # (T, N, units) = mask / keep
 
