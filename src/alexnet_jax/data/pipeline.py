@@ -1,0 +1,246 @@
+"""Training and evaluation iterators: grain datasets from either source form.
+
+Training stream (all index-based ``MapDataset`` steps, so any worker count
+gives the same batches and an iterator's state is just a position)::
+
+    decoded source -> shuffle(seed) -> repeat -> random crop/flip/alpha(seed)
+        -> this host's slice [shard_index::shard_count] -> batch -> Normalize
+        -> worker processes (mp_prefetch)
+
+The shuffle and the augmentation happen on the *global* stream before the
+host slice, so the union of all hosts' batches at step t is the same global
+batch whatever the number of hosts. Each host yields ``batch_size //
+shard_count`` examples per step; ``batch_size`` is the global batch.
+
+Evaluation covers the split exactly once: the stream is padded to a whole
+number of global batches and padding (and any unreadable image) has
+``mask=False``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import grain
+import ml_collections
+import numpy as np
+
+from alexnet_jax.data import embedded, prepare, sources, transforms
+
+log = logging.getLogger(__name__)
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """Every field of the input pipeline, with the paper's values where it has one."""
+    c = ml_collections.ConfigDict()
+    c.name = 'embedded'          # 'embedded' (generated on first use, no download) | 'imagenet'
+    c.root = None                # ImageNet-layout folder (train/<wnid>/, val/...); embedded: None = ~/.cache/alexnet_jax/embedded (or $ALEXNET_JAX_DATA/embedded)
+    c.format = 'packed'          # 'packed' (ArrayRecord shards from prepare, fast) | 'folder' (decode the JPEG folder directly)
+    c.packed_dir = None          # output of `python -m alexnet_jax.data.prepare`; embedded: None = prepared automatically under root
+    c.stats_path = None          # stats.npz (mean image, RGB eigens); None = <packed_dir>/stats.npz
+    c.val_labels = None          # labels file for a flat val/ folder; None = look for val_labels.txt / LOC_val_solution.csv
+    c.resize_size = 256          # shorter side rescaled to this, then the central square kept (paper: 256)
+    c.crop_size = 224            # training crops and evaluation views (paper: 224)
+    c.flip = True                # random horizontal reflections in training (paper: yes)
+    c.pca_lighting_std = 0.1     # std of alpha in the PCA lighting noise (paper: 0.1); 0 turns it off
+    c.mean_subtraction = True    # subtract the training-set mean image (paper: yes)
+    c.seed = 0                   # shuffle and augmentation seed when build_train_iter gets none
+    c.num_workers = 2            # grain worker processes; 0 = decode in the calling process
+    c.worker_buffer_size = 2     # batches each worker keeps ready
+    c.num_threads = 2            # threads reading/decoding inside each process (Pillow releases the GIL)
+    c.prefetch_buffer_size = 4   # elements read ahead per process
+    c.eval_mode = 'center'       # 'center' (single centre crop) | 'ten_crop' (corners + centre, and mirrors)
+    c.prepare_workers = None     # processes for automatic preparation of the embedded set; None = all cores
+    # Embedded dataset only.
+    c.embedded = ml_collections.ConfigDict()
+    c.embedded.num_train_per_class = 300  # 10 classes
+    c.embedded.num_val_per_class = 50     # held-out validation images per class
+    c.embedded.image_size = 96            # size the JPEG files are drawn at
+    c.embedded.seed = 0                   # generation seed (the dataset is a pure function of it)
+    return c
+
+
+def demo_data_config() -> ml_collections.ConfigDict:
+    """The embedded data at a laptop-friendly size: 72 px images, 64 px crops."""
+    c = default_data_config()
+    c.resize_size, c.crop_size = 72, 64
+    return c
+
+
+@dataclasses.dataclass
+class ResolvedData:
+    """Everything the iterators need, found once: record sources, statistics, class names."""
+
+    records: dict  # split -> FolderRecords | PackedRecords
+    stats: dict | None
+    classes: list[str]
+    class_names: list[str]
+
+
+def resolve(cfg) -> ResolvedData:
+    """Locate (and for the embedded set, create and prepare) the data the config names."""
+    root = cfg.root
+    packed_dir = cfg.packed_dir
+    if cfg.name == 'embedded':
+        e = cfg.embedded
+        root = embedded.ensure_embedded_dataset(
+            Path(root) if root is not None else None, num_train_per_class=e.num_train_per_class,
+            num_val_per_class=e.num_val_per_class, image_size=e.image_size, seed=e.seed)
+        if packed_dir is None:
+            packed_dir = root.parent / f'{root.name}_packed{cfg.resize_size}'
+            prepare.prepare(root, packed_dir, size=cfg.resize_size, shard_size=512,
+                            workers=cfg.prepare_workers, progress=False)
+    elif cfg.name != 'imagenet':
+        raise sources.DatasetError(f"data name must be 'embedded' or 'imagenet', got {cfg.name!r}")
+    if cfg.format == 'packed':
+        if packed_dir is None:
+            raise sources.DatasetError("format='packed' needs packed_dir (the --dst of "
+                                       "`python -m alexnet_jax.data.prepare`), or use format='folder'")
+        meta = prepare.read_metadata(packed_dir)
+        records = {s: sources.PackedRecords(prepare.shard_paths(packed_dir, s)) for s in meta['splits']}
+        classes, class_names = meta['classes'], meta['class_names']
+    elif cfg.format == 'folder':
+        if root is None:
+            raise sources.DatasetError(f"format='folder' needs root; {sources.EXPECTED_LAYOUT}")
+        classes = sources.list_classes(root)
+        records = {'train': sources.FolderRecords(sources.scan_split(root, 'train', classes))}
+        if (Path(root) / 'val').is_dir():
+            records['val'] = sources.FolderRecords(sources.scan_split(root, 'val', classes, cfg.val_labels))
+        class_names = sources.read_class_names(root, classes)
+    else:
+        raise sources.DatasetError(f"format must be 'packed' or 'folder', got {cfg.format!r}")
+    stats = None
+    needs_stats = cfg.mean_subtraction or cfg.pca_lighting_std > 0
+    stats_path = cfg.stats_path or (Path(packed_dir) / prepare.STATS if packed_dir is not None else None)
+    if needs_stats:
+        if stats_path is None:
+            raise sources.DatasetError('mean subtraction / PCA lighting need stats.npz: set stats_path or '
+                                       'packed_dir (run `python -m alexnet_jax.data.prepare`)')
+        stats = prepare.load_stats(stats_path)
+        if stats['mean_image'].shape[:2] != (cfg.resize_size, cfg.resize_size):
+            raise sources.DatasetError(f'{stats_path}: mean image is {stats["mean_image"].shape}, but '
+                                       f'resize_size is {cfg.resize_size}')
+    return ResolvedData(records, stats, list(classes), list(class_names))
+
+
+def _host_shard(shard_index, shard_count) -> tuple[int, int]:
+    if shard_index is None or shard_count is None:
+        import jax
+        return jax.process_index(), jax.process_count()
+    return int(shard_index), int(shard_count)
+
+
+def _normalize(cfg, stats, lighting: bool) -> transforms.Normalize:
+    if stats is None:
+        return transforms.Normalize(None, None, None, False)
+    return transforms.Normalize(stats['mean_image'] if cfg.mean_subtraction else None,
+                                stats['eigval'], stats['eigvec'], lighting)
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """grain's worker processes read absl flags; outside an absl app nobody parsed them."""
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _to_iter(cfg, ds: grain.MapDataset, num_workers: int | None):
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
+                                                 prefetch_buffer_size=cfg.prefetch_buffer_size))
+    n = cfg.num_workers if num_workers is None else num_workers
+    if n > 0:
+        _ensure_absl_flags_parsed()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=n,
+                                                               per_worker_buffer_size=cfg.worker_buffer_size))
+    return it_ds
+
+
+def build_train_dataset(cfg, *, batch_size: int, seed: int | None = None, image_size: int | None = None,
+                        shard_index: int | None = 0, shard_count: int | None = 1,
+                        data: ResolvedData | None = None) -> grain.MapDataset:
+    """The infinite training stream as a ``MapDataset`` of this host's batches (before workers)."""
+    data = data or resolve(cfg)
+    shard_index, shard_count = _host_shard(shard_index, shard_count)
+    if batch_size % shard_count:
+        raise ValueError(f'global batch {batch_size} is not divisible by {shard_count} hosts')
+    seed = cfg.seed if seed is None else seed
+    crop = image_size or cfg.crop_size
+    src = sources.DecodedSource(data.records['train'], cfg.resize_size, on_error='substitute')
+    ds = grain.MapDataset.source(src).shuffle(seed=seed).repeat()
+    ds = ds.random_map(transforms.RandomCropFlip(crop, cfg.flip, cfg.pca_lighting_std), seed=seed + 1)
+    ds = ds[shard_index::shard_count]
+    ds = ds.batch(batch_size // shard_count, drop_remainder=True)
+    return ds.map(_normalize(cfg, data.stats, lighting=cfg.pca_lighting_std > 0))
+
+
+def build_train_iter(cfg, *, batch_size: int, seed: int | None = None, image_size: int | None = None,
+                     shard_index: int | None = 0, shard_count: int | None = 1,
+                     num_workers: int | None = None, data: ResolvedData | None = None):
+    """Endless iterator of ``{'image': float32 (B, crop, crop, 3), 'label': int32 (B,), 'mask': bool (B,)}``.
+
+    ``batch_size`` is global; this host gets ``batch_size // shard_count``.
+    ``shard_index``/``shard_count`` None means ``jax.process_index()/process_count()``.
+    Save with ``it.get_state()`` (a small dict) and continue with ``it.set_state(state)``
+    on a freshly built iterator with the same config and seed. Call ``it.close()``
+    (or drop it) to stop the worker processes.
+    """
+    ds = build_train_dataset(cfg, batch_size=batch_size, seed=seed, image_size=image_size,
+                             shard_index=shard_index, shard_count=shard_count, data=data)
+    return iter(_to_iter(cfg, ds, num_workers))
+
+
+class _Padded:
+    """Source of length ``total`` >= len(src): real examples, then masked-out zeros."""
+
+    def __init__(self, src: sources.DecodedSource, total: int):
+        self.src, self.total = src, total
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __getitem__(self, i: int) -> dict:
+        if i < len(self.src):
+            return self.src[i]
+        return {'image': np.zeros((self.src.size, self.src.size, 3), np.uint8),
+                'label': np.int32(0), 'mask': np.bool_(False)}
+
+
+def eval_num_batches(num_examples: int, batch_size: int) -> int:
+    return -(-num_examples // batch_size)
+
+
+def build_eval_dataset(cfg, *, batch_size: int, mode: str | None = None, split: str = 'val',
+                       image_size: int | None = None, shard_index: int | None = 0,
+                       shard_count: int | None = 1, data: ResolvedData | None = None) -> grain.MapDataset:
+    data = data or resolve(cfg)
+    if split not in data.records:
+        raise sources.DatasetError(f'no {split!r} split in the data ({sorted(data.records)})')
+    shard_index, shard_count = _host_shard(shard_index, shard_count)
+    if batch_size % shard_count:
+        raise ValueError(f'global batch {batch_size} is not divisible by {shard_count} hosts')
+    mode = mode or cfg.eval_mode
+    crop = image_size or cfg.crop_size
+    view = {'center': transforms.CenterCrop, 'ten_crop': transforms.TenCrop}
+    if mode not in view:
+        raise ValueError(f"mode must be 'center' or 'ten_crop', got {mode!r}")
+    src = sources.DecodedSource(data.records[split], cfg.resize_size, on_error='mask')
+    total = eval_num_batches(len(src), batch_size) * batch_size
+    ds = grain.MapDataset.source(_Padded(src, total)).map(view[mode](crop))
+    ds = ds[shard_index::shard_count].batch(batch_size // shard_count, drop_remainder=True)
+    return ds.map(_normalize(cfg, data.stats, lighting=False))
+
+
+def build_eval_iter(cfg, *, batch_size: int, mode: str | None = None, split: str = 'val',
+                    image_size: int | None = None, shard_index: int | None = 0, shard_count: int | None = 1,
+                    num_workers: int | None = None, data: ResolvedData | None = None):
+    """One pass over ``split``: ``{'image': float32 (B, crop, crop, 3) or (B, 10, crop, crop, 3),
+    'label': int32 (B,), 'mask': bool (B,)}``; count only ``mask`` rows.
+
+    Every host yields the same number of batches (padding included), so a
+    collective eval step never waits on a host that has run out.
+    """
+    ds = build_eval_dataset(cfg, batch_size=batch_size, mode=mode, split=split, image_size=image_size,
+                            shard_index=shard_index, shard_count=shard_count, data=data)
+    return iter(_to_iter(cfg, ds, num_workers))

@@ -1,0 +1,322 @@
+"""One-time conversion of an ImageNet-layout folder into fast ArrayRecord shards.
+
+    python -m alexnet_jax.data.prepare --src DIR --dst DIR [--size 256] [--workers N]
+
+Every image is decoded once, rescaled to shorter side ``size``, centre-cropped
+to ``size x size`` and stored as JPEG bytes, so training only decodes a small
+JPEG and crops. The same pass computes the paper's training-set statistics:
+the ``size x size x 3`` mean image and the eigen-decomposition of the 3x3 RGB
+covariance (``stats.npz``). Shards are processed in parallel, each written to
+a temporary file and renamed, followed by a done marker, so an interrupted run
+resumes where it stopped. ``metadata.json`` is written last: its presence
+means the folder is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from alexnet_jax.data import sources
+
+log = logging.getLogger(__name__)
+
+FORMAT = 'alexnet_jax.packed/1'
+METADATA = 'metadata.json'
+STATS = 'stats.npz'
+PLAN = 'plan.json'
+
+
+# ---------------------------------------------------------------------------
+# Statistics: sums per shard, combined at the end (exact, order-independent).
+
+
+def image_sums(img_HWC: np.ndarray) -> dict:
+    """The sufficient statistics one uint8 image contributes."""
+    x = img_HWC.astype(np.float64)
+    px = x.reshape(-1, 3)
+    return {'sum_image': x, 'sum_rgb': px.sum(0), 'sum_outer': px.T @ px,
+            'n_images': 1, 'n_pixels': px.shape[0]}
+
+
+def add_sums(a: dict | None, b: dict) -> dict:
+    return dict(b) if a is None else {k: a[k] + b[k] for k in a}
+
+
+def finish_stats(sums: dict) -> dict:
+    """Sums -> mean image (0..255) and RGB covariance/eigens (on [0, 1] pixels), eigenvalues descending."""
+    n_img, n_px = sums['n_images'], sums['n_pixels']
+    mean_image = sums['sum_image'] / n_img
+    mu = sums['sum_rgb'] / n_px
+    cov = (sums['sum_outer'] / n_px - np.outer(mu, mu)) / 255.0 ** 2
+    cov = (cov + cov.T) / 2
+    eigval, eigvec = np.linalg.eigh(cov)
+    order = np.argsort(eigval)[::-1]
+    eigval, eigvec = eigval[order], eigvec[:, order]
+    # A fixed sign per eigenvector (largest component positive) keeps runs comparable.
+    eigvec = eigvec * np.sign(eigvec[np.abs(eigvec).argmax(0), np.arange(3)])
+    return {'mean_image': mean_image.astype(np.float32), 'rgb_mean': (mu / 255.0).astype(np.float32),
+            'rgb_cov': cov.astype(np.float32), 'eigval': eigval.astype(np.float32),
+            'eigvec': eigvec.astype(np.float32), 'num_images': np.int64(n_img)}
+
+
+def load_stats(path: str | os.PathLike) -> dict:
+    """stats.npz -> dict of arrays (``mean_image`` HWC float32, ``eigval`` (3,), ``eigvec`` (3, 3) columns)."""
+    if not Path(path).is_file():
+        raise sources.DatasetError(f'no statistics file {str(path)!r}; run `python -m alexnet_jax.data.prepare`')
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    with open(tmp, 'wb') as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_write_json(path: Path, obj) -> None:
+    _atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
+
+
+def _atomic_savez(path: Path, arrays: dict) -> None:
+    import io
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    _atomic_write_bytes(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------------------
+# One shard (runs in a worker process)
+
+_counter = None
+
+
+def _init_worker(counter) -> None:
+    global _counter
+    _counter = counter
+
+
+def _tick() -> None:
+    if _counter is not None:
+        with _counter.get_lock():
+            _counter.value += 1
+
+
+def prepare_shard(job: dict) -> dict:
+    """Decode, resize, re-encode one shard's images; write the shard, its sums, then its done marker."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    out = Path(job['out'])
+    size, quality, with_stats = job['size'], job['quality'], job['with_stats']
+    sums, skipped, labels = None, [], []
+    tmp = out.with_name(f'.{out.name}.tmp{os.getpid()}')
+    writer = ArrayRecordWriter(str(tmp), 'group_size:1')
+    try:
+        for rel, label in zip(job['rel_paths'], job['labels']):
+            path = os.path.join(job['root'], rel)
+            try:
+                with open(path, 'rb') as f:
+                    img = sources.decode_image(f.read(), size)
+            except (OSError, sources.DecodeError) as e:
+                skipped.append([path, str(e)])
+                _tick()
+                continue
+            writer.write(sources.pack_record(rel, int(label), sources.encode_jpeg(img, quality)))
+            labels.append(int(label))
+            if with_stats:
+                sums = add_sums(sums, image_sums(img))
+            _tick()
+    finally:
+        writer.close()
+    os.replace(tmp, out)
+    if with_stats and sums is not None:
+        _atomic_savez(out.with_name(out.name + '.sums.npz'), sums)
+    done = {'num_examples': len(labels), 'labels': labels, 'skipped': skipped}
+    _atomic_write_json(out.with_name(out.name + '.done.json'), done)
+    return done
+
+
+# ---------------------------------------------------------------------------
+# Whole folder
+
+
+def _plan(src: Path, size: int, quality: int, shard_size: int, val_labels) -> dict:
+    classes = sources.list_classes(src)
+    splits = {}
+    for split in ('train', 'val'):
+        if split == 'val' and not (src / 'val').is_dir():
+            log.warning('%s has no val folder; preparing train only', src)
+            continue
+        files = sources.scan_split(src, split, classes, val_labels if split == 'val' else None)
+        n = len(files)
+        num_shards = max(1, -(-n // shard_size))
+        bounds = np.linspace(0, n, num_shards + 1).astype(int)
+        shards = []
+        for i in range(num_shards):
+            sl = slice(bounds[i], bounds[i + 1])
+            shards.append({'name': f'{split}-{i:05d}-of-{num_shards:05d}.array_record',
+                           'rel_paths': files.rel_paths[sl],
+                           'labels': files.labels[sl].tolist()})
+        splits[split] = {'root': files.root, 'shards': shards, 'scan_skipped': files.skipped}
+    plan = {'format': FORMAT, 'src': str(src), 'size': size, 'quality': quality,
+            'classes': classes, 'class_names': sources.read_class_names(src, classes), 'splits': splits}
+    plan['digest'] = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+    return plan
+
+
+def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = 256, quality: int = 95,
+            shard_size: int = 1024, workers: int | None = None, val_labels=None,
+            progress: bool = True) -> Path:
+    """Convert ``src`` (ImageNet layout) into shards, ``stats.npz`` and ``metadata.json`` under ``dst``.
+
+    Idempotent and resumable: finished shards (those with a done marker) are kept.
+    Returns ``dst``.
+    """
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    if (dst / METADATA).is_file():
+        meta = read_metadata(dst)
+        if meta['size'] != size:
+            raise sources.DatasetError(f'{str(dst)!r} was prepared with size {meta["size"]}, not {size}')
+        return dst
+    plan = _plan(src, size, quality, shard_size, val_labels)
+    plan_path = dst / PLAN
+    if plan_path.is_file():
+        old = json.loads(plan_path.read_text())
+        if old.get('digest') != plan['digest']:
+            raise sources.DatasetError(
+                f'{str(dst)!r} holds an unfinished preparation of different data or settings '
+                f'(src={old.get("src")}, size={old.get("size")}); use another --dst or delete it.')
+    else:
+        _atomic_write_json(plan_path, plan)
+
+    jobs = []
+    for split, info in plan['splits'].items():
+        for shard in info['shards']:
+            if not (dst / (shard['name'] + '.done.json')).is_file():
+                jobs.append({'root': info['root'], 'rel_paths': shard['rel_paths'], 'labels': shard['labels'],
+                             'out': str(dst / shard['name']), 'size': size, 'quality': quality,
+                             'with_stats': split == 'train'})
+    total = sum(len(j['rel_paths']) for j in jobs)
+    workers = min(os.cpu_count() or 1, len(jobs)) if workers is None else min(workers, len(jobs))
+    t0 = time.time()
+    if jobs:
+        _run_jobs(jobs, workers, total, progress)
+    log.info('prepared %d images in %.1fs with %d workers', total, time.time() - t0, workers)
+    return _finish(dst, plan)
+
+
+def _run_jobs(jobs: list[dict], workers: int, total: int, progress: bool) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn('preparing'), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   disable=not progress)
+    with bar:
+        task = bar.add_task('prepare', total=total)
+        if workers <= 0:
+            counter = mp.Value('q', 0)
+            _init_worker(counter)
+            for job in jobs:
+                prepare_shard(job)
+                bar.update(task, completed=counter.value)
+            _init_worker(None)
+            return
+        # spawn: safe even when the caller already runs JAX threads.
+        ctx = mp.get_context('spawn')
+        counter = ctx.Value('q', 0)
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(counter,)) as pool:
+            results = [pool.apply_async(prepare_shard, (job,)) for job in jobs]
+            while not all(r.ready() for r in results):
+                bar.update(task, completed=counter.value)
+                time.sleep(0.2)
+            for r in results:
+                r.get()  # re-raise a worker's exception here
+            bar.update(task, completed=counter.value)
+
+
+def _finish(dst: Path, plan: dict) -> Path:
+    meta = {k: plan[k] for k in ('format', 'src', 'size', 'quality', 'classes', 'class_names')}
+    meta['splits'] = {}
+    num_classes = len(plan['classes'])
+    sums = None
+    for split, info in plan['splits'].items():
+        shards, skipped, per_class = [], list(info['scan_skipped']), np.zeros(num_classes, np.int64)
+        for shard in info['shards']:
+            done = json.loads((dst / (shard['name'] + '.done.json')).read_text())
+            skipped.extend(done['skipped'])
+            per_class += np.bincount(np.asarray(done['labels'], np.int64), minlength=num_classes)
+            if done['num_examples']:
+                shards.append({'file': shard['name'], 'num_examples': done['num_examples']})
+            if split == 'train' and (dst / (shard['name'] + '.sums.npz')).is_file():
+                with np.load(dst / (shard['name'] + '.sums.npz')) as z:
+                    sums = add_sums(sums, {k: z[k] for k in z.files})
+        meta['splits'][split] = {'shards': shards, 'num_examples': int(per_class.sum()),
+                                 'per_class': per_class.tolist(), 'skipped': skipped}
+        if skipped:
+            log.warning('%s: skipped %d file(s), e.g. %s', split, len(skipped), skipped[:5])
+    if sums is None:
+        raise sources.DatasetError('no readable training image; nothing to compute statistics from')
+    _atomic_savez(dst / STATS, finish_stats(sums))
+    _atomic_write_json(dst / METADATA, meta)
+    return dst
+
+
+def read_metadata(dst: str | os.PathLike) -> dict:
+    path = Path(dst) / METADATA
+    if not path.is_file():
+        raise sources.DatasetError(
+            f'{str(dst)!r} is not a finished packed dataset (no {METADATA}); '
+            f'run `python -m alexnet_jax.data.prepare --src IMAGENET_DIR --dst {dst}`')
+    meta = json.loads(path.read_text())
+    if meta.get('format') != FORMAT:
+        raise sources.DatasetError(f'{str(path)!r}: unknown format {meta.get("format")!r}, expected {FORMAT!r}')
+    return meta
+
+
+def shard_paths(dst: str | os.PathLike, split: str) -> list[str]:
+    meta = read_metadata(dst)
+    if split not in meta['splits']:
+        raise sources.DatasetError(f'{str(dst)!r} has no {split!r} split')
+    return [str(Path(dst) / s['file']) for s in meta['splits'][split]['shards']]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog='python -m alexnet_jax.data.prepare', description=__doc__.split('\n\n')[0])
+    p.add_argument('--src', required=True, help='ImageNet-layout folder with train/ and val/')
+    p.add_argument('--dst', required=True, help='output folder (created; an unfinished one is resumed)')
+    p.add_argument('--size', type=int, default=256, help='shorter side and square crop size (paper: 256)')
+    p.add_argument('--workers', type=int, default=None, help='processes (default: all cores; 0 = inline)')
+    p.add_argument('--shard-size', type=int, default=1024, help='images per ArrayRecord shard')
+    p.add_argument('--quality', type=int, default=95, help='JPEG quality of the stored images')
+    p.add_argument('--val-labels', default=None, help="labels file for a flat val/ folder ('<file> <wnid>' lines)")
+    p.add_argument('--quiet', action='store_true', help='no progress bar')
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
+    try:
+        dst = prepare(a.src, a.dst, size=a.size, quality=a.quality, shard_size=a.shard_size,
+                      workers=a.workers, val_labels=a.val_labels, progress=not a.quiet)
+    except sources.DatasetError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    meta = read_metadata(dst)
+    for split, info in meta['splits'].items():
+        print(f'{split}: {info["num_examples"]} images in {len(info["shards"])} shard(s), '
+              f'{len(info["skipped"])} skipped')
+    print(f'wrote {dst}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
