@@ -1,0 +1,156 @@
+"""One network in every layout: the same parameters give the same logits and gradients
+on one device and on ('data', 'tower') meshes, and the towers talk only where the paper says."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from alexnet_jax import AlexNet, apply_on_mesh, make_mesh, use_virtual_cpu_devices
+from alexnet_jax.parallel import batch_sharding, mesh_forward, shard_variables
+
+NARROW = dict(width=0.125, image_size=96, num_classes=10, init_std=0.03)
+ABLATIONS = {
+    "paper": {},
+    "no_lrn": {"lrn": False},
+    "lrn_alpha_over_n": {"lrn_convention": "alpha_over_n"},
+    "pool_2_2": {"pool_window": 2, "pool_stride": 2},
+    "one_tower": {"towers": 1},
+    "tanh": {"activation": "tanh"},
+    "no_dropout": {"dropout": 0.0},
+}
+
+
+def loss_fn(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def reference(model, variables, x, y, key):
+    """Single device, both towers under vmap: the layout everything is compared with."""
+
+    def loss(v):
+        logits = model.apply(v, x, train=True, rngs={"dropout": key})
+        return loss_fn(logits, y), logits
+
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables)
+    return logits, grads
+
+
+def on_mesh(model, variables, x, y, key, mesh):
+    fwd = mesh_forward(model, mesh, train=True)
+
+    def loss(v, x):
+        logits = fwd(v, x, key)
+        return loss_fn(logits, y), logits
+
+    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    (_, logits), grads = step(shard_variables(variables, mesh), jax.device_put(x, batch_sharding(mesh)))
+    return logits, grads
+
+
+def assert_same(a, b, what, rtol=2e-5):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = np.abs(a).max()
+    assert scale > 0, f"{what}: all zeros, the comparison would be empty"
+    err = np.abs(a - b).max() / scale
+    assert err < rtol, f"{what}: max relative difference {err:.2e}"
+
+
+def layouts(towers):
+    return [(1, 2), (2, 2), (4, 2)] if towers == 2 else [(2, 1), (4, 1), (8, 1)]
+
+
+def check_layouts(kwargs, batch):
+    model = AlexNet(**kwargs)
+    s = model.image_size
+    x = 50.0 * jax.random.normal(jax.random.key(1), (batch, s, s, 3))
+    y = jax.random.randint(jax.random.key(2), (batch,), 0, model.num_classes)
+    key = jax.random.key(3)
+    variables = jax.jit(model.init)(jax.random.key(0), x)
+    ref_logits, ref_grads = reference(model, variables, x, y, key)
+    for data, towers in layouts(model.towers):
+        mesh = make_mesh(towers=towers, data=data)
+        logits, grads = on_mesh(model, variables, x, y, key, mesh)
+        where = f"{kwargs} on data={data} x tower={towers}"
+        assert_same(ref_logits, logits, f"logits {where}")
+        flat_ref = jax.tree_util.tree_leaves_with_path(ref_grads)
+        flat = jax.tree_util.tree_leaves(grads)
+        assert len(flat_ref) == len(flat) == 16
+        for (path, g_ref), g in zip(flat_ref, flat):
+            # Gradients sum over batch and positions in a layout-dependent order.
+            assert_same(g_ref, g, f"grad {jax.tree_util.keystr(path)} {where}", rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(ABLATIONS))
+def test_layouts_agree_narrow(name):
+    check_layouts({**NARROW, **ABLATIONS[name]}, batch=8)
+
+
+def test_layouts_agree_full_size_paper_net():
+    check_layouts({}, batch=8)
+
+
+def test_apply_on_mesh_matches_apply():
+    model = AlexNet(**NARROW)
+    x = 50.0 * jax.random.normal(jax.random.key(1), (4, 96, 96, 3))
+    v = jax.jit(model.init)(jax.random.key(0), x)
+    want = jax.jit(lambda v: model.apply(v, x))(v)
+    got = apply_on_mesh(model, v, x, make_mesh(towers=2, data=2))
+    assert got.shape == (4, 10)
+    assert_same(want, got, "eval logits")
+
+
+def collectives(text, pattern):
+    return [line for line in text.splitlines() if re.search(pattern, line)]
+
+
+STABLEHLO_COLLECTIVE = r"stablehlo\.(all_gather|all_reduce|all_to_all|reduce_scatter|collective_permute|collective_broadcast)"
+HLO_COLLECTIVE = r"= \S+ (all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute|collective-broadcast)(-start)?\("
+
+
+def lowered_forward(model, mesh, batch=4):
+    s = model.image_size
+    x = jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32)
+    v = jax.eval_shape(model.init, jax.random.key(0), x)
+    return jax.jit(mesh_forward(model, mesh)).lower(v, x, None)
+
+
+def test_towers_exchange_only_at_conv3_and_fc_layers():
+    lowered = lowered_forward(AlexNet(), make_mesh(towers=2, data=1))
+    ops = collectives(lowered.as_text(), STABLEHLO_COLLECTIVE)
+    # Operand -> result of each exchange, per device (leading 1 = this device's tower).
+    shapes = [re.search(r": \((tensor<[^)]*>)\) -> (tensor<[^>]*>)", op).groups() for op in ops]
+    assert shapes == [
+        ("tensor<1x4x13x13x128xf32>", "tensor<1x4x13x13x256xf32>"),  # conv2 maps -> conv3
+        ("tensor<1x4x6x6x128xf32>", "tensor<1x4x6x6x256xf32>"),  # pooled conv5 -> fc6
+        ("tensor<1x4x2048xf32>", "tensor<1x4x4096xf32>"),  # fc6 -> fc7
+        ("tensor<1x4x2048xf32>", "tensor<1x4x4096xf32>"),  # fc7 -> fc8
+    ]
+    assert all("all_gather" in op for op in ops)
+    # After compilation (SPMD partitioning, fusion) the program still talks exactly there.
+    compiled = collectives(lowered.compile().as_text(), HLO_COLLECTIVE)
+    scopes = [re.search(r"exchange_to_(\w+)", op).group(1) for op in compiled]
+    assert sorted(scopes) == ["conv3", "fc6", "fc7", "fc8"]
+    assert all(" all-gather" in op for op in compiled)
+
+
+def test_one_tower_net_has_no_exchange():
+    lowered = lowered_forward(AlexNet(towers=1), make_mesh(towers=1, data=2))
+    assert collectives(lowered.as_text(), STABLEHLO_COLLECTIVE) == []
+    assert collectives(lowered.compile().as_text(), HLO_COLLECTIVE) == []
+
+
+def test_mesh_errors_are_clear():
+    with pytest.raises(ValueError, match="needs 18 devices"):
+        make_mesh(towers=2, data=9)
+    with pytest.raises(ValueError, match="towers=1 but the mesh"):
+        mesh_forward(AlexNet(towers=1), make_mesh(towers=2, data=1))
+    with pytest.raises(ValueError, match="does not divide"):
+        model = AlexNet(**NARROW)
+        apply_on_mesh(model, None, jnp.zeros((3, 96, 96, 3)), make_mesh(towers=2, data=2))
+    with pytest.raises(RuntimeError, match="already started with 8"):
+        use_virtual_cpu_devices(4)
+    use_virtual_cpu_devices(8)  # the count we already have: fine
