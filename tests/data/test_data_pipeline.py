@@ -1,0 +1,148 @@
+"""Loader: determinism, exact resume, host sharding, one-pass evaluation, on a tiny embedded set."""
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from alexnet_jax.data import pipeline as PL
+
+N_TRAIN, N_VAL = 12, 5  # per class; 10 classes
+
+
+@pytest.fixture(scope='module')
+def cfg(tmp_path_factory):
+    c = PL.default_data_config()
+    c.root = str(tmp_path_factory.mktemp('embedded'))
+    c.embedded.num_train_per_class, c.embedded.num_val_per_class = N_TRAIN, N_VAL
+    c.embedded.image_size = 40
+    c.resize_size, c.crop_size = 36, 32
+    c.prepare_workers = 0
+    return c
+
+
+@pytest.fixture(scope='module')
+def data(cfg):
+    return PL.resolve(cfg)
+
+
+def take(it, n):
+    out = [next(it) for _ in range(n)]
+    if hasattr(it, 'close'):
+        it.close()
+    return out
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x['image'], y['image'])
+        np.testing.assert_array_equal(x['label'], y['label'])
+
+
+def digest(img):
+    return hashlib.sha1(np.ascontiguousarray(img).tobytes()).hexdigest()
+
+
+def test_train_batches_shape_dtype_and_normalisation(cfg, data):
+    (b,) = take(PL.build_train_iter(cfg, batch_size=16, seed=0, num_workers=0, data=data), 1)
+    assert b['image'].shape == (16, 32, 32, 3) and b['image'].dtype == np.float32
+    assert b['label'].dtype == np.int32 and b['mask'].all()
+    assert abs(float(b['image'].mean())) < 20  # mean image subtracted
+    assert set(b['label'].tolist()) <= set(range(10))
+    assert data.stats['mean_image'].shape == (36, 36, 3)
+    assert len(data.class_names) == 10 and len(data.records['train']) == 10 * N_TRAIN
+
+
+def test_same_seed_same_batches_other_seed_differs(cfg, data):
+    a = take(PL.build_train_iter(cfg, batch_size=16, seed=5, num_workers=0, data=data), 4)
+    b = take(PL.build_train_iter(cfg, batch_size=16, seed=5, num_workers=0, data=data), 4)
+    c = take(PL.build_train_iter(cfg, batch_size=16, seed=6, num_workers=0, data=data), 4)
+    assert_same(a, b)
+    assert not np.array_equal(a[0]['image'], c[0]['image'])
+
+
+def test_resume_mid_epoch_matches_uninterrupted(cfg, data):
+    ref = take(PL.build_train_iter(cfg, batch_size=16, seed=1, num_workers=0, data=data), 12)  # 1.6 epochs
+    it = PL.build_train_iter(cfg, batch_size=16, seed=1, num_workers=0, data=data)
+    for _ in range(5):
+        next(it)
+    state = it.get_state()
+    resumed = PL.build_train_iter(cfg, batch_size=16, seed=1, num_workers=0, data=PL.resolve(cfg))
+    resumed.set_state(state)
+    assert_same(take(resumed, 7), ref[5:])
+
+
+def test_two_workers_same_batches_and_resume(cfg, data):
+    ref = take(PL.build_train_iter(cfg, batch_size=16, seed=2, num_workers=0, data=data), 6)
+    it = PL.build_train_iter(cfg, batch_size=16, seed=2, num_workers=2, data=data)
+    first = [next(it) for _ in range(3)]
+    state = it.get_state()
+    it.close()
+    assert_same(first, ref[:3])  # the worker count does not change the data
+    resumed = PL.build_train_iter(cfg, batch_size=16, seed=2, num_workers=2, data=data)
+    resumed.set_state(state)
+    assert_same(take(resumed, 3), ref[3:])
+
+
+def test_first_epoch_visits_every_image_once(cfg, data):
+    """With augmentation off, the first len(train) examples are the training set, each exactly once."""
+    plain = cfg.copy_and_resolve_references()
+    plain.crop_size, plain.flip, plain.pca_lighting_std, plain.mean_subtraction = 36, False, 0.0, False
+    n = 10 * N_TRAIN
+    batches = take(PL.build_train_iter(plain, batch_size=20, seed=0, num_workers=0, data=data), n // 20)
+    stream = [(digest(i.astype(np.uint8)), int(l)) for b in batches for i, l in zip(b['image'], b['label'])]
+    everything = []
+    for b in PL.build_eval_iter(plain, batch_size=n, split='train', image_size=36, num_workers=0, data=data):
+        everything += [(digest(i.astype(np.uint8)), int(l)) for i, l in zip(b['image'], b['label'])]
+    assert sorted(stream) == sorted(everything)
+    assert [l for _, l in stream] != sorted(l for _, l in stream)  # and shuffled
+
+
+def test_host_shards_union_is_the_global_batch(cfg, data):
+    glob = take(PL.build_train_iter(cfg, batch_size=16, seed=4, num_workers=0, data=data), 3)
+    hosts = [take(PL.build_train_iter(cfg, batch_size=16, seed=4, shard_index=h, shard_count=2,
+                                      num_workers=0, data=data), 3) for h in range(2)]
+    for t in range(3):
+        assert hosts[0][t]['image'].shape[0] == 8
+        union = sorted(digest(x) for h in hosts for x in h[t]['image'])
+        assert union == sorted(digest(x) for x in glob[t]['image'])
+        assert not set(map(digest, hosts[0][t]['image'])) & set(map(digest, hosts[1][t]['image']))
+
+
+@pytest.mark.parametrize('mode,shape', [('center', (32, 32, 3)), ('ten_crop', (10, 32, 32, 3))])
+def test_eval_covers_validation_once(cfg, data, mode, shape):
+    n = 10 * N_VAL  # 50, batch 16 -> 4 batches, 14 padded rows
+    batches = list(PL.build_eval_iter(cfg, batch_size=16, mode=mode, num_workers=0, data=data))
+    assert len(batches) == PL.eval_num_batches(n, 16) == 4
+    assert all(b['image'].shape == (16,) + shape for b in batches)
+    masks = np.concatenate([b['mask'] for b in batches])
+    assert masks.sum() == n and not masks[n:].any()
+    labels = np.concatenate([b['label'] for b in batches])[masks]
+    assert np.bincount(labels, minlength=10).tolist() == [N_VAL] * 10
+
+
+def test_eval_sharded_over_hosts(cfg, data):
+    n = 10 * N_VAL
+    per_host = [list(PL.build_eval_iter(cfg, batch_size=16, shard_index=h, shard_count=2, num_workers=0,
+                                        data=data)) for h in range(2)]
+    assert len(per_host[0]) == len(per_host[1]) == 4  # same number of steps on every host
+    imgs = [digest(i) for h in per_host for b in h for i, m in zip(b['image'], b['mask']) if m]
+    assert len(imgs) == n
+    single = [digest(i) for b in PL.build_eval_iter(cfg, batch_size=16, num_workers=0, data=data)
+              for i, m in zip(b['image'], b['mask']) if m]
+    assert sorted(imgs) == sorted(single)
+
+
+def test_folder_form_matches_packed_form_labels(cfg, data):
+    folder = cfg.copy_and_resolve_references()
+    folder.format = 'folder'
+    folder.root = str(PL.embedded.ensure_embedded_dataset(
+        cfg.root, num_train_per_class=N_TRAIN, num_val_per_class=N_VAL, image_size=40))
+    folder.stats_path = str(PL.Path(cfg.root) / (PL.Path(folder.root).name + '_packed36') / 'stats.npz')
+    fdata = PL.resolve(folder)
+    a = list(PL.build_eval_iter(folder, batch_size=50, num_workers=0, data=fdata))[0]
+    b = list(PL.build_eval_iter(cfg, batch_size=50, num_workers=0, data=data))[0]
+    np.testing.assert_array_equal(a['label'], b['label'])
+    # Same pixels up to one JPEG re-encoding at quality 95.
+    assert np.abs(a['image'] - b['image']).mean() < 3.0
