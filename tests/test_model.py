@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alexnet_jax import AlexNet, LRN, count_params, default_config, from_config
+from alexnet_jax import AlexNet, ConfigError, LRN, count_params, default_config, from_config
 from alexnet_jax.model import conv1_padding, layer_param_counts
 
 # SPEC.md / the paper, Section 3 and Table-free text; per-layer counts summed over towers.
@@ -231,15 +231,20 @@ def test_config_roundtrip_and_errors():
     assert from_config(cfg) == AlexNet()
     cfg.towers = 1
     assert from_config(cfg).towers == 1
-    with pytest.raises(ValueError, match="lrm"):
-        from_config({**default_config().to_dict(), "lrm": False})
-    with pytest.raises(ValueError, match="towers must be 1 or 2"):
-        shapes_of(AlexNet(towers=3))
-    with pytest.raises(ValueError, match="divisible"):
-        shapes_of(AlexNet(num_classes=999))
+    paper = default_config().to_dict()
+    bad = {
+        "lrm": ("Unknown model config key", {"lrm": False}),
+        "towers": ("towers must be 1 or 2", {"towers": 3}),
+        "classes": ("divisible", {"num_classes": 999}),
+        "activation": ("activation", {"activation": "gelu"}),
+        "lrn": ("lrn_convention", {"lrn_convention": "caffe"}),
+        "dropout": ("dropout must be in", {"dropout": 1.0}),
+        "size": ("too small", {"image_size": 40}),
+        "width": ("width must be > 0", {"width": 0.0}),
+    }
+    for what, (msg, override) in bad.items():
+        with pytest.raises(ConfigError, match=msg):
+            from_config({**paper, **override})
+    from_config({**paper, "image_size": 67})  # the smallest input whose maps survive 3 pools
     with pytest.raises(ValueError, match=r"\(N, 224, 224, 3\)"):
         shapes_of(AlexNet(), size=227)
-    with pytest.raises(ValueError, match="activation"):
-        shapes_of(AlexNet(activation="gelu"))
-    with pytest.raises(ValueError, match="lrn_convention"):
-        shapes_of(AlexNet(lrn_convention="caffe"))

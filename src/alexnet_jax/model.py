@@ -27,6 +27,10 @@ import ml_collections
 
 TOWER_AXIS = "tower"
 
+
+class ConfigError(ValueError):
+    """A model config field has a value the network cannot be built with."""
+
 # Whole-net widths of the paper's two-tower net (Section 3.5, Figure 2).
 _TWO_TOWER_CONV = (96, 256, 384, 384, 256)
 _TWO_TOWER_FC = (4096, 4096)
@@ -48,11 +52,11 @@ def tower_widths(towers: int, width: float, num_classes: int) -> dict[str, int]:
     elif towers == 1:
         per_tower = list(_ONE_TOWER_CONV + _ONE_TOWER_FC)
     else:
-        raise ValueError(f"model.towers must be 1 or 2 (the paper's nets), got {towers}.")
+        raise ConfigError(f"model.towers must be 1 or 2 (the paper's nets), got {towers}.")
     if not width > 0:
-        raise ValueError(f"model.width must be > 0, got {width}.")
+        raise ConfigError(f"model.width must be > 0, got {width}.")
     if num_classes % towers:
-        raise ValueError(
+        raise ConfigError(
             f"model.num_classes={num_classes} must be divisible by model.towers={towers}: "
             "each tower's fc8 computes an equal share of the class scores."
         )
@@ -68,7 +72,7 @@ def conv1_padding(size: int, kernel: int = 11, stride: int = 4) -> int:
     a 227 crop needs no padding and also gives 55x55.
     """
     if size < kernel:
-        raise ValueError(f"model.image_size={size} is smaller than conv1's {kernel}x{kernel} kernel.")
+        raise ConfigError(f"model.image_size={size} is smaller than conv1's {kernel}x{kernel} kernel.")
     out = -(-(size - kernel) // stride) + 1
     return (out - 1) * stride + kernel - size
 
@@ -97,7 +101,7 @@ class LRN(nn.Module):
         elif self.convention == "alpha_over_n":
             alpha = self.alpha / self.n
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"model.lrn_convention must be 'paper' or 'alpha_over_n', got {self.convention!r}."
             )
         half = self.n // 2
@@ -150,7 +154,7 @@ class Tower(nn.Module):
             return nn.relu(x)
         if self.activation == "tanh":
             return jnp.tanh(x)
-        raise ValueError(f"model.activation must be 'relu' or 'tanh', got {self.activation!r}.")
+        raise ConfigError(f"model.activation must be 'relu' or 'tanh', got {self.activation!r}.")
 
     def _pool(self, x):
         w, s = self.pool_window, self.pool_stride
@@ -291,14 +295,33 @@ CONFIG_FIELDS = (
 
 
 def from_config(cfg: ml_collections.ConfigDict | dict) -> AlexNet:
-    """Build the network from a ``model`` config section; unknown keys fail by name."""
+    """Build the network from a ``model`` config section, checking every field.
+
+    Unknown keys and impossible values raise ``ConfigError`` naming the field.
+    """
     items = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
     unknown = sorted(set(items) - set(CONFIG_FIELDS))
     if unknown:
-        raise ValueError(
-            f"Unknown model config key(s) {unknown}; known keys: {list(CONFIG_FIELDS)}."
-        )
-    return AlexNet(**items)
+        raise ConfigError(f"Unknown model config key(s) {unknown}; known keys: {list(CONFIG_FIELDS)}.")
+    model = AlexNet(**items)
+    tower_widths(model.towers, model.width, model.num_classes)
+    if model.activation not in ("relu", "tanh"):
+        raise ConfigError(f"model.activation must be 'relu' or 'tanh', got {model.activation!r}.")
+    if model.lrn_convention not in ("paper", "alpha_over_n"):
+        raise ConfigError(
+            f"model.lrn_convention must be 'paper' or 'alpha_over_n', got {model.lrn_convention!r}.")
+    if not 0.0 <= model.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {model.dropout}.")
+    if model.pool_window < 1 or model.pool_stride < 1:
+        raise ConfigError(f"model.pool_window and pool_stride must be >= 1, got "
+                          f"{model.pool_window}/{model.pool_stride}.")
+    size = (model.image_size + conv1_padding(model.image_size) - 11) // 4 + 1  # after conv1
+    for _ in ("after conv1", "after conv2", "after conv5"):  # convs 2-5 keep the size
+        if size < model.pool_window:
+            raise ConfigError(f"model.image_size={model.image_size} is too small: a feature map shrinks "
+                              f"below the {model.pool_window}x{model.pool_window} pooling window.")
+        size = (size - model.pool_window) // model.pool_stride + 1
+    return model
 
 
 def count_params(params: Any) -> int:

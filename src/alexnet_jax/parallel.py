@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from alexnet_jax.model import TOWER_AXIS, AlexNet
+from alexnet_jax.model import TOWER_AXIS, AlexNet, ConfigError
 
 DATA_AXIS = "data"
 
@@ -49,12 +49,12 @@ def make_mesh(towers: int = 2, data: int | None = None, devices=None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     if data is None:
         if len(devices) % towers:
-            raise ValueError(f"{len(devices)} devices cannot be split into towers={towers}.")
+            raise ConfigError(f"{len(devices)} devices cannot be split into towers={towers}.")
         data = len(devices) // towers
     if data * towers > len(devices):
-        raise ValueError(
+        raise ConfigError(
             f"A mesh of data={data} x tower={towers} needs {data * towers} devices; "
-            f"only {len(devices)} are available (on CPU see use_virtual_cpu_devices)."
+            f"only {len(devices)} are available (on CPU: --config.mesh.cpu_devices=N, or use_virtual_cpu_devices(N))."
         )
     grid = np.asarray(devices[: data * towers], dtype=object).reshape(data, towers)
     return Mesh(grid, (DATA_AXIS, TOWER_AXIS), axis_types=(AxisType.Auto,) * 2)
@@ -75,7 +75,7 @@ def shard_variables(variables: Any, mesh: Mesh) -> Any:
 
 def _check(model: AlexNet, mesh: Mesh) -> None:
     if mesh.shape[TOWER_AXIS] != model.towers:
-        raise ValueError(
+        raise ConfigError(
             f"The model has towers={model.towers} but the mesh's '{TOWER_AXIS}' axis has size "
             f"{mesh.shape[TOWER_AXIS]}; build it with make_mesh(towers={model.towers})."
         )
