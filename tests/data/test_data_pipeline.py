@@ -146,3 +146,22 @@ def test_folder_form_matches_packed_form_labels(cfg, data):
     np.testing.assert_array_equal(a['label'], b['label'])
     # Same pixels up to one JPEG re-encoding at quality 95.
     assert np.abs(a['image'] - b['image']).mean() < 3.0
+
+
+@pytest.mark.parametrize('mode', ['train', 'ten_crop'])
+def test_uint8_output_normalised_on_device_equals_host(cfg, data, mode):
+    from alexnet_jax.data import device
+    raw_cfg = cfg.copy_and_resolve_references()
+    raw_cfg.output = 'uint8'
+    if mode == 'train':
+        host = take(PL.build_train_iter(cfg, batch_size=16, seed=3, num_workers=0, data=data), 2)
+        raw = take(PL.build_train_iter(raw_cfg, batch_size=16, seed=3, num_workers=0, data=data), 2)
+    else:
+        host = list(PL.build_eval_iter(cfg, batch_size=16, mode='ten_crop', num_workers=0, data=data))[:2]
+        raw = list(PL.build_eval_iter(raw_cfg, batch_size=16, mode='ten_crop', num_workers=0, data=data))[:2]
+    for h, r in zip(host, raw):
+        assert r['image'].dtype == np.uint8
+        out = device.normalize(r, data.stats['mean_image'], data.stats['eigval'], data.stats['eigvec'],
+                               lighting=mode == 'train')
+        np.testing.assert_allclose(np.asarray(out), h['image'], atol=1e-3)
+        np.testing.assert_array_equal(r['label'], h['label'])

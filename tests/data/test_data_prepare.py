@@ -52,7 +52,8 @@ def test_stats_match_numpy(tmp_path):
 
 def test_packed_records_roundtrip(tmp_path):
     arrays = write_png_folder(tmp_path / 'src')
-    dst = P.prepare(tmp_path / 'src', tmp_path / 'dst', size=SIZE, shard_size=5, workers=0, progress=False)
+    dst = P.prepare(tmp_path / 'src', tmp_path / 'dst', size=SIZE, subsampling='444', shard_size=5, workers=0,
+                    progress=False)
     rec = S.PackedRecords(P.shard_paths(dst, 'train'))
     assert len(rec) == 12
     by_name = {}

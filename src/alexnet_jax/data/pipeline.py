@@ -51,6 +51,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.worker_buffer_size = 2     # batches each worker keeps ready
     c.num_threads = 2            # threads reading/decoding inside each process (Pillow releases the GIL)
     c.prefetch_buffer_size = 4   # elements read ahead per process
+    c.output = 'float32'         # 'float32': normalised on the host | 'uint8': raw crops + crop_yx/flip/alpha, normalise with data.device.normalize in the jitted step
     c.eval_mode = 'center'       # 'center' (single centre crop) | 'ten_crop' (corners + centre, and mirrors)
     c.prepare_workers = None     # processes for automatic preparation of the embedded set; None = all cores
     # Embedded dataset only.
@@ -90,7 +91,8 @@ def resolve(cfg) -> ResolvedData:
             num_val_per_class=e.num_val_per_class, image_size=e.image_size, seed=e.seed)
         if packed_dir is None:
             packed_dir = root.parent / f'{root.name}_packed{cfg.resize_size}'
-            prepare.prepare(root, packed_dir, size=cfg.resize_size, shard_size=512,
+            # Full-resolution chroma: at tens of pixels, 4:2:0 would visibly smear the colour halves.
+            prepare.prepare(root, packed_dir, size=cfg.resize_size, subsampling='444', shard_size=512,
                             workers=cfg.prepare_workers, progress=False)
     elif cfg.name != 'imagenet':
         raise sources.DatasetError(f"data name must be 'embedded' or 'imagenet', got {cfg.name!r}")
@@ -130,6 +132,15 @@ def _host_shard(shard_index, shard_count) -> tuple[int, int]:
         import jax
         return jax.process_index(), jax.process_count()
     return int(shard_index), int(shard_count)
+
+
+def _finish(cfg, ds: grain.MapDataset, stats, lighting: bool) -> grain.MapDataset:
+    """Last step on the host: float32 normalisation, or leave uint8 for the device."""
+    if cfg.output == 'uint8':
+        return ds
+    if cfg.output != 'float32':
+        raise ValueError(f"output must be 'float32' or 'uint8', got {cfg.output!r}")
+    return ds.map(_normalize(cfg, stats, lighting))
 
 
 def _normalize(cfg, stats, lighting: bool) -> transforms.Normalize:
@@ -172,13 +183,16 @@ def build_train_dataset(cfg, *, batch_size: int, seed: int | None = None, image_
     ds = ds.random_map(transforms.RandomCropFlip(crop, cfg.flip, cfg.pca_lighting_std), seed=seed + 1)
     ds = ds[shard_index::shard_count]
     ds = ds.batch(batch_size // shard_count, drop_remainder=True)
-    return ds.map(_normalize(cfg, data.stats, lighting=cfg.pca_lighting_std > 0))
+    return _finish(cfg, ds, data.stats, lighting=cfg.pca_lighting_std > 0)
 
 
 def build_train_iter(cfg, *, batch_size: int, seed: int | None = None, image_size: int | None = None,
                      shard_index: int | None = 0, shard_count: int | None = 1,
                      num_workers: int | None = None, data: ResolvedData | None = None):
     """Endless iterator of ``{'image': float32 (B, crop, crop, 3), 'label': int32 (B,), 'mask': bool (B,)}``.
+
+    With ``cfg.output = 'uint8'`` the image stays uint8 and ``crop_yx``, ``flip``,
+    ``alpha`` come along for :func:`alexnet_jax.data.device.normalize`.
 
     ``batch_size`` is global; this host gets ``batch_size // shard_count``.
     ``shard_index``/``shard_count`` None means ``jax.process_index()/process_count()``.
@@ -229,7 +243,7 @@ def build_eval_dataset(cfg, *, batch_size: int, mode: str | None = None, split: 
     total = eval_num_batches(len(src), batch_size) * batch_size
     ds = grain.MapDataset.source(_Padded(src, total)).map(view[mode](crop))
     ds = ds[shard_index::shard_count].batch(batch_size // shard_count, drop_remainder=True)
-    return ds.map(_normalize(cfg, data.stats, lighting=False))
+    return _finish(cfg, ds, data.stats, lighting=False)
 
 
 def build_eval_iter(cfg, *, batch_size: int, mode: str | None = None, split: str = 'val',

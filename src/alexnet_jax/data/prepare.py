@@ -120,6 +120,7 @@ def prepare_shard(job: dict) -> dict:
 
     out = Path(job['out'])
     size, quality, with_stats = job['size'], job['quality'], job['with_stats']
+    subsampling = job['subsampling']
     sums, skipped, labels = None, [], []
     tmp = out.with_name(f'.{out.name}.tmp{os.getpid()}')
     writer = ArrayRecordWriter(str(tmp), 'group_size:1')
@@ -133,7 +134,7 @@ def prepare_shard(job: dict) -> dict:
                 skipped.append([path, str(e)])
                 _tick()
                 continue
-            writer.write(sources.pack_record(rel, int(label), sources.encode_jpeg(img, quality)))
+            writer.write(sources.pack_record(rel, int(label), sources.encode_jpeg(img, quality, subsampling)))
             labels.append(int(label))
             if with_stats:
                 sums = add_sums(sums, image_sums(img))
@@ -152,7 +153,7 @@ def prepare_shard(job: dict) -> dict:
 # Whole folder
 
 
-def _plan(src: Path, size: int, quality: int, shard_size: int, val_labels) -> dict:
+def _plan(src: Path, size: int, quality: int, subsampling: str, shard_size: int, val_labels) -> dict:
     classes = sources.list_classes(src)
     splits = {}
     for split in ('train', 'val'):
@@ -170,14 +171,14 @@ def _plan(src: Path, size: int, quality: int, shard_size: int, val_labels) -> di
                            'rel_paths': files.rel_paths[sl],
                            'labels': files.labels[sl].tolist()})
         splits[split] = {'root': files.root, 'shards': shards, 'scan_skipped': files.skipped}
-    plan = {'format': FORMAT, 'src': str(src), 'size': size, 'quality': quality,
+    plan = {'format': FORMAT, 'src': str(src), 'size': size, 'quality': quality, 'subsampling': subsampling,
             'classes': classes, 'class_names': sources.read_class_names(src, classes), 'splits': splits}
     plan['digest'] = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
     return plan
 
 
 def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = 256, quality: int = 95,
-            shard_size: int = 1024, workers: int | None = None, val_labels=None,
+            subsampling: str = '420', shard_size: int = 1024, workers: int | None = None, val_labels=None,
             progress: bool = True) -> Path:
     """Convert ``src`` (ImageNet layout) into shards, ``stats.npz`` and ``metadata.json`` under ``dst``.
 
@@ -191,7 +192,7 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = 256, 
         if meta['size'] != size:
             raise sources.DatasetError(f'{str(dst)!r} was prepared with size {meta["size"]}, not {size}')
         return dst
-    plan = _plan(src, size, quality, shard_size, val_labels)
+    plan = _plan(src, size, quality, subsampling, shard_size, val_labels)
     plan_path = dst / PLAN
     if plan_path.is_file():
         old = json.loads(plan_path.read_text())
@@ -208,6 +209,7 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = 256, 
             if not (dst / (shard['name'] + '.done.json')).is_file():
                 jobs.append({'root': info['root'], 'rel_paths': shard['rel_paths'], 'labels': shard['labels'],
                              'out': str(dst / shard['name']), 'size': size, 'quality': quality,
+                             'subsampling': subsampling,
                              'with_stats': split == 'train'})
     total = sum(len(j['rel_paths']) for j in jobs)
     workers = min(os.cpu_count() or 1, len(jobs)) if workers is None else min(workers, len(jobs))
@@ -247,7 +249,7 @@ def _run_jobs(jobs: list[dict], workers: int, total: int, progress: bool) -> Non
 
 
 def _finish(dst: Path, plan: dict) -> Path:
-    meta = {k: plan[k] for k in ('format', 'src', 'size', 'quality', 'classes', 'class_names')}
+    meta = {k: plan[k] for k in ('format', 'src', 'size', 'quality', 'subsampling', 'classes', 'class_names')}
     meta['splits'] = {}
     num_classes = len(plan['classes'])
     sums = None
@@ -300,12 +302,14 @@ def main(argv=None) -> int:
     p.add_argument('--workers', type=int, default=None, help='processes (default: all cores; 0 = inline)')
     p.add_argument('--shard-size', type=int, default=1024, help='images per ArrayRecord shard')
     p.add_argument('--quality', type=int, default=95, help='JPEG quality of the stored images')
+    p.add_argument('--subsampling', default='420', choices=['420', '422', '444'],
+                   help='JPEG chroma subsampling of the stored images (420: fastest to decode; 444: full colour)')
     p.add_argument('--val-labels', default=None, help="labels file for a flat val/ folder ('<file> <wnid>' lines)")
     p.add_argument('--quiet', action='store_true', help='no progress bar')
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
     try:
-        dst = prepare(a.src, a.dst, size=a.size, quality=a.quality, shard_size=a.shard_size,
+        dst = prepare(a.src, a.dst, size=a.size, quality=a.quality, subsampling=a.subsampling, shard_size=a.shard_size,
                       workers=a.workers, val_labels=a.val_labels, progress=not a.quiet)
     except sources.DatasetError as e:
         print(f'error: {e}', file=sys.stderr)
