@@ -78,6 +78,7 @@ def test_resume_redoes_only_missing_shards(tmp_path):
     # Simulate an interruption after shard 0 of train: its marker and the final files are missing.
     for f in ('metadata.json', 'stats.npz', 'train-00001-of-00003.array_record.done.json'):
         os.remove(dst / f)
+    (dst / '.train-00001-of-00003.array_record.tmp99999').write_bytes(b'half a shard')  # a killed worker's
     P.prepare(tmp_path / 'src', dst, size=SIZE, shard_size=5, workers=0, progress=False)
     redone = [s for s in shards if os.stat(dst / s).st_mtime_ns != mtimes[s]]
     assert redone == ['train-00001-of-00003.array_record']

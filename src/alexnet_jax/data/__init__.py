@@ -7,25 +7,42 @@ Public entry points::
     state = it.get_state(); ...; it.set_state(state)
     for batch in build_eval_iter(cfg, batch_size=128, mode='ten_crop'): ...
     ensure_embedded_dataset(root)                    # the default dataset, generated once
+
+Names are imported on first use, so that ``python -m alexnet_jax.data.prepare``
+does not import its own module twice (and worker processes stay light).
 """
 
-from alexnet_jax.data.embedded import ensure_embedded_dataset
-from alexnet_jax.data.pipeline import (
-    ResolvedData,
-    build_eval_dataset,
-    build_eval_iter,
-    build_train_dataset,
-    build_train_iter,
-    default_data_config,
-    demo_data_config,
-    eval_num_batches,
-    resolve,
-)
-from alexnet_jax.data.prepare import load_stats, read_metadata
-from alexnet_jax.data.sources import DatasetError
+import importlib
 
-__all__ = [
-    "DatasetError", "ResolvedData", "build_eval_dataset", "build_eval_iter", "build_train_dataset",
-    "build_train_iter", "default_data_config", "demo_data_config", "ensure_embedded_dataset",
-    "eval_num_batches", "load_stats", "read_metadata", "resolve",
-]
+_EXPORTS = {
+    'DatasetError': 'sources',
+    'ResolvedData': 'pipeline',
+    'build_eval_dataset': 'pipeline',
+    'build_eval_iter': 'pipeline',
+    'build_train_dataset': 'pipeline',
+    'build_train_iter': 'pipeline',
+    'default_data_config': 'pipeline',
+    'demo_data_config': 'pipeline',
+    'eval_num_batches': 'pipeline',
+    'resolve': 'pipeline',
+    'ensure_embedded_dataset': 'embedded',
+    'load_stats': 'prepare',
+    'read_metadata': 'prepare',
+    'normalize_on_device': ('device', 'normalize'),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+    target = _EXPORTS[name]
+    module, attr = target if isinstance(target, tuple) else (target, name)
+    value = getattr(importlib.import_module(f'{__name__}.{module}'), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

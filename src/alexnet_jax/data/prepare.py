@@ -217,7 +217,10 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = 256, 
     if jobs:
         _run_jobs(jobs, workers, total, progress)
     log.info('prepared %d images in %.1fs with %d workers', total, time.time() - t0, workers)
-    return _finish(dst, plan)
+    _finish(dst, plan)
+    for stale in dst.glob('.*.tmp*'):  # left by an interrupted earlier run; every shard is done now
+        stale.unlink(missing_ok=True)
+    return dst
 
 
 def _run_jobs(jobs: list[dict], workers: int, total: int, progress: bool) -> None:
