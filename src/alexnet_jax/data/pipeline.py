@@ -186,23 +186,83 @@ def build_train_dataset(cfg, *, batch_size: int, seed: int | None = None, image_
     return _finish(cfg, ds, data.stats, lighting=cfg.pca_lighting_std > 0)
 
 
+class TrainIterator(grain.DatasetIterator):
+    """Training batches whose saved state is just the next batch number (plus a fingerprint).
+
+    Every batch is an element of a batch-indexed ``MapDataset``, so resuming at
+    batch n is building the pipeline on ``ds[n:]``: the state does not depend
+    on the number of worker processes, nor on the number of hosts (host h's
+    batch n is always its slice of global batch n). Restoring a state made with
+    another seed, global batch, crop or dataset raises instead of silently
+    giving different data. A ``grain.DatasetIterator``, so grain's Orbax
+    checkpoint handler saves it as it is.
+    """
+
+    def __init__(self, ds: grain.MapDataset, make_iter, fingerprint: dict):
+        super().__init__()
+        self._ds, self._make_iter, self._fingerprint = ds, make_iter, dict(fingerprint)
+        self._next_batch = 0
+        self._it = None  # built on first use, so set_state right after construction costs nothing
+
+    def _ensure(self):
+        if self._it is None:
+            self._it = self._make_iter(self._ds[self._next_batch:])
+        return self._it
+
+    def __next__(self):
+        self._assert_not_closed()
+        batch = next(self._ensure())
+        self._next_batch += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {'next_batch': self._next_batch, **self._fingerprint}
+
+    def set_state(self, state: dict) -> None:
+        theirs = {k: v for k, v in state.items() if k != 'next_batch'}
+        if theirs != self._fingerprint:
+            raise ValueError(f'iterator state was saved for {theirs}, this iterator is {self._fingerprint}')
+        if self._it is not None:
+            self._it.close()
+            self._it = None
+        self._next_batch = int(state['next_batch'])
+
+    def start_prefetch(self) -> None:
+        it = self._ensure()
+        if hasattr(it, 'start_prefetch'):
+            it.start_prefetch()
+
+    def close(self) -> None:
+        if self._it is not None:
+            self._it.close()
+            self._it = None
+        super().close()
+
+    def __str__(self) -> str:
+        return f'TrainIterator(next_batch={self._next_batch}, {self._fingerprint})'
+
+
 def build_train_iter(cfg, *, batch_size: int, seed: int | None = None, image_size: int | None = None,
                      shard_index: int | None = 0, shard_count: int | None = 1,
-                     num_workers: int | None = None, data: ResolvedData | None = None):
+                     num_workers: int | None = None, data: ResolvedData | None = None) -> TrainIterator:
     """Endless iterator of ``{'image': float32 (B, crop, crop, 3), 'label': int32 (B,), 'mask': bool (B,)}``.
 
     With ``cfg.output = 'uint8'`` the image stays uint8 and ``crop_yx``, ``flip``,
     ``alpha`` come along for :func:`alexnet_jax.data.device.normalize`.
-
     ``batch_size`` is global; this host gets ``batch_size // shard_count``.
     ``shard_index``/``shard_count`` None means ``jax.process_index()/process_count()``.
-    Save with ``it.get_state()`` (a small dict) and continue with ``it.set_state(state)``
-    on a freshly built iterator with the same config and seed. Call ``it.close()``
-    (or drop it) to stop the worker processes.
+    Save with ``it.get_state()`` (a small JSON-able dict) and continue with
+    ``it.set_state(state)`` on a freshly built iterator with the same config and
+    seed (any worker count, any host count). Call ``it.close()`` to stop the
+    worker processes.
     """
+    data = data or resolve(cfg)
     ds = build_train_dataset(cfg, batch_size=batch_size, seed=seed, image_size=image_size,
                              shard_index=shard_index, shard_count=shard_count, data=data)
-    return iter(_to_iter(cfg, ds, num_workers))
+    fingerprint = {'seed': cfg.seed if seed is None else seed, 'global_batch_size': batch_size,
+                   'crop_size': image_size or cfg.crop_size, 'resize_size': cfg.resize_size,
+                   'num_train_examples': len(data.records['train'])}
+    return TrainIterator(ds, lambda d: iter(_to_iter(cfg, d, num_workers)), fingerprint)
 
 
 class _Padded:
