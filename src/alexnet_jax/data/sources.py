@@ -361,7 +361,8 @@ class DecodedSource:
     readable one with *that* image's label, so batches stay full and no label is
     wrong. on_error='mask' (evaluation): a zero image with ``mask=False``, so the
     example is neither counted nor replaced by a duplicate. Both log a warning
-    naming the file; ``failures`` collects them in this process.
+    naming the file (once per file and process); ``failures`` maps each
+    unreadable file met in this process to its error.
     """
 
     def __init__(self, records, size: int, on_error: str = 'substitute'):
@@ -370,7 +371,7 @@ class DecodedSource:
         self.records = records
         self.size = size
         self.on_error = on_error
-        self.failures: list[tuple[str, str]] = []
+        self.failures: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -384,8 +385,9 @@ class DecodedSource:
                 return decode_image(data, self.size), label
             except DecodeError as e:
                 err = str(e)
-        self.failures.append((name, err))
-        log.warning('skipping unreadable image %s (%s)', name, err)
+        if name not in self.failures:
+            self.failures[name] = err
+            log.warning('skipping unreadable image %s (%s)', name, err)
         return None, label
 
     def __getitem__(self, i: int) -> dict:
