@@ -33,12 +33,16 @@ def main(argv):
         config.get("model")  # a config file that failed to load raises only when first touched
     except _BAD as e:  # e.g. a --config file that does not exist
         _explain(e)
-    from alexnet_jax import ConfigError, run
+    from alexnet_jax import ConfigError, train
+    from alexnet_jax.checkpoint import CheckpointError
+    from alexnet_jax.data import DatasetError
 
     try:
-        run.main(config, _WORKDIR.value)
+        train.run(config, _WORKDIR.value)
     except ConfigError as e:
         sys.exit(f"launch.py: bad config: {e}")
+    except (DatasetError, CheckpointError, train.TrainingError) as e:
+        sys.exit(f"launch.py: {e}")
 
 
 def _parse(argv):

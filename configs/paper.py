@@ -1,12 +1,16 @@
-"""The paper's network (Krizhevsky, Sutskever & Hinton, 2012): two towers, 224 crops.
+"""The paper's training run (Krizhevsky, Sutskever & Hinton, 2012) on ILSVRC-2012.
 
-Run:  python launch.py --config=configs/paper.py --workdir=runs/paper
-Ablations are overrides, e.g.  --config.model.lrn=False
-                               --config.model.pool_window=2 --config.model.pool_stride=2
-                               --config.model.towers=1
+Run:  python launch.py --config=configs/paper.py --config.data.root=/path/to/imagenet --workdir=runs/paper
+Fast: python -m alexnet_jax.data.prepare --src /path/to/imagenet --dst /path/to/packed
+      then add --config.data.packed_dir=/path/to/packed
+Ablations are overrides: --config.model.lrn=False
+                         --config.model.pool_window=2 --config.model.pool_stride=2
+                         --config.model.towers=1
 """
 
 import ml_collections
+
+from alexnet_jax.data import default_data_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -26,9 +30,35 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.init_std = 0.01  # weights ~ N(0, 0.01^2) (Section 5)
     c.model.init_bias = 1.0  # bias of conv2, conv4, conv5, fc6, fc7; the others start at 0
 
+    c.data = default_data_config()  # every field is commented in alexnet_jax/data/pipeline.py
+    c.data.name = "imagenet"  # ILSVRC-2012 in its folder layout: train/<wnid>/*.JPEG, val/...
+    c.data.root = ml_collections.config_dict.placeholder(str)  # set --config.data.root=/path/to/imagenet
+    c.data.format = "folder"  # 'folder' reads JPEGs; 'packed' (with packed_dir) reads prepared shards
+    c.data.num_workers = 8  # grain worker processes decoding and augmenting
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 0.01  # initial learning rate epsilon (Section 5); on resume, a new value is a manual drop
+    c.optim.momentum = 0.9  # v <- 0.9 v - 0.0005 eps w - eps g
+    c.optim.weight_decay = 5e-4  # decoupled: part of the update, not of the loss
+    c.optim.decay_biases = False  # cuda-convnet decayed weights only; True decays every parameter
+    c.optim.drop_epochs = ()  # fixed drop epochs, e.g. (30, 60, 80); the paper dropped by hand on plateaus
+    c.optim.plateau_patience = 3  # evaluations without improvement before dividing the LR by 10; 0: off
+    c.optim.plateau_min_delta = 0.001  # what counts as an improvement of validation top-1 error
+    c.optim.plateau_max_drops = 3  # the paper dropped three times before stopping
+
+    c.batch_size = 128  # global batch, split over the mesh's data axis (Section 5)
+    c.num_epochs = 90  # "roughly 90 cycles through the training set"
+    c.total_steps = -1  # > 0 cuts the run at this many steps whatever num_epochs says
+    c.eval_batch_size = 128  # validation batch (global)
+    c.eval_every = -1  # steps between evaluations; -1: once per epoch
+    c.eval_ten_crop = True  # also report the paper's ten-crop averaged error
+    c.checkpoint_every = -1  # steps between checkpoints; -1: once per epoch
+    c.keep_checkpoints = 3  # the latest K are kept, plus the best by validation top-1 error
+    c.log_every = 50  # steps between metric lines (metrics.jsonl, TensorBoard)
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # devices along the 'data' axis; -1: all devices / towers
     c.mesh.cpu_devices = 2  # virtual CPU devices to create when there is no accelerator
 
-    c.seed = 0  # parameter initialisation and dropout
+    c.seed = 0  # parameter initialisation, dropout, data order and augmentation
     return c

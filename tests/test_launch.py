@@ -1,5 +1,6 @@
 """The front door: launch.py and the config files, run as a user would."""
 
+import json
 import os
 import subprocess
 import sys
@@ -31,11 +32,38 @@ def test_paper_config_fields_are_all_commented():
             assert "#" in line, f"uncommented config field: {line.strip()}"
 
 
-def test_demo_main_job_runs_and_layouts_agree():
-    r = launch("--config=configs/demo.py")
+def test_demo_main_job_trains_and_reports(tmp_path):
+    r = launch("--config=configs/demo.py", f"--workdir={tmp_path}", "--config.total_steps=3",
+               "--config.data.num_workers=0")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "1,279,082" in r.stdout  # the demo net's parameter count, in the summary table
-    assert "Layouts agree" in r.stdout
+    assert "Done at step 3: validation top-1 error" in r.stdout
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"train/loss", "train/lr"} <= set(rows[0]) and "val/top1_error" in rows[-1]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("ablation", [
+    ["--config.model.lrn=False"],
+    ["--config.model.pool_window=2", "--config.model.pool_stride=2"],
+    ["--config.model.towers=1"],
+])
+def test_each_ablation_trains_from_the_command_line(tmp_path, ablation):
+    r = launch("--config=configs/demo.py", f"--workdir={tmp_path}", "--config.total_steps=2",
+               "--config.data.num_workers=0", "--config.eval_ten_crop=False", *ablation)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Done at step 2" in r.stdout
+    saved = json.loads((tmp_path / "config.json").read_text())["model"]
+    for arg in ablation:
+        key, value = arg.removeprefix("--config.model.").split("=")
+        assert str(saved[key]) == value
+
+
+def test_paper_config_without_imagenet_says_how_to_point_at_it(tmp_path):
+    r = launch("--config=configs/paper.py", f"--workdir={tmp_path}")
+    assert r.returncode != 0
+    assert "--config.data.root" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("args, message", [

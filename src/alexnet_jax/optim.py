@@ -83,7 +83,7 @@ class LRControl:
 
     @property
     def num_plateau_drops(self) -> int:
-        return sum(d["reason"] == "plateau" for d in self.drops)
+        return sum(d["reason"].startswith("plateau") for d in self.drops)
 
 
 def scheduled_drop(cfg: ml_collections.ConfigDict, epoch_before: float, epoch_after: float) -> bool:

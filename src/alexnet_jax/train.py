@@ -1,0 +1,378 @@
+"""Training as the paper did it: a jitted, sharded ``train_step(state, batch)``, evaluation,
+learning-rate drops, Orbax checkpoints and exact resume.
+
+Everything a resumed run needs is in the checkpoint: parameters, optimizer state
+(with the learning rate), step, the dropout RNG, the data iterator's position,
+the LR-drop history and the config. Dropout keys come from ``(rng, step)``, so
+a resumed run draws the same masks it would have drawn.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from alexnet_jax import data as data_lib
+from alexnet_jax import optim
+from alexnet_jax.checkpoint import Checkpointer
+from alexnet_jax.model import AlexNet, ConfigError, count_params, from_config
+from alexnet_jax.parallel import DATA_AXIS, TOWER_AXIS, make_mesh, mesh_forward, use_virtual_cpu_devices
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """The run stopped for a reason the researcher must act on (message says what)."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: steps taken
+    params: Any  # {'towers': {...}}: every leaf has a leading tower axis
+    opt_state: Any  # optax state, learning rate included
+    rng: jax.Array  # uint32 key data of the dropout key
+
+
+def state_shardings(abstract_state: TrainState, mesh) -> TrainState:
+    """Tower-stacked leaves (params, momentum: ndim >= 2) split over 'tower'; scalars and keys replicated."""
+
+    def spec(x):
+        return NamedSharding(mesh, P(TOWER_AXIS) if x.ndim >= 2 else P())
+
+    return jax.tree_util.tree_map(spec, abstract_state)
+
+
+def create_train_state(model: AlexNet, tx: optax.GradientTransformation, seed: int, mesh):
+    """Initialise straight onto the mesh. Returns ``(state, shardings)``."""
+
+    def init():
+        k_init, k_drop = jax.random.split(jax.random.key(seed))
+        x = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
+        params = model.init(k_init, x)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          rng=jax.random.key_data(k_drop))
+
+    shardings = state_shardings(jax.eval_shape(init), mesh)
+    return jax.jit(init, out_shardings=shardings)(), shardings
+
+
+def cross_entropy(logits, labels, mask):
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def make_train_step(model: AlexNet, tx, mesh, shardings: TrainState):
+    """``train_step(state, batch) -> (state, metrics)``, jitted once, the state donated."""
+    forward = mesh_forward(model, mesh, train=True)
+
+    def train_step(state: TrainState, batch: dict):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        mask = batch["mask"].astype(jnp.float32)
+
+        def loss_fn(params):
+            logits = forward({"params": params}, batch["image"], key)
+            return cross_entropy(logits, batch["label"], mask), logits
+
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        wrong = (jnp.argmax(logits, -1) != batch["label"]).astype(jnp.float32)
+        metrics = {
+            "train/loss": loss,
+            "train/top1_error": jnp.sum(wrong * mask) / jnp.maximum(jnp.sum(mask), 1),
+            "train/lr": state.opt_state.hyperparams["learning_rate"],
+            "train/grad_norm": optax.tree.norm(grads),
+        }
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), metrics
+
+    batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+    return jax.jit(train_step, in_shardings=(shardings, batch_sharding),
+                   out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
+
+
+def make_eval_step(model: AlexNet, mesh, param_shardings):
+    """Counts of top-1/top-5 errors on a batch; ten-crop batches average softmax over views."""
+    forward = mesh_forward(model, mesh, train=False)
+    k = min(5, model.num_classes)
+
+    def eval_step(params, batch):
+        images = batch["image"]
+        views = images.shape[1] if images.ndim == 5 else 1
+        if views > 1:
+            images = images.reshape((-1,) + images.shape[2:])
+        probs = jax.nn.softmax(forward({"params": params}, images, None).astype(jnp.float32))
+        probs = probs.reshape(batch["label"].shape[0], views, -1).mean(axis=1)
+        _, top = jax.lax.top_k(probs, k)
+        label, mask = batch["label"], batch["mask"]
+        return {
+            "n": jnp.sum(mask),
+            "top1_wrong": jnp.sum((top[:, 0] != label) & mask),
+            "top5_wrong": jnp.sum(~jnp.any(top == label[:, None], axis=1) & mask),
+        }
+
+    return jax.jit(eval_step, in_shardings=(param_shardings, NamedSharding(mesh, P(DATA_AXIS))))
+
+
+def to_global(batch: dict, mesh) -> dict:
+    """This process's slice of the batch -> global arrays sharded over 'data'."""
+    sharding = NamedSharding(mesh, P(DATA_AXIS))
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in batch.items() if k in ("image", "label", "mask")}
+
+
+def evaluate(eval_step, params, batches, mesh) -> dict:
+    totals = {"n": 0, "top1_wrong": 0, "top5_wrong": 0}
+    for batch in batches:
+        counts = jax.device_get(eval_step(params, to_global(batch, mesh)))
+        for name in totals:
+            totals[name] += int(counts[name])
+    n = max(totals["n"], 1)
+    return {"top1_error": totals["top1_wrong"] / n, "top5_error": totals["top5_wrong"] / n, "n": totals["n"]}
+
+
+class MetricWriter:
+    """``<workdir>/metrics.jsonl`` (one object per line) and TensorBoard event files."""
+
+    def __init__(self, workdir: Path, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.jsonl = open(workdir / "metrics.jsonl", "a")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+        except ImportError:  # optional: metrics.jsonl has everything
+            self.tb = None
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: float(v) if not isinstance(v, str) else v for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if not isinstance(v, str):
+                    self.tb.add_scalar(k, float(v), int(step))
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def _check_compatible(saved: dict, config: ml_collections.ConfigDict) -> None:
+    """A checkpoint can only continue the same network and data."""
+    for section in ("model", "data"):
+        now = json.loads(config[section].to_json())
+        if saved.get(section) != now:
+            diff = sorted(k for k in set(now) | set(saved.get(section, {}))
+                          if now.get(k) != saved.get(section, {}).get(k))
+            raise TrainingError(
+                f"The checkpoint in this workdir was made with a different {section} config "
+                f"(fields {diff}). Use a new --workdir, or the checkpoint's own config."
+            )
+
+
+def _schedule(config, num_train: int) -> tuple[int, int]:
+    steps_per_epoch = max(1, num_train // config.batch_size)
+    total = config.total_steps if config.total_steps > 0 else int(config.num_epochs * steps_per_epoch)
+    return steps_per_epoch, total
+
+
+def _every(n: int, steps_per_epoch: int) -> int:
+    return steps_per_epoch if n <= 0 else n
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+    """Train (or resume) according to ``config``; returns the final metrics."""
+    from rich.console import Console
+
+    from alexnet_jax.progress import TrainProgress
+    from alexnet_jax.summary import summary_table
+
+    console = Console()
+    model = from_config(config.model)
+    use_virtual_cpu_devices(config.mesh.cpu_devices)
+    mesh = make_mesh(towers=model.towers, data=None if config.mesh.data == -1 else config.mesh.data)
+    if config.batch_size % mesh.shape[DATA_AXIS]:
+        raise ConfigError(f"batch_size={config.batch_size} does not divide over the mesh's data axis "
+                          f"({mesh.shape[DATA_AXIS]}).")
+    if config.data.crop_size != model.image_size:
+        raise ConfigError(f"data.crop_size={config.data.crop_size} must equal model.image_size="
+                          f"{model.image_size}.")
+    if config.data.name == "imagenet" and not config.data.root and not config.data.packed_dir:
+        raise ConfigError(
+            "This config trains on ImageNet, and no dataset folder was given. Point it at ILSVRC-2012 with "
+            "--config.data.root=/path/to/imagenet (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG or a flat val/ with "
+            "val_labels.txt), or at prepared shards with --config.data.format=packed "
+            "--config.data.packed_dir=/path/to/packed (python -m alexnet_jax.data.prepare --src ... --dst ...). "
+            "Without ImageNet, try --config=configs/demo.py.")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+
+    data = data_lib.resolve(config.data)
+    if len(data.classes) != model.num_classes:
+        raise ConfigError(f"The data has {len(data.classes)} classes but model.num_classes="
+                          f"{model.num_classes}; set --config.model.num_classes={len(data.classes)}.")
+    num_train = len(data.records["train"])
+    steps_per_epoch, total_steps = _schedule(config, num_train)
+
+    tx = optim.make_optimizer(config.optim)
+    state, shardings = create_train_state(model, tx, config.seed, mesh)
+    ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
+    control = optim.LRControl()
+    data_state = None
+    restored = ckpt.restore_latest(jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings))
+    writer = MetricWriter(workdir, enabled=is_main)
+
+    def log_drop(entry):
+        console.print(f"[yellow]LR {entry['from']:.3g} -> {entry['to']:.3g} at step {entry['step']} "
+                      f"(epoch {entry['epoch']:.2f}): {entry['reason']}[/yellow]")
+        writer.write(entry["step"], {"lr_drop/from": entry["from"], "lr_drop/to": entry["to"],
+                                     "lr_drop/reason": entry["reason"]})
+
+    if restored is not None:
+        _check_compatible(restored["config"], config)
+        state, data_state = restored["state"], restored["data"]
+        control = optim.LRControl.from_json(restored["control"])
+        console.print(f"Resumed from {ckpt.directory / str(restored['step'])} (step {restored['step']}, "
+                      f"lr {optim.get_lr(state.opt_state):.3g}).")
+        saved_lr = restored["config"]["optim"]["lr"]
+        if config.optim.lr != saved_lr:  # --config.optim.lr=... on resume: a manual drop
+            old = optim.get_lr(state.opt_state)
+            state = state.replace(opt_state=optim.set_lr(state.opt_state, config.optim.lr))
+            log_drop(optim.record_drop(control, step=int(state.step), epoch=int(state.step) / steps_per_epoch,
+                                       old=old, new=config.optim.lr, reason="resume with --config.optim.lr"))
+
+    train_iter = data_lib.build_train_iter(config.data, batch_size=config.batch_size, seed=config.seed,
+                                           image_size=model.image_size, shard_index=jax.process_index(),
+                                           shard_count=jax.process_count(), data=data)
+    if data_state is not None:
+        train_iter.set_state(data_state)
+
+    train_step = make_train_step(model, tx, mesh, shardings)
+    eval_step = make_eval_step(model, mesh, shardings.params)
+
+    def run_eval(params):
+        out = {}
+        modes = ["center"] + (["ten_crop"] if config.eval_ten_crop else [])
+        for mode in modes:
+            batches = data_lib.build_eval_iter(config.data, batch_size=config.eval_batch_size, mode=mode,
+                                               image_size=model.image_size, num_workers=0, data=data,
+                                               shard_index=jax.process_index(),
+                                               shard_count=jax.process_count())
+            r = evaluate(eval_step, params, batches, mesh)
+            suffix = "" if mode == "center" else "_ten_crop"
+            out[f"val/top1_error{suffix}"] = r["top1_error"]
+            out[f"val/top5_error{suffix}"] = r["top5_error"]
+        return out
+
+    if is_main:
+        devices = jax.devices()
+        console.print(f"[bold]alexnet_jax[/bold]: {len(devices)} x {devices[0].device_kind} "
+                      f"({devices[0].platform}), mesh {dict(mesh.shape)}, "
+                      f"{count_params(state.params):,} parameters, {num_train:,} training images, "
+                      f"{steps_per_epoch} steps/epoch, {total_steps} steps, workdir {workdir}")
+        console.print(summary_table(model))
+        console.print(f"config:\n{config}")
+        (workdir / "config.json").write_text(config.to_json(indent=2))
+
+    step = int(state.step)
+    log_every, eval_every = config.log_every, _every(config.eval_every, steps_per_epoch)
+    ckpt_every = _every(config.checkpoint_every, steps_per_epoch)
+    kill_at = int(os.environ.get("ALEXNET_JAX_KILL_AFTER_CHECKPOINT", "-1"))  # fault injection (tests)
+    pending: list[tuple[int, dict]] = []
+    last_good_ckpt = ckpt.steps()[-1] if ckpt.steps() else None
+    val: dict = {}
+    progress = TrainProgress(total_steps, step, config.batch_size, enabled=is_main)
+
+    def flush():
+        """Fetch pending step metrics (one sync), stop on a non-finite loss, log the rest."""
+        rows = jax.device_get(pending)
+        pending.clear()
+        for s, m in rows:
+            if not math.isfinite(float(m["train/loss"])):
+                where = (f"the last good checkpoint, step {last_good_ckpt}, is kept in {ckpt.directory}"
+                         if last_good_ckpt is not None else "no checkpoint had been written yet")
+                raise TrainingError(
+                    f"The training loss became {float(m['train/loss'])} at step {s}; stopping. {where}. "
+                    "Lower --config.optim.lr, or check the data for NaN/Inf inputs.")
+        for s, m in rows:
+            if s % log_every == 0 or s == rows[-1][0]:
+                writer.write(s, m)
+        if rows:
+            s, m = rows[-1]
+            progress.update(s, loss=float(m["train/loss"]), lr=float(m["train/lr"]))
+
+    try:
+        while step < total_steps:
+            batch = next(train_iter)
+            state, metrics = train_step(state, to_global(batch, mesh))
+            step += 1
+            pending.append((step, metrics))
+            epoch_before, epoch = (step - 1) / steps_per_epoch, step / steps_per_epoch
+            do_eval = step % eval_every == 0 or step == total_steps
+            do_ckpt = step % ckpt_every == 0 or step == total_steps
+            if step % log_every == 0 or do_eval or do_ckpt:
+                flush()
+
+            new_lr, reason = None, None
+            if optim.scheduled_drop(config.optim, epoch_before, epoch):
+                new_lr, reason = optim.get_lr(state.opt_state) / 10, "scheduled (optim.drop_epochs)"
+            if step % log_every == 0 and is_main:
+                factor = optim.requested_drop(workdir)
+                if factor is not None:
+                    new_lr, reason = optim.get_lr(state.opt_state) / factor, f"requested ({optim.DROP_FILE})"
+            if do_eval:
+                val = run_eval(state.params)
+                writer.write(step, {**val, "epoch": epoch})
+                progress.note(f"step {step} (epoch {epoch:.2f}): val top-1 error {val['val/top1_error']:.4f}, "
+                              f"top-5 {val['val/top5_error']:.4f}")
+                if optim.plateau_drop(config.optim, control, val["val/top1_error"]) and new_lr is None:
+                    new_lr, reason = optim.get_lr(state.opt_state) / 10, "plateau (optim.plateau_*)"
+            if new_lr is not None:
+                old = optim.get_lr(state.opt_state)
+                state = state.replace(opt_state=optim.set_lr(state.opt_state, new_lr))
+                log_drop(optim.record_drop(control, step=step, epoch=epoch, old=old, new=new_lr, reason=reason))
+            if do_ckpt:
+                ckpt.save(step, state, data_state=train_iter.get_state(),
+                          config=json.loads(config.to_json()), control=control.to_json(),
+                          metrics={"val/top1_error": val["val/top1_error"]} if do_eval else None)
+                last_good_ckpt = step
+                if step == kill_at:
+                    ckpt.wait()
+                    os.kill(os.getpid(), signal.SIGKILL)
+        flush()
+    finally:
+        progress.close()
+        ckpt.close()
+        writer.close()
+        if hasattr(train_iter, "close"):
+            train_iter.close()
+
+    if not val and restored is not None and step == total_steps:
+        val = run_eval(state.params)
+    result = {"step": step, **val, "lr": optim.get_lr(state.opt_state), "lr_drops": control.drops}
+    if is_main and val:
+        console.print(f"[bold]Done at step {step}:[/bold] validation top-1 error {val['val/top1_error']:.4f}, "
+                      f"top-5 {val['val/top5_error']:.4f} (chance: top-1 {1 - 1 / model.num_classes:.2f}).")
+    return result

@@ -1,0 +1,170 @@
+"""Training: exact resume across a killed process, LR drops that survive restarts,
+damaged checkpoints, and a NaN loss that stops the run cleanly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from alexnet_jax import train
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from configs import demo  # noqa: E402
+
+TINY = ["--config.model.width=0.125", "--config.batch_size=32", "--config.eval_batch_size=100",
+        "--config.data.num_workers=0", "--config.eval_ten_crop=False", "--config.log_every=1",
+        "--config.optim.plateau_patience=0", "--config.optim.drop_epochs=()"]
+
+
+def tiny_config(**overrides):
+    c = demo.get_config()
+    c.model.width = 0.125
+    c.batch_size, c.eval_batch_size = 32, 100
+    c.data.num_workers = 0
+    c.eval_ten_crop = False
+    c.log_every = 1
+    c.optim.plateau_patience = 0
+    c.optim.drop_epochs = ()
+    c.mesh.cpu_devices = 8  # what the test process already has (conftest)
+    c.mesh.data = 2  # a 2 x 2 mesh
+    for k, v in overrides.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+def launch(workdir, *args, env_extra=None):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "launch.py", "--config=configs/demo.py", f"--workdir={workdir}",
+                           *TINY, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def read_state(workdir, step):
+    """Two plain Orbax calls: what a notebook without this package's helpers would do."""
+    path = Path(workdir) / "checkpoints" / str(step) / "state"
+    return ocp.StandardCheckpointer().restore(path)
+
+
+def metrics(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_after_kill_is_exact(tmp_path):
+    n = 8
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    r = launch(straight, f"--config.total_steps={n}", f"--config.checkpoint_every={n // 2}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = launch(broken, f"--config.total_steps={n}", f"--config.checkpoint_every={n // 2}",
+               env_extra={"ALEXNET_JAX_KILL_AFTER_CHECKPOINT": str(n // 2)})
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-3000:])
+    assert not (broken / "checkpoints" / str(n)).exists()
+    r = launch(broken, f"--config.total_steps={n}", f"--config.checkpoint_every={n // 2}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"Resumed from" in r.stdout
+
+    a, b = read_state(straight, n), read_state(broken, n)
+    assert int(a["step"]) == int(b["step"]) == n
+    leaves_a, tree_a = jax.tree_util.tree_flatten(a)
+    leaves_b, tree_b = jax.tree_util.tree_flatten(b)
+    assert tree_a == tree_b
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bit for bit
+    # The mid-run state differs from the end: the comparison above is not vacuous.
+    mid = read_state(broken, n // 2)
+    assert not np.array_equal(mid["params"]["towers"]["fc8"]["kernel"], b["params"]["towers"]["fc8"]["kernel"])
+
+    # And the next batch each run would see is the same.
+    from alexnet_jax.data import build_train_iter
+
+    def next_batch(workdir):
+        data_state = json.loads((Path(workdir) / "checkpoints" / str(n) / "data" / "metadata").read_text())
+        it = build_train_iter(tiny_config().data, batch_size=32, seed=0, image_size=64, num_workers=0)
+        it.set_state(data_state)
+        return next(it)
+
+    ba, bb = next_batch(straight), next_batch(broken)
+    np.testing.assert_array_equal(ba["image"], bb["image"])
+    np.testing.assert_array_equal(ba["label"], bb["label"])
+    # Same losses step by step, including across the kill.
+    la = {m["step"]: m["train/loss"] for m in metrics(straight) if "train/loss" in m}
+    lb = {m["step"]: m["train/loss"] for m in metrics(broken) if "train/loss" in m}
+    assert la == lb and len(la) == n
+
+
+def lr_by_step(workdir):
+    return {m["step"]: m["train/lr"] for m in metrics(workdir) if "train/lr" in m}
+
+
+def test_scheduled_requested_and_resume_drops_survive_restarts(tmp_path):
+    wd = tmp_path / "run"
+    # 3000 images / 32 = 93 steps per epoch: epoch 0.03 is crossed at step 3.
+    r1 = train.run(tiny_config(**{"total_steps": 4, "optim.drop_epochs": (0.03,), "checkpoint_every": 4}), wd)
+    assert [d["reason"].split()[0] for d in r1["lr_drops"]] == ["scheduled"]
+    assert r1["lr"] == pytest.approx(0.001)
+    (wd / "DROP_LR").write_text("2")  # the researcher asks for a drop by 2 while it runs
+    r2 = train.run(tiny_config(**{"total_steps": 6, "optim.drop_epochs": (0.03,), "checkpoint_every": 2}), wd)
+    assert not (wd / "DROP_LR").exists()
+    assert r2["lr"] == pytest.approx(0.0005)
+    r3 = train.run(tiny_config(**{"total_steps": 8, "optim.drop_epochs": (0.03,), "optim.lr": 1e-4,
+                                  "checkpoint_every": 2}), wd)
+    assert r3["lr"] == pytest.approx(1e-4)
+    assert [d["reason"].split()[0] for d in r3["lr_drops"]] == ["scheduled", "requested", "resume"]
+    lr = lr_by_step(wd)  # the LR each step trained with
+    assert [lr[s] for s in range(1, 9)] == pytest.approx([0.01] * 3 + [0.001] * 2 + [0.0005] + [1e-4] * 2)
+
+
+def test_plateau_drops_and_keeps_after_restart(tmp_path):
+    wd = tmp_path / "run"
+    cfg = dict(**{"eval_every": 2, "checkpoint_every": 2, "optim.plateau_patience": 1,
+                  "optim.plateau_min_delta": 1.0, "optim.plateau_max_drops": 1})
+    r = train.run(tiny_config(total_steps=6, **cfg), wd)  # evals at 2 (best), 4 (stalled: drop), 6
+    assert [d["step"] for d in r["lr_drops"]] == [4]
+    r = train.run(tiny_config(total_steps=10, **cfg), wd)  # at most one plateau drop
+    assert [d["step"] for d in r["lr_drops"]] == [4]
+    lr = lr_by_step(wd)
+    assert [lr[s] for s in range(1, 11)] == pytest.approx([0.01] * 4 + [0.001] * 6)
+
+
+def test_damaged_latest_checkpoint_falls_back(tmp_path, caplog):
+    wd = tmp_path / "run"
+    train.run(tiny_config(total_steps=4, checkpoint_every=2), wd)
+    state_dir = wd / "checkpoints" / "4" / "state"
+    files = sorted(p for p in state_dir.rglob("*") if p.is_file() and p.stat().st_size > 1000)
+    assert files, "expected array files in the checkpoint"
+    for f in files:  # truncate every sizeable file
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    with caplog.at_level("WARNING"):
+        r = train.run(tiny_config(total_steps=6, checkpoint_every=2), wd)
+    assert "Checkpoint at step 4 is damaged" in caplog.text
+    assert any(p.name.startswith("4-") for p in (wd / "checkpoints_damaged").iterdir())
+    assert r["step"] == 6
+    lr = lr_by_step(wd)
+    assert 3 in lr and 5 in lr  # steps 3-4 were trained again from the step-2 checkpoint
+
+    # A checkpoint with a missing file: same.
+    (wd / "checkpoints" / "6" / "control").rename(wd / "gone")
+    with caplog.at_level("WARNING"):
+        train.run(tiny_config(total_steps=6, checkpoint_every=2), wd)
+    assert "Checkpoint at step 6 is damaged" in caplog.text
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    wd = tmp_path / "run"
+    train.run(tiny_config(total_steps=2, checkpoint_every=2), wd)
+    with pytest.raises(train.TrainingError, match=r"loss became (nan|inf).*last good checkpoint, step 2"):
+        train.run(tiny_config(**{"total_steps": 8, "checkpoint_every": 2, "optim.lr": 1e30}), wd)
+    assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit()) == [2]
+    state = read_state(wd, 2)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state["params"]))
