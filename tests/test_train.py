@@ -160,6 +160,15 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path, caplog):
     assert "Checkpoint at step 6 is damaged" in caplog.text
 
 
+def test_resume_refuses_another_network_but_allows_speed_knobs(tmp_path):
+    wd = tmp_path / "run"
+    train.run(tiny_config(total_steps=2, checkpoint_every=2), wd)
+    with pytest.raises(train.TrainingError, match=r"different model config \(fields \['lrn'\]\)"):
+        train.run(tiny_config(**{"total_steps": 4, "model.lrn": False}), wd)
+    r = train.run(tiny_config(**{"total_steps": 4, "checkpoint_every": 2, "data.num_threads": 1}), wd)
+    assert r["step"] == 4
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     wd = tmp_path / "run"
     train.run(tiny_config(total_steps=2, checkpoint_every=2), wd)

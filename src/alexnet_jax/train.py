@@ -177,13 +177,18 @@ class MetricWriter:
                 self.tb.close()
 
 
+# Data fields that change only speed, never which pixels a step sees: free to change on resume.
+_DATA_SPEED_FIELDS = {"num_workers", "worker_buffer_size", "num_threads", "prefetch_buffer_size",
+                      "prepare_workers"}
+
+
 def _check_compatible(saved: dict, config: ml_collections.ConfigDict) -> None:
-    """A checkpoint can only continue the same network and data."""
-    for section in ("model", "data"):
+    """A checkpoint can only continue the same network on the same data stream."""
+    for section, free in (("model", set()), ("data", _DATA_SPEED_FIELDS)):
         now = json.loads(config[section].to_json())
-        if saved.get(section) != now:
-            diff = sorted(k for k in set(now) | set(saved.get(section, {}))
-                          if now.get(k) != saved.get(section, {}).get(k))
+        then = saved.get(section, {})
+        diff = sorted(k for k in (set(now) | set(then)) - free if now.get(k) != then.get(k))
+        if diff:
             raise TrainingError(
                 f"The checkpoint in this workdir was made with a different {section} config "
                 f"(fields {diff}). Use a new --workdir, or the checkpoint's own config."
