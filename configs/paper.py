@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.root = ml_collections.config_dict.placeholder(str)  # set --config.data.root=/path/to/imagenet
     c.data.format = "folder"  # 'folder' reads JPEGs; 'packed' (with packed_dir) reads prepared shards
     c.data.num_workers = 8  # grain worker processes decoding and augmenting
+    c.data.output = "uint8"  # raw crops to the devices; mean image and PCA lighting applied in the jitted step
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 0.01  # initial learning rate epsilon (Section 5); on resume, a new value is a manual drop

@@ -75,16 +75,38 @@ def cross_entropy(logits, labels, mask):
     return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1)
 
 
-def make_train_step(model: AlexNet, tx, mesh, shardings: TrainState):
+def make_input_fn(data_cfg, stats):
+    """``inputs(batch, train) -> float32 images``.
+
+    With ``data.output='uint8'`` the loader sends raw crops (a quarter of the bytes)
+    and the mean image and PCA lighting are applied here, inside the jitted step.
+    """
+    if data_cfg.output != "uint8":
+        return lambda batch, train: batch["image"]
+    from alexnet_jax.data.device import normalize
+
+    mean = stats["mean_image"] if (stats is not None and data_cfg.mean_subtraction) else None
+    eigval = None if stats is None else stats["eigval"]
+    eigvec = None if stats is None else stats["eigvec"]
+    lighting = stats is not None and data_cfg.pca_lighting_std > 0
+
+    def inputs(batch, train):
+        return normalize(batch, mean, eigval, eigvec, lighting=lighting and train)
+
+    return inputs
+
+
+def make_train_step(model: AlexNet, tx, mesh, shardings: TrainState, inputs=None):
     """``train_step(state, batch) -> (state, metrics)``, jitted once, the state donated."""
     forward = mesh_forward(model, mesh, train=True)
+    inputs = inputs or (lambda batch, train: batch["image"])
 
     def train_step(state: TrainState, batch: dict):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         mask = batch["mask"].astype(jnp.float32)
 
         def loss_fn(params):
-            logits = forward({"params": params}, batch["image"], key)
+            logits = forward({"params": params}, inputs(batch, True), key)
             return cross_entropy(logits, batch["label"], mask), logits
 
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -104,13 +126,14 @@ def make_train_step(model: AlexNet, tx, mesh, shardings: TrainState):
                    out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
 
 
-def make_eval_step(model: AlexNet, mesh, param_shardings):
+def make_eval_step(model: AlexNet, mesh, param_shardings, inputs=None):
     """Counts of top-1/top-5 errors on a batch; ten-crop batches average softmax over views."""
     forward = mesh_forward(model, mesh, train=False)
+    inputs = inputs or (lambda batch, train: batch["image"])
     k = min(5, model.num_classes)
 
     def eval_step(params, batch):
-        images = batch["image"]
+        images = inputs(batch, False)
         views = images.shape[1] if images.ndim == 5 else 1
         if views > 1:
             images = images.reshape((-1,) + images.shape[2:])
@@ -131,7 +154,10 @@ def to_global(batch: dict, mesh) -> dict:
     """This process's slice of the batch -> global arrays sharded over 'data'."""
     sharding = NamedSharding(mesh, P(DATA_AXIS))
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in batch.items() if k in ("image", "label", "mask")}
+            for k, v in batch.items() if k in _BATCH_KEYS}
+
+
+_BATCH_KEYS = ("image", "label", "mask", "crop_yx", "flip", "alpha")  # the last three: uint8 mode
 
 
 def evaluate(eval_step, params, batches, mesh) -> dict:
@@ -274,8 +300,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     if data_state is not None:
         train_iter.set_state(data_state)
 
-    train_step = make_train_step(model, tx, mesh, shardings)
-    eval_step = make_eval_step(model, mesh, shardings.params)
+    inputs = make_input_fn(config.data, data.stats)
+    train_step = make_train_step(model, tx, mesh, shardings, inputs)
+    eval_step = make_eval_step(model, mesh, shardings.params, inputs)
 
     def run_eval(params):
         out = {}
