@@ -187,3 +187,42 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit()) == [2]
     state = read_state(wd, 2)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state["params"]))
+
+
+def test_checkpointer_keeps_last_k_and_the_best(tmp_path):
+    from alexnet_jax.checkpoint import Checkpointer
+
+    ck = Checkpointer(tmp_path, keep=2)
+    errors = {1: 0.9, 2: 0.3, 3: 0.5, 4: 0.6, 5: 0.7}  # step 2 is the best, then it gets worse
+    for step, err in errors.items():
+        ck.save(step, {"w": np.full((3,), step, np.float32)}, data_state={"next_batch": step},
+                config={"seed": 0}, control={}, metrics={"val/top1_error": err})
+    ck.wait()
+    assert ck.steps() == [2, 4, 5]
+    ck.close()
+
+
+def test_eval_step_counts_match_numpy_for_center_and_ten_crop():
+    from alexnet_jax import AlexNet, make_mesh
+
+    model = AlexNet(width=0.125, image_size=64, num_classes=10, init_std=0.05)
+    mesh = make_mesh(towers=2, data=2)
+    rng = np.random.default_rng(0)
+    imgs_center = rng.normal(0, 50, (8, 64, 64, 3)).astype(np.float32)
+    imgs_ten = rng.normal(0, 50, (8, 10, 64, 64, 3)).astype(np.float32)
+    label = rng.integers(0, 10, 8).astype(np.int32)
+    mask = np.array([1, 1, 1, 1, 1, 1, 0, 0], bool)  # two padding rows must not count
+    c, _ = train.create_train_state(model, train.optim.make_optimizer(tiny_config().optim), 0, mesh)
+    params = c.params
+    step = train.make_eval_step(model, mesh, train.state_shardings(c, mesh).params)
+    apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    for images in (imgs_center, imgs_ten):
+        got = jax.device_get(step(params, train.to_global({"image": images, "label": label, "mask": mask}, mesh)))
+        flat = images.reshape((-1, 64, 64, 3))
+        logits = np.asarray(apply(params, flat), np.float64)  # one device, independent of the mesh
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p = (p / p.sum(-1, keepdims=True)).reshape(8, -1, 10).mean(1)
+        rank = np.argsort(-p, axis=1)
+        top1_wrong = np.sum((rank[:, 0] != label) & mask)
+        top5_wrong = np.sum(~np.any(rank[:, :5] == label[:, None], axis=1) & mask)
+        assert (int(got["n"]), int(got["top1_wrong"]), int(got["top5_wrong"])) == (6, top1_wrong, top5_wrong)
