@@ -71,6 +71,8 @@ def test_paper_config_without_imagenet_says_how_to_point_at_it(tmp_path):
     (["--config.model.towers=two"], "invalid literal for int()"),
     (["--config.model.towers=3"], "model.towers must be 1 or 2"),
     (["--config=configs/missing.py"], "configs/missing.py"),
+    (["--workdir=launch.py"], "Cannot use --workdir=launch.py"),
+    (["--config=configs/paper.py", "--config.data.root=/nonexistent"], "data folder '/nonexistent' does not exist"),
 ])
 def test_bad_command_lines_fail_with_one_clear_message(args, message):
     r = launch(*args)

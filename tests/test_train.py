@@ -72,7 +72,7 @@ def test_resume_after_kill_is_exact(tmp_path):
     assert not (broken / "checkpoints" / str(n)).exists()
     r = launch(broken, f"--config.total_steps={n}", f"--config.checkpoint_every={n // 2}")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"Resumed from" in r.stdout
+    assert "Resumed from" in r.stdout
 
     a, b = read_state(straight, n), read_state(broken, n)
     assert int(a["step"]) == int(b["step"]) == n

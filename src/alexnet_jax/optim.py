@@ -13,7 +13,6 @@ drop is a new scalar in the state: no recompilation, saved with checkpoints.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -130,7 +129,3 @@ def record_drop(ctl: LRControl, *, step: int, epoch: float, old: float, new: flo
     entry = {"step": int(step), "epoch": round(float(epoch), 4), "from": old, "to": new, "reason": reason}
     ctl.drops.append(entry)
     return entry
-
-
-def dumps(ctl: LRControl) -> str:
-    return json.dumps(ctl.to_json())

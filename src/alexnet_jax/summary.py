@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from rich.table import Table
 
-from alexnet_jax.model import LAYERS, AlexNet, count_params, layer_param_counts
+from alexnet_jax.model import LAYERS, AlexNet, layer_param_counts
 
 _AFTER = {
     "conv1": "conv1_pooled", "conv2": "conv2_pooled", "conv5": "conv5_pooled",
@@ -51,7 +51,3 @@ def summary_table(model: AlexNet) -> Table:
     table.add_row("total", "", "", "", f"{sum(r['params'] for r in rows):,}", style="bold")
     return table
 
-
-def total_params(model: AlexNet) -> int:
-    x = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
-    return count_params(jax.eval_shape(model.init, jax.random.key(0), x))

@@ -10,11 +10,9 @@ a resumed run draws the same masks it would have drawn.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +29,6 @@ from alexnet_jax import optim
 from alexnet_jax.checkpoint import Checkpointer
 from alexnet_jax.model import AlexNet, ConfigError, count_params, from_config
 from alexnet_jax.parallel import DATA_AXIS, TOWER_AXIS, make_mesh, mesh_forward, use_virtual_cpu_devices
-
-log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
@@ -256,7 +252,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
             "--config.data.packed_dir=/path/to/packed (python -m alexnet_jax.data.prepare --src ... --dst ...). "
             "Without ImageNet, try --config=configs/demo.py.")
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainingError(f"Cannot use --workdir={workdir}: {e}. Give a folder that can be created "
+                            "or written.") from None
     is_main = jax.process_index() == 0
 
     data = data_lib.resolve(config.data)

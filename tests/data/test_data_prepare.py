@@ -1,6 +1,5 @@
 """Preparation: statistics against NumPy, packed records, resuming, the flat val layout."""
 
-import json
 import os
 
 import numpy as np
