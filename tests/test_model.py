@@ -248,3 +248,127 @@ def test_config_roundtrip_and_errors():
     from_config({**paper, "image_size": 67})  # the smallest input whose maps survive 3 pools
     with pytest.raises(ValueError, match=r"\(N, 224, 224, 3\)"):
         shapes_of(AlexNet(), size=227)
+
+
+# --- The fast paths compute the textbook operations -------------------------------------
+
+
+def test_max_pool_gradient_equals_reduce_window_gradient_with_ties():
+    """Our max_pool's custom gradient vs JAX's own reduce_window gradient (select-and-scatter),
+    on inputs full of ties (rounded ReLU outputs), for 3/2 and 2/2 pooling."""
+    import flax.linen as nn
+
+    from alexnet_jax.model import max_pool
+
+    x = jnp.round(4 * jax.nn.relu(jax.random.normal(jax.random.key(0), (3, 27, 27, 5)))) / 4
+    g = jax.random.normal(jax.random.key(1), (3, 13, 13, 5))
+    for window, stride in ((3, 2), (2, 2)):
+        out = (27 - window) // stride + 1
+        g_ = g[:, :out, :out]
+        ours = jax.vjp(lambda a: max_pool(a, window, stride), x)
+        ref = jax.vjp(lambda a: nn.max_pool(a, (window, window), (stride, stride)), x)
+        np.testing.assert_array_equal(ours[0], ref[0])
+        got, want = ours[1](g_)[0], ref[1](g_)[0]
+        np.testing.assert_array_equal(got != 0, want != 0)  # the same input wins every window
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)  # overlaps summed in another order
+    assert float(jnp.mean(x == 0)) > 0.4  # ties were really there
+
+
+def test_per_tower_conv_and_dense_equal_plain_vmap_values_and_gradients():
+    """tower_conv / tower_dense under vmap vs jax.vmap of the plain ops (which XLA runs as a
+    grouped convolution and a merged matmul): same values, same gradients."""
+    from alexnet_jax.model import tower_conv, tower_dense
+
+    def plain_conv(x, k):
+        return jax.lax.conv_general_dilated(x, k, (1, 1), ((2, 2), (2, 2)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    k_ = jax.random.split(jax.random.key(0), 4)
+    x_shared = jax.random.normal(k_[0], (4, 9, 9, 6))
+    x_towers = jax.random.normal(k_[1], (2, 4, 9, 9, 6))
+    kernels = jax.random.normal(k_[2], (2, 5, 5, 6, 8))
+    for x, in_axes in ((x_shared, (None, 0)), (x_towers, (0, 0))):
+        def loss(x, k, f):
+            return jnp.sum(jnp.sin(jax.vmap(f, in_axes=in_axes)(x, k)))
+
+        ours = jax.value_and_grad(loss, argnums=(0, 1))(x, kernels, lambda a, b: tower_conv(a, b, 1, ((2, 2), (2, 2))))
+        ref = jax.value_and_grad(loss, argnums=(0, 1))(x, kernels, plain_conv)
+        np.testing.assert_allclose(ours[0], ref[0], rtol=1e-5)
+        for a, b in zip(ours[1], ref[1]):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+    w = jax.random.normal(k_[3], (2, 6, 3))
+    for x, in_axes in ((x_shared[:, 0, 0], (None, 0)), (x_towers[:, :, 0, 0], (0, 0))):
+        def loss(x, k, f):
+            return jnp.sum(jnp.sin(jax.vmap(f, in_axes=in_axes)(x, k)))
+
+        ours = jax.value_and_grad(loss, argnums=(0, 1))(x, w, tower_dense)
+        ref = jax.value_and_grad(loss, argnums=(0, 1))(x, w, lambda a, b: a @ b)
+        np.testing.assert_allclose(ours[0], ref[0], rtol=1e-5)
+        for a, b in zip(ours[1], ref[1]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_one_device_program_has_no_grouped_convolution():
+    """The point of tower_conv: XLA sees dense convolutions only, forwards and backwards."""
+    model = AlexNet(width=0.125, image_size=96, num_classes=10)
+    x = jnp.zeros((2, 96, 96, 3))
+    v = jax.eval_shape(model.init, jax.random.key(0), x)
+    grad = jax.jit(jax.grad(lambda v: jnp.sum(model.apply(v, x, train=True, rngs={"dropout": jax.random.key(1)}))))
+    text = grad.lower(v).as_text()
+    groups = [int(g) for g in __import__("re").findall(r"feature_group_count = (\d+)", text)]
+    batch_groups = [int(g) for g in __import__("re").findall(r"batch_group_count = (\d+)", text)]
+    assert len(groups) >= 13 and set(groups) == {1} and set(batch_groups) == {1}
+
+
+def _valid_taps(size, kernel, stride, pad_lo, out):
+    """Per-dimension count of kernel taps that land on the image (not on padding)."""
+    o = np.arange(out)[:, None] * stride - pad_lo + np.arange(kernel)[None, :]
+    return int(((o >= 0) & (o < size)).sum())
+
+
+def test_model_flops_match_xla_cost_analysis():
+    """The hand count behind the benchmark's matmul share (summary.flops_per_image: every
+    weight once per output position) vs XLA's own count of the compiled forward pass.
+    XLA skips taps that fall on zero padding, so the test removes those by hand first."""
+    from alexnet_jax.model import tower_widths
+    from alexnet_jax.summary import flops_per_image, layer_rows
+
+    for model in (AlexNet(), AlexNet(towers=1)):
+        w = tower_widths(model.towers, 1.0, 1000)
+        T = model.towers
+        geometry = {  # layer: (input size, kernel, stride, pad before, input channels per tower)
+            "conv1": (224, 11, 4, 0, 3), "conv2": (27, 5, 1, 2, w["conv1"]),
+            "conv3": (13, 3, 1, 1, T * w["conv2"]), "conv4": (13, 3, 1, 1, w["conv3"]),
+            "conv5": (13, 3, 1, 1, w["conv4"]),
+        }
+        xla_style = 0
+        for r in layer_rows(model):
+            if r["layer"] in geometry:
+                size, k, s, pad, cin = geometry[r["layer"]]
+                out = r["per_tower"][0]
+                xla_style += 2 * _valid_taps(size, k, s, pad, out) ** 2 * cin * T * r["per_tower"][-1]
+            else:
+                xla_style += 2 * r["macs"]
+        x = jnp.zeros((1, 224, 224, 3))
+        v = jax.eval_shape(model.init, jax.random.key(0), x)
+        cost = jax.jit(lambda v, x: model.apply(v, x)).lower(v, x).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        assert abs(cost["flops"] - xla_style) / xla_style < 0.01, (cost["flops"], xla_style)
+        assert flops_per_image(model, train=True) == 3 * flops_per_image(model, train=False)
+    assert flops_per_image(AlexNet(), train=False) == 2 * 724_406_816  # the familiar 724M multiply-adds
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_close_logits():
+    model = AlexNet(width=0.125, image_size=96, num_classes=10, init_std=0.03)
+    x = 50.0 * jax.random.normal(jax.random.key(1), (4, 96, 96, 3))
+    v = jax.jit(model.init)(jax.random.key(0), x)
+    v16 = jax.jit(model.clone(dtype="bfloat16").init)(jax.random.key(0), x)
+    assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(v16))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, v, v16)  # same initial parameters
+    a = model.apply(v, x)
+    b = model.clone(dtype="bfloat16").apply(v, x)
+    assert b.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a))) < 0.05
+    with pytest.raises(ConfigError, match="model.dtype"):
+        from_config({"dtype": "float16"})

@@ -60,7 +60,8 @@ def assert_same(a, b, what, rtol=2e-5):
 
 
 def layouts(towers):
-    return [(1, 2), (2, 2), (4, 2)] if towers == 2 else [(2, 1), (4, 1), (8, 1)]
+    """(data, tower) meshes: one tower per device, and (tower=1) every device running all towers."""
+    return [(1, 2), (2, 2), (4, 2), (1, 1), (2, 1)] if towers == 2 else [(2, 1), (4, 1), (8, 1)]
 
 
 def check_layouts(kwargs, batch):

@@ -46,7 +46,9 @@ def make_mesh(towers: int = 2, data: int | None = None, devices=None) -> Mesh:
     Axes are ``Auto``: arrays carry no sharding in their types, and the
     compiler places the (few) operations outside ``shard_map``.
     """
-    devices = list(jax.devices() if devices is None else devices)
+    if devices is None:  # each process's devices together: a tower pair never spans two hosts
+        devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    devices = list(devices)
     if data is None:
         if len(devices) % towers:
             raise ConfigError(f"{len(devices)} devices cannot be split into towers={towers}.")
@@ -74,10 +76,11 @@ def shard_variables(variables: Any, mesh: Mesh) -> Any:
 
 
 def _check(model: AlexNet, mesh: Mesh) -> None:
-    if mesh.shape[TOWER_AXIS] != model.towers:
+    if mesh.shape[TOWER_AXIS] not in (model.towers, 1):
         raise ConfigError(
             f"The model has towers={model.towers} but the mesh's '{TOWER_AXIS}' axis has size "
-            f"{mesh.shape[TOWER_AXIS]}; build it with make_mesh(towers={model.towers})."
+            f"{mesh.shape[TOWER_AXIS]}; build it with make_mesh(towers={model.towers}) (one tower per "
+            "device) or make_mesh(towers=1) (all towers on every device)."
         )
 
 
@@ -86,10 +89,14 @@ def mesh_forward(model: AlexNet, mesh: Mesh, *, train: bool = False):
 
     The logits come back sharded ``P('data', 'tower')``: each tower's share of
     the classes, as the paper's GPUs each held half of fc8. The softmax over all
-    classes is taken outside, by whoever computes the loss.
+    classes is taken outside, by whoever computes the loss. On a mesh whose
+    ``tower`` axis has size 1, each device runs all towers (data parallelism
+    only; on one device this is ``model.apply``).
     """
     _check(model, mesh)
-    local = model.clone(tower_axis_is_mapped=True, data_axis=DATA_AXIS)
+    # A tower axis of size 1 with a two-tower net: every device runs both towers (under vmap).
+    split = mesh.shape[TOWER_AXIS] == model.towers
+    local = model.clone(tower_axis_is_mapped=split, data_axis=DATA_AXIS)
 
     def per_device(variables, images_nHWC, key):
         rngs = {"dropout": key} if key is not None else {}

@@ -29,14 +29,26 @@ def layer_rows(model: AlexNet) -> list[dict]:
     for name in LAYERS:
         out = inter[name]["__call__"][0].shape  # (towers, 1, ...)
         after = inter[_AFTER[name]][0].shape if name in _AFTER else None
+        neurons = int(np.prod(out[:1] + out[2:]))
+        channels = out[0] * out[-1]  # output channels (units), all towers
         rows.append({
             "layer": name,
             "per_tower": tuple(out[2:]),
-            "neurons": int(np.prod(out[:1] + out[2:])),
+            "neurons": neurons,
             "after_pool": tuple(after[2:]) if after else None,
             "params": params[name],
+            # every weight is used once per output position: positions x weights
+            "macs": (neurons // channels) * (params[name] - channels),
         })
     return rows
+
+
+def flops_per_image(model: AlexNet, train: bool = True) -> int:
+    """Model FLOPs of one image: 2 per multiply-add in the conv and FC layers; training
+    counts 3x the forward pass (forward, input gradients, weight gradients), the usual
+    convention. ReLU, LRN, pooling and the update add well under 1% and are left out."""
+    forward = 2 * sum(r["macs"] for r in layer_rows(model))
+    return 3 * forward if train else forward
 
 
 def summary_table(model: AlexNet) -> Table:
