@@ -1,10 +1,12 @@
 """Orbax checkpoints: train state, data-iterator state, config and LR history, together.
 
-Layout: ``<workdir>/checkpoints/<step>/{state,data,config,control}``. ``state`` is
-an ordinary Orbax PyTree (``step``, ``params``, ``opt_state``, ``rng``), so two
-plain Orbax calls read it anywhere; ``config`` is the run's config as JSON, so a
-checkpoint alone rebuilds the model. Saving is asynchronous; the last K
-checkpoints and the best by validation top-1 error are kept.
+Layout: ``<workdir>/checkpoints/<step>/{state,data,config,control,dataset,dataset_stats}``.
+``state`` is an ordinary Orbax PyTree (``step``, ``params``, ``opt_state``, ``rng``),
+so two plain Orbax calls read it anywhere; ``config`` is the run's config as JSON, so a
+checkpoint alone rebuilds the model. ``dataset`` (class ids and names, JSON) and
+``dataset_stats`` (mean image, RGB eigens) are what inference needs on a machine
+without the training data. Saving is asynchronous; the last K checkpoints and the
+best by validation top-1 error are kept.
 
 A checkpoint that cannot be read (truncated or missing files) is moved aside
 to ``<workdir>/checkpoints_damaged/`` with a warning, never deleted, and the
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -48,15 +51,24 @@ class Checkpointer:
             raise CheckpointError(f"Cannot use checkpoint directory {self.directory}: {e}") from e
 
     def save(self, step: int, state: Any, *, data_state: dict, config: dict, control: dict,
-             metrics: dict | None = None) -> None:
+             metrics: dict | None = None, dataset: dict | None = None) -> None:
+        """``dataset``: ``{'classes', 'class_names', 'stats'}`` (stats: dict of arrays or None)."""
+        items = dict(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            config=ocp.args.JsonSave(config),
+            control=ocp.args.JsonSave(control),
+        )
+        if dataset is not None:
+            stats = dataset.get("stats")
+            items["dataset"] = ocp.args.JsonSave({
+                "classes": list(dataset["classes"]), "class_names": list(dataset["class_names"]),
+                "stats": sorted(stats) if stats is not None else None})
+            if stats is not None:
+                items["dataset_stats"] = ocp.args.StandardSave({k: np.asarray(v) for k, v in stats.items()})
         self.manager.save(
             step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(data_state),
-                config=ocp.args.JsonSave(config),
-                control=ocp.args.JsonSave(control),
-            ),
+            args=ocp.args.Composite(**items),
             metrics=metrics,
             force=True,
         )

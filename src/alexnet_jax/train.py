@@ -388,7 +388,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
             if do_ckpt:
                 ckpt.save(step, state, data_state=train_iter.get_state(),
                           config=json.loads(config.to_json()), control=control.to_json(),
-                          metrics={"val/top1_error": val["val/top1_error"]} if do_eval else None)
+                          metrics={"val/top1_error": val["val/top1_error"]} if do_eval else None,
+                          dataset={"classes": data.classes, "class_names": data.class_names, "stats": data.stats})
                 last_good_ckpt = step
                 if step == kill_at:
                     ckpt.wait()

@@ -71,20 +71,28 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
                 # much larger than needed: same result class, much cheaper.
                 im.draft('RGB', (size, size))
             im.load()
-            img = im.convert('RGB') if im.mode != 'RGB' else im
-            w, h = img.size
-            if (w, h) != (size, size):
-                scale = size / min(w, h)
-                new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-                img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
-                left, top = (new_w - size) // 2, (new_h - size) // 2
-                img = img.crop((left, top, left + size, top + size))
-            img_HWC = np.asarray(img, dtype=np.uint8)
+            img_HWC = rescale_center_square(im, size)
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError...
         raise DecodeError(f'{type(e).__name__}: {e}') from e
     if img_HWC.shape != (size, size, 3):
         raise DecodeError(f'unexpected decoded shape {img_HWC.shape}')
     return img_HWC
+
+
+def rescale_center_square(im: Image.Image, size: int) -> np.ndarray:
+    """A loaded Pillow image -> uint8 ``(size, size, 3)`` RGB: shorter side to ``size``, central square.
+
+    Shared by decoding and by inference on in-memory images, so both see the same pixels.
+    """
+    img = im.convert('RGB') if im.mode != 'RGB' else im
+    w, h = img.size
+    if (w, h) != (size, size):
+        scale = size / min(w, h)
+        new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    return np.asarray(img, dtype=np.uint8)
 
 
 def encode_jpeg(img_HWC: np.ndarray, quality: int = 95, subsampling: str = '420') -> bytes:

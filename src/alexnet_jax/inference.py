@@ -1,0 +1,462 @@
+"""Load a checkpoint on whatever devices this process has, and classify images with it.
+
+A checkpoint folder is self-contained: the run's config rebuilds the network,
+and the ``dataset`` / ``dataset_stats`` items carry the class names and the
+mean image, so a notebook needs neither ``configs/`` nor the training data::
+
+    from alexnet_jax import load_checkpoint, Classifier
+    ckpt = load_checkpoint("runs/demo")          # newest step; or a checkpoints/<step> folder, gs://...
+    clf = Classifier(ckpt)
+    pred = clf.predict(["cat.jpg", pil_image, uint8_array])
+    print(pred)                                   # top-5 names and probabilities per image
+
+The parameters were saved from whatever mesh trained them (2 devices, 2xN, one
+device); here they are placed on this process's devices: split by tower over
+a ``('data', 'tower')`` mesh when the device count allows it, else on one
+device. Evaluation preprocessing is the one the run used: shorter side to
+``data.resize_size``, the central square, a centre crop or the paper's ten
+crops of ``data.crop_size``, minus the same window of the training mean image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec as P
+from PIL import Image
+
+from alexnet_jax.checkpoint import CheckpointError
+from alexnet_jax.data import device as data_device
+from alexnet_jax.data import sources, transforms
+from alexnet_jax.model import AlexNet, from_config
+from alexnet_jax.parallel import DATA_AXIS, TOWER_AXIS, make_mesh
+
+log = logging.getLogger(__name__)
+
+_ITEMS = ("state", "config")  # a step folder has at least these
+_LAYOUT = ("a run's workdir (holding checkpoints/<step>/), its checkpoints/ folder, "
+           "or one checkpoints/<step>/ folder")
+
+
+class ImageError(ValueError):
+    """An input image cannot be used (the message names it and says what would work)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A restored checkpoint: parameters on this process's devices plus what inference needs."""
+
+    params: Any  # {'towers': {layer: {kernel, bias}}}, leading tower axis
+    config: ml_collections.ConfigDict  # the run's whole config, as saved
+    step: int
+    path: str  # the step folder it came from
+    model: AlexNet
+    mesh: Any  # ('data', 'tower') Mesh over local devices, or None (one device)
+    classes: list[str] | None  # class ids (ImageNet wnids, embedded folder names)
+    class_names: list[str] | None  # readable names, where the dataset has them
+    stats: dict | None  # mean_image (HWC float32), eigval, eigvec
+
+    def __iter__(self):  # params, config = load_checkpoint(...)
+        return iter((self.params, self.config))
+
+
+# ---------------------------------------------------------------------------
+# Finding and reading a checkpoint
+
+
+def _is_step_dir(p: epath.Path) -> bool:
+    return all((p / item).is_dir() for item in _ITEMS) or (p / "state" / "_METADATA").exists()
+
+
+def _finished_steps(ckpt_dir: epath.Path) -> list[int]:
+    """Numbered step folders that Orbax finished writing (not tmp folders, not half-written ones on GCS)."""
+    steps = []
+    for child in ckpt_dir.iterdir():
+        if (child.name.isdigit() and child.is_dir() and _is_step_dir(child)
+                and ocp.utils.is_checkpoint_finalized(child)):
+            steps.append(int(child.name))
+    return sorted(steps)
+
+
+def find_step_dir(path: str | os.PathLike, step: int | None = None) -> tuple[epath.Path, int | None]:
+    """``path`` (workdir, checkpoints folder or step folder) -> (step folder, step number)."""
+    root = epath.Path(path)
+    if not root.exists():
+        raise CheckpointError(f"No checkpoint at {str(path)!r}: the path does not exist. Give {_LAYOUT}.")
+    if _is_step_dir(root):
+        number = int(root.name) if root.name.isdigit() else None
+        if step is not None and number is not None and step != number:
+            raise CheckpointError(f"{str(path)!r} is the checkpoint of step {number}, not step {step}; "
+                                  "give its parent folder to choose a step.")
+        return root, number
+    ckpt_dir = root / "checkpoints" if (root / "checkpoints").is_dir() else root
+    steps = _finished_steps(ckpt_dir)
+    if not steps:
+        raise CheckpointError(f"No finished checkpoint under {str(path)!r}. Give {_LAYOUT}. "
+                              "A run writes its first checkpoint after checkpoint_every steps (or an epoch).")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointError(f"No checkpoint of step {step} under {str(ckpt_dir)!r}; "
+                              f"the steps there are {steps}.")
+    return ckpt_dir / str(step), step
+
+
+def _read_json(item_dir: epath.Path) -> Any:
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(item_dir)
+
+
+def _model_from(config: ml_collections.ConfigDict | None, model, step_dir) -> AlexNet:
+    if isinstance(model, AlexNet):
+        return model
+    if model is not None:
+        return from_config(model)
+    if config is None or "model" not in config:
+        raise CheckpointError(f"{str(step_dir)!r} has no config item saying which network it holds; "
+                              "pass model=<the run's model config section> to load_checkpoint.")
+    return from_config(config.model)
+
+
+def _flat_shapes(tree) -> dict[str, tuple]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in flat}
+
+
+def _check_shapes(saved_params, model: AlexNet, step_dir, override: bool) -> None:
+    """Refuse, naming layers and shapes, a checkpoint whose arrays belong to another network."""
+    x = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
+    expected = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    have, want = _flat_shapes(saved_params), _flat_shapes(expected)
+    diffs = [f"{k}: checkpoint {have.get(k)}, model {want.get(k)}"
+             for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+    if diffs:
+        fields = {f: getattr(model, f) for f in ("towers", "width", "num_classes", "image_size")}
+        fix = ("Omit model= to use the config saved with the checkpoint, or give the model config it was "
+               "trained with." if override else "Its saved config does not describe its parameters: the "
+               "folder mixes two runs. Pass model=<the model config it was trained with>.")
+        raise CheckpointError(
+            f"The parameters in {str(step_dir)!r} are from another model size than {fields}: "
+            + "; ".join(diffs[:3]) + (f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else "") + ". " + fix)
+
+
+def _placement(model: AlexNet, devices) -> tuple[Any, Any]:
+    """(mesh or None, sharding of every parameter): towers split over devices when they can be."""
+    devices = list(devices)
+    if len(devices) >= model.towers and len(devices) % model.towers == 0 and len(devices) > 1:
+        mesh = make_mesh(towers=model.towers, data=len(devices) // model.towers, devices=devices)
+        return mesh, NamedSharding(mesh, P(TOWER_AXIS))
+    return None, jax.sharding.SingleDeviceSharding(devices[0])
+
+
+def _dataset_from_config(config) -> tuple[list | None, list | None, dict | None]:
+    """Older checkpoints carry no dataset item: find the data their config names, if it is here."""
+    from alexnet_jax import data as data_lib
+
+    try:
+        data = data_lib.resolve(config.data)
+    except (sources.DatasetError, OSError, KeyError, AttributeError) as e:
+        log.warning("This checkpoint has no dataset item (saved by an older version) and its data is not "
+                    "available here (%s); class names and the mean image are unknown.", e)
+        return None, None, None
+    return data.classes, data.class_names, data.stats
+
+
+def load_checkpoint(path: str | os.PathLike, step: int | None = None, *, model=None,
+                    devices: Sequence[Any] | None = None) -> Checkpoint:
+    """Restore the parameters and config of a checkpoint onto this process's devices.
+
+    ``path``: a workdir, its ``checkpoints/`` folder or one ``checkpoints/<step>``
+    folder, local or any filesystem etils/Orbax reads (``gs://...``). ``step``:
+    which step (default: the newest finished one). ``model``: a model config
+    (or ``AlexNet``) to use instead of the saved one, for checkpoints without a
+    config. ``devices``: default ``jax.local_devices()``.
+    Only the parameters are read; the optimizer state stays on disk.
+    """
+    step_dir, number = find_step_dir(path, step)
+    config = None
+    if (step_dir / "config").is_dir():
+        config = ml_collections.ConfigDict(_read_json(step_dir / "config"))
+    net = _model_from(config, model, step_dir)
+
+    state_dir = step_dir / "state"
+    try:
+        saved = ocp.StandardCheckpointHandler().metadata(state_dir).tree
+    except Exception as e:  # noqa: BLE001 - any unreadable metadata: say which folder, and why
+        raise CheckpointError(f"Cannot read the checkpoint in {str(state_dir)!r} "
+                              f"({type(e).__name__}: {str(e)[:300]}).") from e
+    if saved is None or "params" not in saved:
+        raise CheckpointError(f"{str(state_dir)!r} holds no 'params': not an alexnet_jax train state.")
+    _check_shapes(saved["params"], net, step_dir, override=model is not None)
+
+    mesh, sharding = _placement(net, devices or jax.local_devices())
+    target = {"params": jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), saved["params"])}
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"Cannot read the parameters in {str(state_dir)!r} "
+                              f"({type(e).__name__}: {str(e)[:300]}); the checkpoint may be damaged.") from e
+
+    classes = class_names = stats = None
+    if (step_dir / "dataset").is_dir():
+        info = _read_json(step_dir / "dataset")
+        classes, class_names = info["classes"], info["class_names"]
+        if (step_dir / "dataset_stats").is_dir():
+            stats = {k: np.asarray(v) for k, v in
+                     ocp.StandardCheckpointer().restore(step_dir / "dataset_stats").items()}
+    elif config is not None and "data" in config:
+        classes, class_names, stats = _dataset_from_config(config)
+
+    if number is None:  # a step folder copied under another name: the state knows its step
+        target = {"step": jax.ShapeDtypeStruct(saved["step"].shape, saved["step"].dtype)}
+        number = int(ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+            item=target, restore_args={"step": ocp.RestoreArgs(restore_type=np.ndarray)},
+            partial_restore=True))["step"])
+    return Checkpoint(params=restored["params"], config=config, step=number, path=str(step_dir),
+                      model=net, mesh=mesh, classes=classes, class_names=class_names, stats=stats)
+
+
+# ---------------------------------------------------------------------------
+# Images in, model inputs out
+
+
+def _describe(image, i: int) -> str:
+    if isinstance(image, (str, os.PathLike, epath.Path)):
+        return str(image)
+    return f"<{type(image).__name__} #{i}>"
+
+
+def load_image(image, size: int) -> np.ndarray:
+    """A path, PIL image or uint8 array (HxW, HxWx3 or HxWx4) -> uint8 ``(size, size, 3)``.
+
+    Shorter side rescaled to ``size``, central square kept: the paper's (and the
+    training pipeline's) first step. Files are decoded exactly as training decoded them.
+    """
+    if isinstance(image, (str, os.PathLike, epath.Path)):
+        p = epath.Path(image)
+        if not p.is_file():
+            raise ImageError(f"No image file at {str(image)!r}. Give the path of a JPEG/PNG file, "
+                             "a PIL image or a uint8 HxWx3 array.")
+        try:
+            return sources.decode_image(p.read_bytes(), size)
+        except sources.DecodeError as e:
+            raise ImageError(f"Cannot read {str(image)!r} as an image ({e}). Give a readable JPEG/PNG "
+                             "file, a PIL image or a uint8 HxWx3 array.") from None
+    if isinstance(image, Image.Image):
+        return sources.rescale_center_square(image, size)
+    if isinstance(image, np.ndarray) or hasattr(image, "__array__"):
+        arr = np.asarray(image)
+        if arr.dtype != np.uint8:
+            raise ImageError(f"Image arrays must be uint8 (0..255), got {arr.dtype}. For floats in [0, 1] "
+                             "pass (x * 255).round().astype(np.uint8).")
+        if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (1, 3, 4))):
+            raise ImageError(f"Image arrays must be HxW, HxWx3 or HxWx4 (RGB, channels last), got shape "
+                             f"{arr.shape}; a batch goes in as an (N, H, W, 3) array or a list.")
+        if min(arr.shape[:2]) < 1:
+            raise ImageError(f"Empty image array of shape {arr.shape}.")
+        return sources.rescale_center_square(Image.fromarray(arr.squeeze(-1) if arr.ndim == 3 and
+                                                             arr.shape[-1] == 1 else arr), size)
+    raise ImageError(f"Cannot use a {type(image).__name__} as an image: give a file path, a PIL image "
+                     "or a uint8 HxWx3 array.")
+
+
+def _as_list(images) -> list:
+    if isinstance(images, (str, os.PathLike, epath.Path, Image.Image)):
+        return [images]
+    if isinstance(images, np.ndarray):
+        return list(images) if images.ndim == 4 else [images]
+    return list(images)
+
+
+# ---------------------------------------------------------------------------
+# The classifier
+
+
+@dataclasses.dataclass
+class Prediction:
+    """Class probabilities of N images and their top-k classes, most probable first."""
+
+    probs: np.ndarray  # (N, num_classes) float32, rows sum to 1
+    top_k: np.ndarray  # (N, k) class indices
+    top_probs: np.ndarray  # (N, k)
+    classes: list[list[str]]  # (N, k) class ids (wnids), or str(index) when unknown
+    names: list[list[str]]  # (N, k) readable names, or the ids
+    sources: list[str]  # what each row came from
+
+    def __str__(self) -> str:
+        lines = []
+        for src, names, ps in zip(self.sources, self.names, self.top_probs):
+            lines.append(src)
+            lines += [f"  {p:7.2%}  {n}" for n, p in zip(names, ps)]
+        return "\n".join(lines)
+
+
+def _next_bucket(n: int, multiple: int, cap: int) -> int:
+    """Batch sizes come from a few values (powers of two), so jit compiles a few programs, not one per call."""
+    b = multiple
+    while b < min(n, cap):
+        b *= 2
+    return b
+
+
+class Classifier:
+    """Probabilities, top-k classes and fc7 features for images, with the run's evaluation preprocessing.
+
+    ``views``: ``'center'`` or ``'ten_crop'`` (softmax averaged over the ten
+    views, as in the paper); default: ten crops if the run evaluated them, else
+    its ``data.eval_mode``.
+    """
+
+    def __init__(self, checkpoint: Checkpoint | str | os.PathLike, *, step: int | None = None,
+                 views: str | None = None, batch_size: int = 32):
+        ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, step)
+        cfg = ckpt.config
+        if cfg is None or "data" not in cfg:
+            raise CheckpointError(f"{ckpt.path!r} has no data config: the preprocessing it was trained with "
+                                  "is unknown.")
+        self.checkpoint, self.model = ckpt, ckpt.model
+        self.resize, self.crop = int(cfg.data.resize_size), int(cfg.data.crop_size)
+        if self.crop != self.model.image_size:
+            raise CheckpointError(f"data.crop_size={self.crop} differs from model.image_size="
+                                  f"{self.model.image_size} in {ckpt.path!r}.")
+        default_views = "ten_crop" if cfg.get("eval_ten_crop", False) else cfg.data.get("eval_mode", "center")
+        self.views = views or default_views
+        if self.views not in ("center", "ten_crop"):
+            raise ValueError(f"views must be 'center' or 'ten_crop', got {self.views!r}.")
+        self.mean = None
+        if cfg.data.get("mean_subtraction", False):
+            if ckpt.stats is None:
+                raise CheckpointError(
+                    f"The run subtracted the training mean image, but {ckpt.path!r} does not carry it "
+                    "(a checkpoint from before dataset statistics were saved) and the training data named in "
+                    "its config is not on this machine. Copy the dataset's stats.npz here and set "
+                    "config.data.stats_path, or load the checkpoint where the data is.")
+            self.mean = np.asarray(ckpt.stats["mean_image"], np.float32)
+            if self.mean.shape[:2] != (self.resize, self.resize):
+                raise CheckpointError(f"The mean image in {ckpt.path!r} is {self.mean.shape}, but the run "
+                                      f"rescaled images to {self.resize}.")
+        self.batch_size = batch_size
+        self.num_classes = self.model.num_classes
+        self._apply = jax.jit(self._make_apply())
+
+    # -- the network on this process's devices --------------------------------
+
+    def _make_apply(self):
+        """``f(params, images_NV, crop_yx, flip) -> (probs (N, C) averaged over views, fc7 (N, V, F))``."""
+        model, mesh, mean = self.model, self.checkpoint.mesh, self.mean
+
+        if mesh is None:
+            def forward(params, x):
+                logits, state = model.apply({"params": params}, x, train=False, mutable=["intermediates"])
+                fc7_TNF = state["intermediates"]["towers"]["fc7_act"][0]
+                return logits, jnp.moveaxis(fc7_TNF, 0, 1).reshape(x.shape[0], -1)
+        else:
+            local = model.clone(tower_axis_is_mapped=True, data_axis=DATA_AXIS)
+
+            def per_device(params, x):
+                logits, state = local.apply({"params": params}, x, train=False, mutable=["intermediates"])
+                return logits, state["intermediates"]["towers"]["fc7_act"][0][0]
+
+            forward = jax.shard_map(per_device, mesh=mesh, in_specs=(P(TOWER_AXIS), P(DATA_AXIS)),
+                                    out_specs=(P(DATA_AXIS, TOWER_AXIS), P(DATA_AXIS, TOWER_AXIS)))
+
+        def apply(params, images, crop_yx, flip):
+            n, v = images.shape[:2]
+            x = data_device.normalize({"image": images, "crop_yx": crop_yx, "flip": flip}, mean, None, None,
+                                      lighting=False)
+            logits, fc7 = forward(params, x.reshape((n * v,) + x.shape[2:]))
+            probs = jax.nn.softmax(logits.astype(jnp.float32)).reshape(n, v, -1).mean(axis=1)
+            return probs, fc7.reshape(n, v, -1)
+
+        return apply
+
+    def preprocess(self, images, views: str | None = None) -> dict:
+        """Images -> ``{'image': uint8 (N, V, crop, crop, 3), 'crop_yx', 'flip', 'resized', 'sources'}``."""
+        items = _as_list(images)
+        if not items:
+            raise ImageError("No images given.")
+        views = views or self.views
+        view = {"center": transforms.CenterCrop, "ten_crop": transforms.TenCrop}[views](self.crop)
+        resized, out = [], []
+        for i, image in enumerate(items):
+            try:
+                img = load_image(image, self.resize)
+            except ImageError as e:
+                raise ImageError(f"Image {i}: {e}") from None
+            resized.append(img)
+            out.append(view.map({"image": img, "label": np.int32(0), "mask": np.bool_(True)}))
+        batch = {k: np.stack([o[k] for o in out]) for k in ("image", "crop_yx", "flip")}
+        if views == "center":  # one view: give it its own axis like ten_crop's
+            batch = {k: v[:, None] for k, v in batch.items()}
+        return {**batch, "resized": np.stack(resized), "sources": [_describe(x, i) for i, x in enumerate(items)]}
+
+    def model_inputs(self, images, views: str | None = None) -> np.ndarray:
+        """What the network sees: float32 ``(N, V, crop, crop, 3)``, the mean image's windows subtracted."""
+        b = self.preprocess(images, views)
+        return np.asarray(data_device.normalize(b, self.mean, None, None, lighting=False))
+
+    def _run(self, batch: dict) -> tuple[np.ndarray, np.ndarray]:
+        n = batch["image"].shape[0]
+        multiple = 1 if self.checkpoint.mesh is None else self.checkpoint.mesh.shape[DATA_AXIS]
+        chunk = _next_bucket(n, multiple, max(self.batch_size, multiple))
+        sharding = None if self.checkpoint.mesh is None else NamedSharding(self.checkpoint.mesh, P(DATA_AXIS))
+        probs, feats = [], []
+        for start in range(0, n, chunk):
+            part = {k: batch[k][start:start + chunk] for k in ("image", "crop_yx", "flip")}
+            m = part["image"].shape[0]
+            part = {k: np.concatenate([v, np.zeros((chunk - m,) + v.shape[1:], v.dtype)]) for k, v in part.items()}
+            if sharding is not None:
+                part = {k: jax.device_put(v, sharding) for k, v in part.items()}
+            p, f = jax.device_get(self._apply(self.checkpoint.params, part["image"], part["crop_yx"],
+                                              part["flip"]))
+            probs.append(p[:m])
+            feats.append(f[:m])
+        return np.concatenate(probs), np.concatenate(feats)
+
+    # -- public ---------------------------------------------------------------
+
+    def predict(self, images, *, top_k: int = 5, views: str | None = None) -> Prediction:
+        """Probabilities and the ``top_k`` classes of each image (paths, PIL images, uint8 arrays)."""
+        batch = self.preprocess(images, views)
+        probs, _ = self._run(batch)
+        k = min(top_k, self.num_classes)
+        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        ids = self.checkpoint.classes or [str(i) for i in range(self.num_classes)]
+        names = self.checkpoint.class_names or ids
+        return Prediction(probs=probs, top_k=top, top_probs=np.take_along_axis(probs, top, axis=1),
+                          classes=[[ids[j] for j in row] for row in top],
+                          names=[[names[j] for j in row] for row in top], sources=batch["sources"])
+
+    def features(self, images, *, views: str = "center") -> np.ndarray:
+        """fc7 activations ``(N, 4096 * width)`` (both towers), the paper's Figure 4 features.
+
+        With ``views='ten_crop'`` the ten views' features are averaged.
+        """
+        _, feats = self._run(self.preprocess(images, views))
+        return feats.mean(axis=1)
+
+    def class_name(self, index: int) -> str:
+        names = self.checkpoint.class_names or self.checkpoint.classes
+        return names[index] if names else str(index)
+
+
+def predict(checkpoint: Checkpoint | str | os.PathLike, images, *, top_k: int = 5,
+            views: str | None = None) -> Prediction:
+    """One-off classification: ``predict("runs/demo", ["a.jpg", "b.png"])``. Reuse a ``Classifier`` for more."""
+    return Classifier(checkpoint, views=views).predict(images, top_k=top_k)
+
+
+__all__ = ["Checkpoint", "CheckpointError", "Classifier", "ImageError", "Prediction",
+           "find_step_dir", "load_checkpoint", "load_image", "predict"]

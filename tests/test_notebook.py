@@ -1,0 +1,46 @@
+"""The notebook runs top to bottom, headless, against a checkpoint from a short demo run."""
+
+import os
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+from nbclient import NotebookClient
+from PIL import Image
+
+import _trained
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "explore.ipynb"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return _trained.runs(tmp_path_factory)
+
+
+def test_notebook_loads_classifies_and_draws(runs, tmp_path, monkeypatch):
+    figures = tmp_path / "figures"
+    monkeypatch.setenv("ALEXNET_JAX_CHECKPOINT", str(runs["1x2"]))  # trained on 2 devices
+    monkeypatch.setenv("ALEXNET_JAX_FIGURES", str(figures))
+    monkeypatch.delenv("XLA_FLAGS", raising=False)  # the kernel gets the default: one CPU device
+    src = Path(__file__).resolve().parents[1] / "src"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+
+    text = "\n".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
+                     for out in cell.get("outputs", []))
+    assert f"step {_trained.STEPS} from" in text
+    assert "towers placed on one device" in text
+    assert "grace_hopper.jpg" in text and "disk, red over blue" in text
+    assert "freshly drawn examples classified correctly" in text
+    for name in ("conv1_kernels", "curves", "predictions", "neighbours"):
+        with Image.open(figures / f"{name}.png") as im:
+            rgb = np.asarray(im.convert("RGB"))
+            assert im.width >= 400 and im.height >= 250, (name, im.size)
+        assert rgb.std() > 10 and len(np.unique(rgb.reshape(-1, 3), axis=0)) > 50, name
+    images = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
+              if "image/png" in out.get("data", {})]
+    assert len(images) == 4  # each figure shown inline as well
