@@ -1,6 +1,6 @@
 """Images/s of the training input pipeline: JPEG folder vs packed ArrayRecord, per worker count.
 
-    PYTHONPATH=src python benchmarks/bench_data.py [--num-images 256] [--batch-size 32] [--batches 6]
+    PYTHONPATH=src python benchmarks/bench_data.py [--num-images 512] [--batch-size 32] [--batches 30]
 
 Builds an ImageNet-like folder (500x375 JPEGs, ImageNet's typical size and
 quality, with texture so they cost what photos cost to decode), prepares it
@@ -105,9 +105,9 @@ def pipeline_rate(cfg, data, *, batch_size: int, batches: int, workers: int) -> 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    ap.add_argument('--num-images', type=int, default=256)
+    ap.add_argument('--num-images', type=int, default=512)
     ap.add_argument('--batch-size', type=int, default=32)
-    ap.add_argument('--batches', type=int, default=6, help='timed batches per configuration')
+    ap.add_argument('--batches', type=int, default=30, help='timed batches per configuration (few batches overweight the ones in flight)')
     ap.add_argument('--workers', default='0,1,2')
     ap.add_argument('--dir', default=None, help='reuse/keep the benchmark data here')
     a = ap.parse_args(argv)
