@@ -360,8 +360,8 @@ def test_model_flops_match_xla_cost_analysis():
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_close_logits():
-    model = AlexNet(width=0.125, image_size=96, num_classes=10, init_std=0.03)
-    x = 50.0 * jax.random.normal(jax.random.key(1), (4, 96, 96, 3))
+    model = AlexNet(width=0.125, image_size=64, num_classes=10, init_std=0.03)
+    x = 50.0 * jax.random.normal(jax.random.key(1), (4, 64, 64, 3))
     v = jax.jit(model.init)(jax.random.key(0), x)
     v16 = jax.jit(model.clone(dtype="bfloat16").init)(jax.random.key(0), x)
     assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(v16))
