@@ -59,7 +59,16 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # devices along the 'data' axis; -1: all devices / towers
-    c.mesh.cpu_devices = 2  # virtual CPU devices to create when there is no accelerator
+    c.mesh.cpu_devices = 2  # virtual CPU devices to create (in each process) when there is no accelerator
 
     c.seed = 0  # parameter initialisation, dropout, data order and augmentation
+    c.max_bad_batches = 10  # batches with NaN/Inf inputs skipped (each reported with its step) before the run stops
+
+    # Several processes (hosts) as one run; see README "Several hosts". Unset: one process.
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)  # process 0's host:port; None: $JAX_COORDINATOR_ADDRESS
+    c.distributed.num_processes = ml_collections.config_dict.placeholder(int)  # None: $JAX_NUM_PROCESSES
+    c.distributed.process_id = ml_collections.config_dict.placeholder(int)  # this process, 0..n-1; None: $JAX_PROCESS_ID
+    c.distributed.auto = False  # True: JAX finds all three on SLURM, Open MPI, Cloud TPU or Kubernetes
+    c.distributed.timeout_s = 300  # how long to wait for all processes to join
     return c

@@ -11,16 +11,26 @@ best by validation top-1 error are kept.
 A checkpoint that cannot be read (truncated or missing files) is moved aside
 to ``<workdir>/checkpoints_damaged/`` with a warning, never deleted, and the
 previous one is used.
+
+A checkpoint that cannot be written (full disk, read-only folder) raises
+``CheckpointError`` naming the step, the reason and the newest good
+checkpoint; nothing in memory and no earlier checkpoint is touched, so the
+caller may go on and try again later. A folder that cannot be written at all
+is refused at start-up. With several processes, every process calls every
+method (saving and restoring are collective); only process 0 moves files.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -31,6 +41,41 @@ BEST_METRIC = "val/top1_error"
 
 class CheckpointError(RuntimeError):
     """A checkpoint directory cannot be used (see the message for what to do)."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written; ``step`` is the one lost, ``last_good`` the newest on disk."""
+
+    def __init__(self, message: str, *, step: int | None, last_good: int | None):
+        super().__init__(message)
+        self.step, self.last_good = step, last_good
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+def _reason(error: BaseException) -> str:
+    """The OS's words when an OS error is at the root (Orbax and TensorStore wrap them), else the first line."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno:
+            return f"{os.strerror(seen.errno)} (errno {seen.errno})"
+        code = re.search(r"os_error_code='?(\d+)", str(seen))
+        if code:
+            return f"{os.strerror(int(code.group(1)))} (errno {code.group(1)})"
+        seen = seen.__cause__ or seen.__context__
+    return f"{type(error).__name__}: {_first_line(error)}"
+
+
+def _on_any_process(flag: bool) -> bool:
+    """``flag`` OR-ed over all processes (one small collective when there are several)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
 
 
 class Checkpointer:
@@ -44,14 +89,37 @@ class Checkpointer:
         ])
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policy, enable_async_checkpointing=asynchronous, create=True,
+            cleanup_tmp_directories=True,  # half-written saves of a killed run; never a finished one
         )
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=options)
+            probe = self.directory / f".write-test-{jax.process_index()}-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
         except OSError as e:
-            raise CheckpointError(f"Cannot use checkpoint directory {self.directory}: {e}") from e
+            raise CheckpointError(f"Cannot write checkpoints to {self.directory}: {e}. Make the folder "
+                                  "writable (or free the disk), or give another --workdir.") from e
+        self._pending: int | None = None  # the step whose asynchronous write may still be running
+        self.last_good: int | None = max(self.steps(), default=None)  # newest fully written step
 
-    def save(self, step: int, state: Any, *, data_state: dict, config: dict, control: dict,
-             metrics: dict | None = None, dataset: dict | None = None) -> None:
+    def save(self, step: int, state: Any, **items) -> None:
+        """Start writing ``step`` (in the background) once the previous write has finished.
+
+        ``items`` as for ``_start_save``. Raises ``CheckpointWriteError`` when the
+        previous write failed or this one cannot start; ``state`` is only read.
+        """
+        earlier = self._finish_pending()
+        try:
+            self._start_save(step, state, **items)
+        except Exception as e:  # noqa: BLE001 - Orbax and the OS raise many kinds; all mean "not written"
+            self.manager.reload()  # forget what the failed attempt registered; the disk is the truth
+            raise self._write_error(step, e) from e
+        self._pending = step
+        if earlier is not None:
+            raise earlier
+
+    def _start_save(self, step: int, state: Any, *, data_state: dict, config: dict, control: dict,
+                    metrics: dict | None = None, dataset: dict | None = None) -> None:
         """``dataset``: ``{'classes', 'class_names', 'stats'}`` (stats: dict of arrays or None)."""
         items = dict(
             state=ocp.args.StandardSave(state),
@@ -74,7 +142,31 @@ class Checkpointer:
         )
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Block until the running write is on disk; ``CheckpointWriteError`` if it failed."""
+        error = self._finish_pending()
+        if error is not None:
+            raise error
+
+    def _finish_pending(self) -> CheckpointWriteError | None:
+        """Wait for the running write and return (not raise) the error it met, if any."""
+        step, self._pending = self._pending, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - raised in Orbax's background thread, surfaced here
+            self.manager.reload()
+            return self._write_error(step, e)
+        if step is not None:
+            self.last_good = step
+        return None
+
+    def _write_error(self, step: int | None, error: Exception) -> CheckpointWriteError:
+        good = (f"the newest good checkpoint is step {self.last_good}, in {self.directory}"
+                if self.last_good is not None else "no checkpoint has been written yet")
+        return CheckpointWriteError(
+            f"Could not write the checkpoint for step {step} to {self.directory}: "
+            f"{_reason(error)}. The training state in memory is intact and "
+            f"no earlier checkpoint was touched; {good}. Free disk space or make the folder writable.",
+            step=step, last_good=self.last_good)
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -97,22 +189,34 @@ class Checkpointer:
                     ),
                 )
             except Exception as e:  # noqa: BLE001 - any failure to read means "damaged"
-                self._set_aside(step, e)
+                restored = e
+            if _on_any_process(isinstance(restored, Exception)):  # all processes fall back together
+                self._set_aside(step, restored if isinstance(restored, Exception) else None)
                 continue
             return {"step": step, "state": restored["state"], "data": restored["data"],
                     "config": restored["config"], "control": restored["control"]}
         return None
 
-    def _set_aside(self, step: int, error: Exception) -> None:
-        src = self.directory / str(step)
-        self.damaged_dir.mkdir(parents=True, exist_ok=True)
-        dst = self.damaged_dir / f"{step}-{int(time.time())}"
-        shutil.move(str(src), str(dst))
+    def _set_aside(self, step: int, error: Exception | None) -> None:
+        """Move a damaged step out of the way (process 0 only; the others wait for it)."""
+        if jax.process_index() == 0:
+            src = self.directory / str(step)
+            self.damaged_dir.mkdir(parents=True, exist_ok=True)
+            dst = self.damaged_dir / f"{step}-{int(time.time())}"
+            shutil.move(str(src), str(dst))
+            why = f"{type(error).__name__}: {_first_line(error)}" if error is not None else "unreadable on another process"
+            log.warning("Checkpoint at step %d is damaged (%s); moved it to %s and falling back to "
+                        "the previous one.", step, why, dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"alexnet_jax set aside checkpoint {step}")
         self.manager.reload()
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        log.warning("Checkpoint at step %d is damaged (%s: %s); moved it to %s and falling back to "
-                    "the previous one.", step, type(error).__name__, first_line[:300], dst)
+        self.last_good = max(self.steps(), default=None)
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        """Finish the running write (a failure is logged: ``wait()`` first to have it raised) and release."""
+        error = self._finish_pending()
         self.manager.close()
+        if error is not None:
+            log.warning("%s", error)

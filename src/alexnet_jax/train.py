@@ -25,8 +25,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from alexnet_jax import data as data_lib
-from alexnet_jax import optim
-from alexnet_jax.checkpoint import Checkpointer
+from alexnet_jax import distributed, optim
+from alexnet_jax.checkpoint import Checkpointer, CheckpointError, CheckpointWriteError
 from alexnet_jax.model import AlexNet, ConfigError, count_params, from_config
 from alexnet_jax.parallel import DATA_AXIS, TOWER_AXIS, make_mesh, mesh_forward, use_virtual_cpu_devices
 
@@ -101,19 +101,25 @@ def make_train_step(model: AlexNet, tx, mesh, shardings: TrainState, inputs=None
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         mask = batch["mask"].astype(jnp.float32)
 
+        images = inputs(batch, True)
+        nonfinite = jnp.sum(~jnp.isfinite(images))  # a bad batch: reported at the next flush, step skipped
+
         def loss_fn(params):
-            logits = forward({"params": params}, inputs(batch, True), key)
+            logits = forward({"params": params}, images, key)
             return cross_entropy(logits, batch["label"], mask), logits
 
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(nonfinite == 0, new, old),
+                                         (params, opt_state), (state.params, state.opt_state))
         wrong = (jnp.argmax(logits, -1) != batch["label"]).astype(jnp.float32)
         metrics = {
             "train/loss": loss,
             "train/top1_error": jnp.sum(wrong * mask) / jnp.maximum(jnp.sum(mask), 1),
             "train/lr": state.opt_state.hyperparams["learning_rate"],
             "train/grad_norm": optax.tree.norm(grads),
+            "train/nonfinite_inputs": nonfinite,
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), metrics
 
@@ -227,16 +233,29 @@ def _every(n: int, steps_per_epoch: int) -> int:
     return steps_per_epoch if n <= 0 else n
 
 
+def _last_good_text(ckpt: Checkpointer) -> str:
+    """Where a stopped run can resume from (after letting a running write finish)."""
+    try:
+        ckpt.wait()
+    except CheckpointError:
+        pass
+    if ckpt.last_good is None:
+        return "No checkpoint had been written yet"
+    return f"The last good checkpoint, step {ckpt.last_good}, is kept in {ckpt.directory}"
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     """Train (or resume) according to ``config``; returns the final metrics."""
     from rich.console import Console
+    from rich.markup import escape
 
     from alexnet_jax.progress import TrainProgress
     from alexnet_jax.summary import summary_table
 
     console = Console()
     model = from_config(config.model)
-    use_virtual_cpu_devices(config.mesh.cpu_devices)
+    use_virtual_cpu_devices(config.mesh.cpu_devices)  # per process
+    distributed.initialize(config.get("distributed"))  # several hosts: join them before JAX starts
     mesh = make_mesh(towers=model.towers, data=None if config.mesh.data == -1 else config.mesh.data)
     if config.batch_size % mesh.shape[DATA_AXIS]:
         raise ConfigError(f"batch_size={config.batch_size} does not divide over the mesh's data axis "
@@ -258,8 +277,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
         raise TrainingError(f"Cannot use --workdir={workdir}: {e}. Give a folder that can be created "
                             "or written.") from None
     is_main = jax.process_index() == 0
+    console.quiet = not is_main  # one voice: process 0's
+    host_shard = distributed.process_batch_shard(mesh)  # (block, blocks) of each global batch this process reads
 
-    data = data_lib.resolve(config.data)
+    data = distributed.main_first(lambda: data_lib.resolve(config.data))  # the embedded set is made once
     if len(data.classes) != model.num_classes:
         raise ConfigError(f"The data has {len(data.classes)} classes but model.num_classes="
                           f"{model.num_classes}; set --config.model.num_classes={len(data.classes)}.")
@@ -295,8 +316,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
                                        old=old, new=config.optim.lr, reason="resume with --config.optim.lr"))
 
     train_iter = data_lib.build_train_iter(config.data, batch_size=config.batch_size, seed=config.seed,
-                                           image_size=model.image_size, shard_index=jax.process_index(),
-                                           shard_count=jax.process_count(), data=data)
+                                           image_size=model.image_size, shard_index=host_shard[0],
+                                           shard_count=host_shard[1], data=data)
     if data_state is not None:
         train_iter.set_state(data_state)
 
@@ -310,8 +331,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
         for mode in modes:
             batches = data_lib.build_eval_iter(config.data, batch_size=config.eval_batch_size, mode=mode,
                                                image_size=model.image_size, num_workers=0, data=data,
-                                               shard_index=jax.process_index(),
-                                               shard_count=jax.process_count())
+                                               shard_index=host_shard[0], shard_count=host_shard[1])
             r = evaluate(eval_step, params, batches, mesh)
             suffix = "" if mode == "center" else "_ten_crop"
             out[f"val/top1_error{suffix}"] = r["top1_error"]
@@ -333,26 +353,42 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     ckpt_every = _every(config.checkpoint_every, steps_per_epoch)
     kill_at = int(os.environ.get("ALEXNET_JAX_KILL_AFTER_CHECKPOINT", "-1"))  # fault injection (tests)
     pending: list[tuple[int, dict]] = []
-    last_good_ckpt = ckpt.steps()[-1] if ckpt.steps() else None
     val: dict = {}
     progress = TrainProgress(total_steps, step, config.batch_size, enabled=is_main)
+    bad_batches, max_bad = 0, config.get("max_bad_batches", 10)
+    ckpt_error: CheckpointWriteError | None = None
 
     def flush():
-        """Fetch pending step metrics (one sync), stop on a non-finite loss, log the rest."""
+        """Fetch pending step metrics (one sync); report skipped bad batches, stop on a non-finite
+        loss or too many bad batches, log the rest."""
+        nonlocal bad_batches
         rows = jax.device_get(pending)
         pending.clear()
+        good = []
         for s, m in rows:
+            if int(m["train/nonfinite_inputs"]):
+                bad_batches += 1
+                progress.note(escape(
+                    f"Step {s}: its input batch (batch {s - 1} of the training stream) has "
+                    f"{int(m['train/nonfinite_inputs'])} NaN/Inf values; the step was skipped and the parameters "
+                    f"left unchanged ({bad_batches} bad batch(es) so far, at most {max_bad})."))
+                writer.write(s, {"train/nonfinite_inputs": int(m["train/nonfinite_inputs"])})
+                if bad_batches > max_bad:
+                    raise TrainingError(
+                        f"{bad_batches} input batches had NaN/Inf values, the last at step {s}; stopping. "
+                        f"{_last_good_text(ckpt)}. Check the data (and stats.npz), or raise "
+                        "--config.max_bad_batches.")
+                continue
             if not math.isfinite(float(m["train/loss"])):
-                where = (f"the last good checkpoint, step {last_good_ckpt}, is kept in {ckpt.directory}"
-                         if last_good_ckpt is not None else "no checkpoint had been written yet")
                 raise TrainingError(
-                    f"The training loss became {float(m['train/loss'])} at step {s}; stopping. {where}. "
-                    "Lower --config.optim.lr, or check the data for NaN/Inf inputs.")
-        for s, m in rows:
+                    f"The training loss became {float(m['train/loss'])} at step {s}; stopping. "
+                    f"{_last_good_text(ckpt)}. Lower --config.optim.lr, or check the data for NaN/Inf inputs.")
+            good.append((s, m))
+        for s, m in good:
             if s % log_every == 0 or s == rows[-1][0]:
                 writer.write(s, m)
-        if rows:
-            s, m = rows[-1]
+        if good:
+            s, m = good[-1]
             progress.update(s, loss=float(m["train/loss"]), lr=float(m["train/lr"]))
 
     try:
@@ -370,8 +406,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
             new_lr, reason = None, None
             if optim.scheduled_drop(config.optim, epoch_before, epoch):
                 new_lr, reason = optim.get_lr(state.opt_state) / 10, "scheduled (optim.drop_epochs)"
-            if step % log_every == 0 and is_main:
-                factor = optim.requested_drop(workdir)
+            if step % log_every == 0:
+                factor = distributed.requested_drop_everywhere(workdir)  # read on process 0, sent to all
                 if factor is not None:
                     new_lr, reason = optim.get_lr(state.opt_state) / factor, f"requested ({optim.DROP_FILE})"
             if do_eval:
@@ -386,15 +422,28 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
                 state = state.replace(opt_state=optim.set_lr(state.opt_state, new_lr))
                 log_drop(optim.record_drop(control, step=step, epoch=epoch, old=old, new=new_lr, reason=reason))
             if do_ckpt:
-                ckpt.save(step, state, data_state=train_iter.get_state(),
-                          config=json.loads(config.to_json()), control=control.to_json(),
-                          metrics={"val/top1_error": val["val/top1_error"]} if do_eval else None,
-                          dataset={"classes": data.classes, "class_names": data.class_names, "stats": data.stats})
-                last_good_ckpt = step
+                try:  # a full or read-only disk: say so, keep training, try again next time
+                    ckpt.save(step, state, data_state=train_iter.get_state(),
+                              config=json.loads(config.to_json()), control=control.to_json(),
+                              metrics={"val/top1_error": val["val/top1_error"]} if do_eval else None,
+                              dataset={"classes": data.classes, "class_names": data.class_names, "stats": data.stats})
+                except CheckpointWriteError as e:
+                    ckpt_error = e
+                    progress.note(escape(f"{e} Training goes on; the next checkpoint tries again."))
+                    writer.write(step, {"checkpoint/error": str(e)})
                 if step == kill_at:
                     ckpt.wait()
                     os.kill(os.getpid(), signal.SIGKILL)
         flush()
+        try:
+            ckpt.wait()  # the final checkpoint is on disk before the run reports success
+        except CheckpointWriteError as e:
+            ckpt_error = e
+        if step > 0 and ckpt.last_good != step:
+            raise CheckpointError(f"{ckpt_error or 'The final checkpoint was not written.'} The run reached step "
+                                  f"{step} but could not save it; once the disk "
+                                  "is fixed, run the same command again: it resumes from the newest good "
+                                  "checkpoint.")
     finally:
         progress.close()
         ckpt.close()

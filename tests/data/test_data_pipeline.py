@@ -143,6 +143,26 @@ def test_host_shards_union_is_the_global_batch(cfg, data):
         assert not set(map(digest, hosts[0][t]['image'])) & set(map(digest, hosts[1][t]['image']))
 
 
+@pytest.mark.parametrize('output', ['float32', 'uint8'])
+def test_host_batches_in_host_order_are_the_global_batch_in_order(cfg, data, output):
+    # Dropout masks follow an example's row in the global batch, so the order must match too.
+    c = cfg.copy_and_resolve_references()
+    c.output = output
+    glob = take(PL.build_train_iter(c, batch_size=16, seed=4, num_workers=0, data=data), 3)
+    for hosts in (2, 4):
+        parts = [take(PL.build_train_iter(c, batch_size=16, seed=4, shard_index=h, shard_count=hosts,
+                                          num_workers=0, data=data), 3) for h in range(hosts)]
+        for t in range(3):
+            for key in glob[t]:
+                np.testing.assert_array_equal(np.concatenate([p[t][key] for p in parts]), glob[t][key])
+    ev = list(PL.build_eval_iter(c, batch_size=16, num_workers=0, data=data))
+    ev_parts = [list(PL.build_eval_iter(c, batch_size=16, shard_index=h, shard_count=2, num_workers=0,
+                                        data=data)) for h in range(2)]
+    for t, b in enumerate(ev):
+        for key in b:
+            np.testing.assert_array_equal(np.concatenate([p[t][key] for p in ev_parts]), b[key])
+
+
 @pytest.mark.parametrize('mode,shape', [('center', (32, 32, 3)), ('ten_crop', (10, 32, 32, 3))])
 def test_eval_covers_validation_once(cfg, data, mode, shape):
     n = 10 * N_VAL  # 50, batch 16 -> 4 batches, 14 padded rows

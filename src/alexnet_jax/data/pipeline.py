@@ -4,12 +4,14 @@ Training stream (all index-based ``MapDataset`` steps, so any worker count
 gives the same batches and an iterator's state is just a position)::
 
     decoded source -> shuffle(seed) -> repeat -> random crop/flip/alpha(seed)
-        -> this host's slice [shard_index::shard_count] -> batch -> Normalize
-        -> worker processes (mp_prefetch)
+        -> blocks of batch_size // shard_count -> this host's blocks [shard_index::shard_count]
+        -> Normalize -> worker processes (mp_prefetch)
 
 The shuffle and the augmentation happen on the *global* stream before the
-host slice, so the union of all hosts' batches at step t is the same global
-batch whatever the number of hosts. Each host yields ``batch_size //
+host slice, and host h's batch t is the h-th contiguous block of global batch
+t: the hosts' batches, concatenated in host order, are the one-host batch,
+in the same order, whatever the number of hosts (dropout masks depend on an
+example's row, so the order matters). Each host yields ``batch_size //
 shard_count`` examples per step; ``batch_size`` is the global batch.
 
 Evaluation covers the split exactly once: the stream is padded to a whole
@@ -181,8 +183,7 @@ def build_train_dataset(cfg, *, batch_size: int, seed: int | None = None, image_
     src = sources.DecodedSource(data.records['train'], cfg.resize_size, on_error='substitute')
     ds = grain.MapDataset.source(src).shuffle(seed=seed).repeat()
     ds = ds.random_map(transforms.RandomCropFlip(crop, cfg.flip, cfg.pca_lighting_std), seed=seed + 1)
-    ds = ds[shard_index::shard_count]
-    ds = ds.batch(batch_size // shard_count, drop_remainder=True)
+    ds = ds.batch(batch_size // shard_count, drop_remainder=True)[shard_index::shard_count]
     return _finish(cfg, ds, data.stats, lighting=cfg.pca_lighting_std > 0)
 
 
@@ -302,7 +303,7 @@ def build_eval_dataset(cfg, *, batch_size: int, mode: str | None = None, split: 
     src = sources.DecodedSource(data.records[split], cfg.resize_size, on_error='mask')
     total = eval_num_batches(len(src), batch_size) * batch_size
     ds = grain.MapDataset.source(_Padded(src, total)).map(view[mode](crop))
-    ds = ds[shard_index::shard_count].batch(batch_size // shard_count, drop_remainder=True)
+    ds = ds.batch(batch_size // shard_count, drop_remainder=True)[shard_index::shard_count]
     return _finish(cfg, ds, data.stats, lighting=False)
 
 
