@@ -29,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.image_size = 224  # crop size fed to conv1 (55x55 after it, cuda-convnet rounding)
     c.model.init_std = 0.01  # weights ~ N(0, 0.01^2) (Section 5)
     c.model.init_bias = 1.0  # bias of conv2, conv4, conv5, fc6, fc7; the others start at 0
+    c.model.dtype = "float32"  # compute dtype; 'bfloat16' for accelerators (parameters, optimizer stay float32)
 
     c.data = default_data_config()  # every field is commented in alexnet_jax/data/pipeline.py
     c.data.name = "imagenet"  # ILSVRC-2012 in its folder layout: train/<wnid>/*.JPEG, val/...
@@ -58,7 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.log_every = 50  # steps between metric lines (metrics.jsonl, TensorBoard)
 
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # devices along the 'data' axis; -1: all devices / towers
+    c.mesh.data = -1  # devices along the 'data' axis; -1: all devices / mesh.tower
+    c.mesh.tower = -1  # devices along the 'tower' axis; -1: model.towers (one tower per device), 1: all towers on every device
     c.mesh.cpu_devices = 2  # virtual CPU devices to create (in each process) when there is no accelerator
 
     c.seed = 0  # parameter initialisation, dropout, data order and augmentation

@@ -9,6 +9,7 @@ a resumed run draws the same masks it would have drawn.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -162,6 +163,20 @@ def to_global(batch: dict, mesh) -> dict:
 _BATCH_KEYS = ("image", "label", "mask", "crop_yx", "flip", "alpha")  # the last three: uint8 mode
 
 
+def device_batches(train_iter, mesh, depth: int = 2):
+    """Yields ``(global batch on the devices, iterator state after that batch)``, ``depth`` ahead.
+
+    Batches go to the devices while earlier steps still compute. The iterator
+    itself runs ahead, so the state to checkpoint with a step is the one that
+    came with the step's batch, not ``train_iter.get_state()``.
+    """
+    queue: collections.deque = collections.deque()
+    while True:
+        while len(queue) < depth:
+            queue.append((to_global(next(train_iter), mesh), train_iter.get_state()))
+        yield queue.popleft()
+
+
 def evaluate(eval_step, params, batches, mesh) -> dict:
     totals = {"n": 0, "top1_wrong": 0, "top5_wrong": 0}
     for batch in batches:
@@ -212,7 +227,7 @@ _DATA_SPEED_FIELDS = {"num_workers", "worker_buffer_size", "num_threads", "prefe
 
 def _check_compatible(saved: dict, config: ml_collections.ConfigDict) -> None:
     """A checkpoint can only continue the same network on the same data stream."""
-    for section, free in (("model", set()), ("data", _DATA_SPEED_FIELDS)):
+    for section, free in (("model", {"dtype"}), ("data", _DATA_SPEED_FIELDS)):  # dtype: speed only
         now = json.loads(config[section].to_json())
         then = saved.get(section, {})
         diff = sorted(k for k in (set(now) | set(then)) - free if now.get(k) != then.get(k))
@@ -256,7 +271,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     model = from_config(config.model)
     use_virtual_cpu_devices(config.mesh.cpu_devices)  # per process
     distributed.initialize(config.get("distributed"))  # several hosts: join them before JAX starts
-    mesh = make_mesh(towers=model.towers, data=None if config.mesh.data == -1 else config.mesh.data)
+    tower_axis = model.towers if config.mesh.get("tower", -1) == -1 else config.mesh.tower
+    mesh = make_mesh(towers=tower_axis, data=None if config.mesh.data == -1 else config.mesh.data)
     if config.batch_size % mesh.shape[DATA_AXIS]:
         raise ConfigError(f"batch_size={config.batch_size} does not divide over the mesh's data axis "
                           f"({mesh.shape[DATA_AXIS]}).")
@@ -391,10 +407,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
             s, m = good[-1]
             progress.update(s, loss=float(m["train/loss"]), lr=float(m["train/lr"]))
 
+    batches = device_batches(train_iter, mesh)  # two batches ahead, already on the devices
     try:
         while step < total_steps:
-            batch = next(train_iter)
-            state, metrics = train_step(state, to_global(batch, mesh))
+            batch, data_position = next(batches)
+            state, metrics = train_step(state, batch)
             step += 1
             pending.append((step, metrics))
             epoch_before, epoch = (step - 1) / steps_per_epoch, step / steps_per_epoch
@@ -423,7 +440,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
                 log_drop(optim.record_drop(control, step=step, epoch=epoch, old=old, new=new_lr, reason=reason))
             if do_ckpt:
                 try:  # a full or read-only disk: say so, keep training, try again next time
-                    ckpt.save(step, state, data_state=train_iter.get_state(),
+                    ckpt.save(step, state, data_state=data_position,
                               config=json.loads(config.to_json()), control=control.to_json(),
                               metrics={"val/top1_error": val["val/top1_error"]} if do_eval else None,
                               dataset={"classes": data.classes, "class_names": data.class_names, "stats": data.stats})
