@@ -18,7 +18,7 @@ Timing: every case is compiled and warmed up first; then rounds run all cases
 one after another, and each reports its fastest round, so a busy machine
 slows all of them alike rather than whichever ran at the wrong moment.
 Peak memory is measured in a fresh subprocess per case (peak RSS after two
-steps, from ``resource.getrusage``), as a CPU has no allocator statistics.
+steps, ``VmHWM`` from ``/proc/self/status``), as a CPU has no allocator statistics.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -204,7 +203,9 @@ def memory_probe(case: str, impl: str, batch: int, dtype: str) -> None:
         train, *_ = torch_case(case, batch, compiled=impl == "torch.compile")
     train()
     train()
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    # VmHWM belongs to this process image; ru_maxrss would carry the parent's peak across fork+exec.
+    hwm_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(json.dumps({"peak_rss_mb": hwm_kb / 1024}))
 
 
 def peak_rss(case: str, impl: str, args) -> float | None:
