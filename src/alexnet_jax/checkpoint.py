@@ -217,6 +217,10 @@ class Checkpointer:
     def close(self) -> None:
         """Finish the running write (a failure is logged: ``wait()`` first to have it raised) and release."""
         error = self._finish_pending()
-        self.manager.close()
+        try:
+            self.manager.close()
+        except Exception as e:  # noqa: BLE001 - after a failed write Orbax may fail to shut down;
+            # that must not hide the error the run is already reporting.
+            log.warning("Closing the checkpoint manager failed after an earlier error: %s", _first_line(e))
         if error is not None:
             log.warning("%s", error)
