@@ -27,21 +27,15 @@ _cache: dict = {}
 
 
 def demo_config(devices: int, data_axis: int):
-    sys.path.insert(0, str(ROOT))
-    from configs import demo
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_train import tiny_config  # the tiny demo run the training tests use
 
-    c = demo.get_config()
-    c.model.width = 0.125
-    c.batch_size, c.eval_batch_size = 32, 100
-    c.data.num_workers = 0
-    c.eval_ten_crop = False
-    c.log_every = 1
-    c.total_steps = STEPS
-    c.eval_every = 3  # validation points at steps 3 and 6 for the curves
-    c.optim.plateau_patience = 0
-    c.optim.drop_epochs = (0.03,)  # 93 steps per epoch: the LR is divided at step 3
-    c.mesh.cpu_devices, c.mesh.data = devices, data_axis
-    return c
+    return tiny_config(**{
+        "total_steps": STEPS,
+        "eval_every": 3,  # validation points at steps 3 and 6 for the curves
+        "optim.drop_epochs": (0.03,),  # 93 steps per epoch: the LR is divided at step 3
+        "mesh.cpu_devices": devices, "mesh.data": data_axis,
+    })
 
 
 def photo_paths() -> list[str]:

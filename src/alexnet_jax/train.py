@@ -272,6 +272,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     use_virtual_cpu_devices(config.mesh.cpu_devices)  # per process
     distributed.initialize(config.get("distributed"))  # several hosts: join them before JAX starts
     tower_axis = model.towers if config.mesh.get("tower", -1) == -1 else config.mesh.tower
+    if tower_axis not in (1, model.towers):
+        raise ConfigError(f"mesh.tower={tower_axis}: use -1 or {model.towers} (one tower per device) "
+                          "or 1 (all towers on every device).")
     mesh = make_mesh(towers=tower_axis, data=None if config.mesh.data == -1 else config.mesh.data)
     if config.batch_size % mesh.shape[DATA_AXIS]:
         raise ConfigError(f"batch_size={config.batch_size} does not divide over the mesh's data axis "
