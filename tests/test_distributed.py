@@ -9,9 +9,12 @@ resumed, so its checkpoint is written and read by both processes together, and a
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,29 +35,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(workdir, processes: int, devices: int, *args, timeout=300):
-    """``processes`` copies of launch.py, ``devices`` virtual CPU devices each; their (rc, stdout, stderr)."""
+def launch(workdir, processes: int, devices: int, *args, timeout=300, prefix=None):
+    """``processes`` copies of launch.py, ``devices`` virtual CPU devices each; their (rc, stdout, stderr).
+
+    ``prefix``: ``{process id: argv}`` put before that process's command (a private view of the disk).
+    Output goes to files, not pipes: a process that fills an undrained pipe while the others
+    wait for it in a collective would hang them all. A run past ``timeout`` is killed and fails
+    with every process's output.
+    """
     base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     base["JAX_PLATFORMS"] = "cpu"
     port = free_port()
+    logs = Path(tempfile.mkdtemp(prefix="launch-logs-"))
     procs = []
     for i in range(processes):
         env = dict(base)
         if processes > 1:
             env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(processes),
                        JAX_PROCESS_ID=str(i))
-        procs.append(subprocess.Popen(
-            [sys.executable, "launch.py", "--config=configs/demo.py", f"--workdir={workdir}", *TINY,
-             f"--config.mesh.cpu_devices={devices}", *args],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        with open(logs / f"{i}.out", "w") as out, open(logs / f"{i}.err", "w") as err:
+            procs.append(subprocess.Popen(
+                [*(prefix or {}).get(i, []), sys.executable, "launch.py", "--config=configs/demo.py",
+                 f"--workdir={workdir}", *TINY, f"--config.mesh.cpu_devices={devices}", *args],
+                cwd=ROOT, env=env, stdout=out, stderr=err))
+    deadline = time.monotonic() + timeout
     try:
-        outs = [p.communicate(timeout=timeout) for p in procs]
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        timed_out = True
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    return [(p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
+    results = [(p.returncode, (logs / f"{i}.out").read_text(), (logs / f"{i}.err").read_text())
+               for i, p in enumerate(procs)]
+    shutil.rmtree(logs, ignore_errors=True)
+    if timed_out:
+        pytest.fail(f"launch timed out after {timeout} s:\n" + "\n".join(
+            f"--- process {i} (rc {rc}) stdout:\n{o[-2000:]}\n--- stderr:\n{e[-4000:]}"
+            for i, (rc, o, e) in enumerate(results)))
+    return results
 
 
 def ok(results):
@@ -153,3 +176,56 @@ def test_one_process_reads_the_whole_batch():
 
     assert process_batch_shard(make_mesh(towers=2, data=4)) == (0, 1)
     assert broadcast_from_main(2.5) == 2.5 and broadcast_from_main(None) is None
+
+
+def _namespaces_work() -> bool:
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-rm", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.slow  # one more two-process launch: about 40 s on 2 cores
+@pytest.mark.skipif(not _namespaces_work(), reason="needs unprivileged user and mount namespaces (unshare -rm)")
+def test_damage_only_one_process_sees_makes_both_fall_back_together(runs, tmp_path):
+    """Process 1 alone reads a damaged step-4 checkpoint (its private mount namespace shows a truncated
+    copy of the largest data file, as one host of a shared file system might); process 0 reads it
+    fine. Both must agree to set step 4 aside, resume from step 2 and end where one process does."""
+    import jax
+
+    wd = tmp_path / "run"
+    shutil.copytree(runs["two"], wd)
+    data = max((wd / "checkpoints" / str(STEPS) / "state").rglob("ocdbt.process_*/d/*"),
+               key=lambda p: p.stat().st_size)
+    bad = tmp_path / "truncated"
+    bad.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    view = ["unshare", "-rm", "sh", "-c", f'mount --bind {bad} {data} && exec "$@"', "sh"]
+    results = launch(wd, 2, 2, f"--config.total_steps={STEPS}", prefix={1: view})
+    ok(results)
+    (_, out0, err0), (_, out1, err1) = results
+    assert f"Checkpoint at step {STEPS} is damaged (unreadable on another process)" in err0, err0[-3000:]
+    assert f"Process 1 cannot read the checkpoint at step {STEPS}" in err1, err1[-3000:]
+    assert "(step 2," in out0 and f"Done at step {STEPS}" in out0, out0[-2000:]
+    assert [p.name.split("-")[0] for p in (wd / "checkpoints_damaged").iterdir()] == [str(STEPS)]
+    # The set-aside copy is the untouched original (process 0's view), not the truncated one.
+    moved = next((wd / "checkpoints_damaged").iterdir()) / data.relative_to(wd / "checkpoints" / str(STEPS))
+    assert moved.stat().st_size == (runs["two"] / data.relative_to(wd)).stat().st_size
+    a, b = read_state(runs["one"], STEPS), read_state(wd, STEPS)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow  # one two-process launch that stops at start: about 20 s on 2 cores
+@pytest.mark.skipif(not _namespaces_work(), reason="needs unprivileged user and mount namespaces (unshare -rm)")
+def test_a_checkpoint_folder_only_one_process_cannot_write_stops_both_at_start(tmp_path):
+    """Process 1 alone sees the checkpoint folder read-only (a private read-only bind mount, as one
+    host with a stale mount might). Both processes must stop at start with a message, not hang."""
+    wd = tmp_path / "run"
+    ck = wd / "checkpoints"
+    ck.mkdir(parents=True)
+    view = ["unshare", "-rm", "sh", "-c", f'mount --bind {ck} {ck} && mount -o remount,bind,ro {ck} && exec "$@"',
+            "sh"]
+    (rc0, _, err0), (rc1, _, err1) = launch(wd, 2, 2, "--config.total_steps=2", prefix={1: view}, timeout=150)
+    assert rc0 != 0 and rc1 != 0
+    assert f"Cannot write checkpoints to {ck}: process(es) [1] cannot" in err0, err0[-3000:]
+    assert f"Cannot write checkpoints to {ck}" in err1 and "Read-only file system" in err1, err1[-3000:]
+    assert "Traceback" not in err0 + err1
+    assert not [p for p in ck.iterdir()]  # nothing was written by the process that could

@@ -69,13 +69,18 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {_first_line(error)}"
 
 
-def _on_any_process(flag: bool) -> bool:
-    """``flag`` OR-ed over all processes (one small collective when there are several)."""
+def _processes_with(flag: bool) -> list[int]:
+    """The processes whose ``flag`` is set (one small collective when there are several)."""
     if jax.process_count() == 1:
-        return flag
+        return [0] if flag else []
     from jax.experimental import multihost_utils
 
-    return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
+    return [int(i) for i in np.flatnonzero(np.asarray(multihost_utils.process_allgather(np.int32(flag))))]
+
+
+def _on_any_process(flag: bool) -> bool:
+    """``flag`` OR-ed over all processes."""
+    return bool(_processes_with(flag))
 
 
 class Checkpointer:
@@ -91,14 +96,31 @@ class Checkpointer:
             preservation_policy=policy, enable_async_checkpointing=asynchronous, create=True,
             cleanup_tmp_directories=True,  # half-written saves of a killed run; never a finished one
         )
+        # Probe before Orbax starts (its background clean-up must not outlive a refused start),
+        # on every process, and agree: one host that cannot write stops them all, at once.
+        error = None
         try:
-            self.manager = ocp.CheckpointManager(self.directory, options=options)
+            self.directory.mkdir(parents=True, exist_ok=True)
             probe = self.directory / f".write-test-{jax.process_index()}-{os.getpid()}"
             probe.touch()
             probe.unlink()
         except OSError as e:
-            raise CheckpointError(f"Cannot write checkpoints to {self.directory}: {e}. Make the folder "
-                                  "writable (or free the disk), or give another --workdir.") from e
+            error = e
+        failing = _processes_with(error is not None)
+        if failing:
+            what = (f"{error}" if error is not None else
+                    f"process(es) {failing} cannot (see their messages)")
+            raise CheckpointError(f"Cannot write checkpoints to {self.directory}: {what}. Make the folder "
+                                  "writable (or free the disk) on every host, or give another --workdir.") from error
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        # Reading is done by each process on its own (no barrier inside): a checkpoint that only
+        # some processes cannot read must not leave the others waiting in Orbax's restore barrier.
+        # The processes agree on the outcome afterwards, in one collective (restore_latest).
+        me = jax.process_index()
+        self._reader = ocp.Checkpointer(
+            ocp.CompositeCheckpointHandler(),
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"alexnet_jax_read_{me}"))
         self._pending: int | None = None  # the step whose asynchronous write may still be running
         self.last_good: int | None = max(self.steps(), default=None)  # newest fully written step
 
@@ -113,7 +135,10 @@ class Checkpointer:
             self._start_save(step, state, **items)
         except Exception as e:  # noqa: BLE001 - Orbax and the OS raise many kinds; all mean "not written"
             self.manager.reload()  # forget what the failed attempt registered; the disk is the truth
-            raise self._write_error(step, e) from e
+            error = self._write_error(step, e)
+            if earlier is not None:  # both lost: say so for each, in order
+                error = CheckpointWriteError(f"{earlier} {error}", step=step, last_good=self.last_good)
+            raise error from e
         self._pending = step
         if earlier is not None:
             raise earlier
@@ -179,8 +204,8 @@ class Checkpointer:
         """
         for step in reversed(self.steps()):
             try:
-                restored = self.manager.restore(
-                    step,
+                restored = self._reader.restore(
+                    self.directory / str(step),
                     args=ocp.args.Composite(
                         state=ocp.args.StandardRestore(abstract_state),
                         data=ocp.args.JsonRestore(),
@@ -190,6 +215,9 @@ class Checkpointer:
                 )
             except Exception as e:  # noqa: BLE001 - any failure to read means "damaged"
                 restored = e
+                if jax.process_index() != 0:  # process 0 moves it aside; only this process knows why
+                    log.warning("Process %d cannot read the checkpoint at step %d: %s: %s", jax.process_index(),
+                                step, type(e).__name__, _first_line(e))
             if _on_any_process(isinstance(restored, Exception)):  # all processes fall back together
                 self._set_aside(step, restored if isinstance(restored, Exception) else None)
                 continue
@@ -218,6 +246,7 @@ class Checkpointer:
         """Finish the running write (a failure is logged: ``wait()`` first to have it raised) and release."""
         error = self._finish_pending()
         try:
+            self._reader.close()
             self.manager.close()
         except Exception as e:  # noqa: BLE001 - after a failed write Orbax may fail to shut down;
             # that must not hide the error the run is already reporting.
