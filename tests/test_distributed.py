@@ -229,3 +229,48 @@ def test_a_checkpoint_folder_only_one_process_cannot_write_stops_both_at_start(t
     assert f"Cannot write checkpoints to {ck}" in err1 and "Read-only file system" in err1, err1[-3000:]
     assert "Traceback" not in err0 + err1
     assert not [p for p in ck.iterdir()]  # nothing was written by the process that could
+
+
+@pytest.mark.slow  # two two-process launches: about 50 s on 2 cores
+@pytest.mark.skipif(not _namespaces_work(), reason="needs unprivileged user and mount namespaces (unshare -rm)")
+def test_a_write_only_one_process_cannot_finish_is_lost_on_both_and_the_run_goes_on(runs, tmp_path):
+    """Process 1's view of the checkpoint folder turns read-only once step 1 is on disk (its
+    private mount, remounted by the shell that started it): its part of every later write fails,
+    process 0's part succeeds. Orbax's own end-of-write barrier would keep process 0 waiting
+    for up to 20 minutes; here both must report the same lost steps, train on, stop at the end
+    saying the last step could not be saved, and resume once the folder is writable."""
+    import jax
+
+    wd = tmp_path / "run"
+    ck = wd / "checkpoints"
+    ck.mkdir(parents=True)
+    (wd / "DROP_LR").write_text("2")  # as in the reference runs: the LR halves from step 2 on
+    turn_read_only = (f'mount --bind {ck} {ck} && {{ "$@" & pid=$!; until [ -d {ck}/1 ]; do sleep 0.01; done; '
+                      f'mount -o remount,bind,ro {ck}; wait $pid; }}')
+    view = ["unshare", "-rm", "sh", "-c", turn_read_only, "sh"]
+    every = ["--config.checkpoint_every=1", f"--config.total_steps={STEPS}"]
+    start = time.monotonic()
+    (rc0, out0, err0), (rc1, _, err1) = launch(wd, 2, 2, *every, prefix={1: view}, timeout=200)
+    took = time.monotonic() - start
+    assert rc0 != 0 and rc1 != 0, (out0[-2000:], err0[-3000:])
+    assert took < 150, f"the processes took {took:.0f} s: one waited for the other's lost write"
+    # The remount races with step 2's write (the shell polls every 10 ms), so the newest good
+    # checkpoint is step 1, or rarely a later one; every later step is lost on both processes.
+    (good,) = [int(p.name) for p in ck.iterdir() if p.name.isdigit()]
+    assert good < STEPS
+    lost = [m["checkpoint/error"] for m in metrics(wd) if "checkpoint/error" in m]
+    assert lost and all("process(es) [1] could not write their part of step" in text for text in lost), lost
+    assert all(f"newest good checkpoint is step {good}" in text for text in lost), lost
+    assert f"Could not write the checkpoint for step {STEPS}" in err0 and "process(es) [1]" in err0, err0[-3000:]
+    assert f"Could not write the checkpoint for step {STEPS}" in err1 and "Read-only file system" in err1
+    # Training went on as if nothing had happened: every step's loss is the reference's.
+    ref = {m["step"]: m["train/loss"] for m in metrics(runs["one"]) if "train/loss" in m}
+    got = {m["step"]: m["train/loss"] for m in metrics(wd) if "train/loss" in m}
+    assert sorted(got) == sorted(ref) and all(got[s] == pytest.approx(ref[s], rel=1e-5) for s in ref)
+
+    again = launch(wd, 2, 2, *every)  # the folder is writable again (no private view): resume, finish
+    ok(again)
+    assert f"(step {good}," in again[0][1], again[0][1][-2000:]
+    a, b = read_state(runs["one"], STEPS), read_state(wd, STEPS)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)

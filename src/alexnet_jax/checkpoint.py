@@ -18,6 +18,11 @@ checkpoint; nothing in memory and no earlier checkpoint is touched, so the
 caller may go on and try again later. A folder that cannot be written at all
 is refused at start-up. With several processes, every process calls every
 method (saving and restoring are collective); only process 0 moves files.
+
+Failures that only some processes see are agreed on, never waited out: a
+folder one host cannot write stops every process at start; a checkpoint one
+host cannot read is set aside by all; a write whose part on one host fails
+is reported as lost by all, at the next save (see ``_WriteBarrier``).
 """
 
 from __future__ import annotations
@@ -83,6 +88,44 @@ def _on_any_process(flag: bool) -> bool:
     return bool(_processes_with(flag))
 
 
+class _WriteBarrier:
+    """Orbax's end-of-write barrier (run in its background save thread), made abortable.
+
+    Orbax's own barrier waits (up to 20 minutes) for every process to finish its part of
+    the write. A process whose part failed (its disk is full, its mount went read-only)
+    never arrives, so the others would wait, then fall out of step with it. Here each
+    arrival is a key in JAX's distributed key-value store, and a process that learns its
+    write failed posts an abort for that step (``abort``): the waiting processes then
+    fail the same write too, and every process reports the same lost step.
+    """
+
+    PREFIX = "alexnet_jax/checkpoint_write"
+
+    def __init__(self):
+        from jax._src import distributed  # the runtime's key-value store; no public handle
+
+        self.client = distributed.global_state.client
+        self.step: int | None = None  # the step whose write is running
+
+    def abort(self, step: int) -> None:
+        self.client.key_value_set(f"{self.PREFIX}/abort/{step}/{jax.process_index()}", "1",
+                                  allow_overwrite=True)
+
+    def __call__(self, *, key: str, timeout_ms: int) -> None:
+        here = f"{self.PREFIX}/arrived/{key}/"
+        self.client.key_value_set(f"{here}{jax.process_index()}", "1", allow_overwrite=True)
+        deadline = time.monotonic() + timeout_ms / 1000
+        while len(self.client.key_value_dir_get(here)) < jax.process_count():
+            failed = self.client.key_value_dir_get(f"{self.PREFIX}/abort/{self.step}/")
+            if failed:
+                who = sorted(int(k.rsplit("/", 1)[1]) for k, _ in failed)
+                raise RuntimeError(f"process(es) {who} could not write their part of step {self.step}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Timed out after {timeout_ms / 1000:.0f} s waiting for every process "
+                                   f"to finish writing step {self.step}")
+            time.sleep(0.02)
+
+
 class Checkpointer:
     def __init__(self, workdir: str | Path, *, keep: int = 3, asynchronous: bool = True):
         self.directory = Path(workdir).absolute() / "checkpoints"
@@ -92,9 +135,11 @@ class Checkpointer:
             ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1,
                                           keep_checkpoints_without_metrics=False),
         ])
+        self._barrier = _WriteBarrier() if jax.process_count() > 1 else None
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policy, enable_async_checkpointing=asynchronous, create=True,
             cleanup_tmp_directories=True,  # half-written saves of a killed run; never a finished one
+            async_options=ocp.options.AsyncOptions(barrier_sync_fn=self._barrier) if self._barrier else None,
         )
         # Probe before Orbax starts (its background clean-up must not outlive a refused start),
         # on every process, and agree: one host that cannot write stops them all, at once.
@@ -131,9 +176,13 @@ class Checkpointer:
         previous write failed or this one cannot start; ``state`` is only read.
         """
         earlier = self._finish_pending()
+        if self._barrier is not None:
+            self._barrier.step = step
         try:
             self._start_save(step, state, **items)
         except Exception as e:  # noqa: BLE001 - Orbax and the OS raise many kinds; all mean "not written"
+            if self._barrier is not None:  # the others may already wait for this write in the background
+                self._barrier.abort(step)
             self.manager.reload()  # forget what the failed attempt registered; the disk is the truth
             error = self._write_error(step, e)
             if earlier is not None:  # both lost: say so for each, in order
@@ -178,6 +227,8 @@ class Checkpointer:
         try:
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - raised in Orbax's background thread, surfaced here
+            if self._barrier is not None and step is not None:  # release the processes waiting for us
+                self._barrier.abort(step)
             self.manager.reload()
             return self._write_error(step, e)
         if step is not None:
