@@ -27,6 +27,7 @@ from pathlib import Path
 
 import grain
 import ml_collections
+from ml_collections.config_dict import placeholder
 import numpy as np
 
 from alexnet_jax.data import embedded, prepare, sources, transforms
@@ -38,11 +39,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     """Every field of the input pipeline, with the paper's values where it has one."""
     c = ml_collections.ConfigDict()
     c.name = 'embedded'          # 'embedded' (generated on first use, no download) | 'imagenet'
-    c.root = None                # ImageNet-layout folder (train/<wnid>/, val/...); embedded: None = ~/.cache/alexnet_jax/embedded (or $ALEXNET_JAX_DATA/embedded)
+    c.root = placeholder(str)    # ImageNet-layout folder (train/<wnid>/, val/...); embedded: None = ~/.cache/alexnet_jax/embedded (or $ALEXNET_JAX_DATA/embedded)
     c.format = 'packed'          # 'packed' (ArrayRecord shards from prepare, fast) | 'folder' (decode the JPEG folder directly)
-    c.packed_dir = None          # output of `python -m alexnet_jax.data.prepare`; embedded: None = prepared automatically under root
-    c.stats_path = None          # stats.npz (mean image, RGB eigens); None = <packed_dir>/stats.npz
-    c.val_labels = None          # labels file for a flat val/ folder; None = look for val_labels.txt / LOC_val_solution.csv
+    c.packed_dir = placeholder(str)  # output of `python -m alexnet_jax.data.prepare`; embedded: None = prepared automatically under root
+    c.stats_path = placeholder(str)  # stats.npz (mean image, RGB eigens); None = <packed_dir>/stats.npz
+    c.val_labels = placeholder(str)  # labels file for a flat val/ folder; None = look for val_labels.txt / LOC_val_solution.csv
     c.resize_size = 256          # shorter side rescaled to this, then the central square kept (paper: 256)
     c.crop_size = 224            # training crops and evaluation views (paper: 224)
     c.flip = True                # random horizontal reflections in training (paper: yes)
@@ -55,7 +56,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.prefetch_buffer_size = 4   # elements read ahead per process
     c.output = 'float32'         # 'float32': normalised on the host | 'uint8': raw crops + crop_yx/flip/alpha, normalise with data.device.normalize in the jitted step
     c.eval_mode = 'center'       # 'center' (single centre crop) | 'ten_crop' (corners + centre, and mirrors)
-    c.prepare_workers = None     # processes for automatic preparation of the embedded set; None = all cores
+    c.prepare_workers = placeholder(int)  # processes for automatic preparation of the embedded set; None = all cores
     # Embedded dataset only.
     c.embedded = ml_collections.ConfigDict()
     c.embedded.num_train_per_class = 300  # 10 classes
