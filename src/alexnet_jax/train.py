@@ -222,7 +222,7 @@ class MetricWriter:
 
 # Data fields that change only speed, never which pixels a step sees: free to change on resume.
 _DATA_SPEED_FIELDS = {"num_workers", "worker_buffer_size", "num_threads", "prefetch_buffer_size",
-                      "prepare_workers"}
+                      "prepare_workers", "cache_dir"}
 
 
 def _check_compatible(saved: dict, config: ml_collections.ConfigDict) -> None:
@@ -259,6 +259,31 @@ def _last_good_text(ckpt: Checkpointer) -> str:
     return f"The last good checkpoint, step {ckpt.last_good}, is kept in {ckpt.directory}"
 
 
+def _mesh_for(model: AlexNet, mesh_cfg) -> tuple[Any, str | None]:
+    """The run's mesh, and a line to print when the default layout had to change.
+
+    ``mesh.tower=-1`` asks for one tower per device; with fewer devices than
+    towers (one GPU), or a count the towers do not divide, every device runs
+    all towers instead (``mesh.tower=1``), which gives the same results.
+    """
+    tower_axis, note = mesh_cfg.tower, None
+    if tower_axis == -1:
+        tower_axis = model.towers
+        n = jax.device_count()
+        if n % model.towers:
+            tower_axis = 1
+            note = (f"{n} {jax.devices()[0].platform} device(s) for {model.towers} towers: every device runs all "
+                    f"towers (--config.mesh.tower=1; same results, no exchanges between devices).")
+    if tower_axis not in (1, model.towers):
+        raise ConfigError(f"mesh.tower={tower_axis}: use -1 or {model.towers} (one tower per device) "
+                          "or 1 (all towers on every device).")
+    try:
+        return make_mesh(towers=tower_axis, data=None if mesh_cfg.data == -1 else mesh_cfg.data), note
+    except ConfigError as e:
+        raise ConfigError(f"{e} With fewer devices, --config.mesh.tower=1 runs all towers on every device, "
+                          "and --config.mesh.data=N uses N of them.") from None
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     """Train (or resume) according to ``config``; returns the final metrics."""
     from rich.console import Console
@@ -269,26 +294,18 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
 
     console = Console()
     model = from_config(config.model)
-    use_virtual_cpu_devices(config.mesh.cpu_devices)  # per process
-    distributed.initialize(config.get("distributed"))  # several hosts: join them before JAX starts
-    tower_axis = model.towers if config.mesh.get("tower", -1) == -1 else config.mesh.tower
-    if tower_axis not in (1, model.towers):
-        raise ConfigError(f"mesh.tower={tower_axis}: use -1 or {model.towers} (one tower per device) "
-                          "or 1 (all towers on every device).")
-    mesh = make_mesh(towers=tower_axis, data=None if config.mesh.data == -1 else config.mesh.data)
-    if config.batch_size % mesh.shape[DATA_AXIS]:
-        raise ConfigError(f"batch_size={config.batch_size} does not divide over the mesh's data axis "
-                          f"({mesh.shape[DATA_AXIS]}).")
+    data_lib.check_config(config.data)  # path and config errors now, before any device or data scan
     if config.data.crop_size != model.image_size:
         raise ConfigError(f"data.crop_size={config.data.crop_size} must equal model.image_size="
                           f"{model.image_size}.")
-    if config.data.name == "imagenet" and not config.data.root and not config.data.packed_dir:
-        raise ConfigError(
-            "This config trains on ImageNet, and no dataset folder was given. Point it at ILSVRC-2012 with "
-            "--config.data.root=/path/to/imagenet (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG or a flat val/ with "
-            "val_labels.txt), or at prepared shards with --config.data.format=packed "
-            "--config.data.packed_dir=/path/to/packed (python -m alexnet_jax.data.prepare --src ... --dst ...). "
-            "Without ImageNet, try --config=configs/demo.py.")
+    use_virtual_cpu_devices(config.mesh.cpu_devices)  # per process
+    distributed.initialize(config.get("distributed"))  # several hosts: join them before JAX starts
+    mesh, layout_note = _mesh_for(model, config.mesh)
+    if layout_note and jax.process_index() == 0:
+        console.print(layout_note)
+    if config.batch_size % mesh.shape[DATA_AXIS]:
+        raise ConfigError(f"batch_size={config.batch_size} does not divide over the mesh's data axis "
+                          f"({mesh.shape[DATA_AXIS]}); set --config.batch_size to a multiple of it.")
     workdir = Path(workdir)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -344,14 +361,17 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     train_step = make_train_step(model, tx, mesh, shardings, inputs)
     eval_step = make_eval_step(model, mesh, shardings.params, inputs)
 
+    modes = ["center"] + (["ten_crop"] if config.eval_ten_crop else [])
+    eval_passes = {}  # built at the first evaluation; their worker processes live until the run ends
+
     def run_eval(params):
         out = {}
-        modes = ["center"] + (["ten_crop"] if config.eval_ten_crop else [])
         for mode in modes:
-            batches = data_lib.build_eval_iter(config.data, batch_size=config.eval_batch_size, mode=mode,
-                                               image_size=model.image_size, num_workers=0, data=data,
-                                               shard_index=host_shard[0], shard_count=host_shard[1])
-            r = evaluate(eval_step, params, batches, mesh)
+            if mode not in eval_passes:
+                eval_passes[mode] = data_lib.EvalPasses(
+                    config.data, batch_size=config.eval_batch_size, mode=mode, image_size=model.image_size,
+                    data=data, shard_index=host_shard[0], shard_count=host_shard[1])
+            r = evaluate(eval_step, params, eval_passes[mode](), mesh)
             suffix = "" if mode == "center" else "_ten_crop"
             out[f"val/top1_error{suffix}"] = r["top1_error"]
             out[f"val/top5_error{suffix}"] = r["top5_error"]
@@ -373,7 +393,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     kill_at = int(os.environ.get("ALEXNET_JAX_KILL_AFTER_CHECKPOINT", "-1"))  # fault injection (tests)
     pending: list[tuple[int, dict]] = []
     val: dict = {}
-    progress = TrainProgress(total_steps, step, config.batch_size, enabled=is_main)
+    progress = TrainProgress(total_steps, step, config.batch_size, enabled=is_main, console=console)
     bad_batches, max_bad = 0, config.get("max_bad_batches", 10)
     ckpt_error: CheckpointWriteError | None = None
 
@@ -464,15 +484,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
                                   f"{step} but could not save it; once the disk "
                                   "is fixed, run the same command again: it resumes from the newest good "
                                   "checkpoint.")
+        if not val and restored is not None and step == total_steps:
+            val = run_eval(state.params)  # resumed at the very end: report where it stands
     finally:
         progress.close()
         ckpt.close()
         writer.close()
+        for passes in eval_passes.values():
+            passes.close()
         if hasattr(train_iter, "close"):
             train_iter.close()
-
-    if not val and restored is not None and step == total_steps:
-        val = run_eval(state.params)
     result = {"step": step, **val, "lr": optim.get_lr(state.opt_state), "lr_drops": control.drops}
     if is_main and val:
         console.print(f"[bold]Done at step {step}:[/bold] validation top-1 error {val['val/top1_error']:.4f}, "

@@ -31,6 +31,7 @@ from ml_collections.config_dict import placeholder
 import numpy as np
 
 from alexnet_jax.data import embedded, prepare, sources, transforms
+from alexnet_jax.data import stats as stats_lib
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.root = placeholder(str)    # ImageNet-layout folder (train/<wnid>/, val/...); embedded: None = ~/.cache/alexnet_jax/embedded (or $ALEXNET_JAX_DATA/embedded)
     c.format = 'packed'          # 'packed' (ArrayRecord shards from prepare, fast) | 'folder' (decode the JPEG folder directly)
     c.packed_dir = placeholder(str)  # output of `python -m alexnet_jax.data.prepare`; embedded: None = prepared automatically under root
-    c.stats_path = placeholder(str)  # stats.npz (mean image, RGB eigens); None = <packed_dir>/stats.npz
+    c.stats_path = placeholder(str)  # stats.npz (mean image, RGB eigens); None = <packed_dir>/stats.npz, or computed once for a folder and cached
     c.val_labels = placeholder(str)  # labels file for a flat val/ folder; None = look for val_labels.txt / LOC_val_solution.csv
     c.resize_size = 256          # shorter side rescaled to this, then the central square kept (paper: 256)
     c.crop_size = 224            # training crops and evaluation views (paper: 224)
@@ -56,7 +57,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.prefetch_buffer_size = 4   # elements read ahead per process
     c.output = 'float32'         # 'float32': normalised on the host | 'uint8': raw crops + crop_yx/flip/alpha, normalise with data.device.normalize in the jitted step
     c.eval_mode = 'center'       # 'center' (single centre crop) | 'ten_crop' (corners + centre, and mirrors)
-    c.prepare_workers = placeholder(int)  # processes for automatic preparation of the embedded set; None = all cores
+    c.prepare_workers = placeholder(int)  # processes for automatic preparation (embedded set, folder statistics); None = all cores
+    c.cache_dir = placeholder(str)  # where folder statistics are cached; None = $ALEXNET_JAX_DATA or ~/.cache/alexnet_jax
     # Embedded dataset only.
     c.embedded = ml_collections.ConfigDict()
     c.embedded.num_train_per_class = 300  # 10 classes
@@ -83,8 +85,64 @@ class ResolvedData:
     class_names: list[str]
 
 
-def resolve(cfg) -> ResolvedData:
-    """Locate (and for the embedded set, create and prepare) the data the config names."""
+_NO_IMAGENET = (
+    "This config trains on ImageNet, and no dataset folder was given. Point it at ILSVRC-2012 with "
+    "--config.data.root=/path/to/imagenet (train/<wnid>/*.JPEG, and val/<wnid>/*.JPEG or a flat val/ with "
+    "a labels file), or at prepared shards with --config.data.format=packed "
+    "--config.data.packed_dir=/path/to/packed (python -m alexnet_jax.data.prepare --src ... --dst ...). "
+    "Without ImageNet, try --config=configs/demo.py.")
+
+
+def _choice(cfg, field: str, allowed: tuple) -> None:
+    if cfg[field] not in allowed:
+        raise sources.DatasetError(f"data.{field} must be one of {', '.join(map(repr, allowed))}, "
+                                   f"got {cfg[field]!r}")
+
+
+def _existing(path, field: str, what: str, is_dir: bool) -> None:
+    p = Path(path)
+    if not (p.is_dir() if is_dir else p.is_file()):
+        raise sources.DatasetError(f'--config.data.{field}={path}: {what} {str(p)!r} does not exist or is not a '
+                                   f'{"folder" if is_dir else "file"}.')
+
+
+def check_config(cfg) -> None:
+    """Every config and path error that can be seen without scanning the data, raised at once."""
+    _choice(cfg, 'name', ('embedded', 'imagenet'))
+    _choice(cfg, 'format', ('packed', 'folder'))
+    _choice(cfg, 'output', ('float32', 'uint8'))
+    _choice(cfg, 'eval_mode', ('center', 'ten_crop'))
+    if cfg.crop_size > cfg.resize_size:
+        raise sources.DatasetError(f'data.crop_size={cfg.crop_size} is larger than data.resize_size='
+                                   f'{cfg.resize_size}: crops are taken from the resized image.')
+    if cfg.stats_path is not None:
+        _existing(cfg.stats_path, 'stats_path', 'statistics file', is_dir=False)
+    if cfg.val_labels is not None:
+        _existing(cfg.val_labels, 'val_labels', 'labels file', is_dir=False)
+    if cfg.name == 'embedded':
+        return
+    if cfg.format == 'packed':
+        if cfg.packed_dir is None:
+            raise sources.DatasetError(_NO_IMAGENET if cfg.root is None else
+                                       "data.format='packed' needs --config.data.packed_dir (the --dst of "
+                                       "`python -m alexnet_jax.data.prepare`), or use --config.data.format=folder")
+        prepare.read_metadata(cfg.packed_dir)  # a finished preparation, in a format we read
+        return
+    if cfg.root is None:
+        if cfg.packed_dir is not None:
+            raise sources.DatasetError('data.packed_dir is set but data.format is folder; add '
+                                       '--config.data.format=packed to train on the packed shards.')
+        raise sources.DatasetError(_NO_IMAGENET)
+    sources.list_classes(cfg.root)  # root/ and root/train/ exist and hold class folders
+
+
+def resolve(cfg, *, progress: bool = True) -> ResolvedData:
+    """Locate (and for the embedded set, create and prepare) the data the config names.
+
+    For a JPEG folder without ``stats_path`` the training-set statistics are
+    computed on first use and cached (:mod:`alexnet_jax.data.stats`).
+    """
+    check_config(cfg)
     root = cfg.root
     packed_dir = cfg.packed_dir
     if cfg.name == 'embedded':
@@ -97,32 +155,24 @@ def resolve(cfg) -> ResolvedData:
             # Full-resolution chroma: at tens of pixels, 4:2:0 would visibly smear the colour halves.
             prepare.prepare(root, packed_dir, size=cfg.resize_size, subsampling='444', shard_size=512,
                             workers=cfg.prepare_workers, progress=False)
-    elif cfg.name != 'imagenet':
-        raise sources.DatasetError(f"data name must be 'embedded' or 'imagenet', got {cfg.name!r}")
+    needs_stats = cfg.mean_subtraction or cfg.pca_lighting_std > 0
+    stats_path = cfg.stats_path or (Path(packed_dir) / prepare.STATS if packed_dir is not None else None)
     if cfg.format == 'packed':
-        if packed_dir is None:
-            raise sources.DatasetError("format='packed' needs packed_dir (the --dst of "
-                                       "`python -m alexnet_jax.data.prepare`), or use format='folder'")
         meta = prepare.read_metadata(packed_dir)
         records = {s: sources.PackedRecords(prepare.shard_paths(packed_dir, s)) for s in meta['splits']}
         classes, class_names = meta['classes'], meta['class_names']
-    elif cfg.format == 'folder':
-        if root is None:
-            raise sources.DatasetError(f"format='folder' needs root; {sources.EXPECTED_LAYOUT}")
+    else:
         classes = sources.list_classes(root)
-        records = {'train': sources.FolderRecords(sources.scan_split(root, 'train', classes))}
+        train_files = sources.scan_split(root, 'train', classes)
+        records = {'train': sources.FolderRecords(train_files)}
         if (Path(root) / 'val').is_dir():
             records['val'] = sources.FolderRecords(sources.scan_split(root, 'val', classes, cfg.val_labels))
         class_names = sources.read_class_names(root, classes)
-    else:
-        raise sources.DatasetError(f"format must be 'packed' or 'folder', got {cfg.format!r}")
+        if needs_stats and stats_path is None:
+            stats_path = stats_lib.ensure_stats(train_files, cfg.resize_size, cache_dir=cfg.cache_dir,
+                                                workers=cfg.prepare_workers, progress=progress)
     stats = None
-    needs_stats = cfg.mean_subtraction or cfg.pca_lighting_std > 0
-    stats_path = cfg.stats_path or (Path(packed_dir) / prepare.STATS if packed_dir is not None else None)
     if needs_stats:
-        if stats_path is None:
-            raise sources.DatasetError('mean subtraction / PCA lighting need stats.npz: set stats_path or '
-                                       'packed_dir (run `python -m alexnet_jax.data.prepare`)')
         stats = prepare.load_stats(stats_path)
         if stats['mean_image'].shape[:2] != (cfg.resize_size, cfg.resize_size):
             raise sources.DatasetError(f'{stats_path}: mean image is {stats["mean_image"].shape}, but '
@@ -320,3 +370,38 @@ def build_eval_iter(cfg, *, batch_size: int, mode: str | None = None, split: str
     ds = build_eval_dataset(cfg, batch_size=batch_size, mode=mode, split=split, image_size=image_size,
                             shard_index=shard_index, shard_count=shard_count, data=data)
     return iter(_to_iter(cfg, ds, num_workers))
+
+
+class EvalPasses:
+    """Evaluation over a split again and again, with the same worker processes every time.
+
+    Each call yields one exact pass (padding masked out, as
+    :func:`build_eval_iter`). The stream underneath is the pass repeated, so
+    the workers start once per run rather than once per evaluation (about 3 s
+    each), and they decode the next pass's first batches while training runs.
+    """
+
+    def __init__(self, cfg, *, batch_size: int, mode: str | None = None, split: str = 'val',
+                 image_size: int | None = None, shard_index: int | None = 0, shard_count: int | None = 1,
+                 num_workers: int | None = None, data: ResolvedData | None = None):
+        ds = build_eval_dataset(cfg, batch_size=batch_size, mode=mode, split=split, image_size=image_size,
+                                shard_index=shard_index, shard_count=shard_count, data=data)
+        self.num_batches = len(ds)
+        self._make = lambda: iter(_to_iter(cfg, ds.repeat(), num_workers))
+        self._it, self._taken = None, 0
+
+    def __call__(self):
+        if self._it is None:
+            self._it = self._make()
+        while self._taken % self.num_batches:  # a pass left unfinished (an error mid-evaluation)
+            next(self._it)
+            self._taken += 1
+        for _ in range(self.num_batches):
+            batch = next(self._it)
+            self._taken += 1
+            yield batch
+
+    def close(self) -> None:
+        if self._it is not None and hasattr(self._it, 'close'):
+            self._it.close()
+        self._it = None

@@ -86,11 +86,11 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_write_json(path: Path, obj) -> None:
+def atomic_write_json(path: Path, obj) -> None:
     _atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
 
 
-def _atomic_savez(path: Path, arrays: dict) -> None:
+def atomic_savez(path: Path, arrays: dict) -> None:
     import io
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -108,7 +108,7 @@ def _init_worker(counter) -> None:
     _counter = counter
 
 
-def _tick() -> None:
+def tick() -> None:
     if _counter is not None:
         with _counter.get_lock():
             _counter.value += 1
@@ -132,20 +132,20 @@ def prepare_shard(job: dict) -> dict:
                     img = sources.decode_image(f.read(), size)
             except (OSError, sources.DecodeError) as e:
                 skipped.append([path, str(e)])
-                _tick()
+                tick()
                 continue
             writer.write(sources.pack_record(rel, int(label), sources.encode_jpeg(img, quality, subsampling)))
             labels.append(int(label))
             if with_stats:
                 sums = add_sums(sums, image_sums(img))
-            _tick()
+            tick()
     finally:
         writer.close()
     os.replace(tmp, out)
     if with_stats and sums is not None:
-        _atomic_savez(out.with_name(out.name + '.sums.npz'), sums)
+        atomic_savez(out.with_name(out.name + '.sums.npz'), sums)
     done = {'num_examples': len(labels), 'labels': labels, 'skipped': skipped}
-    _atomic_write_json(out.with_name(out.name + '.done.json'), done)
+    atomic_write_json(out.with_name(out.name + '.done.json'), done)
     return done
 
 
@@ -201,7 +201,7 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = 256, 
                 f'{str(dst)!r} holds an unfinished preparation of different data or settings '
                 f'(src={old.get("src")}, size={old.get("size")}); use another --dst or delete it.')
     else:
-        _atomic_write_json(plan_path, plan)
+        atomic_write_json(plan_path, plan)
 
     jobs = []
     for split, info in plan['splits'].items():
@@ -215,7 +215,7 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = 256, 
     workers = min(os.cpu_count() or 1, len(jobs)) if workers is None else min(workers, len(jobs))
     t0 = time.time()
     if jobs:
-        _run_jobs(jobs, workers, total, progress)
+        run_jobs(prepare_shard, jobs, workers, total, progress)
     log.info('prepared %d images in %.1fs with %d workers', total, time.time() - t0, workers)
     _finish(dst, plan)
     for stale in dst.glob('.*.tmp*'):  # left by an interrupted earlier run; every shard is done now
@@ -223,32 +223,47 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = 256, 
     return dst
 
 
-def _run_jobs(jobs: list[dict], workers: int, total: int, progress: bool) -> None:
+def run_jobs(fn, jobs: list, workers: int, total: int, progress: bool, label: str = 'preparing',
+             on_result=None) -> None:
+    """``on_result(fn(job))`` for every job, on ``workers`` processes, with one progress bar over ``total``.
+
+    ``fn`` calls :func:`tick` once per image. At most ``2 * workers`` jobs are
+    in flight, so results are reduced as they come (memory stays flat); their
+    order is not the jobs' order. A worker's exception is raised here.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    bar = Progress(TextColumn('preparing'), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+    on_result = on_result or (lambda result: None)
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    disable=not progress)
     with bar:
-        task = bar.add_task('prepare', total=total)
+        task = bar.add_task(label, total=total)
         if workers <= 0:
             counter = mp.Value('q', 0)
             _init_worker(counter)
-            for job in jobs:
-                prepare_shard(job)
-                bar.update(task, completed=counter.value)
-            _init_worker(None)
+            try:
+                for job in jobs:
+                    on_result(fn(job))
+                    bar.update(task, completed=counter.value)
+            finally:
+                _init_worker(None)
             return
         # spawn: safe even when the caller already runs JAX threads.
         ctx = mp.get_context('spawn')
         counter = ctx.Value('q', 0)
+        todo, running = list(reversed(jobs)), []
         with ctx.Pool(workers, initializer=_init_worker, initargs=(counter,)) as pool:
-            results = [pool.apply_async(prepare_shard, (job,)) for job in jobs]
-            while not all(r.ready() for r in results):
+            while todo or running:
+                while todo and len(running) < 2 * workers:
+                    running.append(pool.apply_async(fn, (todo.pop(),)))
+                ready = [r.ready() for r in running]
+                done = [r for r, ok in zip(running, ready) if ok]
+                running = [r for r, ok in zip(running, ready) if not ok]
+                for r in done:
+                    on_result(r.get())
                 bar.update(task, completed=counter.value)
-                time.sleep(0.2)
-            for r in results:
-                r.get()  # re-raise a worker's exception here
-            bar.update(task, completed=counter.value)
+                if not done:
+                    time.sleep(0.1)
 
 
 def _finish(dst: Path, plan: dict) -> Path:
@@ -273,8 +288,8 @@ def _finish(dst: Path, plan: dict) -> Path:
             log.warning('%s: skipped %d file(s), e.g. %s', split, len(skipped), skipped[:5])
     if sums is None:
         raise sources.DatasetError('no readable training image; nothing to compute statistics from')
-    _atomic_savez(dst / STATS, finish_stats(sums))
-    _atomic_write_json(dst / METADATA, meta)
+    atomic_savez(dst / STATS, finish_stats(sums))
+    atomic_write_json(dst / METADATA, meta)
     return dst
 
 
