@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = default_data_config()  # every field is commented in alexnet_jax/data/pipeline.py
     c.data.name = "imagenet"  # ILSVRC-2012 in its folder layout: train/<wnid>/*.JPEG, val/...
     c.data.root = ml_collections.config_dict.placeholder(str)  # set --config.data.root=/path/to/imagenet
-    c.data.format = "folder"  # 'folder' reads JPEGs; 'packed' (with packed_dir) reads prepared shards
+    c.data.format = "auto"  # 'auto': the packed shards when packed_dir is set, else the JPEG folder; or 'folder' / 'packed'
     c.data.num_workers = 8  # grain worker processes decoding and augmenting
     c.data.output = "uint8"  # raw crops to the devices; mean image and PCA lighting applied in the jitted step
 

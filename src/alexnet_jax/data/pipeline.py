@@ -41,7 +41,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = 'embedded'          # 'embedded' (generated on first use, no download) | 'imagenet'
     c.root = placeholder(str)    # ImageNet-layout folder (train/<wnid>/, val/...); embedded: None = ~/.cache/alexnet_jax/embedded (or $ALEXNET_JAX_DATA/embedded)
-    c.format = 'packed'          # 'packed' (ArrayRecord shards from prepare, fast) | 'folder' (decode the JPEG folder directly)
+    c.format = 'auto'            # 'auto': packed if packed_dir is set (or the embedded set), else folder | 'packed' (ArrayRecord shards from prepare) | 'folder' (decode the JPEG folder directly)
     c.packed_dir = placeholder(str)  # output of `python -m alexnet_jax.data.prepare`; embedded: None = prepared automatically under root
     c.stats_path = placeholder(str)  # stats.npz (mean image, RGB eigens); None = <packed_dir>/stats.npz, or computed once for a folder and cached
     c.val_labels = placeholder(str)  # labels file for a flat val/ folder; None = look for val_labels.txt / LOC_val_solution.csv
@@ -106,10 +106,17 @@ def _existing(path, field: str, what: str, is_dir: bool) -> None:
                                    f'{"folder" if is_dir else "file"}.')
 
 
+def source_form(cfg) -> str:
+    """'packed' or 'folder': what ``data.format`` means for this config ('auto' follows ``packed_dir``)."""
+    if cfg.format != 'auto':
+        return cfg.format
+    return 'packed' if cfg.packed_dir is not None or cfg.name == 'embedded' else 'folder'
+
+
 def check_config(cfg) -> None:
     """Every config and path error that can be seen without scanning the data, raised at once."""
     _choice(cfg, 'name', ('embedded', 'imagenet'))
-    _choice(cfg, 'format', ('packed', 'folder'))
+    _choice(cfg, 'format', ('auto', 'packed', 'folder'))
     _choice(cfg, 'output', ('float32', 'uint8'))
     _choice(cfg, 'eval_mode', ('center', 'ten_crop'))
     if cfg.crop_size > cfg.resize_size:
@@ -121,12 +128,17 @@ def check_config(cfg) -> None:
         _existing(cfg.val_labels, 'val_labels', 'labels file', is_dir=False)
     if cfg.name == 'embedded':
         return
-    if cfg.format == 'packed':
+    if source_form(cfg) == 'packed':
         if cfg.packed_dir is None:
             raise sources.DatasetError(_NO_IMAGENET if cfg.root is None else
                                        "data.format='packed' needs --config.data.packed_dir (the --dst of "
                                        "`python -m alexnet_jax.data.prepare`), or use --config.data.format=folder")
-        prepare.read_metadata(cfg.packed_dir)  # a finished preparation, in a format we read
+        meta = prepare.read_metadata(cfg.packed_dir)  # a finished preparation, in a format we read
+        if meta['size'] != cfg.resize_size:
+            raise sources.DatasetError(
+                f"{cfg.packed_dir!r} holds {meta['size']}x{meta['size']} images but data.resize_size is "
+                f"{cfg.resize_size}; prepare with --size {cfg.resize_size}, or set --config.data.resize_size="
+                f"{meta['size']}.")
         return
     if cfg.root is None:
         if cfg.packed_dir is not None:
@@ -157,7 +169,7 @@ def resolve(cfg, *, progress: bool = True) -> ResolvedData:
                             workers=cfg.prepare_workers, progress=False)
     needs_stats = cfg.mean_subtraction or cfg.pca_lighting_std > 0
     stats_path = cfg.stats_path or (Path(packed_dir) / prepare.STATS if packed_dir is not None else None)
-    if cfg.format == 'packed':
+    if source_form(cfg) == 'packed':
         meta = prepare.read_metadata(packed_dir)
         records = {s: sources.PackedRecords(prepare.shard_paths(packed_dir, s)) for s in meta['splits']}
         classes, class_names = meta['classes'], meta['class_names']

@@ -1,6 +1,7 @@
 """One-time conversion of an ImageNet-layout folder into fast ArrayRecord shards.
 
     python -m alexnet_jax.data.prepare --src DIR --dst DIR [--size 256] [--workers N]
+    python -m alexnet_jax.data.prepare --src DIR --stats-only [--size 256]   # statistics only, into the cache
 
 Every image is decoded once, rescaled to shorter side ``size``, centre-cropped
 to ``size x size`` and stored as JPEG bytes, so training only decodes a small
@@ -312,10 +313,29 @@ def shard_paths(dst: str | os.PathLike, split: str) -> list[str]:
     return [str(Path(dst) / s['file']) for s in meta['splits'][split]['shards']]
 
 
+def _stats_only(a) -> int:
+    from alexnet_jax.data import stats
+
+    try:
+        files = sources.scan_split(a.src, 'train')
+        path = stats.ensure_stats(files, a.size, cache_dir=a.cache_dir, workers=a.workers, progress=not a.quiet)
+    except sources.DatasetError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    print(f'statistics of {len(files)} training images at {a.size}px: {path}')
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog='python -m alexnet_jax.data.prepare', description=__doc__.split('\n\n')[0])
     p.add_argument('--src', required=True, help='ImageNet-layout folder with train/ and val/')
-    p.add_argument('--dst', required=True, help='output folder (created; an unfinished one is resumed)')
+    p.add_argument('--dst', help='output folder (created; an unfinished one is resumed)')
+    p.add_argument('--stats-only', action='store_true',
+                   help='only compute the training-set statistics of the folder into the cache that training '
+                        'on the folder reads (no shards; --dst not needed)')
+    p.add_argument('--cache-dir', default=None,
+                   help='statistics cache (default $ALEXNET_JAX_DATA or ~/.cache/alexnet_jax; '
+                        'training: --config.data.cache_dir)')
     p.add_argument('--size', type=int, default=256, help='shorter side and square crop size (paper: 256)')
     p.add_argument('--workers', type=int, default=None, help='processes (default: all cores; 0 = inline)')
     p.add_argument('--shard-size', type=int, default=1024, help='images per ArrayRecord shard')
@@ -326,6 +346,10 @@ def main(argv=None) -> int:
     p.add_argument('--quiet', action='store_true', help='no progress bar')
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
+    if a.stats_only:
+        return _stats_only(a)
+    if a.dst is None:
+        p.error('--dst is required (unless --stats-only)')
     try:
         dst = prepare(a.src, a.dst, size=a.size, quality=a.quality, subsampling=a.subsampling, shard_size=a.shard_size,
                       workers=a.workers, val_labels=a.val_labels, progress=not a.quiet)
