@@ -77,10 +77,12 @@ def make_input_fn(data_cfg, stats):
 
     With ``data.output='uint8'`` the loader sends raw crops (a quarter of the bytes)
     and the mean image and PCA lighting are applied here, inside the jitted step.
+    Evaluation batches of whole ``resize_size`` images (mode 'whole') become the
+    ten test views here: ``(B, 10, crop, crop, 3)``.
     """
     if data_cfg.output != "uint8":
         return lambda batch, train: batch["image"]
-    from alexnet_jax.data.device import normalize
+    from alexnet_jax.data.device import eval_views, normalize
 
     mean = stats["mean_image"] if (stats is not None and data_cfg.mean_subtraction) else None
     eigval = None if stats is None else stats["eigval"]
@@ -88,6 +90,8 @@ def make_input_fn(data_cfg, stats):
     lighting = stats is not None and data_cfg.pca_lighting_std > 0
 
     def inputs(batch, train):
+        if not train and batch["image"].shape[-3] != data_cfg.crop_size:
+            return eval_views(batch["image"], mean, data_cfg.crop_size)
         return normalize(batch, mean, eigval, eigvec, lighting=lighting and train)
 
     return inputs
@@ -129,8 +133,17 @@ def make_train_step(model: AlexNet, tx, mesh, shardings: TrainState, inputs=None
                    out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
 
 
+CENTER_VIEW = 4  # the centre crop's place among the ten views (transforms.ten_crop_params)
+
+
 def make_eval_step(model: AlexNet, mesh, param_shardings, inputs=None):
-    """Counts of top-1/top-5 errors on a batch; ten-crop batches average softmax over views."""
+    """Counts of top-1/top-5 errors on a batch, masked rows left out.
+
+    A batch of single views gives ``n``, ``top1_wrong``, ``top5_wrong``. A
+    batch of the ten views gives those for the centre view and, under
+    ``ten_crop/``, for the softmax averaged over the ten (the paper's
+    protocol): both protocols from one pass over the data.
+    """
     forward = mesh_forward(model, mesh, train=False)
     inputs = inputs or (lambda batch, train: batch["image"])
     k = min(5, model.num_classes)
@@ -138,17 +151,20 @@ def make_eval_step(model: AlexNet, mesh, param_shardings, inputs=None):
     def eval_step(params, batch):
         images = inputs(batch, False)
         views = images.shape[1] if images.ndim == 5 else 1
-        if views > 1:
-            images = images.reshape((-1,) + images.shape[2:])
+        images = images.reshape((-1,) + images.shape[-3:])
         probs = jax.nn.softmax(forward({"params": params}, images, None).astype(jnp.float32))
-        probs = probs.reshape(batch["label"].shape[0], views, -1).mean(axis=1)
-        _, top = jax.lax.top_k(probs, k)
+        probs = probs.reshape(batch["label"].shape[0], views, -1)
         label, mask = batch["label"], batch["mask"]
-        return {
-            "n": jnp.sum(mask),
-            "top1_wrong": jnp.sum((top[:, 0] != label) & mask),
-            "top5_wrong": jnp.sum(~jnp.any(top == label[:, None], axis=1) & mask),
-        }
+
+        def wrong(p):
+            _, top = jax.lax.top_k(p, k)
+            return (jnp.sum((top[:, 0] != label) & mask), jnp.sum(~jnp.any(top == label[:, None], axis=1) & mask))
+
+        out = {"n": jnp.sum(mask)}
+        out["top1_wrong"], out["top5_wrong"] = wrong(probs[:, CENTER_VIEW if views == 10 else 0])
+        if views == 10:
+            out["ten_crop/top1_wrong"], out["ten_crop/top5_wrong"] = wrong(probs.mean(axis=1))
+        return out
 
     return jax.jit(eval_step, in_shardings=(param_shardings, NamedSharding(mesh, P(DATA_AXIS))))
 
@@ -178,13 +194,18 @@ def device_batches(train_iter, mesh, depth: int = 2):
 
 
 def evaluate(eval_step, params, batches, mesh) -> dict:
-    totals = {"n": 0, "top1_wrong": 0, "top5_wrong": 0}
+    """Error rates over one pass: ``top1_error``, ``top5_error`` (centre view) and, for ten-view
+    batches, ``top1_error_ten_crop``, ``top5_error_ten_crop``; ``n`` examples counted."""
+    totals = collections.Counter()
     for batch in batches:
-        counts = jax.device_get(eval_step(params, to_global(batch, mesh)))
-        for name in totals:
-            totals[name] += int(counts[name])
+        for name, count in jax.device_get(eval_step(params, to_global(batch, mesh))).items():
+            totals[name] += int(count)
     n = max(totals["n"], 1)
-    return {"top1_error": totals["top1_wrong"] / n, "top5_error": totals["top5_wrong"] / n, "n": totals["n"]}
+    out = {"top1_error": totals["top1_wrong"] / n, "top5_error": totals["top5_wrong"] / n, "n": totals["n"]}
+    if "ten_crop/top1_wrong" in totals:
+        out["top1_error_ten_crop"] = totals["ten_crop/top1_wrong"] / n
+        out["top5_error_ten_crop"] = totals["ten_crop/top5_wrong"] / n
+    return out
 
 
 class MetricWriter:
@@ -361,21 +382,18 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     train_step = make_train_step(model, tx, mesh, shardings, inputs)
     eval_step = make_eval_step(model, mesh, shardings.params, inputs)
 
-    modes = ["center"] + (["ten_crop"] if config.eval_ten_crop else [])
-    eval_passes = {}  # built at the first evaluation; their worker processes live until the run ends
+    # One pass gives both protocols: the ten views hold the centre crop. With uint8 output each image
+    # travels once, whole, and the views are cut on the device.
+    eval_mode = ("whole" if config.data.output == "uint8" else "ten_crop") if config.eval_ten_crop else "center"
+    eval_passes = []  # built at the first evaluation; its worker processes live until the run ends
 
     def run_eval(params):
-        out = {}
-        for mode in modes:
-            if mode not in eval_passes:
-                eval_passes[mode] = data_lib.EvalPasses(
-                    config.data, batch_size=config.eval_batch_size, mode=mode, image_size=model.image_size,
-                    data=data, shard_index=host_shard[0], shard_count=host_shard[1])
-            r = evaluate(eval_step, params, eval_passes[mode](), mesh)
-            suffix = "" if mode == "center" else "_ten_crop"
-            out[f"val/top1_error{suffix}"] = r["top1_error"]
-            out[f"val/top5_error{suffix}"] = r["top5_error"]
-        return out
+        if not eval_passes:
+            eval_passes.append(data_lib.EvalPasses(
+                config.data, batch_size=config.eval_batch_size, mode=eval_mode, image_size=model.image_size,
+                data=data, shard_index=host_shard[0], shard_count=host_shard[1]))
+        r = evaluate(eval_step, params, eval_passes[0](), mesh)
+        return {f"val/{k}": v for k, v in r.items() if k != "n"}
 
     if is_main:
         devices = jax.devices()
@@ -490,7 +508,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
         progress.close()
         ckpt.close()
         writer.close()
-        for passes in eval_passes.values():
+        for passes in eval_passes:
             passes.close()
         if hasattr(train_iter, "close"):
             train_iter.close()

@@ -7,7 +7,7 @@ from PIL import Image
 
 from alexnet_jax.data import embedded
 
-WNIDS = ('n01440764', 'n01443537', 'n01484850')  # tench, goldfish, great white shark
+WNIDS = ('n01440764', 'n01443537', 'n01484850', 'n01491361')  # tench, goldfish, white shark, tiger shark
 
 
 def write_imagenet_folder(root: Path, *, per_class: int = 6, val_per_class: int = 2, size=(300, 240),

@@ -218,3 +218,24 @@ def test_uint8_output_normalised_on_device_equals_host(cfg, data, mode):
                                lighting=mode == 'train')
         np.testing.assert_allclose(np.asarray(out), h['image'], atol=1e-3)
         np.testing.assert_array_equal(r['label'], h['label'])
+
+
+def test_whole_images_cut_into_ten_views_on_device_equal_the_host_views(cfg, data):
+    """Evaluation sends each image once (mode 'whole'); the device's ten views equal TenCrop + Normalize."""
+    import jax
+
+    from alexnet_jax.data import device
+
+    host_cfg = cfg.copy_and_resolve_references()
+    host_cfg.output = 'float32'
+    raw_cfg = cfg.copy_and_resolve_references()
+    raw_cfg.output = 'uint8'
+    host = list(PL.build_eval_iter(host_cfg, batch_size=16, mode='ten_crop', num_workers=0, data=data))[:2]
+    whole = list(PL.build_eval_iter(raw_cfg, batch_size=16, mode='whole', num_workers=0, data=data))[:2]
+    cut = jax.jit(lambda im: device.eval_views(im, data.stats['mean_image'], cfg.crop_size))
+    for h, w in zip(host, whole):
+        assert w['image'].dtype == np.uint8 and w['image'].shape == (16, cfg.resize_size, cfg.resize_size, 3)
+        np.testing.assert_allclose(np.asarray(cut(w['image'])), h['image'], atol=1e-4)
+        np.testing.assert_array_equal(w['label'], h['label'])
+    with pytest.raises(ValueError, match="needs output='uint8'"):
+        PL.build_eval_iter(host_cfg, batch_size=16, mode='whole', num_workers=0, data=data)

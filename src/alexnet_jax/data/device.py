@@ -36,3 +36,23 @@ def normalize(batch: dict, mean_image, eigval, eigvec, *, lighting: bool = True)
         offset = 255.0 * (alpha * jnp.asarray(eigval, jnp.float32)) @ jnp.asarray(eigvec, jnp.float32).T
         out = out + offset[:, None, None, :]
     return out.reshape(lead + hwc)
+
+
+def eval_views(image_BSSC: jax.Array, mean_image, crop: int) -> jax.Array:
+    """Whole ``resize x resize`` uint8 images -> the paper's ten test views, float32 ``(B, 10, crop, crop, 3)``.
+
+    The loader sends each validation image once (1.3x the bytes of a centre
+    crop, not 10x); the views are static slices here, in
+    :func:`transforms.ten_crop_params` order, so view 4 is the centre crop.
+    Same numbers as :class:`transforms.TenCrop` then :func:`normalize`.
+    """
+    from alexnet_jax.data.transforms import ten_crop_params
+
+    img = image_BSSC.astype(jnp.float32)
+    if mean_image is not None:
+        img = img - jnp.asarray(mean_image, jnp.float32)
+    views = []
+    for y, x, flip in ten_crop_params(img.shape[1:3], crop):
+        v = img[:, y:y + crop, x:x + crop]
+        views.append(v[:, :, ::-1] if flip else v)
+    return jnp.stack(views, axis=1)

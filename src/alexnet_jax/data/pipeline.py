@@ -360,9 +360,11 @@ def build_eval_dataset(cfg, *, batch_size: int, mode: str | None = None, split: 
         raise ValueError(f'global batch {batch_size} is not divisible by {shard_count} hosts')
     mode = mode or cfg.eval_mode
     crop = image_size or cfg.crop_size
-    view = {'center': transforms.CenterCrop, 'ten_crop': transforms.TenCrop}
+    view = {'center': transforms.CenterCrop, 'ten_crop': transforms.TenCrop, 'whole': lambda crop: transforms.Whole()}
     if mode not in view:
-        raise ValueError(f"mode must be 'center' or 'ten_crop', got {mode!r}")
+        raise ValueError(f"mode must be 'center', 'ten_crop' or 'whole', got {mode!r}")
+    if mode == 'whole' and cfg.output != 'uint8':
+        raise ValueError("mode 'whole' sends uint8 images for views cut on the device: it needs output='uint8'")
     src = sources.DecodedSource(data.records[split], cfg.resize_size, on_error='mask')
     total = eval_num_batches(len(src), batch_size) * batch_size
     ds = grain.MapDataset.source(_Padded(src, total)).map(view[mode](crop))

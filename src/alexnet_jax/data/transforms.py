@@ -141,6 +141,13 @@ class TenCrop(grain.transforms.Map):
                 'alpha': np.zeros((10, 3), np.float32)}
 
 
+class Whole(grain.transforms.Map):
+    """The whole resized image, for evaluation views cut on the device (:func:`device.eval_views`)."""
+
+    def map(self, element):
+        return {'image': element['image'], 'label': element['label'], 'mask': element['mask']}
+
+
 class Normalize(grain.transforms.Map):
     """Batch-level last step: float32 images, mean-subtracted, lighting added; drops bookkeeping fields.
 
