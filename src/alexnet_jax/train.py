@@ -313,7 +313,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     from alexnet_jax.progress import TrainProgress
     from alexnet_jax.summary import summary_table
 
-    console = Console()
+    console = Console(soft_wrap=True)  # logs keep whole lines; a terminal wraps them itself
     model = from_config(config.model)
     data_lib.check_config(config.data)  # path and config errors now, before any device or data scan
     if config.data.crop_size != model.image_size:
