@@ -1,25 +1,29 @@
 """Images/s of the training input pipeline: JPEG folder vs packed ArrayRecord, per worker count.
 
-    PYTHONPATH=src python benchmarks/bench_data.py [--num-images 512] [--batch-size 32] [--batches 30]
+    python benchmarks/bench_data.py [--json OUT] [--num-images 512] [--batch-size 32] [--batches 30]
 
 Builds an ImageNet-like folder (500x375 JPEGs, ImageNet's typical size and
 quality, with texture so they cost what photos cost to decode), prepares it
 into the packed form, then measures in one run:
 
-* a plain PIL loop (decode, shorter side 256, centre 256, random 224 crop,
-  mirror, float32 minus mean) in this process: the baseline;
-* the grain training pipeline (all of the paper's augmentation) from the
-  folder form and from the packed form, with 0, 1 and 2 worker processes
-  (one decoding thread per process, so "per core" is comparable), once with
-  float32 output normalised on the host and once with uint8 output (the
-  normalisation then runs on the accelerator, ``alexnet_jax.data.device``).
+* plain PIL loops on one core, no grain: decode + random 224 crop + mirror of
+  the packed 256x256 JPEGs (``plain_img_s``, the libjpeg limit the packed
+  pipeline is compared with), and decode + rescale + crop of the original
+  files (``plain_folder_img_s``);
+* the grain training pipeline with the configs' uint8 output (all of the
+  paper's augmentation; normalisation runs on the accelerator) from the
+  folder form and from the packed form, for 1, 2, ... worker processes up to
+  the cores available (one decoding thread each), in images per wall second.
 
+``--json OUT`` writes ``{"plain_img_s": .., "plain_folder_img_s": ..,
+"packed": {"1": .., "2": ..}, "folder": {"1": .., "2": ..}, ...}``.
 Numbers depend on whatever else runs on the machine; run it on an idle one.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import io
 import logging
 import multiprocessing
@@ -52,7 +56,7 @@ def make_folder(root: Path, num_images: int, num_classes: int = 10) -> Path:
 
 
 def pil_loop(paths: list[Path], mean_HWC: np.ndarray, crop: int = 224, size: int = 256) -> tuple[float, float]:
-    """The baseline: everything in one Python loop, one image at a time."""
+    """Original files: decode, rescale, centre square, random crop, mirror, minus the mean (float32)."""
     rng = np.random.default_rng(0)
     t, c = time.perf_counter(), time.process_time()
     for p in paths:
@@ -68,6 +72,24 @@ def pil_loop(paths: list[Path], mean_HWC: np.ndarray, crop: int = 224, size: int
         if rng.integers(2):
             out = out[:, ::-1]
     return len(paths) / (time.perf_counter() - t), len(paths) / (time.process_time() - c)
+
+
+def plain_packed_loop(jpegs: list[bytes], crop: int = 224, rounds: int = 3) -> float:
+    """The libjpeg limit of the packed form: decode a stored 256x256 JPEG, random crop, mirror (uint8), one core."""
+    rng = np.random.default_rng(0)
+    best = 0.0
+    for _ in range(rounds):  # best of a few: the least disturbed by other programs
+        t = time.perf_counter()
+        for data in jpegs:
+            with Image.open(io.BytesIO(data)) as im:
+                img = np.asarray(im.convert('RGB'))
+            y, x = rng.integers(0, img.shape[0] - crop + 1, 2)
+            out = img[y:y + crop, x:x + crop]
+            if rng.integers(2):
+                out = out[:, ::-1]
+            np.ascontiguousarray(out)
+        best = max(best, len(jpegs) / (time.perf_counter() - t))
+    return best
 
 
 def cpu_seconds() -> float:
@@ -108,10 +130,15 @@ def main(argv=None) -> None:
     ap.add_argument('--num-images', type=int, default=512)
     ap.add_argument('--batch-size', type=int, default=32)
     ap.add_argument('--batches', type=int, default=30, help='timed batches per configuration (few batches overweight the ones in flight)')
-    ap.add_argument('--workers', default='0,1,2')
+    ap.add_argument('--workers', default=None, help='worker counts, e.g. 1,2,4 (default: 1 .. the cores available)')
     ap.add_argument('--dir', default=None, help='reuse/keep the benchmark data here')
+    ap.add_argument('--json', default=None, help='write the measurements to this file')
+    ap.add_argument('--repeats', type=int, default=3, help='rounds over all measurements; the best of each is kept')
+    ap.add_argument('--subsampling', default='420', help='chroma subsampling of the packed JPEGs (prepare --subsampling)')
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    cores = len(os.sched_getaffinity(0))
+    workers = [int(x) for x in a.workers.split(',')] if a.workers else list(range(1, cores + 1))
     work = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix='bench_data_'))
     src = work / 'folder'
     if not (src / 'train').is_dir():
@@ -119,47 +146,50 @@ def main(argv=None) -> None:
     files = sorted((src / 'train').rglob('*.JPEG'))
     avg_kb = np.mean([f.stat().st_size for f in files]) / 1024
     t = time.perf_counter()
-    packed = prepare.prepare(src, work / 'packed', size=256, workers=os.cpu_count(), progress=False)
+    packed = prepare.prepare(src, work / f'packed{a.subsampling}', size=256, subsampling=a.subsampling,
+                             workers=cores, progress=False)
     prep_s = time.perf_counter() - t
     stats = prepare.load_stats(packed / 'stats.npz')
-    packed_kb = np.mean([len(sources.PackedRecords(prepare.shard_paths(packed, 'train'))[i][2])
-                         for i in range(min(64, len(files)))]) / 1024
+    records = sources.PackedRecords(prepare.shard_paths(packed, 'train'))
+    jpegs = [records[i][2] for i in range(len(records))]
     print(f'{len(files)} images, folder JPEGs {avg_kb:.0f} KiB avg (500x375), packed 256x256 JPEGs '
-          f'{packed_kb:.0f} KiB avg; prepare took {prep_s:.1f}s on {os.cpu_count()} cores\n')
+          f'{np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB avg ({a.subsampling}); prepare took {prep_s:.1f}s '
+          f'on {cores} cores\n')
 
-    base, base_cpu = pil_loop(files, stats['mean_image'])
-    rows = [('PIL loop (baseline)', 'folder', 'float32', '-', base, base_cpu)]
-    for output in ('float32', 'uint8'):
-        for form in ('folder', 'packed'):
-            cfg = pipeline.default_data_config()
-            cfg.name, cfg.root, cfg.format, cfg.output = 'imagenet', str(src), form, output
-            cfg.packed_dir = str(packed) if form == 'packed' else None
-            cfg.stats_path = str(packed / 'stats.npz')
-            cfg.num_threads = 1
-            data = pipeline.resolve(cfg)
-            for w in (int(x) for x in a.workers.split(',')):
-                r = pipeline_rate(cfg, data, batch_size=a.batch_size, batches=a.batches, workers=w)
-                rows.append(('grain pipeline', form, output, str(w)) + r)
+    out = {'cores': cores, 'num_images': len(files), 'batch_size': a.batch_size, 'subsampling': a.subsampling,
+           'repeats': a.repeats, 'plain_img_s': 0.0, 'plain_folder_img_s': 0.0, 'packed': {}, 'folder': {}}
+    cfgs = {}
+    for form in ('folder', 'packed'):
+        cfg = pipeline.default_data_config()
+        cfg.name, cfg.root, cfg.format, cfg.output = 'imagenet', str(src), form, 'uint8'
+        cfg.packed_dir = str(packed) if form == 'packed' else None
+        cfg.stats_path = str(packed / 'stats.npz')
+        cfg.num_threads = 1
+        cfgs[form] = (cfg, pipeline.resolve(cfg))
+    # Best of `repeats` rounds, every measurement once per round: other programs on a shared machine
+    # only ever slow a measurement down, and interleaving spreads their effect over all of them.
+    for _ in range(a.repeats):
+        out['plain_img_s'] = max(out['plain_img_s'], plain_packed_loop(jpegs, rounds=1))
+        out['plain_folder_img_s'] = max(out['plain_folder_img_s'], pil_loop(files, stats['mean_image'])[0])
+        for form, (cfg, data) in cfgs.items():
+            for w in workers:
+                r = pipeline_rate(cfg, data, batch_size=a.batch_size, batches=a.batches, workers=w)[0]
+                out[form][str(w)] = max(out[form].get(str(w), 0.0), r)
+    plain, plain_folder = out['plain_img_s'], out['plain_folder_img_s']
 
-    # The default run: the embedded dataset at the demo size (72 px images, 64 px crops).
-    demo = pipeline.demo_data_config()
-    demo.root, demo.num_threads = str(work / 'embedded'), 1
-    demo_data = pipeline.resolve(demo)
-    for w in (int(x) for x in a.workers.split(',')):
-        r = pipeline_rate(demo, demo_data, batch_size=128, batches=a.batches, workers=w)
-        rows.append(('embedded demo 72->64', 'packed', 'float32', str(w)) + r)
-
-    print('| pipeline | form | output | workers | images/s (wall) | images per CPU-second | per core vs PIL loop |')
-    print('|---|---|---|---|---|---|---|')
-    for name, form, output, w, r, rc in rows:
-        print(f'| {name} | {form} | {output} | {w} | {r:.0f} | {rc:.0f} | {rc / base_cpu:.2f}x |')
-    by = {(f, o, w): (r, rc) for name, f, o, w, r, rc in rows if name == 'grain pipeline'}
-    print('\npacked / folder, images per CPU-second (per core):')
-    for output in ('float32', 'uint8'):
-        for w in a.workers.split(','):
-            if ('folder', output, w) in by and ('packed', output, w) in by:
-                ratio = by[('packed', output, w)][1] / by[('folder', output, w)][1]
-                print(f'  {output} output, {w} worker(s): {ratio:.2f}x')
+    print(f'plain PIL loop, one core: packed 256x256 JPEGs {plain:.0f} img/s; original files {plain_folder:.0f} img/s\n')
+    print('| form | workers | images/s | per worker | vs plain loop (1 worker) | scaling efficiency |')
+    print('|---|---|---|---|---|---|')
+    for form, base in (('folder', plain_folder), ('packed', plain)):
+        one = out[form].get('1')
+        for w in workers:
+            r = out[form][str(w)]
+            eff = f'{r / (w * one):.0%}' if one else '-'
+            print(f'| {form} | {w} | {r:.0f} | {r / w:.0f} | {r / w / base:.0%} | {eff} |')
+    print(f'\npacked / folder at {workers[-1]} worker(s): {out["packed"][str(workers[-1])] / out["folder"][str(workers[-1])]:.2f}x')
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1))
+        print(f'wrote {a.json}')
 
 
 if __name__ == '__main__':

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from pathlib import Path
 
 import grain
@@ -233,6 +234,35 @@ def _to_iter(cfg, ds: grain.MapDataset, num_workers: int | None):
     return it_ds
 
 
+class EpochShuffle(grain.MapDataset):
+    """``parent`` repeated forever, each epoch in its own random order, drawn from ``(seed, epoch)``.
+
+    What ``shuffle(seed).repeat()`` gives, but with the epoch's permutation
+    drawn once by NumPy and kept: grain's per-element ``index_shuffle`` cost
+    ~130 us an image, a tenth of decoding a 256x256 JPEG.
+    """
+
+    def __init__(self, parent: grain.MapDataset, *, seed: int):
+        super().__init__(parent)
+        self._n, self._seed = len(parent), int(seed)
+        self._epoch, self._order = -1, None
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def __str__(self) -> str:
+        return f'EpochShuffle(seed={self._seed})'
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, i = divmod(int(index), self._n)
+        if epoch != self._epoch:  # elements are asked for in order, so this happens once an epoch
+            self._order = np.random.default_rng([self._seed, epoch]).permutation(self._n)
+            self._epoch = epoch
+        return self._parent[int(self._order[i])]
+
+
 def build_train_dataset(cfg, *, batch_size: int, seed: int | None = None, image_size: int | None = None,
                         shard_index: int | None = 0, shard_count: int | None = 1,
                         data: ResolvedData | None = None) -> grain.MapDataset:
@@ -244,7 +274,7 @@ def build_train_dataset(cfg, *, batch_size: int, seed: int | None = None, image_
     seed = cfg.seed if seed is None else seed
     crop = image_size or cfg.crop_size
     src = sources.DecodedSource(data.records['train'], cfg.resize_size, on_error='substitute')
-    ds = grain.MapDataset.source(src).shuffle(seed=seed).repeat()
+    ds = EpochShuffle(grain.MapDataset.source(src), seed=seed)
     ds = ds.random_map(transforms.RandomCropFlip(crop, cfg.flip, cfg.pca_lighting_std), seed=seed + 1)
     ds = ds.batch(batch_size // shard_count, drop_remainder=True)[shard_index::shard_count]
     return _finish(cfg, ds, data.stats, lighting=cfg.pca_lighting_std > 0)

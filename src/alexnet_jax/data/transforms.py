@@ -28,9 +28,22 @@ def center_offset(size_hw: tuple[int, int], crop: int) -> tuple[int, int]:
 
 
 def crop_HWC(img_HWC: np.ndarray, y: int, x: int, crop: int, flip: bool = False) -> np.ndarray:
-    """The ``crop x crop`` window at (y, x), mirrored left-right if ``flip``."""
+    """The ``crop x crop`` window at (y, x), mirrored left-right if ``flip`` (a view when not mirrored)."""
     out = img_HWC[y:y + crop, x:x + crop]
-    return out[:, ::-1] if flip else out
+    return mirror_HWC(out) if flip else out
+
+
+def mirror_HWC(img_HWC: np.ndarray) -> np.ndarray:
+    """Left-right mirror as a new contiguous array.
+
+    One channel at a time: NumPy copies a reversed (W, 3) row 3 bytes at a
+    time, ~6x slower than a reversed single-channel plane (410 vs 65 us for a
+    224x224 uint8 image), and the training crops are mirrored half the time.
+    """
+    out = np.empty(img_HWC.shape, img_HWC.dtype)
+    for c in range(img_HWC.shape[-1]):
+        out[..., c] = img_HWC[:, ::-1, c]
+    return out
 
 
 def random_crop_params(rng: np.random.Generator, size_hw: tuple[int, int], crop: int,
@@ -101,7 +114,7 @@ class RandomCropFlip(grain.transforms.RandomMap):
         y, x, flip = random_crop_params(rng, img.shape[:2], self.crop, self.flip)
         alpha = rng.normal(0.0, self.lighting_std, size=3) if self.lighting_std > 0 else np.zeros(3)
         return {
-            'image': crop_HWC(img, y, x, self.crop, flip),  # a view: batching copies it once
+            'image': crop_HWC(img, y, x, self.crop, flip),  # a view unless mirrored: batching copies it once
             'label': element['label'],
             'mask': element['mask'],
             'crop_yx': np.array([y, x], np.int32),
