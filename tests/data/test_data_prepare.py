@@ -145,3 +145,23 @@ def test_flat_val_folder_with_labels_file(tmp_path):
     assert [S.list_classes(tmp_path / 'src')[l] for l in files.labels] == [w for _, w in names]
     dst = P.prepare(tmp_path / 'src', tmp_path / 'dst', size=SIZE, workers=0, progress=False)
     assert P.read_metadata(dst)['splits']['val']['per_class'] == [2, 2, 2]
+
+
+def test_small_jpegs_are_stored_as_they_are(tmp_path):
+    """A JPEG whose shorter side is at most the size keeps its bytes (decoded exactly as the folder form);
+    a larger one is stored rescaled and re-encoded."""
+    rng = np.random.default_rng(0)
+    d = tmp_path / 'src' / 'train' / 'n00000000'
+    d.mkdir(parents=True)
+    for name, (w, h) in {'small.JPEG': (40, 32), 'exact.JPEG': (32, 32), 'large.JPEG': (90, 70)}.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(d / name, quality=90)
+    Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)).save(d / 'grey.JPEG')  # not RGB: converted
+    dst = P.prepare(tmp_path / 'src', tmp_path / 'dst', size=32, workers=0, progress=False)
+    records = S.PackedRecords(P.shard_paths(dst, 'train'))
+    stored = {name.split('/')[-1]: data for name, _, data in (records[i] for i in range(len(records)))}
+    for name in ('small.JPEG', 'exact.JPEG'):
+        assert stored[name] == (d / name).read_bytes()
+    for name in ('large.JPEG', 'grey.JPEG'):
+        assert stored[name] != (d / name).read_bytes()
+        with Image.open(__import__('io').BytesIO(stored[name])) as im:
+            assert im.size == (32, 32) and im.mode == 'RGB'

@@ -1,9 +1,11 @@
 """Folder statistics made on first use: against NumPy, cached by dataset, computed once under concurrency."""
 
+import fcntl
 import logging
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -73,19 +75,28 @@ def test_two_processes_at_once_compute_once(tmp_path):
     for c in range(2):
         d = root / 'train' / f'n{c:08d}'
         d.mkdir(parents=True)
-        for i in range(150):  # a few seconds of decoding, so the two overlap
+        for i in range(150):
             Image.fromarray(rng.integers(0, 256, (160, 120, 3), dtype=np.uint8)).save(d / f'{i}.JPEG', quality=90)
+    cache = tmp_path / 'cache'
     cmd = [sys.executable, '-m', 'alexnet_jax.data.prepare', '--src', str(root), '--stats-only', '--size', '96',
-           '--workers', '0', '--quiet', '--cache-dir', str(tmp_path / 'cache')]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    text = ''.join(o + e for o, e in outs)
+           '--workers', '0', '--quiet', '--cache-dir', str(cache)]
+    lock_path = ST.stats_file(S.scan_split(root, 'train'), 96, cache).with_suffix('.lock')
+    lock_path.parent.mkdir(parents=True)
+    logs = [tmp_path / f'log{i}' for i in range(2)]
+    with open(lock_path, 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # both start while "someone else" computes
+        procs = [subprocess.Popen(cmd, stdout=open(log, 'w'), stderr=subprocess.STDOUT) for log in logs]
+        deadline = time.time() + 120
+        while not all('waiting for another process' in log.read_text() for log in logs):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), [x.read_text() for x in logs]
+            time.sleep(0.2)
+    # Released: one of them takes the lock and computes, the other waits for it and reads its file.
+    assert [p.wait(timeout=120) for p in procs] == [0, 0], [x.read_text() for x in logs]
+    text = ''.join(log.read_text() for log in logs)
     assert text.count('computing the mean image') == 1, text
-    assert 'waiting for another process' in text, text
-    paths = {o.strip().rsplit(': ', 1)[1] for o, _ in outs}
+    paths = {ln.rsplit(': ', 1)[1] for log in logs for ln in log.read_text().splitlines() if ln.startswith('statistics')}
     assert len(paths) == 1 and int(P.load_stats(paths.pop())['num_images']) == 300
-    assert not [f for f in os.listdir(tmp_path / 'cache' / 'stats') if '.tmp' in f]
+    assert not [f for f in os.listdir(cache / 'stats') if '.tmp' in f]
 
 
 def test_unwritable_cache_says_what_to_do(tmp_path):

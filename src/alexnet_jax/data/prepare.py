@@ -115,8 +115,28 @@ def tick() -> None:
             _counter.value += 1
 
 
+def keeps_original(data: bytes, size: int) -> bool:
+    """Store a file's own bytes when it is an RGB JPEG no larger than needed (shorter side <= ``size``).
+
+    Re-encoding such an image saves no decoding time, and keeping it means
+    training decodes exactly the pixels the folder form gives. Larger images
+    are stored rescaled to ``size`` and re-encoded (JPEG q95), which changes
+    pixels by a little (benchmarks/bench_data.py measures how much).
+    """
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.format == 'JPEG' and im.mode == 'RGB' and min(im.size) <= size
+    except Exception:  # unreadable headers were already reported by decode_image
+        return False
+
+
 def prepare_shard(job: dict) -> dict:
-    """Decode, resize, re-encode one shard's images; write the shard, its sums, then its done marker."""
+    """Decode, resize, re-encode one shard's images (small JPEGs kept as they are); write the shard,
+    its sums, then its done marker."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     out = Path(job['out'])
@@ -130,12 +150,15 @@ def prepare_shard(job: dict) -> dict:
             path = os.path.join(job['root'], rel)
             try:
                 with open(path, 'rb') as f:
-                    img = sources.decode_image(f.read(), size)
+                    data = f.read()
+                img = sources.decode_image(data, size)
             except (OSError, sources.DecodeError) as e:
                 skipped.append([path, str(e)])
                 tick()
                 continue
-            writer.write(sources.pack_record(rel, int(label), sources.encode_jpeg(img, quality, subsampling)))
+            if not keeps_original(data, size):
+                data = sources.encode_jpeg(img, quality, subsampling)
+            writer.write(sources.pack_record(rel, int(label), data))
             labels.append(int(label))
             if with_stats:
                 sums = add_sums(sums, image_sums(img))
