@@ -92,6 +92,20 @@ def plain_packed_loop(jpegs: list[bytes], crop: int = 224, rounds: int = 3) -> f
     return best
 
 
+def reencode_change(src: Path, records) -> dict:
+    """What packing changes in the pixels: the folder form's decode vs the packed bytes' decode, 256x256."""
+    diffs = []
+    for i in range(min(len(records), 128)):
+        name, _, data = records[i]
+        a = sources.decode_image((src / 'train' / name).read_bytes(), 256).astype(np.int16)
+        b = sources.decode_image(data, 256).astype(np.int16)
+        diffs.append(a - b)
+    d = np.stack(diffs).astype(np.float64)
+    mse = np.mean(d ** 2)
+    return {'mean_abs_diff': float(np.abs(d).mean()), 'max_abs_diff': float(np.abs(d).max()),
+            'psnr_db': float(10 * np.log10(255 ** 2 / mse)) if mse else float('inf'), 'images': len(diffs)}
+
+
 def cpu_seconds() -> float:
     """CPU time of this process (all threads) and its live children (grain's workers).
 
@@ -176,6 +190,7 @@ def main(argv=None) -> None:
                 r = pipeline_rate(cfg, data, batch_size=a.batch_size, batches=a.batches, workers=w)[0]
                 out[form][str(w)] = max(out[form].get(str(w), 0.0), r)
     plain, plain_folder = out['plain_img_s'], out['plain_folder_img_s']
+    out['reencode'] = reencode_change(src, records)
 
     print(f'plain PIL loop, one core: packed 256x256 JPEGs {plain:.0f} img/s; original files {plain_folder:.0f} img/s\n')
     print('| form | workers | images/s | per worker | vs plain loop (1 worker) | scaling efficiency |')
@@ -186,7 +201,10 @@ def main(argv=None) -> None:
             r = out[form][str(w)]
             eff = f'{r / (w * one):.0%}' if one else '-'
             print(f'| {form} | {w} | {r:.0f} | {r / w:.0f} | {r / w / base:.0%} | {eff} |')
-    print(f'\npacked / folder at {workers[-1]} worker(s): {out["packed"][str(workers[-1])] / out["folder"][str(workers[-1])]:.2f}x')
+    rc = out['reencode']
+    print(f"\nre-encoding ({a.subsampling}, q95) vs the folder's own decode, {rc['images']} images: mean |diff| "
+          f"{rc['mean_abs_diff']:.2f} grey levels, max {rc['max_abs_diff']:.0f}, PSNR {rc['psnr_db']:.1f} dB")
+    print(f'packed / folder at {workers[-1]} worker(s): {out["packed"][str(workers[-1])] / out["folder"][str(workers[-1])]:.2f}x')
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
         print(f'wrote {a.json}')

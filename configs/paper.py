@@ -1,11 +1,13 @@
 """The paper's training run (Krizhevsky, Sutskever & Hinton, 2012) on ILSVRC-2012.
 
 Run:  python launch.py --config=configs/paper.py --config.data.root=/path/to/imagenet --workdir=runs/paper
+      (the first run computes the training set's mean image and RGB eigens, once, and caches them)
 Fast: python -m alexnet_jax.data.prepare --src /path/to/imagenet --dst /path/to/packed
-      then add --config.data.packed_dir=/path/to/packed
+      python launch.py --config=configs/paper.py --config.data.packed_dir=/path/to/packed --workdir=runs/paper
 Ablations are overrides: --config.model.lrn=False
                          --config.model.pool_window=2 --config.model.pool_stride=2
                          --config.model.towers=1
+One GPU: the default runs both towers on it (mesh.tower=1); set --config.data.num_workers to the cores you have.
 """
 
 import ml_collections
