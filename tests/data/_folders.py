@@ -6,6 +6,7 @@ import numpy as np
 from PIL import Image
 
 from alexnet_jax.data import embedded
+from scipy.io import savemat
 
 WNIDS = ('n01440764', 'n01443537', 'n01484850', 'n01491361')  # tench, goldfish, white shark, tiger shark
 
@@ -29,3 +30,17 @@ def write_imagenet_folder(root: Path, *, per_class: int = 6, val_per_class: int 
                 Image.fromarray(np.clip(big, 0, 255).astype(np.uint8)).save(
                     d / f'{wnid}_{i}.JPEG', quality=90)
     return Path(root)
+
+
+def write_meta_mat(path: Path, ids: dict, words: dict | None = None, inner_node: bool = True) -> None:
+    """A devkit-shaped meta.mat: a 'synsets' struct array of the leaf classes ``{wnid: ILSVRC2012_ID}``
+    in id order, plus an inner WordNet node (children > 0, id 1001) that is no class."""
+    rows = sorted((i, w, (words or {}).get(w, w), 0) for w, i in ids.items())
+    if inner_node:
+        rows.append((1001, 'n00001740', 'entity', 3))
+    dt = [('ILSVRC2012_ID', 'O'), ('WNID', 'O'), ('words', 'O'), ('num_children', 'O')]
+    synsets = np.empty((len(rows), 1), dtype=dt)
+    for k, (i, w, text, nc) in enumerate(rows):
+        synsets[k, 0] = (np.array([[i]], np.uint16), np.array([w]), np.array([text]), np.array([[nc]], np.uint8))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    savemat(str(path), {'synsets': synsets})

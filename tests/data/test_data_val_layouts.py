@@ -13,12 +13,11 @@ import warnings
 
 import numpy as np
 import pytest
-from scipy.io import savemat
 
 from alexnet_jax.data import pipeline as PL
 from alexnet_jax.data import prepare as P
 from alexnet_jax.data import sources as S
-from _folders import WNIDS, write_imagenet_folder
+from _folders import WNIDS, write_imagenet_folder, write_meta_mat
 
 # The devkit numbers its classes in its own order, not the sorted wnids the folders use: here
 # id 1 is the third sorted wnid, like the real devkit (id 1 is n02119789, a kit fox).
@@ -27,18 +26,8 @@ WORDS = {WNIDS[0]: 'tench, Tinca tinca', WNIDS[1]: 'goldfish, Carassius auratus'
          WNIDS[2]: 'great white shark', WNIDS[3]: 'tiger shark, Galeocerdo cuvieri'}
 
 
-def write_meta_mat(path, extra_inner=True):
-    """A devkit-shaped meta.mat: a 'synsets' struct array, leaves first, plus an inner node."""
-    rows = [(DEVKIT_IDS[w], w, WORDS[w], 0) for w in WNIDS]
-    rows.sort()
-    if extra_inner:
-        rows.append((1001, 'n00001740', 'entity', 3))  # not a class: num_children > 0
-    dt = [('ILSVRC2012_ID', 'O'), ('WNID', 'O'), ('words', 'O'), ('num_children', 'O')]
-    synsets = np.empty((len(rows), 1), dtype=dt)
-    for k, (i, w, words, nc) in enumerate(rows):
-        synsets[k, 0] = (np.array([[i]], np.uint16), np.array([w]), np.array([words]), np.array([[nc]], np.uint8))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    savemat(str(path), {'synsets': synsets})
+def write_devkit_meta(path):
+    write_meta_mat(path, DEVKIT_IDS, WORDS)
 
 
 def digest(data: bytes) -> str:
@@ -83,7 +72,7 @@ def layout(kind, source_root, dst):
         data.mkdir(parents=True)
         (data / 'ILSVRC2012_validation_ground_truth.txt').write_text(
             ''.join(f'{DEVKIT_IDS[w]}\n' for _, w in pairs))
-        write_meta_mat(data / 'meta.mat')
+        write_devkit_meta(data / 'meta.mat')
     return dst
 
 
@@ -130,7 +119,7 @@ def test_devkit_ground_truth_as_val_labels_and_through_prepare(source, tmp_path)
     elsewhere.mkdir()
     gt = elsewhere / 'ILSVRC2012_validation_ground_truth.txt'
     gt.write_text(''.join(f'{DEVKIT_IDS[w]}\n' for _, w in pairs))
-    write_meta_mat(elsewhere / 'meta.mat')
+    write_devkit_meta(elsewhere / 'meta.mat')
     cfg = val_config(root)
     cfg.val_labels = str(gt)
     data = PL.resolve(cfg)
@@ -155,7 +144,7 @@ def test_devkit_errors_say_what_is_missing(source, tmp_path):
     meta.write_bytes(b'not a MATLAB file')
     with pytest.raises(S.DatasetError, match="is not the ILSVRC 2012 devkit's meta.mat"):
         S.scan_split(root, 'val')
-    write_meta_mat(meta)
+    write_devkit_meta(meta)
     gt = root / 'ILSVRC2012_devkit_t12' / 'data' / 'ILSVRC2012_validation_ground_truth.txt'
     gt.write_text(gt.read_text().replace('4\n', '1001\n'))  # an inner node's id is no class
     with pytest.raises(S.DatasetError, match=r'class ids \[1001\]'):

@@ -26,6 +26,7 @@ _EXPORTS = {
     'demo_data_config': 'pipeline',
     'eval_num_batches': 'pipeline',
     'resolve': 'pipeline',
+    'split_records': 'pipeline',
     'check_config': 'pipeline',
     'ensure_stats': 'stats',
     'ensure_embedded_dataset': 'embedded',

@@ -179,7 +179,7 @@ def resolve(cfg, *, progress: bool = True) -> ResolvedData:
         train_files = sources.scan_split(root, 'train', classes)
         records = {'train': sources.FolderRecords(train_files)}
         if (Path(root) / 'val').is_dir():
-            records['val'] = sources.FolderRecords(sources.scan_split(root, 'val', classes, cfg.val_labels))
+            records['val'] = split_records(cfg, 'val', classes)
         class_names = sources.read_class_names(root, classes)
         if needs_stats and stats_path is None:
             stats_path = stats_lib.ensure_stats(train_files, cfg.resize_size, cache_dir=cfg.cache_dir,
@@ -191,6 +191,35 @@ def resolve(cfg, *, progress: bool = True) -> ResolvedData:
             raise sources.DatasetError(f'{stats_path}: mean image is {stats["mean_image"].shape}, but '
                                        f'resize_size is {cfg.resize_size}')
     return ResolvedData(records, stats, list(classes), list(class_names))
+
+
+def split_records(cfg, split: str, classes: list[str]):
+    """One split's records, read as training reads them, for the given class list (the checkpoint's).
+
+    The reader of training-time evaluation and of ``python -m alexnet_jax.evaluate``:
+    any validation layout of :mod:`sources`, or the packed shards. The
+    embedded set is made (once) if needed. The training split is not scanned.
+    """
+    if cfg.name == 'embedded':
+        data = resolve(cfg, progress=False)
+        if data.classes != list(classes) or split not in data.records:
+            raise sources.DatasetError(f'the embedded set has no split {split!r} with these classes')
+        return data.records[split]
+    if source_form(cfg) == 'packed':
+        if cfg.packed_dir is None:
+            raise sources.DatasetError('data.format is packed but data.packed_dir is not set; add '
+                                       '--config.data.packed_dir=DIR.')
+        meta = prepare.read_metadata(cfg.packed_dir)
+        if split not in meta['splits']:
+            raise sources.DatasetError(f'{cfg.packed_dir!r} has no {split!r} split (it has {list(meta["splits"])}).')
+        if list(meta['classes']) != list(classes):
+            raise sources.DatasetError(f'{cfg.packed_dir!r} was packed with other classes than the model '
+                                       f'knows ({len(meta["classes"])} vs {len(classes)}, or another order).')
+        return sources.PackedRecords(prepare.shard_paths(cfg.packed_dir, split))
+    if cfg.root is None:
+        raise sources.DatasetError(_NO_IMAGENET)
+    return sources.FolderRecords(
+        sources.scan_split(cfg.root, split, classes, cfg.val_labels if split == 'val' else None))
 
 
 def _host_shard(shard_index, shard_count) -> tuple[int, int]:

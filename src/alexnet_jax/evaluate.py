@@ -1,0 +1,177 @@
+"""Evaluate a checkpoint on a validation set: top-1 and top-5 error, centre crop and ten crops.
+
+    python -m alexnet_jax.evaluate --workdir=runs/paper --config.data.root=/path/to/imagenet
+    python -m alexnet_jax.evaluate --workdir=runs/demo --json=val.json          # the data it trained on
+
+The run's saved config gives the preprocessing and the data; ``--config.X=...``
+overrides any of its fields, as on ``launch.py`` (the same data on another
+machine, another validation layout or labels file, more workers). The
+validation images are read by the reader training-time evaluation uses
+(:func:`alexnet_jax.data.split_records` and :class:`alexnet_jax.data.EvalPasses`),
+so every layout training accepts works here: ``val/<wnid>/``, a flat folder
+with ``val_labels.txt``, Kaggle's ``LOC_val_solution.csv`` or the devkit's
+ground truth with ``meta.mat``, or the packed shards. The training set is not
+read: the class list and the mean image come from the checkpoint.
+
+One pass gives both protocols: the ten views (corners and centre, and their
+mirror images) hold the centre crop, so the centre-crop error is that view's,
+and the ten-crop error averages the softmax over the ten, as the paper did.
+One process; all its devices.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import ml_collections
+from absl import flags, logging
+from ml_collections import config_flags
+
+_BAD = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
+_PROG = "python -m alexnet_jax.evaluate"
+
+
+def _define_run_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", None, "The training run's workdir (or its checkpoints/<step> folder).",
+                        flag_values=fv)
+    flags.DEFINE_integer("step", None, "Which checkpoint step; default the newest finished one.", flag_values=fv)
+    flags.DEFINE_enum("views", "both", ["both", "center"],
+                      "'both': centre crop and ten crops from one pass; 'center': the centre crop only "
+                      "(a tenth of the device work).", flag_values=fv)
+    flags.DEFINE_string("split", "val", "Which split of the data to evaluate.", flag_values=fv)
+    flags.DEFINE_integer("batch_size", None, "Images per batch; default the run's eval_batch_size.", flag_values=fv)
+    flags.DEFINE_string("json", None, "Also write the results to this JSON file.", flag_values=fv)
+
+
+def config_for_evaluation(saved: dict) -> ml_collections.ConfigDict:
+    """The saved config with every data field typed as in a fresh config, so all of them can be overridden
+    (fields saved as null become placeholders again)."""
+    from alexnet_jax.data import default_data_config
+
+    config = ml_collections.ConfigDict(saved)
+    data = default_data_config()
+    with data.unlocked():
+        for key, value in saved.get("data", {}).items():
+            if isinstance(value, dict) and key in data:
+                data[key].update(value)
+            else:
+                data[key] = value
+    config.data = data
+    config.lock()
+    return config
+
+
+def parse_command_line(argv: list[str]):
+    """``(config, options)``: the checkpoint's config with the command line's overrides, and the other flags."""
+    from alexnet_jax.inference import _read_json, find_step_dir
+
+    first = flags.FlagValues()
+    _define_run_flags(first)
+    try:
+        first(list(argv), known_only=True)
+    except _BAD as e:
+        sys.exit(f"{_PROG}: bad command line: {e}")
+    if first.workdir is None:
+        sys.exit(f"{_PROG}: give --workdir=DIR, the training run's workdir.")
+    from alexnet_jax.checkpoint import CheckpointError
+
+    try:
+        step_dir, _ = find_step_dir(first.workdir, first.step)
+    except CheckpointError as e:
+        sys.exit(f"{_PROG}: {e}")
+    if not (step_dir / "config").is_dir():
+        sys.exit(f"{_PROG}: {step_dir} holds no saved config; evaluate needs the run's preprocessing.")
+    base = config_for_evaluation(_read_json(step_dir / "config"))
+
+    fv = flags.FlagValues()
+    _define_run_flags(fv)
+    try:  # config_flags applies the overrides as soon as the flag is defined
+        config_flag = config_flags.DEFINE_config_dict("config", base, "The run's saved config; override "
+                                                      "fields with --config.X=...", flag_values=fv,
+                                                      sys_argv=list(argv))
+        rest = fv(list(argv))
+        config = config_flag.value
+    except _BAD as e:
+        what = f"no such config key: {str(e).strip(chr(34))}" if isinstance(e, (KeyError, AttributeError)) else e
+        sys.exit(f"{_PROG}: bad command line: {what}\nConfig keys are those the run saved, "
+                 "e.g. --config.data.root=/path/to/imagenet.")
+    if len(rest) > 1:
+        sys.exit(f"{_PROG}: bad command line: unexpected arguments {rest[1:]}")
+    return config, {"workdir": fv.workdir, "step": fv.step, "views": fv.views, "split": fv.split,
+                    "batch_size": fv.batch_size, "json": fv.json}
+
+
+def evaluate_checkpoint(workdir, config: ml_collections.ConfigDict | None = None, *, step: int | None = None,
+                        views: str = "both", split: str = "val", batch_size: int | None = None) -> dict:
+    """Error rates of a checkpoint on ``split``; ``config`` (default: the saved one) names the data."""
+    from alexnet_jax import data as data_lib
+    from alexnet_jax import train
+    from alexnet_jax.inference import load_checkpoint
+
+    ckpt = load_checkpoint(workdir, step)
+    if config is None:
+        config = config_for_evaluation(ckpt.config.to_dict())
+    model = ckpt.model
+    mesh, note = train._mesh_for(model, ml_collections.ConfigDict({"tower": -1, "data": -1}))
+    if note:
+        print(note)
+    param_shardings = train.state_shardings(ckpt.params, mesh)
+    params = jax.device_put(ckpt.params, param_shardings)
+
+    cfg = config.data
+    classes = ckpt.classes
+    if classes is None:
+        raise data_lib.DatasetError(f"{ckpt.path!r} does not record its class list; evaluate it where its "
+                                    "training data is, with launch.py.")
+    records = data_lib.split_records(cfg, split, classes)
+    if cfg.mean_subtraction and ckpt.stats is None:
+        raise data_lib.DatasetError(f"{ckpt.path!r} does not carry the mean image the run subtracted.")
+    data = data_lib.ResolvedData({split: records}, ckpt.stats, list(classes), list(ckpt.class_names or classes))
+    batch = batch_size or config.eval_batch_size
+    if batch % mesh.shape[train.DATA_AXIS]:
+        raise data_lib.DatasetError(f"--batch_size={batch} must be a multiple of the {mesh.shape[train.DATA_AXIS]} "
+                                    "devices it is split over.")
+    mode = "center" if views == "center" else ("whole" if cfg.output == "uint8" else "ten_crop")
+    passes = data_lib.EvalPasses(cfg, batch_size=batch, mode=mode, split=split, image_size=model.image_size,
+                                 data=data)
+    try:
+        eval_step = train.make_eval_step(model, mesh, param_shardings, train.make_input_fn(cfg, ckpt.stats))
+        result = train.evaluate(eval_step, params, passes(), mesh)
+    finally:
+        passes.close()
+    return {"checkpoint": ckpt.path, "step": ckpt.step, "split": split, "images": len(records), **result}
+
+
+def _table(r: dict) -> str:
+    rows = [("centre crop", r["top1_error"], r["top5_error"])]
+    if "top1_error_ten_crop" in r:
+        rows.append(("ten crops", r["top1_error_ten_crop"], r["top5_error_ten_crop"]))
+    lines = [f"{r['checkpoint']} (step {r['step']}) on {r['split']}: {r['n']:,} images",
+             f"{'protocol':<12} {'top-1 error':>11} {'top-5 error':>11}"]
+    lines += [f"{name:<12} {t1:>11.4f} {t5:>11.4f}" for name, t1, t5 in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    config, opts = parse_command_line(argv)
+    logging.set_verbosity(logging.WARNING)
+    from alexnet_jax import ConfigError
+    from alexnet_jax.checkpoint import CheckpointError
+    from alexnet_jax.data import DatasetError
+
+    try:
+        r = evaluate_checkpoint(opts["workdir"], config, step=opts["step"], views=opts["views"],
+                                split=opts["split"], batch_size=opts["batch_size"])
+    except (ConfigError, DatasetError, CheckpointError) as e:
+        sys.exit(f"{_PROG}: {e}")
+    print(_table(r))
+    if opts["json"]:
+        Path(opts["json"]).parent.mkdir(parents=True, exist_ok=True)
+        Path(opts["json"]).write_text(json.dumps(r, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv)
