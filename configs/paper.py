@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.pool_window = 3  # max-pool window z; 3 with stride 2 overlaps (Section 3.4)
     c.model.pool_stride = 2  # max-pool stride s; 2/2 is the non-overlapping ablation
     c.model.dropout = 0.5  # dropout rate in fc6 and fc7 (Section 4.2)
-    c.model.activation = "relu"  # 'relu' or 'tanh' (Figure 1's comparison)
+    c.model.activation = "relu"  # 'relu' (Section 3.1) or 'tanh', the saturating unit it replaced
     c.model.num_classes = 1000  # ILSVRC classes; split evenly across the towers' fc8
     c.model.width = 1.0  # multiplier on every layer's width except fc8 (1.0 = paper)
     c.model.image_size = 224  # crop size fed to conv1 (55x55 after it, cuda-convnet rounding)
