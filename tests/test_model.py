@@ -8,7 +8,7 @@ import pytest
 from alexnet_jax import AlexNet, ConfigError, LRN, count_params, default_config, from_config
 from alexnet_jax.model import conv1_padding, layer_param_counts
 
-# SPEC.md / the paper, Section 3 and Table-free text; per-layer counts summed over towers.
+# The paper, Section 3; per-layer counts summed over towers.
 PAPER_LAYER_PARAMS = {
     "conv1": 34_944, "conv2": 307_456, "conv3": 885_120, "conv4": 663_936,
     "conv5": 442_624, "fc6": 37_752_832, "fc7": 16_781_312, "fc8": 4_097_000,

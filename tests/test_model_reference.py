@@ -1,6 +1,6 @@
 """Eval-mode logits of the network against an independent float64 NumPy reference of the paper's net.
 
-The reference is written from the paper (SPEC.md, "The network") as ONE network with
+The reference is written from the paper (Section 3, Figure 2) as ONE network with
 grouped convolutions, the way Figure 2 reads when the two GPUs are drawn side by side
 (and the way Caffe's ``group: 2`` wrote it), not as a tower function run twice:
 
@@ -11,7 +11,7 @@ grouped convolutions, the way Figure 2 reads when the two GPUs are drawn side by
 * ReLU -> LRN -> max-pool 3/2 after conv1 and conv2, LRN summing over the channels of one
   group (tower) with the sum clipped at the group's edges; ReLU -> max-pool after conv5;
 * fc6, fc7, fc8 are ordinary dense layers over all units; no ReLU on fc8; no dropout at
-  test time (the model uses inverted dropout, which SPEC calls equivalent to the paper's x0.5).
+  test time (the model uses inverted dropout: scaling by 2 in training is equivalent to the paper's x0.5 at test).
 
 Everything is NumPy float64: convolutions as explicit sliding windows (``sliding_window_view``)
 contracted with ``einsum``, max-pooling as a max over windows, LRN as the paper's sum,
@@ -31,9 +31,9 @@ Conventions the paper does not fix, pinned here (the model's documented layout):
   order, flattened row-major in (H, W, C) order, i.e. fc6 kernel row
   ``r = (h * W + w) * C + c`` (the NHWC layout's own order; Caffe/PyTorch's C, H, W order is
   the alternative and must fail).
-* conv1 padding (SPEC): cuda-convnet's ``ceil((S - 11) / 4) + 1`` windows, zeros added at the
+* conv1 padding (as cuda-convnet): cuda-convnet's ``ceil((S - 11) / 4) + 1`` windows, zeros added at the
   bottom and right edges only (224 -> pad 3 -> 55).
-* LRN (SPEC, Section 3.3): k=2, n=5, alpha=1e-4, beta=0.75, alpha not divided by n
+* LRN (Section 3.3): k=2, n=5, alpha=1e-4, beta=0.75, alpha not divided by n
   (``'paper'``, the default); ``'alpha_over_n'`` divides it by n.
 
 The weights are drawn so that every difference above shows: activations of order 10-100
