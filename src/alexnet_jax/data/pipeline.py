@@ -179,7 +179,7 @@ def resolve(cfg, *, progress: bool = True) -> ResolvedData:
         train_files = sources.scan_split(root, 'train', classes)
         records = {'train': sources.FolderRecords(train_files)}
         if (Path(root) / 'val').is_dir():
-            records['val'] = split_records(cfg, 'val', classes)
+            records['val'] = _folder_split(root, 'val', classes, cfg.val_labels)
         class_names = sources.read_class_names(root, classes)
         if needs_stats and stats_path is None:
             stats_path = stats_lib.ensure_stats(train_files, cfg.resize_size, cache_dir=cfg.cache_dir,
@@ -218,8 +218,11 @@ def split_records(cfg, split: str, classes: list[str]):
         return sources.PackedRecords(prepare.shard_paths(cfg.packed_dir, split))
     if cfg.root is None:
         raise sources.DatasetError(_NO_IMAGENET)
-    return sources.FolderRecords(
-        sources.scan_split(cfg.root, split, classes, cfg.val_labels if split == 'val' else None))
+    return _folder_split(cfg.root, split, classes, cfg.val_labels)
+
+
+def _folder_split(root, split: str, classes: list[str], val_labels) -> sources.FolderRecords:
+    return sources.FolderRecords(sources.scan_split(root, split, classes, val_labels if split == 'val' else None))
 
 
 def _host_shard(shard_index, shard_count) -> tuple[int, int]:
