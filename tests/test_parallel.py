@@ -85,7 +85,8 @@ def check_layouts(kwargs, batch, meshes=None):
             assert_same(g_ref, g, f"grad {jax.tree_util.keystr(path)} {where}", rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", list(ABLATIONS))
+@pytest.mark.parametrize("name", [n if n in ("paper", "one_tower") else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in ABLATIONS])
 def test_layouts_agree_narrow(name):
     # Every layout for the paper net; for the ablations, one of each kind (they change
     # the layers, not how the layouts split them).
@@ -93,6 +94,7 @@ def test_layouts_agree_narrow(name):
     check_layouts({**NARROW, **ABLATIONS[name]}, batch=8, meshes=meshes)
 
 
+@pytest.mark.slow  # the full-size forward is also checked against a NumPy reference in test_model_reference
 def test_layouts_agree_full_size_paper_net():
     check_layouts({}, batch=8)
 
