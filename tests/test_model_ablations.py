@@ -1,7 +1,7 @@
 """The paper's ablations, as config overrides, checked on the activations they change.
 
 Every check compares what the network computed against an independent NumPy
-computation from the paper's definitions (SPEC.md; paper Sections 3.1, 3.3, 3.4
+computation from the paper's definitions (the paper's Sections 3.1, 3.3, 3.4
 and 4.2), made from tensors read out of the same forward pass:
 
 * ``lrn``: the tensor that goes into pooling after conv1/conv2 is relu(conv)
