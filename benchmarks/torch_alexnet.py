@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Per-tower widths (conv1..conv5, fc6, fc7) of the paper's nets (SPEC; Section 3.5, footnote 2).
+# Per-tower widths (conv1..conv5, fc6, fc7) of the paper's nets (Section 3.5, footnote 2).
 _WIDTHS = {2: (48, 128, 192, 192, 128, 2048, 2048), 1: (48, 128, 192, 192, 256, 4096, 4096)}
 
 

@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.image_size = 64  # 64x64 crops of 72x72 images
     c.model.num_classes = 10  # classes of the embedded dataset
     # The paper's N(0, 0.01) with biases 1 stalls at chance for a net this narrow
-    # (SPEC: "known to train slowly"); larger weights and Caffe's small bias train in minutes.
+    # (known to train slowly; Caffe changed it too); larger weights and Caffe's small bias train in minutes.
     c.model.init_std = 0.05  # weights ~ N(0, 0.05^2)
     c.model.init_bias = 0.1  # bias of conv2, conv4, conv5, fc6, fc7 (Caffe's choice)
     c.data = demo_data_config()  # embedded dataset, resized to 72, cropped to 64
