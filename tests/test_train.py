@@ -118,11 +118,31 @@ def test_scheduled_requested_and_resume_drops_survive_restarts(tmp_path):
     assert not (wd / "DROP_LR").exists()
     assert r2["lr"] == pytest.approx(0.0005)
     r3 = train.run(tiny_config(**{"total_steps": 8, "optim.drop_epochs": (0.03,), "optim.lr": 1e-4,
-                                  "checkpoint_every": 2}), wd)
+                                  "checkpoint_every": 2}), wd, manual_lr=1e-4)
     assert r3["lr"] == pytest.approx(1e-4)
     assert [d["reason"].split()[0] for d in r3["lr_drops"]] == ["scheduled", "requested", "resume"]
+    # A requeue without the manual LR keeps it (the config's 0.01 is not a request), and one that
+    # repeats the same request does not drop again.
+    r4 = train.run(tiny_config(**{"total_steps": 9, "optim.drop_epochs": (0.03,), "checkpoint_every": 1}), wd)
+    r5 = train.run(tiny_config(**{"total_steps": 10, "optim.drop_epochs": (0.03,), "optim.lr": 1e-4,
+                                  "checkpoint_every": 1}), wd, manual_lr=1e-4)
+    assert r4["lr"] == r5["lr"] == pytest.approx(1e-4)
+    assert len(r5["lr_drops"]) == 3
     lr = lr_by_step(wd)  # the LR each step trained with
-    assert [lr[s] for s in range(1, 9)] == pytest.approx([0.01] * 3 + [0.001] * 2 + [0.0005] + [1e-4] * 2)
+    assert [lr[s] for s in range(1, 11)] == pytest.approx([0.01] * 3 + [0.001] * 2 + [0.0005] + [1e-4] * 4)
+
+
+def test_lr_typed_at_resume_is_a_manual_drop_and_a_requeue_without_it_keeps_it(tmp_path):
+    """The README's `--config.optim.lr=0.001 when resuming`, as typed, then the same command without it."""
+    wd = tmp_path / "run"
+    for steps, extra in ((2, []), (3, ["--config.optim.lr=0.001"]), (4, [])):
+        r = launch(wd, f"--config.total_steps={steps}", "--config.checkpoint_every=1", *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+    lr = lr_by_step(wd)
+    assert [lr[s] for s in range(1, 5)] == pytest.approx([0.01, 0.01, 0.001, 0.001])
+    drops = [m for m in metrics(wd) if "lr_drop/to" in m]
+    assert [(d["step"], d["lr_drop/to"], d["lr_drop/reason"]) for d in drops] == [
+        (2, 0.001, "resume with --config.optim.lr")]
 
 
 @pytest.mark.slow

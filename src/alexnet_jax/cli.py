@@ -61,6 +61,11 @@ def parse_command_line(argv: list[str]):
     return _config_value(config_flag), workdir_flag.value
 
 
+def lr_on_command_line(argv: list[str]) -> bool:
+    """Whether ``--config.optim.lr`` was typed: on resume that is a manual LR drop; its absence is not."""
+    return any(a == "--config.optim.lr" or a.startswith("--config.optim.lr=") for a in argv[1:])
+
+
 def launch(argv: list[str]) -> None:
     """Parse, then train (or resume); every expected failure ends in one line on stderr."""
     config_flag, workdir_flag = define_flags(flags.FLAGS, argv)
@@ -75,7 +80,7 @@ def launch(argv: list[str]) -> None:
         from alexnet_jax.data import DatasetError
 
         try:
-            train.run(config, workdir_flag.value)
+            train.run(config, workdir_flag.value, manual_lr=config.optim.lr if lr_on_command_line(argv) else None)
         except ConfigError as e:
             sys.exit(f"launch.py: bad config: {e}")
         except (DatasetError, CheckpointError, train.TrainingError) as e:

@@ -305,8 +305,28 @@ def _mesh_for(model: AlexNet, mesh_cfg) -> tuple[Any, str | None]:
                           "and --config.mesh.data=N uses N of them.") from None
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
-    """Train (or resume) according to ``config``; returns the final metrics."""
+MANUAL_LR_REASON = "resume with --config.optim.lr"
+
+
+def manual_lr_to_apply(manual_lr: float | None, drops: list[dict]) -> float | None:
+    """The LR to set on resume, or None. An LR asked for at resume is a manual drop, once: the same
+    request again (a requeue script that keeps the flag) changes nothing, and no request (a requeue
+    without the flag) changes nothing either."""
+    if manual_lr is None:
+        return None
+    asked = [d["to"] for d in drops if d["reason"] == MANUAL_LR_REASON]
+    if asked and math.isclose(asked[-1], manual_lr, rel_tol=1e-9):
+        return None
+    return float(manual_lr)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, manual_lr: float | None = None) -> dict:
+    """Train (or resume) according to ``config``; returns the final metrics.
+
+    ``manual_lr``: on resume, set the LR to this (logged as a manual drop), once per distinct
+    value; ``launch.py`` passes it when ``--config.optim.lr`` is on the command line. Without
+    it the checkpoint's LR carries on, whatever ``config.optim.lr`` says.
+    """
     from rich.console import Console
     from rich.markup import escape
 
@@ -365,12 +385,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
         control = optim.LRControl.from_json(restored["control"])
         console.print(f"Resumed from {ckpt.directory / str(restored['step'])} (step {restored['step']}, "
                       f"lr {optim.get_lr(state.opt_state):.3g}).")
-        saved_lr = restored["config"]["optim"]["lr"]
-        if config.optim.lr != saved_lr:  # --config.optim.lr=... on resume: a manual drop
+        new_lr = manual_lr_to_apply(manual_lr, control.drops)
+        if new_lr is not None:
             old = optim.get_lr(state.opt_state)
-            state = state.replace(opt_state=optim.set_lr(state.opt_state, config.optim.lr))
+            state = state.replace(opt_state=optim.set_lr(state.opt_state, new_lr))
             log_drop(optim.record_drop(control, step=int(state.step), epoch=int(state.step) / steps_per_epoch,
-                                       old=old, new=config.optim.lr, reason="resume with --config.optim.lr"))
+                                       old=old, new=new_lr, reason=MANUAL_LR_REASON))
 
     train_iter = data_lib.build_train_iter(config.data, batch_size=config.batch_size, seed=config.seed,
                                            image_size=model.image_size, shard_index=host_shard[0],
