@@ -102,9 +102,9 @@ class _WriteBarrier:
     PREFIX = "alexnet_jax/checkpoint_write"
 
     def __init__(self):
-        from jax._src import distributed  # the runtime's key-value store; no public handle
+        from alexnet_jax._jax_internals import distributed_client  # the runtime's key-value store
 
-        self.client = distributed.global_state.client
+        self.client = distributed_client()
         self.step: int | None = None  # the step whose write is running
 
     def abort(self, step: int) -> None:

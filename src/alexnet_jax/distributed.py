@@ -72,9 +72,9 @@ def initialize(cfg=None, environ: Mapping[str, str] = os.environ) -> bool:
         return False
     if jax.distributed.is_initialized():
         return True
-    from jax._src import xla_bridge  # no public query for "backend already started"
+    from alexnet_jax._jax_internals import backends_are_initialized  # no public query for this
 
-    if xla_bridge.backends_are_initialized():
+    if backends_are_initialized():
         raise RuntimeError("A multi-process run must join the distributed runtime before JAX starts its "
                            "backend; call alexnet_jax.train.run (or distributed.initialize) first thing.")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes exchange over TCP

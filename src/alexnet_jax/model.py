@@ -34,11 +34,10 @@ class ConfigError(ValueError):
 
 # Whole-net widths of the paper's two-tower net (Section 3.5, Figure 2).
 _TWO_TOWER_CONV = (96, 256, 384, 384, 256)
-_TWO_TOWER_FC = (4096, 4096)
-# Footnote 2: the one-GPU net halves the kernels of every conv layer except the
-# last, and keeps the fully-connected layers whole.
+# fc6 and fc7, whole-net, in both nets: footnote 2's one-GPU net keeps them (and conv5) whole.
+_FC = (4096, 4096)
+# Footnote 2: the one-GPU net halves the kernels of every conv layer except the last.
 _ONE_TOWER_CONV = (48, 128, 192, 192, 256)
-_ONE_TOWER_FC = (4096, 4096)
 
 # Layers whose biases the paper initialises to 1 (Section 5); the others get 0.
 BIAS_ONE_LAYERS = ("conv2", "conv4", "conv5", "fc6", "fc7")
@@ -48,10 +47,10 @@ LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 def tower_widths(towers: int, width: float, num_classes: int) -> dict[str, int]:
     """Output width of each layer within one tower."""
     if towers == 2:
-        whole = _TWO_TOWER_CONV + _TWO_TOWER_FC
+        whole = _TWO_TOWER_CONV + _FC
         per_tower = [w // 2 for w in whole]
     elif towers == 1:
-        per_tower = list(_ONE_TOWER_CONV + _ONE_TOWER_FC)
+        per_tower = list(_ONE_TOWER_CONV + _FC)
     else:
         raise ConfigError(f"model.towers must be 1 or 2 (the paper's nets), got {towers}.")
     if not width > 0:

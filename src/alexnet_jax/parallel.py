@@ -26,9 +26,9 @@ DATA_AXIS = "data"
 
 def use_virtual_cpu_devices(n: int) -> None:
     """Split the host CPU into ``n`` JAX devices; must run before JAX starts its backend."""
-    from jax._src import xla_bridge  # no public query for "backend already started"
+    from alexnet_jax._jax_internals import backends_are_initialized  # no public query for this
 
-    if xla_bridge.backends_are_initialized():
+    if backends_are_initialized():
         if jax.device_count() == n:
             return
         raise RuntimeError(

@@ -353,11 +353,6 @@ class TrainIterator(grain.DatasetIterator):
             self._it = None
         self._next_batch = int(state['next_batch'])
 
-    def start_prefetch(self) -> None:
-        it = self._ensure()
-        if hasattr(it, 'start_prefetch'):
-            it.start_prefetch()
-
     def close(self) -> None:
         if self._it is not None:
             self._it.close()
