@@ -28,7 +28,7 @@ DIGEST = {
 }
 
 
-@pytest.mark.parametrize("data_axis", [1, 2], ids=["1x2", "2x2"])
+@pytest.mark.parametrize("data_axis", [pytest.param(1, id="1x2", marks=pytest.mark.slow), pytest.param(2, id="2x2")])
 def test_first_three_steps_are_pinned(tmp_path, data_axis):
     wd = tmp_path / "run"
     train.run(tiny_config(**{"total_steps": 3, "mesh.data": data_axis, "checkpoint_every": 3}), wd)

@@ -107,6 +107,7 @@ def lr_by_step(workdir):
     return {m["step"]: m["train/lr"] for m in metrics(workdir) if "train/lr" in m}
 
 
+@pytest.mark.slow
 def test_scheduled_requested_and_resume_drops_survive_restarts(tmp_path):
     wd = tmp_path / "run"
     # 3000 images / 32 = 93 steps per epoch: epoch 0.03 is crossed at step 3.
@@ -194,6 +195,7 @@ def test_resume_refuses_another_network_but_allows_speed_knobs(tmp_path):
     assert r["step"] == 4
 
 
+@pytest.mark.slow
 def test_uint8_batches_normalised_on_device_train_like_float32_ones(tmp_path):
     # The same data stream normalised on the host (float32) or in the jitted step (uint8).
     a = train.run(tiny_config(**{"total_steps": 3, "data.output": "float32"}), tmp_path / "f32")
