@@ -210,7 +210,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     wd = tmp_path / "run"
     train.run(tiny_config(total_steps=2, checkpoint_every=2), wd)
     with pytest.raises(train.TrainingError, match=r"loss became (nan|inf).*last good checkpoint, step 2"):
-        train.run(tiny_config(**{"total_steps": 8, "checkpoint_every": 2, "optim.lr": 1e30}), wd)
+        train.run(tiny_config(**{"total_steps": 8, "checkpoint_every": 2, "optim.lr": 1e30}), wd, manual_lr=1e30)
     assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit()) == [2]
     state = read_state(wd, 2)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state["params"]))
