@@ -111,6 +111,7 @@ def test_devkit_layout_gives_the_class_folder_result(run, tmp_path):
     ([], "give --workdir=DIR"),
     (["--workdir=/no/such/run"], "/no/such/run"),
     (["--config.data.no_such_key=1"], "no_such_key"),
+    (["--json=/proc/no/such/dir/val.json"], "cannot write --json=/proc/no/such/dir/val.json"),
     (["--config.data.name=imagenet", "--config.data.format=folder", "--config.data.root=/no/such/data"],
      "/no/such/data"),
 ])

@@ -22,6 +22,7 @@ One process; all its devices.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -157,6 +158,14 @@ def _table(r: dict) -> str:
 
 def main(argv: list[str]) -> None:
     config, opts = parse_command_line(argv)
+    out = Path(opts["json"]) if opts["json"] else None
+    if out is not None:  # before the pass, not after: a long evaluation must not be lost to a bad path
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(out.parent, os.W_OK):
+                raise PermissionError(f"{out.parent} is not writable")
+        except OSError as e:
+            sys.exit(f"{_PROG}: cannot write --json={out}: {e}")
     logging.set_verbosity(logging.WARNING)
     from alexnet_jax import ConfigError
     from alexnet_jax.checkpoint import CheckpointError
@@ -168,9 +177,11 @@ def main(argv: list[str]) -> None:
     except (ConfigError, DatasetError, CheckpointError) as e:
         sys.exit(f"{_PROG}: {e}")
     print(_table(r))
-    if opts["json"]:
-        Path(opts["json"]).parent.mkdir(parents=True, exist_ok=True)
-        Path(opts["json"]).write_text(json.dumps(r, indent=2) + "\n")
+    if out is not None:
+        try:
+            out.write_text(json.dumps(r, indent=2) + "\n")
+        except OSError as e:
+            sys.exit(f"{_PROG}: cannot write --json={out}: {e} (the results are printed above)")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ _LABEL_FILE_CANDIDATES = (
     'ILSVRC2012_validation_labels.txt', _DEVKIT_GROUND_TRUTH,
 )
 # Where the ILSVRC 2012 devkit puts its ground truth and meta.mat, relative to ROOT.
-_DEVKIT_DATA_DIRS = ('ILSVRC2012_devkit_t12/data', 'devkit/data', 'ILSVRC2012_devkit_t12', '.')
+_DEVKIT_DATA_DIRS = ('ILSVRC2012_devkit_t12/data', 'devkit/data', 'ILSVRC2012_devkit_t12')
 _CLASS_NAME_FILES = ('class_names.txt', 'LOC_synset_mapping.txt', 'synset_words.txt', 'words.txt')
 
 EXPECTED_LAYOUT = (
