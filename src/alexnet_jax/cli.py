@@ -14,11 +14,17 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 # What a bad command line raises, from ml_collections, absl or the config file itself.
-_BAD = (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError)
+BAD_COMMAND_LINE = (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError)
+_BAD = BAD_COMMAND_LINE
+
+
+def describe(e: Exception) -> str:
+    """One line for what is wrong with a command line (config_flags reports a missing key as a bare name)."""
+    return f"no such config key: {str(e).strip(chr(34))}" if isinstance(e, (KeyError, AttributeError)) else str(e)
 
 
 def _explain(e: Exception):
-    what = f"no such config key: {str(e).strip(chr(34))}" if isinstance(e, (KeyError, AttributeError)) else str(e)
+    what = describe(e)
     sys.exit(f"launch.py: bad command line: {what}\n"
              "Config keys are those of the --config file, e.g. --config.model.lrn=False.")
 

@@ -31,7 +31,8 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-_BAD = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
+from alexnet_jax.cli import BAD_COMMAND_LINE as _BAD
+from alexnet_jax.cli import describe
 _PROG = "python -m alexnet_jax.evaluate"
 
 
@@ -96,8 +97,7 @@ def parse_command_line(argv: list[str]):
         rest = fv(list(argv))
         config = config_flag.value
     except _BAD as e:
-        what = f"no such config key: {str(e).strip(chr(34))}" if isinstance(e, (KeyError, AttributeError)) else e
-        sys.exit(f"{_PROG}: bad command line: {what}\nConfig keys are those the run saved, "
+        sys.exit(f"{_PROG}: bad command line: {describe(e)}\nConfig keys are those the run saved, "
                  "e.g. --config.data.root=/path/to/imagenet.")
     if len(rest) > 1:
         sys.exit(f"{_PROG}: bad command line: unexpected arguments {rest[1:]}")
