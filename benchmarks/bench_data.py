@@ -38,7 +38,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'src'))
 
-from alexnet_jax.data import embedded, pipeline, prepare, sources  # noqa: E402
+from alexnet_jax.data import embedded, locate, pipeline, prepare, sources  # noqa: E402
 
 
 def make_folder(root: Path, num_images: int, num_classes: int = 10) -> Path:
@@ -179,7 +179,7 @@ def main(argv=None) -> None:
         cfg.packed_dir = str(packed) if form == 'packed' else None
         cfg.stats_path = str(packed / 'stats.npz')
         cfg.num_threads = 1
-        cfgs[form] = (cfg, pipeline.resolve(cfg))
+        cfgs[form] = (cfg, locate.resolve(cfg))
     # Best of `repeats` rounds, every measurement once per round: other programs on a shared machine
     # only ever slow a measurement down, and interleaving spreads their effect over all of them.
     for _ in range(a.repeats):

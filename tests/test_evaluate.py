@@ -18,6 +18,7 @@ import pytest
 import _trained
 from alexnet_jax import Classifier
 from alexnet_jax.data import embedded, sources
+from alexnet_jax.data.labels import devkit_file_name
 from alexnet_jax.evaluate import evaluate_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +83,7 @@ def test_devkit_layout_gives_the_class_folder_result(run, tmp_path):
     classes = sorted(p.name for p in (folder / "val").iterdir())
     devkit_ids = {c: 1 + (3 * k + 2) % len(classes) for k, c in enumerate(classes)}  # not the sorted order
     for n, k in enumerate(order, start=1):
-        shutil.copy(files[k], flat / "val" / sources.devkit_file_name(n))
+        shutil.copy(files[k], flat / "val" / devkit_file_name(n))
         ids.append(devkit_ids[files[k].parent.name])
     data = flat / "ILSVRC2012_devkit_t12" / "data"
     data.mkdir(parents=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alexnet_jax.data import prepare, sources
+from alexnet_jax.data import layout, prepare, sources
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "data"))
 from _folders import write_imagenet_folder  # noqa: E402
@@ -46,7 +46,7 @@ def test_paper_config_on_a_raw_folder(folder, tmp_path):
     assert r.returncode == 0, r.text[-3000:]
     assert "computing the mean image (256x256)" in r.text and "Done at step 2" in r.stdout
     (path,) = stats_files(tmp_path / "cache")
-    files = sources.scan_split(folder, "train")
+    files = layout.scan_split(folder, "train")
     decoded = [sources.decode_image((Path(files.root) / f).read_bytes(), 256) for f in files.rel_paths]
     np.testing.assert_allclose(prepare.load_stats(path)["mean_image"], np.mean(decoded, 0, dtype=np.float64),
                                atol=1e-3)

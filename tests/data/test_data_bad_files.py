@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from alexnet_jax.data import layout as LA
+from alexnet_jax.data import locate as LO
 from alexnet_jax.data import pipeline as PL
 from alexnet_jax.data import prepare as P
-from alexnet_jax.data import sources as S
+from alexnet_jax.data.errors import DatasetError
 
 SIZE = 16
 # Each class is one flat colour whose grey level is distinct too, so a grayscale file still tells its label.
@@ -87,7 +89,7 @@ def test_eval_pass_completes_masks_and_names_bad_files(bad_folder, caplog):
     root, bad_names = bad_folder
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter('always')
-        data = PL.resolve(cfg_for(root))
+        data = LO.resolve(cfg_for(root))
     msgs = ' '.join(str(x.message) for x in w)
     assert 'empty class folder' in msgs and 'n00000009' in msgs
     assert data.classes == ['n00000000', 'n00000001', 'n00000002', 'n00000009']
@@ -117,7 +119,7 @@ def test_train_pass_substitutes_without_wrong_labels(bad_folder, caplog):
     cfg = cfg_for(root)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        data = PL.resolve(cfg)
+        data = LO.resolve(cfg)
     it = PL.build_train_iter(cfg, batch_size=5, seed=3, num_workers=0, data=data)
     with caplog.at_level(logging.WARNING):
         for _ in range(9):  # three epochs of 15 files
@@ -140,7 +142,7 @@ def test_prepare_skips_and_reports_bad_files(bad_folder):
     assert {n for n in bad_names if '/train/' in n} | {str(root / 'train' / 'n00000000' / 'notes.txt')} == skipped
     # The packed form then reads cleanly, labels intact.
     cfg = cfg_for(root, format='packed', packed_dir=str(dst))
-    data = PL.resolve(cfg)
+    data = LO.resolve(cfg)
     n = 0
     for batch in PL.build_eval_iter(cfg, batch_size=5, split='train', num_workers=0, data=data):
         for img, label, m in zip(batch['image'], batch['label'], batch['mask']):
@@ -151,21 +153,21 @@ def test_prepare_skips_and_reports_bad_files(bad_folder):
 
 
 def test_missing_and_empty_folders_say_what_was_expected(tmp_path):
-    with pytest.raises(S.DatasetError, match='expected the ImageNet layout'):
-        PL.resolve(cfg_for(tmp_path / 'does_not_exist'))
+    with pytest.raises(DatasetError, match='expected the ImageNet layout'):
+        LO.resolve(cfg_for(tmp_path / 'does_not_exist'))
     (tmp_path / 'empty').mkdir()
-    with pytest.raises(S.DatasetError, match='training folder'):
-        PL.resolve(cfg_for(tmp_path / 'empty'))
+    with pytest.raises(DatasetError, match='training folder'):
+        LO.resolve(cfg_for(tmp_path / 'empty'))
     (tmp_path / 'empty' / 'train').mkdir()
-    with pytest.raises(S.DatasetError, match='no class folders'):
-        PL.resolve(cfg_for(tmp_path / 'empty'))
+    with pytest.raises(DatasetError, match='no class folders'):
+        LO.resolve(cfg_for(tmp_path / 'empty'))
     (tmp_path / 'empty' / 'train' / 'n01').mkdir()
-    with pytest.raises(S.DatasetError, match='no images found'), warnings.catch_warnings():
+    with pytest.raises(DatasetError, match='no images found'), warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        PL.resolve(cfg_for(tmp_path / 'empty'))
-    with pytest.raises(S.DatasetError, match='prepare'):
-        PL.resolve(cfg_for(tmp_path / 'empty', format='packed', packed_dir=str(tmp_path / 'nothing')))
-    assert issubclass(S.DatasetError, ValueError)
+        LO.resolve(cfg_for(tmp_path / 'empty'))
+    with pytest.raises(DatasetError, match='prepare'):
+        LO.resolve(cfg_for(tmp_path / 'empty', format='packed', packed_dir=str(tmp_path / 'nothing')))
+    assert issubclass(DatasetError, ValueError)
 
 
 def make_flat_val(tmp_path, n=6):
@@ -187,7 +189,7 @@ def test_labels_file_that_does_not_match(tmp_path):
     (root / 'val_labels.txt').write_text('\n'.join(lines))
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter('always')
-        files = S.scan_split(root, 'val')
+        files = LA.scan_split(root, 'val')
     assert files.rel_paths == ['v0.JPEG', 'v1.JPEG', 'v2.JPEG', 'v3.JPEG']
     assert files.labels.tolist() == [0, 1, 0, 1]
     reasons = dict(files.skipped)
@@ -200,22 +202,22 @@ def test_labels_file_that_does_not_match(tmp_path):
 def test_labels_file_ambiguous_forms_are_refused(tmp_path):
     root = make_flat_val(tmp_path)
     (root / 'val_labels.txt').write_text('\n'.join(['1', '2', '1', '2', '1', '2']))
-    with pytest.raises(S.DatasetError, match='integer class ids'):
-        S.scan_split(root, 'val')
+    with pytest.raises(DatasetError, match='integer class ids'):
+        LA.scan_split(root, 'val')
     (root / 'val_labels.txt').write_text('\n'.join(['n00', 'n01', 'n00']))
-    with pytest.raises(S.DatasetError, match='cannot pair'):
-        S.scan_split(root, 'val')
+    with pytest.raises(DatasetError, match='cannot pair'):
+        LA.scan_split(root, 'val')
     (root / 'val_labels.txt').write_text('\n'.join(['n00', 'n01'] * 3))  # one wnid per sorted file
-    files = S.scan_split(root, 'val')
+    files = LA.scan_split(root, 'val')
     assert files.labels.tolist() == [0, 1, 0, 1, 0, 1]
     (root / 'val_labels.txt').unlink()
-    with pytest.raises(S.DatasetError, match='no labels file'):
-        S.scan_split(root, 'val')
+    with pytest.raises(DatasetError, match='no labels file'):
+        LA.scan_split(root, 'val')
 
 
 def test_kaggle_csv_labels(tmp_path):
     root = make_flat_val(tmp_path, n=2)
     (root / 'LOC_val_solution.csv').write_text(
         'ImageId,PredictionString\nv0,n00 1 2 3 4 n00 5 6 7 8\nv1,n01 1 2 3 4\n')
-    files = S.scan_split(root, 'val')
+    files = LA.scan_split(root, 'val')
     assert files.rel_paths == ['v0.JPEG', 'v1.JPEG'] and files.labels.tolist() == [0, 1]

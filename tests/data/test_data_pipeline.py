@@ -1,10 +1,13 @@
 """Loader: determinism, exact resume, host sharding, one-pass evaluation, on a tiny embedded set."""
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from alexnet_jax.data import embedded
+from alexnet_jax.data import locate as LO
 from alexnet_jax.data import pipeline as PL
 
 N_TRAIN, N_VAL = 12, 5  # per class; 10 classes
@@ -23,7 +26,7 @@ def cfg(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def data(cfg):
-    return PL.resolve(cfg)
+    return LO.resolve(cfg)
 
 
 def take(it, n):
@@ -68,7 +71,7 @@ def test_resume_mid_epoch_matches_uninterrupted(cfg, data):
     for _ in range(5):
         next(it)
     state = it.get_state()
-    resumed = PL.build_train_iter(cfg, batch_size=16, seed=1, num_workers=0, data=PL.resolve(cfg))
+    resumed = PL.build_train_iter(cfg, batch_size=16, seed=1, num_workers=0, data=LO.resolve(cfg))
     resumed.set_state(state)
     assert_same(take(resumed, 7), ref[5:])
 
@@ -190,10 +193,10 @@ def test_eval_sharded_over_hosts(cfg, data):
 def test_folder_form_matches_packed_form_labels(cfg, data):
     folder = cfg.copy_and_resolve_references()
     folder.format = 'folder'
-    folder.root = str(PL.embedded.ensure_embedded_dataset(
+    folder.root = str(embedded.ensure_embedded_dataset(
         cfg.root, num_train_per_class=N_TRAIN, num_val_per_class=N_VAL, image_size=40))
-    folder.stats_path = str(PL.Path(cfg.root) / (PL.Path(folder.root).name + '_packed36') / 'stats.npz')
-    fdata = PL.resolve(folder)
+    folder.stats_path = str(Path(cfg.root) / (Path(folder.root).name + '_packed36') / 'stats.npz')
+    fdata = LO.resolve(folder)
     a = list(PL.build_eval_iter(folder, batch_size=50, num_workers=0, data=fdata))[0]
     b = list(PL.build_eval_iter(cfg, batch_size=50, num_workers=0, data=data))[0]
     np.testing.assert_array_equal(a['label'], b['label'])

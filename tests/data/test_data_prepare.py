@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from alexnet_jax.data import layout as LA
 from alexnet_jax.data import prepare as P
 from alexnet_jax.data import sources as S
+from alexnet_jax.data.errors import DatasetError
 
 SIZE = 8
 
@@ -92,7 +94,7 @@ def test_resume_refuses_different_settings(tmp_path):
     dst = tmp_path / 'dst'
     P.prepare(tmp_path / 'src', dst, size=SIZE, workers=0, progress=False)
     os.remove(dst / 'metadata.json')
-    with pytest.raises(S.DatasetError, match='different'):
+    with pytest.raises(DatasetError, match='different'):
         P.prepare(tmp_path / 'src', dst, size=SIZE + 2, workers=0, progress=False)
 
 
@@ -140,9 +142,9 @@ def test_flat_val_folder_with_labels_file(tmp_path):
             names.append((new, d.name))
         d.rmdir()
     (tmp_path / 'src' / 'val_labels.txt').write_text(''.join(f'{n} {w}\n' for n, w in names))
-    files = S.scan_split(tmp_path / 'src', 'val')
+    files = LA.scan_split(tmp_path / 'src', 'val')
     assert len(files) == 6
-    assert [S.list_classes(tmp_path / 'src')[l] for l in files.labels] == [w for _, w in names]
+    assert [LA.list_classes(tmp_path / 'src')[l] for l in files.labels] == [w for _, w in names]
     dst = P.prepare(tmp_path / 'src', tmp_path / 'dst', size=SIZE, workers=0, progress=False)
     assert P.read_metadata(dst)['splits']['val']['per_class'] == [2, 2, 2]
 

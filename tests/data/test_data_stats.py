@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from alexnet_jax.data import layout as LA
 from alexnet_jax.data import prepare as P
-from alexnet_jax.data import sources as S
 from alexnet_jax.data import stats as ST
+from alexnet_jax.data.errors import DatasetError
 
 SIZE = 8
 
@@ -35,7 +36,7 @@ def write_pngs(root, n_per_class=5, seed=0):
 
 def test_folder_stats_equal_numpy_float64(tmp_path):
     imgs = write_pngs(tmp_path / 'src').astype(np.float64)
-    files = S.scan_split(tmp_path / 'src', 'train')
+    files = LA.scan_split(tmp_path / 'src', 'train')
     path = ST.ensure_stats(files, SIZE, cache_dir=tmp_path / 'cache', workers=2, progress=False)
     stats = P.load_stats(path)
     np.testing.assert_allclose(stats['mean_image'], imgs.mean(0), atol=1e-4)
@@ -50,20 +51,20 @@ def test_folder_stats_equal_numpy_float64(tmp_path):
 
 def test_cached_by_dataset_and_reused(tmp_path, caplog):
     write_pngs(tmp_path / 'src')
-    files = S.scan_split(tmp_path / 'src', 'train')
+    files = LA.scan_split(tmp_path / 'src', 'train')
     with caplog.at_level(logging.WARNING):
         first = ST.ensure_stats(files, SIZE, cache_dir=tmp_path / 'c', workers=0, progress=False)
     assert 'computing the mean image' in caplog.text
     mtime = first.stat().st_mtime_ns
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        again = ST.ensure_stats(S.scan_split(tmp_path / 'src', 'train'), SIZE, cache_dir=tmp_path / 'c',
+        again = ST.ensure_stats(LA.scan_split(tmp_path / 'src', 'train'), SIZE, cache_dir=tmp_path / 'c',
                                 workers=0, progress=False)
     assert again == first and again.stat().st_mtime_ns == mtime and 'computing' not in caplog.text
     # Another size, or a changed folder, is another dataset.
     assert ST.stats_file(files, SIZE + 1, tmp_path / 'c') != first
     Image.fromarray(np.zeros((SIZE, SIZE, 3), np.uint8)).save(tmp_path / 'src' / 'train' / 'n00000000' / 'new.png')
-    changed = ST.ensure_stats(S.scan_split(tmp_path / 'src', 'train'), SIZE, cache_dir=tmp_path / 'c', workers=0,
+    changed = ST.ensure_stats(LA.scan_split(tmp_path / 'src', 'train'), SIZE, cache_dir=tmp_path / 'c', workers=0,
                               progress=False)
     assert changed != first and int(P.load_stats(changed)['num_images']) == 16
 
@@ -80,7 +81,7 @@ def test_two_processes_at_once_compute_once(tmp_path):
     cache = tmp_path / 'cache'
     cmd = [sys.executable, '-m', 'alexnet_jax.data.prepare', '--src', str(root), '--stats-only', '--size', '96',
            '--workers', '0', '--quiet', '--cache-dir', str(cache)]
-    lock_path = ST.stats_file(S.scan_split(root, 'train'), 96, cache).with_suffix('.lock')
+    lock_path = ST.stats_file(LA.scan_split(root, 'train'), 96, cache).with_suffix('.lock')
     lock_path.parent.mkdir(parents=True)
     logs = [tmp_path / f'log{i}' for i in range(2)]
     with open(lock_path, 'w') as lock:
@@ -103,5 +104,5 @@ def test_unwritable_cache_says_what_to_do(tmp_path):
     write_pngs(tmp_path / 'src')
     blocker = tmp_path / 'file'
     blocker.write_text('not a folder')
-    with pytest.raises(S.DatasetError, match='--config.data.cache_dir'):
-        ST.ensure_stats(S.scan_split(tmp_path / 'src', 'train'), SIZE, cache_dir=blocker, workers=0, progress=False)
+    with pytest.raises(DatasetError, match='--config.data.cache_dir'):
+        ST.ensure_stats(LA.scan_split(tmp_path / 'src', 'train'), SIZE, cache_dir=blocker, workers=0, progress=False)

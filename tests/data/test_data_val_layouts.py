@@ -14,9 +14,13 @@ import warnings
 import numpy as np
 import pytest
 
+from alexnet_jax.data import labels as LB
+from alexnet_jax.data import layout as LA
+from alexnet_jax.data import locate as LO
 from alexnet_jax.data import pipeline as PL
 from alexnet_jax.data import prepare as P
 from alexnet_jax.data import sources as S
+from alexnet_jax.data.errors import DatasetError
 from _folders import WNIDS, write_imagenet_folder, write_meta_mat
 
 # The devkit numbers its classes in its own order, not the sorted wnids the folders use: here
@@ -51,7 +55,7 @@ def flat_copy(source_root, dst):
     order = np.random.default_rng(3).permutation(len(files))
     pairs = []
     for n, k in enumerate(order, start=1):
-        name = S.devkit_file_name(n)
+        name = LB.devkit_file_name(n)
         shutil.copy(files[k], dst / 'val' / name)
         pairs.append((name, files[k].parent.name))
     return pairs
@@ -93,7 +97,7 @@ def test_every_layout_pairs_each_image_with_its_class(source, tmp_path, kind):
     root = layout(kind, source_root, tmp_path / kind)
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # nothing may be left out or guessed
-        data = PL.resolve(val_config(root))  # the reader training-time evaluation uses
+        data = LO.resolve(val_config(root))  # the reader training-time evaluation uses
     val = data.records['val']
     assert len(val) == len(truth)
     got = {}
@@ -106,7 +110,7 @@ def test_every_layout_pairs_each_image_with_its_class(source, tmp_path, kind):
 
 def test_devkit_class_names_come_from_meta_mat(source, tmp_path):
     root = layout('devkit', source[0], tmp_path / 'devkit')
-    data = PL.resolve(val_config(root))
+    data = LO.resolve(val_config(root))
     assert data.class_names == [WORDS[w] for w in sorted(WNIDS)]
 
 
@@ -122,7 +126,7 @@ def test_devkit_ground_truth_as_val_labels_and_through_prepare(source, tmp_path)
     write_devkit_meta(elsewhere / 'meta.mat')
     cfg = val_config(root)
     cfg.val_labels = str(gt)
-    data = PL.resolve(cfg)
+    data = LO.resolve(cfg)
     assert {digest(data.records['val'][i][2]): data.classes[data.records['val'][i][1]]
             for i in range(len(data.records['val']))} == truth
 
@@ -139,13 +143,13 @@ def test_devkit_errors_say_what_is_missing(source, tmp_path):
     root = layout('devkit', source[0], tmp_path / 'devkit')
     meta = root / 'ILSVRC2012_devkit_t12' / 'data' / 'meta.mat'
     meta.unlink()
-    with pytest.raises(S.DatasetError, match='meta.mat was not found'):
-        S.scan_split(root, 'val')
+    with pytest.raises(DatasetError, match='meta.mat was not found'):
+        LA.scan_split(root, 'val')
     meta.write_bytes(b'not a MATLAB file')
-    with pytest.raises(S.DatasetError, match="is not the ILSVRC 2012 devkit's meta.mat"):
-        S.scan_split(root, 'val')
+    with pytest.raises(DatasetError, match="is not the ILSVRC 2012 devkit's meta.mat"):
+        LA.scan_split(root, 'val')
     write_devkit_meta(meta)
     gt = root / 'ILSVRC2012_devkit_t12' / 'data' / 'ILSVRC2012_validation_ground_truth.txt'
     gt.write_text(gt.read_text().replace('4\n', '1001\n'))  # an inner node's id is no class
-    with pytest.raises(S.DatasetError, match=r'class ids \[1001\]'):
-        S.scan_split(root, 'val')
+    with pytest.raises(DatasetError, match=r'class ids \[1001\]'):
+        LA.scan_split(root, 'val')

@@ -1,4 +1,4 @@
-"""The paper's input pipeline on grain: sources, transforms, preparation, embedded data.
+"""The paper's input pipeline on grain: layouts and labels, sources, transforms, preparation, embedded data.
 
 Public entry points::
 
@@ -15,24 +15,17 @@ does not import its own module twice (and worker processes stay light).
 import importlib
 
 _EXPORTS = {
-    'DatasetError': 'sources',
-    'ResolvedData': 'pipeline',
-    'build_eval_dataset': 'pipeline',
-    'build_eval_iter': 'pipeline',
-    'EvalPasses': 'pipeline',
-    'build_train_dataset': 'pipeline',
-    'build_train_iter': 'pipeline',
+    'DatasetError': 'errors',
+    'ResolvedData': 'locate',
+    'check_config': 'locate',
+    'resolve': 'locate',
+    'split_records': 'locate',
     'default_data_config': 'pipeline',
     'demo_data_config': 'pipeline',
-    'eval_num_batches': 'pipeline',
-    'resolve': 'pipeline',
-    'split_records': 'pipeline',
-    'check_config': 'pipeline',
-    'ensure_stats': 'stats',
+    'build_train_iter': 'pipeline',
+    'build_eval_iter': 'pipeline',
+    'EvalPasses': 'pipeline',
     'ensure_embedded_dataset': 'embedded',
-    'load_stats': 'prepare',
-    'read_metadata': 'prepare',
-    'normalize_on_device': ('device', 'normalize'),
 }
 
 __all__ = sorted(_EXPORTS)
@@ -41,9 +34,7 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name):
     if name not in _EXPORTS:
         raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-    target = _EXPORTS[name]
-    module, attr = target if isinstance(target, tuple) else (target, name)
-    value = getattr(importlib.import_module(f'{__name__}.{module}'), attr)
+    value = getattr(importlib.import_module(f'{__name__}.{_EXPORTS[name]}'), name)
     globals()[name] = value
     return value
 

@@ -1,4 +1,8 @@
-"""Training and evaluation iterators: grain datasets from either source form.
+"""The data config's fields, and the training and evaluation iterators built from them.
+
+:func:`default_data_config` lists every field; :mod:`alexnet_jax.data.locate`
+checks a config and finds its data; this module streams that data through
+grain, from either source form.
 
 Training stream (all index-based ``MapDataset`` steps, so any worker count
 gives the same batches and an iterator's state is just a position)::
@@ -21,20 +25,16 @@ number of global batches and padding (and any unreadable image) has
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import sys
-from pathlib import Path
 
 import grain
 import ml_collections
 from ml_collections.config_dict import placeholder
 import numpy as np
 
-from alexnet_jax.data import embedded, prepare, sources, transforms
-from alexnet_jax.data import stats as stats_lib
-
-log = logging.getLogger(__name__)
+from alexnet_jax.data import sources, transforms
+from alexnet_jax.data.errors import DatasetError
+from alexnet_jax.data.locate import ResolvedData, resolve
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -74,155 +74,6 @@ def demo_data_config() -> ml_collections.ConfigDict:
     c = default_data_config()
     c.resize_size, c.crop_size = 72, 64
     return c
-
-
-@dataclasses.dataclass
-class ResolvedData:
-    """Everything the iterators need, found once: record sources, statistics, class names."""
-
-    records: dict  # split -> FolderRecords | PackedRecords
-    stats: dict | None
-    classes: list[str]
-    class_names: list[str]
-
-
-_NO_IMAGENET = (
-    "This config trains on ImageNet, and no dataset folder was given. Point it at ILSVRC-2012 with "
-    "--config.data.root=/path/to/imagenet (train/<wnid>/*.JPEG, and val/<wnid>/*.JPEG or a flat val/ with "
-    "a labels file), or at prepared shards with --config.data.format=packed "
-    "--config.data.packed_dir=/path/to/packed (python -m alexnet_jax.data.prepare --src ... --dst ...). "
-    "Without ImageNet, try --config=configs/demo.py.")
-
-
-def _choice(cfg, field: str, allowed: tuple) -> None:
-    if cfg[field] not in allowed:
-        raise sources.DatasetError(f"data.{field} must be one of {', '.join(map(repr, allowed))}, "
-                                   f"got {cfg[field]!r}")
-
-
-def _existing(path, field: str, what: str, is_dir: bool) -> None:
-    p = Path(path)
-    if not (p.is_dir() if is_dir else p.is_file()):
-        raise sources.DatasetError(f'--config.data.{field}={path}: {what} {str(p)!r} does not exist or is not a '
-                                   f'{"folder" if is_dir else "file"}.')
-
-
-def source_form(cfg) -> str:
-    """'packed' or 'folder': what ``data.format`` means for this config ('auto' follows ``packed_dir``)."""
-    if cfg.format != 'auto':
-        return cfg.format
-    return 'packed' if cfg.packed_dir is not None or cfg.name == 'embedded' else 'folder'
-
-
-def check_config(cfg) -> None:
-    """Every config and path error that can be seen without scanning the data, raised at once."""
-    _choice(cfg, 'name', ('embedded', 'imagenet'))
-    _choice(cfg, 'format', ('auto', 'packed', 'folder'))
-    _choice(cfg, 'output', ('float32', 'uint8'))
-    _choice(cfg, 'eval_mode', ('center', 'ten_crop'))
-    if cfg.crop_size > cfg.resize_size:
-        raise sources.DatasetError(f'data.crop_size={cfg.crop_size} is larger than data.resize_size='
-                                   f'{cfg.resize_size}: crops are taken from the resized image.')
-    if cfg.stats_path is not None:
-        _existing(cfg.stats_path, 'stats_path', 'statistics file', is_dir=False)
-    if cfg.val_labels is not None:
-        _existing(cfg.val_labels, 'val_labels', 'labels file', is_dir=False)
-    if cfg.name == 'embedded':
-        return
-    if source_form(cfg) == 'packed':
-        if cfg.packed_dir is None:
-            raise sources.DatasetError(_NO_IMAGENET if cfg.root is None else
-                                       "data.format='packed' needs --config.data.packed_dir (the --dst of "
-                                       "`python -m alexnet_jax.data.prepare`), or use --config.data.format=folder")
-        meta = prepare.read_metadata(cfg.packed_dir)  # a finished preparation, in a format we read
-        if meta['size'] != cfg.resize_size:
-            raise sources.DatasetError(
-                f"{cfg.packed_dir!r} holds {meta['size']}x{meta['size']} images but data.resize_size is "
-                f"{cfg.resize_size}; prepare with --size {cfg.resize_size}, or set --config.data.resize_size="
-                f"{meta['size']}.")
-        return
-    if cfg.root is None:
-        if cfg.packed_dir is not None:
-            raise sources.DatasetError('data.packed_dir is set but data.format is folder; add '
-                                       '--config.data.format=packed to train on the packed shards.')
-        raise sources.DatasetError(_NO_IMAGENET)
-    sources.list_classes(cfg.root)  # root/ and root/train/ exist and hold class folders
-
-
-def resolve(cfg, *, progress: bool = True) -> ResolvedData:
-    """Locate (and for the embedded set, create and prepare) the data the config names.
-
-    For a JPEG folder without ``stats_path`` the training-set statistics are
-    computed on first use and cached (:mod:`alexnet_jax.data.stats`).
-    """
-    check_config(cfg)
-    root = cfg.root
-    packed_dir = cfg.packed_dir
-    if cfg.name == 'embedded':
-        e = cfg.embedded
-        root = embedded.ensure_embedded_dataset(
-            Path(root) if root is not None else None, num_train_per_class=e.num_train_per_class,
-            num_val_per_class=e.num_val_per_class, image_size=e.image_size, seed=e.seed)
-        if packed_dir is None:
-            packed_dir = root.parent / f'{root.name}_packed{cfg.resize_size}'
-            # Full-resolution chroma: at tens of pixels, 4:2:0 would visibly smear the colour halves.
-            prepare.prepare(root, packed_dir, size=cfg.resize_size, subsampling='444', shard_size=512,
-                            workers=cfg.prepare_workers, progress=False)
-    needs_stats = cfg.mean_subtraction or cfg.pca_lighting_std > 0
-    stats_path = cfg.stats_path or (Path(packed_dir) / prepare.STATS if packed_dir is not None else None)
-    if source_form(cfg) == 'packed':
-        meta = prepare.read_metadata(packed_dir)
-        records = {s: sources.PackedRecords(prepare.shard_paths(packed_dir, s)) for s in meta['splits']}
-        classes, class_names = meta['classes'], meta['class_names']
-    else:
-        classes = sources.list_classes(root)
-        train_files = sources.scan_split(root, 'train', classes)
-        records = {'train': sources.FolderRecords(train_files)}
-        if (Path(root) / 'val').is_dir():
-            records['val'] = _folder_split(root, 'val', classes, cfg.val_labels)
-        class_names = sources.read_class_names(root, classes)
-        if needs_stats and stats_path is None:
-            stats_path = stats_lib.ensure_stats(train_files, cfg.resize_size, cache_dir=cfg.cache_dir,
-                                                workers=cfg.prepare_workers, progress=progress)
-    stats = None
-    if needs_stats:
-        stats = prepare.load_stats(stats_path)
-        if stats['mean_image'].shape[:2] != (cfg.resize_size, cfg.resize_size):
-            raise sources.DatasetError(f'{stats_path}: mean image is {stats["mean_image"].shape}, but '
-                                       f'resize_size is {cfg.resize_size}')
-    return ResolvedData(records, stats, list(classes), list(class_names))
-
-
-def split_records(cfg, split: str, classes: list[str]):
-    """One split's records, read as training reads them, for the given class list (the checkpoint's).
-
-    The reader of training-time evaluation and of ``python -m alexnet_jax.evaluate``:
-    any validation layout of :mod:`sources`, or the packed shards. The
-    embedded set is made (once) if needed. The training split is not scanned.
-    """
-    if cfg.name == 'embedded':
-        data = resolve(cfg, progress=False)
-        if data.classes != list(classes) or split not in data.records:
-            raise sources.DatasetError(f'the embedded set has no split {split!r} with these classes')
-        return data.records[split]
-    if source_form(cfg) == 'packed':
-        if cfg.packed_dir is None:
-            raise sources.DatasetError('data.format is packed but data.packed_dir is not set; add '
-                                       '--config.data.packed_dir=DIR.')
-        meta = prepare.read_metadata(cfg.packed_dir)
-        if split not in meta['splits']:
-            raise sources.DatasetError(f'{cfg.packed_dir!r} has no {split!r} split (it has {list(meta["splits"])}).')
-        if list(meta['classes']) != list(classes):
-            raise sources.DatasetError(f'{cfg.packed_dir!r} was packed with other classes than the model '
-                                       f'knows ({len(meta["classes"])} vs {len(classes)}, or another order).')
-        return sources.PackedRecords(prepare.shard_paths(cfg.packed_dir, split))
-    if cfg.root is None:
-        raise sources.DatasetError(_NO_IMAGENET)
-    return _folder_split(cfg.root, split, classes, cfg.val_labels)
-
-
-def _folder_split(root, split: str, classes: list[str], val_labels) -> sources.FolderRecords:
-    return sources.FolderRecords(sources.scan_split(root, split, classes, val_labels if split == 'val' else None))
 
 
 def _host_shard(shard_index, shard_count) -> tuple[int, int]:
@@ -403,6 +254,7 @@ class _Padded:
 
 
 def eval_num_batches(num_examples: int, batch_size: int) -> int:
+    """Batches in one evaluation pass: the last one padded, never dropped."""
     return -(-num_examples // batch_size)
 
 
@@ -411,7 +263,7 @@ def build_eval_dataset(cfg, *, batch_size: int, mode: str | None = None, split: 
                        shard_count: int | None = 1, data: ResolvedData | None = None) -> grain.MapDataset:
     data = data or resolve(cfg)
     if split not in data.records:
-        raise sources.DatasetError(f'no {split!r} split in the data ({sorted(data.records)})')
+        raise DatasetError(f'no {split!r} split in the data ({sorted(data.records)})')
     shard_index, shard_count = _host_shard(shard_index, shard_count)
     if batch_size % shard_count:
         raise ValueError(f'global batch {batch_size} is not divisible by {shard_count} hosts')

@@ -27,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from alexnet_jax.data import sources
+from alexnet_jax.data import layout, sources
+from alexnet_jax.data.errors import DatasetError, DecodeError
+from alexnet_jax.data.labels import read_class_names
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ def finish_stats(sums: dict) -> dict:
 def load_stats(path: str | os.PathLike) -> dict:
     """stats.npz -> dict of arrays (``mean_image`` HWC float32, ``eigval`` (3,), ``eigvec`` (3, 3) columns)."""
     if not Path(path).is_file():
-        raise sources.DatasetError(f'no statistics file {str(path)!r}; run `python -m alexnet_jax.data.prepare`')
+        raise DatasetError(f'no statistics file {str(path)!r}; run `python -m alexnet_jax.data.prepare`')
     with np.load(path) as z:
         return {k: z[k] for k in z.files}
 
@@ -152,7 +154,7 @@ def prepare_shard(job: dict) -> dict:
                 with open(path, 'rb') as f:
                     data = f.read()
                 img = sources.decode_image(data, size)
-            except (OSError, sources.DecodeError) as e:
+            except (OSError, DecodeError) as e:
                 skipped.append([path, str(e)])
                 tick()
                 continue
@@ -178,13 +180,13 @@ def prepare_shard(job: dict) -> dict:
 
 
 def _plan(src: Path, size: int, quality: int, subsampling: str, shard_size: int, val_labels) -> dict:
-    classes = sources.list_classes(src)
+    classes = layout.list_classes(src)
     splits = {}
     for split in ('train', 'val'):
         if split == 'val' and not (src / 'val').is_dir():
             log.warning('%s has no val folder; preparing train only', src)
             continue
-        files = sources.scan_split(src, split, classes, val_labels if split == 'val' else None)
+        files = layout.scan_split(src, split, classes, val_labels if split == 'val' else None)
         n = len(files)
         num_shards = max(1, -(-n // shard_size))
         bounds = np.linspace(0, n, num_shards + 1).astype(int)
@@ -196,7 +198,7 @@ def _plan(src: Path, size: int, quality: int, subsampling: str, shard_size: int,
                            'labels': files.labels[sl].tolist()})
         splits[split] = {'root': files.root, 'shards': shards, 'scan_skipped': files.skipped}
     plan = {'format': FORMAT, 'src': str(src), 'size': size, 'quality': quality, 'subsampling': subsampling,
-            'classes': classes, 'class_names': sources.read_class_names(src, classes), 'splits': splits}
+            'classes': classes, 'class_names': read_class_names(src, classes), 'splits': splits}
     plan['digest'] = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
     return plan
 
@@ -214,14 +216,14 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = 256, 
     if (dst / METADATA).is_file():
         meta = read_metadata(dst)
         if meta['size'] != size:
-            raise sources.DatasetError(f'{str(dst)!r} was prepared with size {meta["size"]}, not {size}')
+            raise DatasetError(f'{str(dst)!r} was prepared with size {meta["size"]}, not {size}')
         return dst
     plan = _plan(src, size, quality, subsampling, shard_size, val_labels)
     plan_path = dst / PLAN
     if plan_path.is_file():
         old = json.loads(plan_path.read_text())
         if old.get('digest') != plan['digest']:
-            raise sources.DatasetError(
+            raise DatasetError(
                 f'{str(dst)!r} holds an unfinished preparation of different data or settings '
                 f'(src={old.get("src")}, size={old.get("size")}); use another --dst or delete it.')
     else:
@@ -311,7 +313,7 @@ def _finish(dst: Path, plan: dict) -> Path:
         if skipped:
             log.warning('%s: skipped %d file(s), e.g. %s', split, len(skipped), skipped[:5])
     if sums is None:
-        raise sources.DatasetError('no readable training image; nothing to compute statistics from')
+        raise DatasetError('no readable training image; nothing to compute statistics from')
     atomic_savez(dst / STATS, finish_stats(sums))
     atomic_write_json(dst / METADATA, meta)
     return dst
@@ -320,19 +322,19 @@ def _finish(dst: Path, plan: dict) -> Path:
 def read_metadata(dst: str | os.PathLike) -> dict:
     path = Path(dst) / METADATA
     if not path.is_file():
-        raise sources.DatasetError(
+        raise DatasetError(
             f'{str(dst)!r} is not a finished packed dataset (no {METADATA}); '
             f'run `python -m alexnet_jax.data.prepare --src IMAGENET_DIR --dst {dst}`')
     meta = json.loads(path.read_text())
     if meta.get('format') != FORMAT:
-        raise sources.DatasetError(f'{str(path)!r}: unknown format {meta.get("format")!r}, expected {FORMAT!r}')
+        raise DatasetError(f'{str(path)!r}: unknown format {meta.get("format")!r}, expected {FORMAT!r}')
     return meta
 
 
 def shard_paths(dst: str | os.PathLike, split: str) -> list[str]:
     meta = read_metadata(dst)
     if split not in meta['splits']:
-        raise sources.DatasetError(f'{str(dst)!r} has no {split!r} split')
+        raise DatasetError(f'{str(dst)!r} has no {split!r} split')
     return [str(Path(dst) / s['file']) for s in meta['splits'][split]['shards']]
 
 
@@ -340,9 +342,9 @@ def _stats_only(a) -> int:
     from alexnet_jax.data import stats
 
     try:
-        files = sources.scan_split(a.src, 'train')
+        files = layout.scan_split(a.src, 'train')
         path = stats.ensure_stats(files, a.size, cache_dir=a.cache_dir, workers=a.workers, progress=not a.quiet)
-    except sources.DatasetError as e:
+    except DatasetError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     print(f'statistics of {len(files)} training images at {a.size}px: {path}')
@@ -376,7 +378,7 @@ def main(argv=None) -> int:
     try:
         dst = prepare(a.src, a.dst, size=a.size, quality=a.quality, subsampling=a.subsampling, shard_size=a.shard_size,
                       workers=a.workers, val_labels=a.val_labels, progress=not a.quiet)
-    except sources.DatasetError as e:
+    except DatasetError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     meta = read_metadata(dst)

@@ -24,7 +24,8 @@ import os
 import time
 from pathlib import Path
 
-from alexnet_jax.data import prepare, sources
+from alexnet_jax.data import layout, prepare, sources
+from alexnet_jax.data.errors import DatasetError, DecodeError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(os.environ.get('ALEXNET_JAX_DATA') or Path.home() / '.cache' / 'alexnet_jax')
 
 
-def stats_file(files: sources.SplitFiles, size: int, cache_dir=None) -> Path:
+def stats_file(files: layout.SplitFiles, size: int, cache_dir=None) -> Path:
     """Where the statistics of these training files at this size live in the cache."""
     root = Path(files.root).resolve()
     key = hashlib.sha256(json.dumps({'root': str(root), 'size': size, 'files': files.rel_paths}).encode())
@@ -52,7 +53,7 @@ def _sums_job(job: dict) -> dict:
         try:
             with open(path, 'rb') as f:
                 img = sources.decode_image(f.read(), job['size'])
-        except (OSError, sources.DecodeError) as e:
+        except (OSError, DecodeError) as e:
             skipped.append([path, str(e)])
         else:
             sums = prepare.add_sums(sums, prepare.image_sums(img))
@@ -60,7 +61,7 @@ def _sums_job(job: dict) -> dict:
     return {'sums': sums, 'skipped': skipped}
 
 
-def compute_stats(files: sources.SplitFiles, size: int, *, workers: int | None = None,
+def compute_stats(files: layout.SplitFiles, size: int, *, workers: int | None = None,
                   progress: bool = True) -> dict:
     """Mean image and RGB eigens of ``files`` decoded at ``size``, as ``prepare`` computes them."""
     workers = (os.cpu_count() or 1) if workers is None else workers
@@ -80,11 +81,11 @@ def compute_stats(files: sources.SplitFiles, size: int, *, workers: int | None =
     if skipped:
         log.warning('statistics: skipped %d unreadable file(s), e.g. %s', len(skipped), skipped[:5])
     if total['sums'] is None:
-        raise sources.DatasetError(f'no readable training image under {files.root!r}')
+        raise DatasetError(f'no readable training image under {files.root!r}')
     return prepare.finish_stats(total['sums'])
 
 
-def ensure_stats(files: sources.SplitFiles, size: int, *, cache_dir=None, workers: int | None = None,
+def ensure_stats(files: layout.SplitFiles, size: int, *, cache_dir=None, workers: int | None = None,
                  progress: bool = True) -> Path:
     """The cached statistics file for ``files`` at ``size``, computed now if it is not there yet."""
     path = stats_file(files, size, cache_dir)
@@ -94,7 +95,7 @@ def ensure_stats(files: sources.SplitFiles, size: int, *, cache_dir=None, worker
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = open(path.with_suffix('.lock'), 'w')
     except OSError as e:
-        raise sources.DatasetError(
+        raise DatasetError(
             f'cannot write the statistics cache {str(path.parent)!r}: {e}. Set --config.data.cache_dir to a '
             'writable folder, or give a ready stats.npz with --config.data.stats_path.') from None
     with lock:
