@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 
 from alexnet_jax import default_config, from_config
-from alexnet_jax.model import BIAS_ONE_LAYERS, LRN, Tower, TowerConv, TowerDense
+from alexnet_jax.model import BIAS_ONE_LAYERS, LRN, Tower
+from alexnet_jax.tower_ops import TowerConv, TowerDense
 
 WIDTH = 0.125  # per tower: conv 6-16-24-24-16, fc 256-256
 

@@ -111,6 +111,23 @@ def test_apply_on_mesh_matches_apply():
     assert_same(want, got, "eval logits")
 
 
+def test_mesh_forward_features_are_fc7_in_tower_order():
+    """features=True adds fc7's activations, (N, towers * units) with tower 0's units first,
+    whether the towers are split over devices (2x2) or run together on one (1x1)."""
+    model = AlexNet(**NARROW)
+    x = 50.0 * jax.random.normal(jax.random.key(1), (4, 96, 96, 3))
+    v = jax.jit(model.init)(jax.random.key(0), x)
+    logits, state = jax.jit(lambda v: model.apply(v, x, mutable=["intermediates"]))(v)
+    fc7_TNF = state["intermediates"]["towers"]["fc7_act"][0]
+    want = jnp.concatenate(list(fc7_TNF), axis=-1)
+    for mesh in (make_mesh(towers=2, data=2), make_mesh(towers=1, data=1, devices=jax.devices()[:1])):
+        f = jax.jit(mesh_forward(model, mesh, features=True))
+        got_logits, got = f(shard_variables(v, mesh), jax.device_put(x, batch_sharding(mesh)), None)
+        assert got.shape == (4, 2 * fc7_TNF.shape[-1])
+        assert_same(logits, got_logits, f"logits on {mesh.shape}")
+        assert_same(want, got, f"fc7 on {mesh.shape}")
+
+
 def collectives(text, pattern):
     return [line for line in text.splitlines() if re.search(pattern, line)]
 

@@ -39,7 +39,7 @@ from alexnet_jax.checkpoint import CheckpointError
 from alexnet_jax.data import device as data_device
 from alexnet_jax.data import sources, transforms
 from alexnet_jax.model import AlexNet, from_config
-from alexnet_jax.parallel import DATA_AXIS, TOWER_AXIS, make_mesh
+from alexnet_jax.parallel import DATA_AXIS, make_mesh, mesh_forward, param_sharding
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def _placement(model: AlexNet, devices) -> tuple[Any, Any]:
     devices = list(devices)
     if len(devices) >= model.towers and len(devices) % model.towers == 0 and len(devices) > 1:
         mesh = make_mesh(towers=model.towers, data=len(devices) // model.towers, devices=devices)
-        return mesh, NamedSharding(mesh, P(TOWER_AXIS))
+        return mesh, param_sharding(mesh)
     return None, jax.sharding.SingleDeviceSharding(devices[0])
 
 
@@ -355,28 +355,17 @@ class Classifier:
 
     def _make_apply(self):
         """``f(params, images_NV, crop_yx, flip) -> (probs (N, C) averaged over views, fc7 (N, V, F))``."""
-        model, mesh, mean = self.model, self.checkpoint.mesh, self.mean
-
-        if mesh is None:
-            def forward(params, x):
-                logits, state = model.apply({"params": params}, x, train=False, mutable=["intermediates"])
-                fc7_TNF = state["intermediates"]["towers"]["fc7_act"][0]
-                return logits, jnp.moveaxis(fc7_TNF, 0, 1).reshape(x.shape[0], -1)
-        else:
-            local = model.clone(tower_axis_is_mapped=True, data_axis=DATA_AXIS)
-
-            def per_device(params, x):
-                logits, state = local.apply({"params": params}, x, train=False, mutable=["intermediates"])
-                return logits, state["intermediates"]["towers"]["fc7_act"][0][0]
-
-            forward = jax.shard_map(per_device, mesh=mesh, in_specs=(P(TOWER_AXIS), P(DATA_AXIS)),
-                                    out_specs=(P(DATA_AXIS, TOWER_AXIS), P(DATA_AXIS, TOWER_AXIS)))
+        mesh, mean = self.checkpoint.mesh, self.mean
+        if mesh is None:  # parameters on one device: a 1x1 mesh of it, both towers there
+            device = next(iter(jax.tree_util.tree_leaves(self.checkpoint.params)[0].devices()))
+            mesh = make_mesh(towers=1, data=1, devices=[device])
+        forward = mesh_forward(self.model, mesh, features=True)
 
         def apply(params, images, crop_yx, flip):
             n, v = images.shape[:2]
             x = data_device.normalize({"image": images, "crop_yx": crop_yx, "flip": flip}, mean, None, None,
                                       lighting=False)
-            logits, fc7 = forward(params, x.reshape((n * v,) + x.shape[2:]))
+            logits, fc7 = forward({"params": params}, x.reshape((n * v,) + x.shape[2:]), None)
             probs = jax.nn.softmax(logits.astype(jnp.float32)).reshape(n, v, -1).mean(axis=1)
             return probs, fc7.reshape(n, v, -1)
 

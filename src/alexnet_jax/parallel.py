@@ -16,12 +16,21 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from alexnet_jax.model import TOWER_AXIS, AlexNet, ConfigError
 
 DATA_AXIS = "data"
+
+# Where arrays live on a ('data', 'tower') mesh: the layout rules, all in one place.
+PARAM_SPEC = P(TOWER_AXIS)  # tower-stacked arrays: each device holds its own tower
+BATCH_SPEC = P(DATA_AXIS)  # examples split over the data axis
+LOGITS_SPEC = P(DATA_AXIS, TOWER_AXIS)  # each tower's share of the classes (and of fc7's units)
+# Leaves of a train state, first match wins: parameters and momentum carry the tower
+# axis (ndim >= 2, biases included); the step, learning rate and RNG key data do not.
+_STATE_RULES = ((lambda leaf: leaf.ndim >= 2, PARAM_SPEC), (lambda leaf: True, P()))
 
 
 def use_virtual_cpu_devices(n: int) -> None:
@@ -64,11 +73,24 @@ def make_mesh(towers: int = 2, data: int | None = None, devices=None) -> Mesh:
 
 def param_sharding(mesh: Mesh) -> NamedSharding:
     """Every parameter: leading tower axis split over the mesh's ``tower`` axis."""
-    return NamedSharding(mesh, P(TOWER_AXIS))
+    return NamedSharding(mesh, PARAM_SPEC)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(DATA_AXIS))
+    return NamedSharding(mesh, BATCH_SPEC)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def state_shardings(tree: Any, mesh: Mesh) -> Any:
+    """The sharding of every leaf of a train state (or parameter tree), by ``_STATE_RULES``."""
+
+    def sharding(leaf):
+        return NamedSharding(mesh, next(spec for applies, spec in _STATE_RULES if applies(leaf)))
+
+    return jax.tree_util.tree_map(sharding, tree)
 
 
 def shard_variables(variables: Any, mesh: Mesh) -> Any:
@@ -84,29 +106,36 @@ def _check(model: AlexNet, mesh: Mesh) -> None:
         )
 
 
-def mesh_forward(model: AlexNet, mesh: Mesh, *, train: bool = False):
+def mesh_forward(model: AlexNet, mesh: Mesh, *, train: bool = False, features: bool = False):
     """``f(variables, images_NHWC, dropout_key) -> logits`` running one tower per device.
 
     The logits come back sharded ``P('data', 'tower')``: each tower's share of
     the classes, as the paper's GPUs each held half of fc8. The softmax over all
     classes is taken outside, by whoever computes the loss. On a mesh whose
     ``tower`` axis has size 1, each device runs all towers (data parallelism
-    only; on one device this is ``model.apply``).
+    only; on a 1x1 mesh this is ``model.apply``). ``features=True``: ``f``
+    returns ``(logits, fc7)``, fc7's activations ``(N, towers * units)``, towers
+    in order, the paper's Figure 4 features.
     """
     _check(model, mesh)
     # A tower axis of size 1 with a two-tower net: every device runs both towers (under vmap).
     split = mesh.shape[TOWER_AXIS] == model.towers
-    local = model.clone(tower_axis_is_mapped=split, data_axis=DATA_AXIS)
 
     def per_device(variables, images_nHWC, key):
         rngs = {"dropout": key} if key is not None else {}
-        return local.apply(variables, images_nHWC, train=train, rngs=rngs)
+        out = model.apply(variables, images_nHWC, train=train, rngs=rngs, tower_axis_mapped=split,
+                          data_axis=DATA_AXIS, mutable=["intermediates"] if features else False)
+        if not features:
+            return out
+        logits, state = out
+        fc7_TnF = state["intermediates"]["towers"]["fc7_act"][0]  # T: the towers this device runs
+        return logits, jnp.moveaxis(fc7_TnF, 0, 1).reshape(images_nHWC.shape[0], -1)
 
     return jax.shard_map(
         per_device,
         mesh=mesh,
-        in_specs=(P(TOWER_AXIS), P(DATA_AXIS), P()),
-        out_specs=P(DATA_AXIS, TOWER_AXIS),
+        in_specs=(PARAM_SPEC, BATCH_SPEC, P()),
+        out_specs=(LOGITS_SPEC, LOGITS_SPEC) if features else LOGITS_SPEC,
     )
 
 
