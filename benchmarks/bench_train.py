@@ -58,7 +58,7 @@ def jax_case(name: str, batch: int, dtype: str = "float32"):
     from alexnet_jax import optim
     from alexnet_jax.model import AlexNet
     from alexnet_jax.parallel import make_mesh, mesh_forward
-    from alexnet_jax.train import create_train_state, make_train_step
+    from alexnet_jax.steps import create_train_state, make_train_step
 
     kwargs, (data, tower) = CASES[name]
     model = AlexNet(**kwargs, dtype=dtype)

@@ -29,4 +29,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.plateau_patience = 0  # a short run: drop by schedule instead
     c.optim.drop_epochs = (12,)  # divide the LR by 10 for the last epochs
     c.log_every = 10  # steps between metric lines
+    c.data.lock()  # the new data section, as paper.py locks the rest
     return c

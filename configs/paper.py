@@ -75,4 +75,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.distributed.process_id = ml_collections.config_dict.placeholder(int)  # this process, 0..n-1; None: $JAX_PROCESS_ID
     c.distributed.auto = False  # True: JAX finds all three on SLURM, Open MPI, Cloud TPU or Kubernetes
     c.distributed.timeout_s = 300  # how long to wait for all processes to join
+    c.lock()  # a misspelt field is an error, not a new field nothing reads
     return c

@@ -3,7 +3,7 @@
 ``runs(tmp_path_factory)`` trains twice, once per layout, each in a fresh
 process: on a 2-device mesh (1 x 2) and on a 2 x 2 mesh. After training,
 each process computes class probabilities for fixed images the way its own
-evaluation does (``train.make_input_fn`` + ``mesh_forward`` on its mesh, the
+evaluation does (``steps.make_input_fn`` + ``mesh_forward`` on its mesh, the
 dataset statistics from the data folder) and writes them to
 ``<workdir>/reference.npz``. ``predict_in_fresh_process`` then loads the
 checkpoints with ``alexnet_jax.load_checkpoint`` in a process with another
@@ -64,27 +64,27 @@ def _train(workdir: str, devices: int, data_axis: int) -> None:
     import numpy as np
 
     from alexnet_jax import data as data_lib
-    from alexnet_jax import optim, train
+    from alexnet_jax import optim, parallel, steps, train
     from alexnet_jax.checkpoint import Checkpointer
     from alexnet_jax.data import sources, transforms
     from alexnet_jax.model import from_config
     from alexnet_jax.parallel import DATA_AXIS, make_mesh, mesh_forward
 
     config = demo_config(devices, data_axis)
-    train.run(config, workdir)
+    train.train_and_evaluate(config, workdir)
 
     # What this process's evaluation computes, on its own mesh, with its own data statistics.
     model = from_config(config.model)
     mesh = make_mesh(towers=model.towers, data=data_axis)
     tx = optim.make_optimizer(config.optim)
-    shapes = jax.eval_shape(lambda: train.create_train_state(model, tx, config.seed, mesh)[0])
+    shapes = jax.eval_shape(lambda: steps.create_train_state(model, tx, config.seed, mesh)[0])
     abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                      shapes, train.state_shardings(shapes, mesh))
+                                      shapes, parallel.state_shardings(shapes, mesh))
     ckpt = Checkpointer(workdir)
     params = ckpt.restore_latest(abstract)["state"].params
     ckpt.close()
     data = data_lib.resolve(config.data)
-    inputs = train.make_input_fn(config.data, data.stats)
+    inputs = steps.make_input_fn(config.data, data.stats)
     forward = jax.jit(mesh_forward(model, mesh, train=False))
     resize, crop = config.data.resize_size, config.data.crop_size
     images = list(val_images(config)) + [sources.decode_image(Path(p).read_bytes(), resize) for p in photo_paths()]

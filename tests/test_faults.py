@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from alexnet_jax import train
+from alexnet_jax import optim, steps, train
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -75,7 +75,7 @@ FULL_DISK_RUN = textwrap.dedent("""
     ref, wd = sys.argv[1], sys.argv[2]
     ckpts = os.path.join(wd, "checkpoints")
     cfg = dict(total_steps=12, checkpoint_every=2, keep_checkpoints=20)
-    train.run(tiny_config(**cfg), ref)
+    train.train_and_evaluate(tiny_config(**cfg), ref)
 
     def used(path):  # bytes in whole pages, as tmpfs counts them
         return sum(-(-os.path.getsize(os.path.join(d, f)) // 4096) * 4096
@@ -92,7 +92,7 @@ FULL_DISK_RUN = textwrap.dedent("""
     mount(f"size={size}")
     out = {"size": size}
     try:
-        train.run(tiny_config(**cfg), wd)
+        train.train_and_evaluate(tiny_config(**cfg), wd)
         out["first"] = "no error"
     except CheckpointError as e:
         out["first"] = str(e)
@@ -100,7 +100,7 @@ FULL_DISK_RUN = textwrap.dedent("""
     out["same_2"] = same(2)
 
     mount("remount,size=64m")
-    out["second"] = train.run(tiny_config(**cfg), wd)["step"]
+    out["second"] = train.train_and_evaluate(tiny_config(**cfg), wd)["step"]
     out["same_12"] = same(12)
 
     subprocess.run(["umount", ckpts], check=True)  # 4: a fresh small disk for one Checkpointer
@@ -194,9 +194,9 @@ def test_batch_with_nan_input_is_skipped_and_counted_in_its_step():
 
     model = AlexNet(width=0.125, image_size=64, num_classes=10, init_std=0.05)
     mesh = make_mesh(towers=2, data=2)
-    tx = train.optim.make_optimizer(tiny_config().optim)
-    state, shardings = train.create_train_state(model, tx, 0, mesh)
-    step = train.make_train_step(model, tx, mesh, shardings)
+    tx = optim.make_optimizer(tiny_config().optim)
+    state, shardings = steps.create_train_state(model, tx, 0, mesh)
+    step = steps.make_train_step(model, tx, mesh, shardings)
     rng = np.random.default_rng(0)
     batches = [{"image": rng.normal(0, 50, (8, 64, 64, 3)).astype(np.float32),
                 "label": rng.integers(0, 10, 8).astype(np.int32), "mask": np.ones(8, bool)} for _ in range(3)]
@@ -204,7 +204,7 @@ def test_batch_with_nan_input_is_skipped_and_counted_in_its_step():
     batches[1]["image"][6, 0, 0, 0] = np.inf
     seen, snapshots = [], []
     for b in batches:
-        state, m = step(state, train.to_global(b, mesh))
+        state, m = step(state, steps.to_global(b, mesh))
         seen.append(int(m["train/nonfinite_inputs"]))
         snapshots.append(jax.device_get((state.params, state.opt_state)))
     assert seen == [0, 2, 0]
@@ -226,7 +226,7 @@ def test_run_reports_each_bad_batch_with_its_step_then_stops(tmp_path):
     wd = tmp_path / "run"
     with pytest.raises(train.TrainingError, match=r"3 input batches had NaN/Inf values, the last at step 3.*"
                                                   r"last good checkpoint, step 2"):
-        train.run(tiny_config(**{"total_steps": 6, "checkpoint_every": 2, "max_bad_batches": 2,
+        train.train_and_evaluate(tiny_config(**{"total_steps": 6, "checkpoint_every": 2, "max_bad_batches": 2,
                                  "data.stats_path": str(tmp_path / "stats.npz")}), wd)
     bad = {m["step"]: m["train/nonfinite_inputs"] for m in metrics(wd) if "train/nonfinite_inputs" in m}
     assert bad == {1: 32, 2: 32, 3: 32}  # one NaN per image, 32 images per batch

@@ -138,14 +138,12 @@ def test_bad_inputs_give_clear_errors_and_leave_the_checkpoint_alone(runs, tmp_p
     assert after == before
 
 
-def test_checkpoint_without_dataset_item_falls_back_to_the_data_folder(runs, tmp_path, clf):
-    """Checkpoints written before class names and statistics were saved still classify where the data is."""
+def test_checkpoint_without_dataset_item_is_refused_clearly(runs, tmp_path):
+    """A step folder missing its class names and mean image says so, and changes nothing on disk."""
     old = tmp_path / "old" / "checkpoints" / "6"
     shutil.copytree(runs["2x2"] / "checkpoints" / "6", old)
     shutil.rmtree(old / "dataset")
-    shutil.rmtree(old / "dataset_stats")
-    ck = load_checkpoint(tmp_path / "old")
-    np.testing.assert_array_equal(ck.stats["mean_image"], clf.checkpoint.stats["mean_image"])
-    assert ck.class_names == clf.checkpoint.class_names
-    photo = _trained.photo_paths()[:1]
-    np.testing.assert_allclose(Classifier(ck).predict(photo).probs, clf.predict(photo).probs, rtol=1e-5, atol=1e-7)
+    with pytest.raises(CheckpointError, match="has no dataset item"):
+        load_checkpoint(tmp_path / "old")
+    assert (old / "state").is_dir() and (old / "dataset_stats").is_dir()
+

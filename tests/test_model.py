@@ -1,6 +1,7 @@
 """The network against the paper's numbers and independent NumPy references."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -301,3 +302,24 @@ def test_bfloat16_compute_keeps_float32_parameters_and_close_logits():
     assert float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a))) < 0.05
     with pytest.raises(ConfigError, match="model.dtype"):
         from_config({"dtype": "float16"})
+
+
+def test_lrn_runs_in_float32_under_bfloat16():
+    """The program, not just its output: under bfloat16 compute, LRN's sum of squares and its power
+    are float32 (the README's promise), and everything else around them is bfloat16."""
+    model = AlexNet(width=0.125, image_size=64, num_classes=10, dtype="bfloat16")
+    x = jnp.zeros((2, 64, 64, 3))
+    v = jax.eval_shape(model.init, jax.random.key(0), x)
+    jaxpr = jax.make_jaxpr(model.apply)(v, x)
+
+    def eqns(j):
+        for e in j.eqns:
+            yield e
+            for sub in jax.extend.core.jaxprs_in_params(e.params):
+                yield from eqns(sub)
+
+    sums = [e for e in eqns(jaxpr.jaxpr) if e.primitive.name == "reduce_window_sum"]
+    assert len(sums) == 2  # conv1's and conv2's LRN (both towers at once under vmap)
+    assert all(e.outvars[0].aval.dtype == jnp.float32 for e in sums)
+    convs = [e for e in eqns(jaxpr.jaxpr) if e.primitive.name == "conv_general_dilated"]
+    assert convs and all(e.outvars[0].aval.dtype == jnp.bfloat16 for e in convs)

@@ -2,7 +2,7 @@
 axis, and that every layout trains to the same parameters.
 
 The net is the demo config's at width 0.125 (64x64 inputs, 10 classes, dropout 0.5), the
-step is ``train.make_train_step`` itself, and the batch is 8 images.
+step is ``steps.make_train_step`` itself, and the batch is 8 images.
 
 Collective inventory of one train step on the 2x2 mesh
 ------------------------------------------------------
@@ -61,8 +61,8 @@ import pytest
 
 from alexnet_jax import optim
 from alexnet_jax.model import LAYERS, from_config, tower_widths
-from alexnet_jax.parallel import DATA_AXIS, TOWER_AXIS
-from alexnet_jax.train import _mesh_for, create_train_state, make_train_step, state_shardings, to_global
+from alexnet_jax.parallel import DATA_AXIS, TOWER_AXIS, mesh_for_config, state_shardings
+from alexnet_jax.steps import create_train_state, make_train_step, to_global
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -70,7 +70,7 @@ from configs import demo  # noqa: E402
 
 BATCH = 8
 STEPS = 3
-# (mesh.data, mesh.tower) as a run's config gives them to train._mesh_for.
+# (mesh.data, mesh.tower) as a run's config gives them to parallel.mesh_for_config.
 LAYOUTS = {"1x2": (1, 2), "2x2": (2, 2), "tower=1": (2, 1)}
 # Tolerance of the layout comparison, relative to the largest change training made to the
 # leaf (see test_every_layout_trains_to_the_same_parameters). Measured: 3.9e-6.
@@ -98,7 +98,7 @@ def setup():
 
 def mesh_of(model, layout):
     data, tower = LAYOUTS[layout]
-    mesh, _ = _mesh_for(model, ml_collections.ConfigDict({"data": data, "tower": tower}))
+    mesh, _ = mesh_for_config(model.towers, ml_collections.ConfigDict({"data": data, "tower": tower}))
     assert dict(mesh.shape) == {DATA_AXIS: data, TOWER_AXIS: tower}
     return mesh
 

@@ -2,7 +2,7 @@
 
 Losses and a per-parameter digest (sum of |w| in float64) after three steps of the tiny demo
 run, from seed 0, on a 1x2 and a 2x2 mesh. The numbers were recorded from the code as it was
-before ``train.run`` was split up; any refactor must reproduce them. conv1, conv3 and fc8
+before ``train.run`` was split up (into ``train.train_and_evaluate``, ``steps``, ``metrics``, ``optim.LRPolicy``); any refactor must reproduce them. conv1, conv3 and fc8
 biases start at 0, so their digests are made by training alone and move with any change in
 data order, augmentation, dropout or the update. Tolerances: the layouts add in different
 orders (measured: losses 2e-7 apart, digests 3e-8 relative), far inside 1e-6 and 1e-5.
@@ -31,7 +31,7 @@ DIGEST = {
 @pytest.mark.parametrize("data_axis", [pytest.param(1, id="1x2", marks=pytest.mark.slow), pytest.param(2, id="2x2")])
 def test_first_three_steps_are_pinned(tmp_path, data_axis):
     wd = tmp_path / "run"
-    train.run(tiny_config(**{"total_steps": 3, "mesh.data": data_axis, "checkpoint_every": 3}), wd)
+    train.train_and_evaluate(tiny_config(**{"total_steps": 3, "mesh.data": data_axis, "checkpoint_every": 3}), wd)
     losses = [m["train/loss"] for m in metrics(wd) if "train/loss" in m]
     np.testing.assert_allclose(losses, LOSSES, rtol=1e-6)
     params = read_state(wd, 3)["params"]["towers"]

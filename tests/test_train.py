@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from alexnet_jax import train
+from alexnet_jax import optim, parallel, steps, train
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -44,10 +44,12 @@ def tiny_config(**overrides):
     return c
 
 
-def launch(workdir, *args, env_extra=None):
+def launch(workdir, *args, kill_after_checkpoint=None):
+    """launch.py as a user types it; or, with ``kill_after_checkpoint=N``, the same command line run by
+    tests/_killed_launch.py, which SIGKILLs the process once checkpoint N is on disk."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(env_extra or {})
-    return subprocess.run([sys.executable, "launch.py", "--config=configs/demo.py", f"--workdir={workdir}",
+    program = ["launch.py"] if kill_after_checkpoint is None else ["tests/_killed_launch.py", str(kill_after_checkpoint)]
+    return subprocess.run([sys.executable, *program, "--config=configs/demo.py", f"--workdir={workdir}",
                            *TINY, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -67,7 +69,7 @@ def test_resume_after_kill_is_exact(tmp_path):
     r = launch(straight, f"--config.total_steps={n}", f"--config.checkpoint_every={n // 2}")
     assert r.returncode == 0, r.stderr[-3000:]
     r = launch(broken, f"--config.total_steps={n}", f"--config.checkpoint_every={n // 2}",
-               env_extra={"ALEXNET_JAX_KILL_AFTER_CHECKPOINT": str(n // 2)})
+               kill_after_checkpoint=n // 2)
     assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-3000:])
     assert not (broken / "checkpoints" / str(n)).exists()
     r = launch(broken, f"--config.total_steps={n}", f"--config.checkpoint_every={n // 2}")
@@ -111,21 +113,21 @@ def lr_by_step(workdir):
 def test_scheduled_requested_and_resume_drops_survive_restarts(tmp_path):
     wd = tmp_path / "run"
     # 3000 images / 32 = 93 steps per epoch: epoch 0.03 is crossed at step 3.
-    r1 = train.run(tiny_config(**{"total_steps": 4, "optim.drop_epochs": (0.03,), "checkpoint_every": 4}), wd)
+    r1 = train.train_and_evaluate(tiny_config(**{"total_steps": 4, "optim.drop_epochs": (0.03,), "checkpoint_every": 4}), wd)
     assert [d["reason"].split()[0] for d in r1["lr_drops"]] == ["scheduled"]
     assert r1["lr"] == pytest.approx(0.001)
     (wd / "DROP_LR").write_text("2")  # the researcher asks for a drop by 2 while it runs
-    r2 = train.run(tiny_config(**{"total_steps": 6, "optim.drop_epochs": (0.03,), "checkpoint_every": 2}), wd)
+    r2 = train.train_and_evaluate(tiny_config(**{"total_steps": 6, "optim.drop_epochs": (0.03,), "checkpoint_every": 2}), wd)
     assert not (wd / "DROP_LR").exists()
     assert r2["lr"] == pytest.approx(0.0005)
-    r3 = train.run(tiny_config(**{"total_steps": 8, "optim.drop_epochs": (0.03,), "optim.lr": 1e-4,
+    r3 = train.train_and_evaluate(tiny_config(**{"total_steps": 8, "optim.drop_epochs": (0.03,), "optim.lr": 1e-4,
                                   "checkpoint_every": 2}), wd, manual_lr=1e-4)
     assert r3["lr"] == pytest.approx(1e-4)
     assert [d["reason"].split()[0] for d in r3["lr_drops"]] == ["scheduled", "requested", "resume"]
     # A requeue without the manual LR keeps it (the config's 0.01 is not a request), and one that
     # repeats the same request does not drop again.
-    r4 = train.run(tiny_config(**{"total_steps": 9, "optim.drop_epochs": (0.03,), "checkpoint_every": 1}), wd)
-    r5 = train.run(tiny_config(**{"total_steps": 10, "optim.drop_epochs": (0.03,), "optim.lr": 1e-4,
+    r4 = train.train_and_evaluate(tiny_config(**{"total_steps": 9, "optim.drop_epochs": (0.03,), "checkpoint_every": 1}), wd)
+    r5 = train.train_and_evaluate(tiny_config(**{"total_steps": 10, "optim.drop_epochs": (0.03,), "optim.lr": 1e-4,
                                   "checkpoint_every": 1}), wd, manual_lr=1e-4)
     assert r4["lr"] == r5["lr"] == pytest.approx(1e-4)
     assert len(r5["lr_drops"]) == 3
@@ -136,8 +138,8 @@ def test_scheduled_requested_and_resume_drops_survive_restarts(tmp_path):
 def test_lr_typed_at_resume_is_a_manual_drop_and_a_requeue_without_it_keeps_it(tmp_path):
     """The README's `--config.optim.lr=0.001 when resuming`, as typed, then the same command without it."""
     wd = tmp_path / "run"
-    for steps, extra in ((2, []), (3, ["--config.optim.lr=0.001"]), (4, [])):
-        r = launch(wd, f"--config.total_steps={steps}", "--config.checkpoint_every=1", *extra)
+    for total, extra in ((2, []), (3, ["--config.optim.lr=0.001"]), (4, [])):
+        r = launch(wd, f"--config.total_steps={total}", "--config.checkpoint_every=1", *extra)
         assert r.returncode == 0, r.stderr[-3000:]
     lr = lr_by_step(wd)
     assert [lr[s] for s in range(1, 5)] == pytest.approx([0.01, 0.01, 0.001, 0.001])
@@ -151,9 +153,9 @@ def test_plateau_drops_and_keeps_after_restart(tmp_path):
     wd = tmp_path / "run"
     cfg = dict(**{"eval_every": 2, "checkpoint_every": 2, "optim.plateau_patience": 1,
                   "optim.plateau_min_delta": 1.0, "optim.plateau_max_drops": 1})
-    r = train.run(tiny_config(total_steps=6, **cfg), wd)  # evals at 2 (best), 4 (stalled: drop), 6
+    r = train.train_and_evaluate(tiny_config(total_steps=6, **cfg), wd)  # evals at 2 (best), 4 (stalled: drop), 6
     assert [d["step"] for d in r["lr_drops"]] == [4]
-    r = train.run(tiny_config(total_steps=10, **cfg), wd)  # at most one plateau drop
+    r = train.train_and_evaluate(tiny_config(total_steps=10, **cfg), wd)  # at most one plateau drop
     assert [d["step"] for d in r["lr_drops"]] == [4]
     lr = lr_by_step(wd)
     assert [lr[s] for s in range(1, 11)] == pytest.approx([0.01] * 4 + [0.001] * 6)
@@ -162,14 +164,14 @@ def test_plateau_drops_and_keeps_after_restart(tmp_path):
 @pytest.mark.slow
 def test_damaged_latest_checkpoint_falls_back(tmp_path, caplog):
     wd = tmp_path / "run"
-    train.run(tiny_config(total_steps=4, checkpoint_every=2), wd)
+    train.train_and_evaluate(tiny_config(total_steps=4, checkpoint_every=2), wd)
     state_dir = wd / "checkpoints" / "4" / "state"
     files = sorted(p for p in state_dir.rglob("*") if p.is_file() and p.stat().st_size > 1000)
     assert files, "expected array files in the checkpoint"
     for f in files:  # truncate every sizeable file
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
     with caplog.at_level("WARNING"):
-        r = train.run(tiny_config(total_steps=6, checkpoint_every=2), wd)
+        r = train.train_and_evaluate(tiny_config(total_steps=6, checkpoint_every=2), wd)
     assert "Checkpoint at step 4 is damaged" in caplog.text
     assert any(p.name.startswith("4-") for p in (wd / "checkpoints_damaged").iterdir())
     assert r["step"] == 6
@@ -181,25 +183,25 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path, caplog):
     # A checkpoint with a missing file: same.
     (wd / "checkpoints" / "6" / "control").rename(wd / "gone")
     with caplog.at_level("WARNING"):
-        train.run(tiny_config(total_steps=6, checkpoint_every=2), wd)
+        train.train_and_evaluate(tiny_config(total_steps=6, checkpoint_every=2), wd)
     assert "Checkpoint at step 6 is damaged" in caplog.text
 
 
 @pytest.mark.slow
 def test_resume_refuses_another_network_but_allows_speed_knobs(tmp_path):
     wd = tmp_path / "run"
-    train.run(tiny_config(total_steps=2, checkpoint_every=2), wd)
+    train.train_and_evaluate(tiny_config(total_steps=2, checkpoint_every=2), wd)
     with pytest.raises(train.TrainingError, match=r"different model config \(fields \['lrn'\]\)"):
-        train.run(tiny_config(**{"total_steps": 4, "model.lrn": False}), wd)
-    r = train.run(tiny_config(**{"total_steps": 4, "checkpoint_every": 2, "data.num_threads": 1}), wd)
+        train.train_and_evaluate(tiny_config(**{"total_steps": 4, "model.lrn": False}), wd)
+    r = train.train_and_evaluate(tiny_config(**{"total_steps": 4, "checkpoint_every": 2, "data.num_threads": 1}), wd)
     assert r["step"] == 4
 
 
 @pytest.mark.slow
 def test_uint8_batches_normalised_on_device_train_like_float32_ones(tmp_path):
     # The same data stream normalised on the host (float32) or in the jitted step (uint8).
-    a = train.run(tiny_config(**{"total_steps": 3, "data.output": "float32"}), tmp_path / "f32")
-    b = train.run(tiny_config(**{"total_steps": 3, "data.output": "uint8"}), tmp_path / "u8")
+    a = train.train_and_evaluate(tiny_config(**{"total_steps": 3, "data.output": "float32"}), tmp_path / "f32")
+    b = train.train_and_evaluate(tiny_config(**{"total_steps": 3, "data.output": "uint8"}), tmp_path / "u8")
     la = [m["train/loss"] for m in metrics(tmp_path / "f32") if "train/loss" in m]
     lb = [m["train/loss"] for m in metrics(tmp_path / "u8") if "train/loss" in m]
     assert len(la) == 3 and la == pytest.approx(lb, rel=1e-5)
@@ -208,9 +210,9 @@ def test_uint8_batches_normalised_on_device_train_like_float32_ones(tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     wd = tmp_path / "run"
-    train.run(tiny_config(total_steps=2, checkpoint_every=2), wd)
+    train.train_and_evaluate(tiny_config(total_steps=2, checkpoint_every=2), wd)
     with pytest.raises(train.TrainingError, match=r"loss became (nan|inf).*last good checkpoint, step 2"):
-        train.run(tiny_config(**{"total_steps": 8, "checkpoint_every": 2, "optim.lr": 1e30}), wd, manual_lr=1e30)
+        train.train_and_evaluate(tiny_config(**{"total_steps": 8, "checkpoint_every": 2, "optim.lr": 1e30}), wd, manual_lr=1e30)
     assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit()) == [2]
     state = read_state(wd, 2)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state["params"]))
@@ -239,9 +241,9 @@ def test_eval_step_counts_match_numpy_for_center_and_ten_crop():
     imgs_ten = rng.normal(0, 50, (8, 10, 64, 64, 3)).astype(np.float32)
     label = rng.integers(0, 10, 8).astype(np.int32)
     mask = np.array([1, 1, 1, 1, 1, 1, 0, 0], bool)  # two padding rows must not count
-    c, _ = train.create_train_state(model, train.optim.make_optimizer(tiny_config().optim), 0, mesh)
+    c, _ = steps.create_train_state(model, optim.make_optimizer(tiny_config().optim), 0, mesh)
     params = c.params
-    step = train.make_eval_step(model, mesh, train.state_shardings(c, mesh).params)
+    step = steps.make_eval_step(model, mesh, parallel.state_shardings(c, mesh).params)
     apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
     for images in (imgs_center, imgs_ten):
         flat = images.reshape((-1, 64, 64, 3))
@@ -252,7 +254,7 @@ def test_eval_step_counts_match_numpy_for_center_and_ten_crop():
         if p.shape[1] == 10:  # labels at the edge of the centre view's top 5: another view would count otherwise
             rank = np.argsort(-centre, axis=1)
             label = np.where(np.arange(8) % 2 == 0, rank[:, 4], rank[:, 5]).astype(np.int32)
-        got = jax.device_get(step(params, train.to_global({"image": images, "label": label, "mask": mask}, mesh)))
+        got = jax.device_get(step(params, steps.to_global({"image": images, "label": label, "mask": mask}, mesh)))
 
         def wrong(q):
             rank = np.argsort(-q, axis=1)

@@ -13,7 +13,7 @@ from alexnet_jax import data as data_lib
 from alexnet_jax import optim
 from alexnet_jax.model import from_config
 from alexnet_jax.parallel import make_mesh
-from alexnet_jax.train import create_train_state, make_input_fn, make_train_step, to_global
+from alexnet_jax.steps import create_train_state, make_input_fn, make_train_step, to_global
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -70,3 +70,14 @@ def test_bfloat16_training_loss_tracks_float32(float32_losses):
     rel = np.abs(bf16 - f32) / f32
     print("bf16 vs f32 relative loss difference per step:", np.round(rel, 4))
     assert rel.max() < 0.02, rel
+
+
+def test_lr_change_needs_no_recompilation():
+    """The LR lives in the optimizer state: after ``optim.set_lr`` the same compiled step runs (one
+    cache entry), and the new LR is the one it applies."""
+    state, step, batches = _setup("float32")
+    state, m0 = step(state, batches[0])
+    state = state.replace(opt_state=optim.set_lr(state.opt_state, 0.001))
+    state, m1 = step(state, batches[1])
+    assert float(m0["train/lr"]) == pytest.approx(0.01) and float(m1["train/lr"]) == pytest.approx(0.001)
+    assert step._cache_size() == 1  # a second entry would mean the drop recompiled the step

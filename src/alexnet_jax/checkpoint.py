@@ -22,7 +22,7 @@ method (saving and restoring are collective); only process 0 moves files.
 Failures that only some processes see are agreed on, never waited out: a
 folder one host cannot write stops every process at start; a checkpoint one
 host cannot read is set aside by all; a write whose part on one host fails
-is reported as lost by all, at the next save (see ``_WriteBarrier``).
+is reported as lost by all, at the next save (see ``distributed.WriteBarrier``).
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+from alexnet_jax import distributed
 
 log = logging.getLogger(__name__)
 
@@ -74,58 +77,6 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {_first_line(error)}"
 
 
-def _processes_with(flag: bool) -> list[int]:
-    """The processes whose ``flag`` is set (one small collective when there are several)."""
-    if jax.process_count() == 1:
-        return [0] if flag else []
-    from jax.experimental import multihost_utils
-
-    return [int(i) for i in np.flatnonzero(np.asarray(multihost_utils.process_allgather(np.int32(flag))))]
-
-
-def _on_any_process(flag: bool) -> bool:
-    """``flag`` OR-ed over all processes."""
-    return bool(_processes_with(flag))
-
-
-class _WriteBarrier:
-    """Orbax's end-of-write barrier (run in its background save thread), made abortable.
-
-    Orbax's own barrier waits (up to 20 minutes) for every process to finish its part of
-    the write. A process whose part failed (its disk is full, its mount went read-only)
-    never arrives, so the others would wait, then fall out of step with it. Here each
-    arrival is a key in JAX's distributed key-value store, and a process that learns its
-    write failed posts an abort for that step (``abort``): the waiting processes then
-    fail the same write too, and every process reports the same lost step.
-    """
-
-    PREFIX = "alexnet_jax/checkpoint_write"
-
-    def __init__(self):
-        from alexnet_jax._jax_internals import distributed_client  # the runtime's key-value store
-
-        self.client = distributed_client()
-        self.step: int | None = None  # the step whose write is running
-
-    def abort(self, step: int) -> None:
-        self.client.key_value_set(f"{self.PREFIX}/abort/{step}/{jax.process_index()}", "1",
-                                  allow_overwrite=True)
-
-    def __call__(self, *, key: str, timeout_ms: int) -> None:
-        here = f"{self.PREFIX}/arrived/{key}/"
-        self.client.key_value_set(f"{here}{jax.process_index()}", "1", allow_overwrite=True)
-        deadline = time.monotonic() + timeout_ms / 1000
-        while len(self.client.key_value_dir_get(here)) < jax.process_count():
-            failed = self.client.key_value_dir_get(f"{self.PREFIX}/abort/{self.step}/")
-            if failed:
-                who = sorted(int(k.rsplit("/", 1)[1]) for k, _ in failed)
-                raise RuntimeError(f"process(es) {who} could not write their part of step {self.step}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"Timed out after {timeout_ms / 1000:.0f} s waiting for every process "
-                                   f"to finish writing step {self.step}")
-            time.sleep(0.02)
-
-
 class Checkpointer:
     def __init__(self, workdir: str | Path, *, keep: int = 3, asynchronous: bool = True):
         self.directory = Path(workdir).absolute() / "checkpoints"
@@ -135,7 +86,7 @@ class Checkpointer:
             ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1,
                                           keep_checkpoints_without_metrics=False),
         ])
-        self._barrier = _WriteBarrier() if jax.process_count() > 1 else None
+        self._barrier = distributed.WriteBarrier() if jax.process_count() > 1 else None
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policy, enable_async_checkpointing=asynchronous, create=True,
             cleanup_tmp_directories=True,  # half-written saves of a killed run; never a finished one
@@ -151,7 +102,7 @@ class Checkpointer:
             probe.unlink()
         except OSError as e:
             error = e
-        failing = _processes_with(error is not None)
+        failing = distributed.processes_with(error is not None)
         if failing:
             what = (f"{error}" if error is not None else
                     f"process(es) {failing} cannot (see their messages)")
@@ -269,7 +220,7 @@ class Checkpointer:
                 if jax.process_index() != 0:  # process 0 moves it aside; only this process knows why
                     log.warning("Process %d cannot read the checkpoint at step %d: %s: %s", jax.process_index(),
                                 step, type(e).__name__, _first_line(e))
-            if _on_any_process(isinstance(restored, Exception)):  # all processes fall back together
+            if distributed.on_any_process(isinstance(restored, Exception)):  # all processes fall back together
                 self._set_aside(step, restored if isinstance(restored, Exception) else None)
                 continue
             return {"step": step, "state": restored["state"], "data": restored["data"],
@@ -304,3 +255,92 @@ class Checkpointer:
             log.warning("Closing the checkpoint manager failed after an earlier error: %s", _first_line(e))
         if error is not None:
             log.warning("%s", error)
+
+
+# ---------------------------------------------------------------------------
+# Reading one step folder without a manager: what inference and evaluation need.
+
+_LAYOUT = ("a run's workdir (holding checkpoints/<step>/), its checkpoints/ folder, "
+           "or one checkpoints/<step>/ folder")
+
+
+def _is_step_dir(p: epath.Path) -> bool:
+    return (p / "state").is_dir() and (p / "config").is_dir()
+
+
+def find_step_dir(path: str | os.PathLike, step: int | None = None) -> tuple[epath.Path, int | None]:
+    """``path`` (workdir, checkpoints folder or step folder) -> (step folder, step number).
+
+    Only finished writes count (no tmp folders, no half-written steps on GCS).
+    """
+    root = epath.Path(path)
+    if not root.exists():
+        raise CheckpointError(f"No checkpoint at {str(path)!r}: the path does not exist. Give {_LAYOUT}.")
+    if _is_step_dir(root):
+        number = int(root.name) if root.name.isdigit() else None
+        if step is not None and number is not None and step != number:
+            raise CheckpointError(f"{str(path)!r} is the checkpoint of step {number}, not step {step}; "
+                                  "give its parent folder to choose a step.")
+        return root, number
+    ckpt_dir = root / "checkpoints" if (root / "checkpoints").is_dir() else root
+    steps = sorted(int(c.name) for c in ckpt_dir.iterdir() if c.name.isdigit() and c.is_dir()
+                   and _is_step_dir(c) and ocp.utils.is_checkpoint_finalized(c))
+    if not steps:
+        raise CheckpointError(f"No finished checkpoint under {str(path)!r}. Give {_LAYOUT}. "
+                              "A run writes its first checkpoint after checkpoint_every steps (or an epoch).")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointError(f"No checkpoint of step {step} under {str(ckpt_dir)!r}; the steps there are {steps}.")
+    return ckpt_dir / str(step), step
+
+
+def read_config(step_dir: epath.Path) -> dict:
+    """The run's whole config, as saved with the step."""
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "config")
+
+
+def saved_params(step_dir: epath.Path) -> Any:
+    """The saved parameter tree's metadata (shapes and dtypes), read without the arrays."""
+    state_dir = step_dir / "state"
+    try:
+        saved = ocp.StandardCheckpointHandler().metadata(state_dir).tree
+    except Exception as e:  # noqa: BLE001 - any unreadable metadata: say which folder, and why
+        raise CheckpointError(f"Cannot read the checkpoint in {str(state_dir)!r} "
+                              f"({type(e).__name__}: {_first_line(e)}).") from e
+    if saved is None or "params" not in saved:
+        raise CheckpointError(f"{str(state_dir)!r} holds no 'params': not an alexnet_jax train state.")
+    return saved["params"]
+
+
+def read_params(step_dir: epath.Path, sharding) -> Any:
+    """Only the parameters (the optimizer state stays on disk), placed with ``sharding``."""
+    target = {"params": jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), saved_params(step_dir))}
+    try:
+        return ocp.PyTreeCheckpointer().restore(step_dir / "state", args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True))["params"]
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"Cannot read the parameters in {str(step_dir / 'state')!r} "
+                              f"({type(e).__name__}: {_first_line(e)}); the checkpoint may be damaged.") from e
+
+
+def read_step(step_dir: epath.Path) -> int:
+    """The step a state holds (for a step folder copied under another name)."""
+    meta = ocp.StandardCheckpointHandler().metadata(step_dir / "state").tree["step"]
+    return int(ocp.PyTreeCheckpointer().restore(step_dir / "state", args=ocp.args.PyTreeRestore(
+        item={"step": jax.ShapeDtypeStruct(meta.shape, meta.dtype)}, restore_args={"step": ocp.RestoreArgs(restore_type=np.ndarray)},
+        partial_restore=True))["step"])
+
+
+def read_dataset(step_dir: epath.Path) -> tuple[list[str], list[str], dict | None]:
+    """``(classes, class_names, stats)`` as the run saved them; stats: mean image and RGB eigens, or None."""
+    if not (step_dir / "dataset").is_dir():
+        raise CheckpointError(f"{str(step_dir)!r} has no dataset item (class names, mean image): not written by "
+                              "alexnet_jax's train_and_evaluate, or damaged.")
+    info = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "dataset")
+    stats = None
+    if info["stats"] is not None:
+        stats = {k: np.asarray(v) for k, v in ocp.StandardCheckpointer().restore(step_dir / "dataset_stats").items()}
+    return info["classes"], info["class_names"], stats

@@ -86,7 +86,7 @@ def launch(argv: list[str]) -> None:
         from alexnet_jax.data import DatasetError
 
         try:
-            train.run(config, workdir_flag.value, manual_lr=config.optim.lr if lr_on_command_line(argv) else None)
+            train.train_and_evaluate(config, workdir_flag.value, manual_lr=config.optim.lr if lr_on_command_line(argv) else None)
         except ConfigError as e:
             sys.exit(f"launch.py: bad config: {e}")
         except (DatasetError, CheckpointError, train.TrainingError) as e:

@@ -19,6 +19,7 @@ from process 0, so all processes take the same steps.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 
 import jax
@@ -64,7 +65,7 @@ def initialize(cfg=None, environ: Mapping[str, str] = os.environ) -> bool:
     """Join the multi-process run the config or environment describes; True if there is one.
 
     Must run before anything starts JAX's backend (as ``use_virtual_cpu_devices``).
-    Calling it again in the same process (a second ``train.run``) is a no-op.
+    Calling it again in the same process (a second ``train.train_and_evaluate``) is a no-op.
     """
     explicit = settings(cfg, environ)
     auto = bool((cfg or {}).get("auto", False))
@@ -76,7 +77,7 @@ def initialize(cfg=None, environ: Mapping[str, str] = os.environ) -> bool:
 
     if backends_are_initialized():
         raise RuntimeError("A multi-process run must join the distributed runtime before JAX starts its "
-                           "backend; call alexnet_jax.train.run (or distributed.initialize) first thing.")
+                           "backend; call alexnet_jax.train.train_and_evaluate (or distributed.initialize) first thing.")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes exchange over TCP
     timeout = int((cfg or {}).get("timeout_s") or 300)
     if explicit is None:
@@ -150,3 +151,55 @@ def requested_drop_everywhere(workdir) -> float | None:
     if factor == -1.0:  # process 0 could not read the file: every process stops with its message
         raise error or ValueError(f"process 0 could not read {optim.DROP_FILE} in {workdir}; see its message")
     return factor
+
+
+def processes_with(flag: bool) -> list[int]:
+    """The processes whose ``flag`` is set (one small collective when there are several)."""
+    if jax.process_count() == 1:
+        return [0] if flag else []
+    from jax.experimental import multihost_utils
+
+    return [int(i) for i in np.flatnonzero(np.asarray(multihost_utils.process_allgather(np.int32(flag))))]
+
+
+def on_any_process(flag: bool) -> bool:
+    """``flag`` OR-ed over all processes."""
+    return bool(processes_with(flag))
+
+
+class WriteBarrier:
+    """Orbax's end-of-write barrier for checkpoints (run in its background save thread), made abortable.
+
+    Orbax's own barrier waits (up to 20 minutes) for every process to finish its part of
+    the write. A process whose part failed (its disk is full, its mount went read-only)
+    never arrives, so the others would wait, then fall out of step with it. Here each
+    arrival is a key in JAX's distributed key-value store, and a process that learns its
+    write failed posts an abort for that step (``abort``): the waiting processes then
+    fail the same write too, and every process reports the same lost step.
+    """
+
+    PREFIX = "alexnet_jax/checkpoint_write"
+
+    def __init__(self):
+        from alexnet_jax._jax_internals import distributed_client  # the runtime's key-value store
+
+        self.client = distributed_client()
+        self.step: int | None = None  # the step whose write is running
+
+    def abort(self, step: int) -> None:
+        self.client.key_value_set(f"{self.PREFIX}/abort/{step}/{jax.process_index()}", "1",
+                                  allow_overwrite=True)
+
+    def __call__(self, *, key: str, timeout_ms: int) -> None:
+        here = f"{self.PREFIX}/arrived/{key}/"
+        self.client.key_value_set(f"{here}{jax.process_index()}", "1", allow_overwrite=True)
+        deadline = time.monotonic() + timeout_ms / 1000
+        while len(self.client.key_value_dir_get(here)) < jax.process_count():
+            failed = self.client.key_value_dir_get(f"{self.PREFIX}/abort/{self.step}/")
+            if failed:
+                who = sorted(int(k.rsplit("/", 1)[1]) for k, _ in failed)
+                raise RuntimeError(f"process(es) {who} could not write their part of step {self.step}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Timed out after {timeout_ms / 1000:.0f} s waiting for every process "
+                                   f"to finish writing step {self.step}")
+            time.sleep(0.02)

@@ -68,7 +68,7 @@ def config_for_evaluation(saved: dict) -> ml_collections.ConfigDict:
 
 def parse_command_line(argv: list[str]):
     """``(config, options)``: the checkpoint's config with the command line's overrides, and the other flags."""
-    from alexnet_jax.inference import _read_json, find_step_dir
+    from alexnet_jax.checkpoint import CheckpointError, find_step_dir, read_config
 
     first = flags.FlagValues()
     _define_run_flags(first)
@@ -78,15 +78,11 @@ def parse_command_line(argv: list[str]):
         sys.exit(f"{_PROG}: bad command line: {e}")
     if first.workdir is None:
         sys.exit(f"{_PROG}: give --workdir=DIR, the training run's workdir.")
-    from alexnet_jax.checkpoint import CheckpointError
-
     try:
         step_dir, _ = find_step_dir(first.workdir, first.step)
     except CheckpointError as e:
         sys.exit(f"{_PROG}: {e}")
-    if not (step_dir / "config").is_dir():
-        sys.exit(f"{_PROG}: {step_dir} holds no saved config; evaluate needs the run's preprocessing.")
-    base = config_for_evaluation(_read_json(step_dir / "config"))
+    base = config_for_evaluation(read_config(step_dir))
 
     fv = flags.FlagValues()
     _define_run_flags(fv)
@@ -109,17 +105,17 @@ def evaluate_checkpoint(workdir, config: ml_collections.ConfigDict | None = None
                         views: str = "both", split: str = "val", batch_size: int | None = None) -> dict:
     """Error rates of a checkpoint on ``split``; ``config`` (default: the saved one) names the data."""
     from alexnet_jax import data as data_lib
-    from alexnet_jax import train
+    from alexnet_jax import parallel, steps
     from alexnet_jax.inference import load_checkpoint
 
     ckpt = load_checkpoint(workdir, step)
     if config is None:
         config = config_for_evaluation(ckpt.config.to_dict())
     model = ckpt.model
-    mesh, note = train._mesh_for(model, ml_collections.ConfigDict({"tower": -1, "data": -1}))
+    mesh, note = parallel.mesh_for_config(model.towers, ml_collections.ConfigDict({"tower": -1, "data": -1}))
     if note:
         print(note)
-    param_shardings = train.state_shardings(ckpt.params, mesh)
+    param_shardings = parallel.state_shardings(ckpt.params, mesh)
     params = jax.device_put(ckpt.params, param_shardings)
 
     cfg = config.data
@@ -132,15 +128,15 @@ def evaluate_checkpoint(workdir, config: ml_collections.ConfigDict | None = None
         raise data_lib.DatasetError(f"{ckpt.path!r} does not carry the mean image the run subtracted.")
     data = data_lib.ResolvedData({split: records}, ckpt.stats, list(classes), list(ckpt.class_names or classes))
     batch = batch_size or config.eval_batch_size
-    if batch % mesh.shape[train.DATA_AXIS]:
-        raise data_lib.DatasetError(f"--batch_size={batch} must be a multiple of the {mesh.shape[train.DATA_AXIS]} "
+    if batch % mesh.shape[parallel.DATA_AXIS]:
+        raise data_lib.DatasetError(f"--batch_size={batch} must be a multiple of the {mesh.shape[parallel.DATA_AXIS]} "
                                     "devices it is split over.")
     mode = "center" if views == "center" else ("whole" if cfg.output == "uint8" else "ten_crop")
     passes = data_lib.EvalPasses(cfg, batch_size=batch, mode=mode, split=split, image_size=model.image_size,
                                  data=data)
     try:
-        eval_step = train.make_eval_step(model, mesh, param_shardings, train.make_input_fn(cfg, ckpt.stats))
-        result = train.evaluate(eval_step, params, passes(), mesh)
+        eval_step = steps.make_eval_step(model, mesh, param_shardings, steps.make_input_fn(cfg, ckpt.stats))
+        result = steps.evaluate(eval_step, params, passes(), mesh)
     finally:
         passes.close()
     return {"checkpoint": ckpt.path, "step": ckpt.step, "split": split, "images": len(records), **result}

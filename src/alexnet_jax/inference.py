@@ -21,7 +21,6 @@ crops of ``data.crop_size``, minus the same window of the training mean image.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -30,23 +29,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
-from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
+from alexnet_jax import checkpoint
 from alexnet_jax.checkpoint import CheckpointError
 from alexnet_jax.data import device as data_device
 from alexnet_jax.data import sources, transforms
 from alexnet_jax.model import AlexNet, from_config
-from alexnet_jax.parallel import DATA_AXIS, make_mesh, mesh_forward, param_sharding
-
-log = logging.getLogger(__name__)
-
-_ITEMS = ("state", "config")  # a step folder has at least these
-_LAYOUT = ("a run's workdir (holding checkpoints/<step>/), its checkpoints/ folder, "
-           "or one checkpoints/<step>/ folder")
-
+from alexnet_jax.parallel import DATA_AXIS, batch_sharding, make_mesh, mesh_forward, param_sharding
+from alexnet_jax.steps import average_views
 
 class ImageError(ValueError):
     """An input image cannot be used (the message names it and says what would work)."""
@@ -74,56 +66,14 @@ class Checkpoint:
 # Finding and reading a checkpoint
 
 
-def _is_step_dir(p: epath.Path) -> bool:
-    return all((p / item).is_dir() for item in _ITEMS) or (p / "state" / "_METADATA").exists()
-
-
-def _finished_steps(ckpt_dir: epath.Path) -> list[int]:
-    """Numbered step folders that Orbax finished writing (not tmp folders, not half-written ones on GCS)."""
-    steps = []
-    for child in ckpt_dir.iterdir():
-        if (child.name.isdigit() and child.is_dir() and _is_step_dir(child)
-                and ocp.utils.is_checkpoint_finalized(child)):
-            steps.append(int(child.name))
-    return sorted(steps)
-
-
-def find_step_dir(path: str | os.PathLike, step: int | None = None) -> tuple[epath.Path, int | None]:
-    """``path`` (workdir, checkpoints folder or step folder) -> (step folder, step number)."""
-    root = epath.Path(path)
-    if not root.exists():
-        raise CheckpointError(f"No checkpoint at {str(path)!r}: the path does not exist. Give {_LAYOUT}.")
-    if _is_step_dir(root):
-        number = int(root.name) if root.name.isdigit() else None
-        if step is not None and number is not None and step != number:
-            raise CheckpointError(f"{str(path)!r} is the checkpoint of step {number}, not step {step}; "
-                                  "give its parent folder to choose a step.")
-        return root, number
-    ckpt_dir = root / "checkpoints" if (root / "checkpoints").is_dir() else root
-    steps = _finished_steps(ckpt_dir)
-    if not steps:
-        raise CheckpointError(f"No finished checkpoint under {str(path)!r}. Give {_LAYOUT}. "
-                              "A run writes its first checkpoint after checkpoint_every steps (or an epoch).")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise CheckpointError(f"No checkpoint of step {step} under {str(ckpt_dir)!r}; "
-                              f"the steps there are {steps}.")
-    return ckpt_dir / str(step), step
-
-
-def _read_json(item_dir: epath.Path) -> Any:
-    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(item_dir)
-
-
-def _model_from(config: ml_collections.ConfigDict | None, model, step_dir) -> AlexNet:
+def _model_from(config: ml_collections.ConfigDict, model, step_dir) -> AlexNet:
     if isinstance(model, AlexNet):
         return model
     if model is not None:
         return from_config(model)
-    if config is None or "model" not in config:
-        raise CheckpointError(f"{str(step_dir)!r} has no config item saying which network it holds; "
-                              "pass model=<the run's model config section> to load_checkpoint.")
+    if "model" not in config:
+        raise CheckpointError(f"The config saved in {str(step_dir)!r} has no model section: not an "
+                              "alexnet_jax checkpoint, or a damaged one.")
     return from_config(config.model)
 
 
@@ -158,19 +108,6 @@ def _placement(model: AlexNet, devices) -> tuple[Any, Any]:
     return None, jax.sharding.SingleDeviceSharding(devices[0])
 
 
-def _dataset_from_config(config) -> tuple[list | None, list | None, dict | None]:
-    """Older checkpoints carry no dataset item: find the data their config names, if it is here."""
-    from alexnet_jax import data as data_lib
-
-    try:
-        data = data_lib.resolve(config.data)
-    except (sources.DatasetError, OSError, KeyError, AttributeError) as e:
-        log.warning("This checkpoint has no dataset item (saved by an older version) and its data is not "
-                    "available here (%s); class names and the mean image are unknown.", e)
-        return None, None, None
-    return data.classes, data.class_names, data.stats
-
-
 def load_checkpoint(path: str | os.PathLike, step: int | None = None, *, model=None,
                     devices: Sequence[Any] | None = None) -> Checkpoint:
     """Restore the parameters and config of a checkpoint onto this process's devices.
@@ -178,53 +115,19 @@ def load_checkpoint(path: str | os.PathLike, step: int | None = None, *, model=N
     ``path``: a workdir, its ``checkpoints/`` folder or one ``checkpoints/<step>``
     folder, local or any filesystem etils/Orbax reads (``gs://...``). ``step``:
     which step (default: the newest finished one). ``model``: a model config
-    (or ``AlexNet``) to use instead of the saved one, for checkpoints without a
-    config. ``devices``: default ``jax.local_devices()``.
-    Only the parameters are read; the optimizer state stays on disk.
+    (or ``AlexNet``) to use instead of the saved one. ``devices``: default
+    ``jax.local_devices()``. Only the parameters are read; the optimizer state stays on disk.
     """
-    step_dir, number = find_step_dir(path, step)
-    config = None
-    if (step_dir / "config").is_dir():
-        config = ml_collections.ConfigDict(_read_json(step_dir / "config"))
+    step_dir, number = checkpoint.find_step_dir(path, step)
+    config = ml_collections.ConfigDict(checkpoint.read_config(step_dir))
     net = _model_from(config, model, step_dir)
-
-    state_dir = step_dir / "state"
-    try:
-        saved = ocp.StandardCheckpointHandler().metadata(state_dir).tree
-    except Exception as e:  # noqa: BLE001 - any unreadable metadata: say which folder, and why
-        raise CheckpointError(f"Cannot read the checkpoint in {str(state_dir)!r} "
-                              f"({type(e).__name__}: {str(e)[:300]}).") from e
-    if saved is None or "params" not in saved:
-        raise CheckpointError(f"{str(state_dir)!r} holds no 'params': not an alexnet_jax train state.")
-    _check_shapes(saved["params"], net, step_dir, override=model is not None)
-
+    _check_shapes(checkpoint.saved_params(step_dir), net, step_dir, override=model is not None)
     mesh, sharding = _placement(net, devices or jax.local_devices())
-    target = {"params": jax.tree_util.tree_map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), saved["params"])}
-    try:
-        restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True))
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"Cannot read the parameters in {str(state_dir)!r} "
-                              f"({type(e).__name__}: {str(e)[:300]}); the checkpoint may be damaged.") from e
-
-    classes = class_names = stats = None
-    if (step_dir / "dataset").is_dir():
-        info = _read_json(step_dir / "dataset")
-        classes, class_names = info["classes"], info["class_names"]
-        if (step_dir / "dataset_stats").is_dir():
-            stats = {k: np.asarray(v) for k, v in
-                     ocp.StandardCheckpointer().restore(step_dir / "dataset_stats").items()}
-    elif config is not None and "data" in config:
-        classes, class_names, stats = _dataset_from_config(config)
-
+    params = checkpoint.read_params(step_dir, sharding)
+    classes, class_names, stats = checkpoint.read_dataset(step_dir)
     if number is None:  # a step folder copied under another name: the state knows its step
-        target = {"step": jax.ShapeDtypeStruct(saved["step"].shape, saved["step"].dtype)}
-        number = int(ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
-            item=target, restore_args={"step": ocp.RestoreArgs(restore_type=np.ndarray)},
-            partial_restore=True))["step"])
-    return Checkpoint(params=restored["params"], config=config, step=number, path=str(step_dir),
+        number = checkpoint.read_step(step_dir)
+    return Checkpoint(params=params, config=config, step=number, path=str(step_dir),
                       model=net, mesh=mesh, classes=classes, class_names=class_names, stats=stats)
 
 
@@ -316,7 +219,7 @@ class Classifier:
 
     ``views``: ``'center'`` or ``'ten_crop'`` (softmax averaged over the ten
     views, as in the paper); default: ten crops if the run evaluated them, else
-    its ``data.eval_mode``.
+    the centre crop.
     """
 
     def __init__(self, checkpoint: Checkpoint | str | os.PathLike, *, step: int | None = None,
@@ -331,18 +234,14 @@ class Classifier:
         if self.crop != self.model.image_size:
             raise CheckpointError(f"data.crop_size={self.crop} differs from model.image_size="
                                   f"{self.model.image_size} in {ckpt.path!r}.")
-        default_views = "ten_crop" if cfg.get("eval_ten_crop", False) else cfg.data.get("eval_mode", "center")
-        self.views = views or default_views
+        self.views = views or ("ten_crop" if cfg.eval_ten_crop else "center")
         if self.views not in ("center", "ten_crop"):
             raise ValueError(f"views must be 'center' or 'ten_crop', got {self.views!r}.")
         self.mean = None
-        if cfg.data.get("mean_subtraction", False):
+        if cfg.data.mean_subtraction:
             if ckpt.stats is None:
-                raise CheckpointError(
-                    f"The run subtracted the training mean image, but {ckpt.path!r} does not carry it "
-                    "(a checkpoint from before dataset statistics were saved) and the training data named in "
-                    "its config is not on this machine. Copy the dataset's stats.npz here and set "
-                    "config.data.stats_path, or load the checkpoint where the data is.")
+                raise CheckpointError(f"The run subtracted the training mean image, but {ckpt.path!r} does not "
+                                      "carry it: the checkpoint is damaged (its dataset_stats item is missing).")
             self.mean = np.asarray(ckpt.stats["mean_image"], np.float32)
             if self.mean.shape[:2] != (self.resize, self.resize):
                 raise CheckpointError(f"The mean image in {ckpt.path!r} is {self.mean.shape}, but the run "
@@ -366,7 +265,7 @@ class Classifier:
             x = data_device.normalize({"image": images, "crop_yx": crop_yx, "flip": flip}, mean, None, None,
                                       lighting=False)
             logits, fc7 = forward({"params": params}, x.reshape((n * v,) + x.shape[2:]), None)
-            probs = jax.nn.softmax(logits.astype(jnp.float32)).reshape(n, v, -1).mean(axis=1)
+            probs = average_views(jax.nn.softmax(logits.astype(jnp.float32)).reshape(n, v, -1))
             return probs, fc7.reshape(n, v, -1)
 
         return apply
@@ -400,7 +299,7 @@ class Classifier:
         n = batch["image"].shape[0]
         multiple = 1 if self.checkpoint.mesh is None else self.checkpoint.mesh.shape[DATA_AXIS]
         chunk = _next_bucket(n, multiple, max(self.batch_size, multiple))
-        sharding = None if self.checkpoint.mesh is None else NamedSharding(self.checkpoint.mesh, P(DATA_AXIS))
+        sharding = None if self.checkpoint.mesh is None else batch_sharding(self.checkpoint.mesh)
         probs, feats = [], []
         for start in range(0, n, chunk):
             part = {k: batch[k][start:start + chunk] for k in ("image", "crop_yx", "flip")}
@@ -448,4 +347,4 @@ def predict(checkpoint: Checkpoint | str | os.PathLike, images, *, top_k: int = 
 
 
 __all__ = ["Checkpoint", "CheckpointError", "Classifier", "ImageError", "Prediction",
-           "find_step_dir", "load_checkpoint", "load_image", "predict"]
+           "load_checkpoint", "load_image", "predict"]

@@ -13,7 +13,9 @@ drop is a new scalar in the state: no recompilation, saved with checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +131,58 @@ def record_drop(ctl: LRControl, *, step: int, epoch: float, old: float, new: flo
     entry = {"step": int(step), "epoch": round(float(epoch), 4), "from": old, "to": new, "reason": reason}
     ctl.drops.append(entry)
     return entry
+
+
+MANUAL_LR_REASON = "resume with --config.optim.lr"
+
+
+def manual_lr_to_apply(manual_lr: float | None, drops: list[dict]) -> float | None:
+    """The LR to set on resume, or None. An LR asked for at resume is a manual drop, once: the same
+    request again (a requeue script that keeps the flag) changes nothing, and no request (a requeue
+    without the flag) changes nothing either."""
+    if manual_lr is None:
+        return None
+    asked = [d["to"] for d in drops if d["reason"] == MANUAL_LR_REASON]
+    if asked and math.isclose(asked[-1], manual_lr, rel_tol=1e-9):
+        return None
+    return float(manual_lr)
+
+
+class LRPolicy:
+    """Every way the learning rate changes, in one place; the loop asks it once per step.
+
+    ``policy(step, val_error)`` (``step``: steps taken; ``val_error``: the validation
+    top-1 error when the run evaluated at this step) returns the drop to apply, as
+    the entry recorded in ``control.drops``, or None. In order of precedence: the
+    LR given on the command line at resume (the first ask only), a request in the
+    ``DROP_LR`` file (read every ``request_every`` steps), a scheduled epoch
+    (``optim.drop_epochs``), a plateau of validation error. At most one per step.
+    ``read_request`` is ``requested_drop`` (or its multi-process form) bound to the workdir.
+    """
+
+    def __init__(self, cfg: ml_collections.ConfigDict, control: LRControl, *, lr: float, step: int,
+                 steps_per_epoch: int, request_every: int, read_request: Callable[[], float | None],
+                 manual_lr: float | None = None):
+        self.cfg, self.control, self.lr = cfg, control, float(lr)
+        self.steps_per_epoch, self.request_every, self.read_request = steps_per_epoch, request_every, read_request
+        self._manual = manual_lr_to_apply(manual_lr, control.drops)
+        self._last_step = step  # drops between here and the first ask were decided before the checkpoint
+
+    def __call__(self, step: int, val_error: float | None = None) -> dict | None:
+        last, self._last_step = self._last_step, step
+        new, reason = None, None
+        if self._manual is not None:
+            new, reason, self._manual = self._manual, MANUAL_LR_REASON, None
+        elif step > last and step % self.request_every == 0 and (factor := self.read_request()) is not None:
+            new, reason = self.lr / factor, f"requested ({DROP_FILE})"
+        elif scheduled_drop(self.cfg, last / self.steps_per_epoch, step / self.steps_per_epoch):
+            new, reason = self.lr / 10, "scheduled (optim.drop_epochs)"
+        plateau = val_error is not None and plateau_drop(self.cfg, self.control, val_error)
+        if plateau and new is None:
+            new, reason = self.lr / 10, "plateau (optim.plateau_*)"
+        if new is None:
+            return None
+        entry = record_drop(self.control, step=step, epoch=step / self.steps_per_epoch, old=self.lr, new=new,
+                            reason=reason)
+        self.lr = new
+        return entry

@@ -166,3 +166,28 @@ def apply_on_mesh(
         key = rngs["dropout"]
     f = jax.jit(mesh_forward(model, mesh, train=train))
     return f(shard_variables(variables, mesh), jax.device_put(images_NHWC, batch_sharding(mesh)), key)
+
+
+def mesh_for_config(towers: int, mesh_cfg) -> tuple[Mesh, str | None]:
+    """The mesh a config's ``mesh`` section asks for, and a line to print when the default had to change.
+
+    ``mesh.tower=-1`` asks for one tower per device; with fewer devices than
+    towers (one GPU), or a count the towers do not divide, every device runs
+    all towers instead (``mesh.tower=1``), which gives the same results.
+    """
+    tower_axis, note = mesh_cfg.tower, None
+    if tower_axis == -1:
+        tower_axis = towers
+        n = jax.device_count()
+        if n % towers:
+            tower_axis = 1
+            note = (f"{n} {jax.devices()[0].platform} device(s) for {towers} towers: every device runs all "
+                    f"towers (--config.mesh.tower=1; same results, no exchanges between devices).")
+    if tower_axis not in (1, towers):
+        raise ConfigError(f"mesh.tower={tower_axis}: use -1 or {towers} (one tower per device) "
+                          "or 1 (all towers on every device).")
+    try:
+        return make_mesh(towers=tower_axis, data=None if mesh_cfg.data == -1 else mesh_cfg.data), note
+    except ConfigError as e:
+        raise ConfigError(f"{e} With fewer devices, --config.mesh.tower=1 runs all towers on every device, "
+                          "and --config.mesh.data=N uses N of them.") from None

@@ -59,7 +59,6 @@ def check_config(cfg) -> None:
     _choice(cfg, 'name', ('embedded', 'imagenet'))
     _choice(cfg, 'format', ('auto', 'packed', 'folder'))
     _choice(cfg, 'output', ('float32', 'uint8'))
-    _choice(cfg, 'eval_mode', ('center', 'ten_crop'))
     if cfg.crop_size > cfg.resize_size:
         raise DatasetError(f'data.crop_size={cfg.crop_size} is larger than data.resize_size='
                            f'{cfg.resize_size}: crops are taken from the resized image.')

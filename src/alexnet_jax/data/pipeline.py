@@ -51,13 +51,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.flip = True                # random horizontal reflections in training (paper: yes)
     c.pca_lighting_std = 0.1     # std of alpha in the PCA lighting noise (paper: 0.1); 0 turns it off
     c.mean_subtraction = True    # subtract the training-set mean image (paper: yes)
-    c.seed = 0                   # shuffle and augmentation seed when build_train_iter gets none
     c.num_workers = 2            # grain worker processes; 0 = decode in the calling process
     c.worker_buffer_size = 2     # batches each worker keeps ready
     c.num_threads = 2            # threads reading/decoding inside each process (Pillow releases the GIL)
     c.prefetch_buffer_size = 4   # elements read ahead per process
     c.output = 'float32'         # 'float32': normalised on the host | 'uint8': raw crops + crop_yx/flip/alpha, normalise with data.device.normalize in the jitted step
-    c.eval_mode = 'center'       # 'center' (single centre crop) | 'ten_crop' (corners + centre, and mirrors)
     c.prepare_workers = placeholder(int)  # processes for automatic preparation (embedded set, folder statistics); None = all cores
     c.cache_dir = placeholder(str)  # where folder statistics are cached; None = $ALEXNET_JAX_DATA or ~/.cache/alexnet_jax
     # Embedded dataset only.
@@ -146,7 +144,7 @@ class EpochShuffle(grain.MapDataset):
         return self._parent[int(self._order[i])]
 
 
-def build_train_dataset(cfg, *, batch_size: int, seed: int | None = None, image_size: int | None = None,
+def build_train_dataset(cfg, *, batch_size: int, seed: int, image_size: int | None = None,
                         shard_index: int | None = 0, shard_count: int | None = 1,
                         data: ResolvedData | None = None) -> grain.MapDataset:
     """The infinite training stream as a ``MapDataset`` of this host's batches (before workers)."""
@@ -154,7 +152,6 @@ def build_train_dataset(cfg, *, batch_size: int, seed: int | None = None, image_
     shard_index, shard_count = _host_shard(shard_index, shard_count)
     if batch_size % shard_count:
         raise ValueError(f'global batch {batch_size} is not divisible by {shard_count} hosts')
-    seed = cfg.seed if seed is None else seed
     crop = image_size or cfg.crop_size
     src = sources.DecodedSource(data.records['train'], cfg.resize_size, on_error='substitute')
     ds = EpochShuffle(grain.MapDataset.source(src), seed=seed)
@@ -214,7 +211,7 @@ class TrainIterator(grain.DatasetIterator):
         return f'TrainIterator(next_batch={self._next_batch}, {self._fingerprint})'
 
 
-def build_train_iter(cfg, *, batch_size: int, seed: int | None = None, image_size: int | None = None,
+def build_train_iter(cfg, *, batch_size: int, seed: int, image_size: int | None = None,
                      shard_index: int | None = 0, shard_count: int | None = 1,
                      num_workers: int | None = None, data: ResolvedData | None = None) -> TrainIterator:
     """Endless iterator of ``{'image': float32 (B, crop, crop, 3), 'label': int32 (B,), 'mask': bool (B,)}``.
@@ -231,7 +228,7 @@ def build_train_iter(cfg, *, batch_size: int, seed: int | None = None, image_siz
     data = data or resolve(cfg)
     ds = build_train_dataset(cfg, batch_size=batch_size, seed=seed, image_size=image_size,
                              shard_index=shard_index, shard_count=shard_count, data=data)
-    fingerprint = {'seed': cfg.seed if seed is None else seed, 'global_batch_size': batch_size,
+    fingerprint = {'seed': seed, 'global_batch_size': batch_size,
                    'crop_size': image_size or cfg.crop_size, 'resize_size': cfg.resize_size,
                    'num_train_examples': len(data.records['train'])}
     return TrainIterator(ds, lambda d: iter(_to_iter(cfg, d, num_workers)), fingerprint)
@@ -258,7 +255,7 @@ def eval_num_batches(num_examples: int, batch_size: int) -> int:
     return -(-num_examples // batch_size)
 
 
-def build_eval_dataset(cfg, *, batch_size: int, mode: str | None = None, split: str = 'val',
+def build_eval_dataset(cfg, *, batch_size: int, mode: str = 'center', split: str = 'val',
                        image_size: int | None = None, shard_index: int | None = 0,
                        shard_count: int | None = 1, data: ResolvedData | None = None) -> grain.MapDataset:
     data = data or resolve(cfg)
@@ -267,7 +264,6 @@ def build_eval_dataset(cfg, *, batch_size: int, mode: str | None = None, split: 
     shard_index, shard_count = _host_shard(shard_index, shard_count)
     if batch_size % shard_count:
         raise ValueError(f'global batch {batch_size} is not divisible by {shard_count} hosts')
-    mode = mode or cfg.eval_mode
     crop = image_size or cfg.crop_size
     view = {'center': transforms.CenterCrop, 'ten_crop': transforms.TenCrop, 'whole': lambda crop: transforms.Whole()}
     if mode not in view:
@@ -281,7 +277,7 @@ def build_eval_dataset(cfg, *, batch_size: int, mode: str | None = None, split: 
     return _finish(cfg, ds, data.stats, lighting=False)
 
 
-def build_eval_iter(cfg, *, batch_size: int, mode: str | None = None, split: str = 'val',
+def build_eval_iter(cfg, *, batch_size: int, mode: str = 'center', split: str = 'val',
                     image_size: int | None = None, shard_index: int | None = 0, shard_count: int | None = 1,
                     num_workers: int | None = None, data: ResolvedData | None = None):
     """One pass over ``split``: ``{'image': float32 (B, crop, crop, 3) or (B, 10, crop, crop, 3),
@@ -304,7 +300,7 @@ class EvalPasses:
     each), and they decode the next pass's first batches while training runs.
     """
 
-    def __init__(self, cfg, *, batch_size: int, mode: str | None = None, split: str = 'val',
+    def __init__(self, cfg, *, batch_size: int, mode: str = 'center', split: str = 'val',
                  image_size: int | None = None, shard_index: int | None = 0, shard_count: int | None = 1,
                  num_workers: int | None = None, data: ResolvedData | None = None):
         ds = build_eval_dataset(cfg, batch_size=batch_size, mode=mode, split=split, image_size=image_size,

@@ -1,0 +1,200 @@
+"""The pure, jitted pieces of training and evaluation: ``train_step(state, batch) -> (state, metrics)``
+and ``eval_step(params, batch) -> error counts``, each compiled once with its shardings.
+
+Dropout keys come from ``(state.rng, state.step)``, so a resumed run draws the
+masks it would have drawn. The batch arrives as the loader made it (uint8 crops
+with their crop offsets, flips and lighting draws, or float32 images); the mean
+image and PCA lighting are applied inside the step (``make_input_fn``).
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from alexnet_jax import parallel
+from alexnet_jax.model import AlexNet
+from alexnet_jax.parallel import mesh_forward
+
+CENTER_VIEW = 4  # the centre crop's place among the ten views (transforms.ten_crop_params)
+BATCH_KEYS = ("image", "label", "mask", "crop_yx", "flip", "alpha")  # the last three: uint8 output
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: steps taken
+    params: Any  # {'towers': {...}}: every leaf has a leading tower axis
+    opt_state: Any  # optax state, learning rate included
+    rng: jax.Array  # uint32 key data of the dropout key
+
+
+def create_train_state(model: AlexNet, tx: optax.GradientTransformation, seed: int, mesh):
+    """Initialise straight onto the mesh. Returns ``(state, shardings)``."""
+
+    def init():
+        k_init, k_drop = jax.random.split(jax.random.key(seed))
+        x = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
+        params = model.init(k_init, x)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          rng=jax.random.key_data(k_drop))
+
+    shardings = parallel.state_shardings(jax.eval_shape(init), mesh)
+    return jax.jit(init, out_shardings=shardings)(), shardings
+
+
+def abstract_state(state: TrainState, shardings: TrainState) -> TrainState:
+    """Shapes, dtypes and shardings only: what a checkpoint is restored into."""
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  state, shardings)
+
+
+def cross_entropy(logits, labels, mask):
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def average_views(probs_NVK: jax.Array) -> jax.Array:
+    """The paper's ten-crop prediction: the softmax averaged over an image's views."""
+    return probs_NVK.mean(axis=1)
+
+
+def make_input_fn(data_cfg, stats):
+    """``inputs(batch, train) -> float32 images``.
+
+    With ``data.output='uint8'`` the loader sends raw crops (a quarter of the bytes)
+    and the mean image and PCA lighting are applied here, inside the jitted step.
+    Evaluation batches of whole ``resize_size`` images (mode 'whole') become the
+    ten test views here: ``(B, 10, crop, crop, 3)``.
+    """
+    if data_cfg.output != "uint8":
+        return lambda batch, train: batch["image"]
+    from alexnet_jax.data.device import eval_views, normalize
+
+    mean = stats["mean_image"] if (stats is not None and data_cfg.mean_subtraction) else None
+    eigval = None if stats is None else stats["eigval"]
+    eigvec = None if stats is None else stats["eigvec"]
+    lighting = stats is not None and data_cfg.pca_lighting_std > 0
+
+    def inputs(batch, train):
+        if not train and batch["image"].shape[-3] != data_cfg.crop_size:
+            return eval_views(batch["image"], mean, data_cfg.crop_size)
+        return normalize(batch, mean, eigval, eigvec, lighting=lighting and train)
+
+    return inputs
+
+
+def _plain_images(batch, train):
+    return batch["image"]
+
+
+def make_train_step(model: AlexNet, tx, mesh, shardings: TrainState, inputs=None):
+    """``train_step(state, batch) -> (state, metrics)``, jitted once, the state donated.
+
+    A batch with NaN/Inf inputs leaves the state unchanged but for the step count
+    (``train/nonfinite_inputs`` says how many values were bad).
+    """
+    forward = mesh_forward(model, mesh, train=True)
+    inputs = inputs or _plain_images
+
+    def train_step(state: TrainState, batch: dict):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        mask = batch["mask"].astype(jnp.float32)
+        images = inputs(batch, True)
+        nonfinite = jnp.sum(~jnp.isfinite(images))
+
+        def loss_fn(params):
+            logits = forward({"params": params}, images, key)
+            return cross_entropy(logits, batch["label"], mask), logits
+
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(nonfinite == 0, new, old),
+                                         (params, opt_state), (state.params, state.opt_state))
+        wrong = (jnp.argmax(logits, -1) != batch["label"]).astype(jnp.float32)
+        metrics = {
+            "train/loss": loss,
+            "train/top1_error": jnp.sum(wrong * mask) / jnp.maximum(jnp.sum(mask), 1),
+            "train/lr": state.opt_state.hyperparams["learning_rate"],
+            "train/grad_norm": optax.tree.norm(grads),
+            "train/nonfinite_inputs": nonfinite,
+        }
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), metrics
+
+    return jax.jit(train_step, in_shardings=(shardings, parallel.batch_sharding(mesh)),
+                   out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+
+
+def make_eval_step(model: AlexNet, mesh, param_shardings, inputs=None):
+    """Counts of top-1/top-5 errors on a batch, masked rows left out.
+
+    A batch of single views gives ``n``, ``top1_wrong``, ``top5_wrong``. A
+    batch of the ten views gives those for the centre view and, under
+    ``ten_crop/``, for the softmax averaged over the ten (the paper's
+    protocol): both protocols from one pass over the data.
+    """
+    forward = mesh_forward(model, mesh, train=False)
+    inputs = inputs or _plain_images
+    k = min(5, model.num_classes)
+
+    def eval_step(params, batch):
+        images = inputs(batch, False)
+        views = images.shape[1] if images.ndim == 5 else 1
+        images = images.reshape((-1,) + images.shape[-3:])
+        probs = jax.nn.softmax(forward({"params": params}, images, None).astype(jnp.float32))
+        probs = probs.reshape(batch["label"].shape[0], views, -1)
+        label, mask = batch["label"], batch["mask"]
+
+        def wrong(p):
+            _, top = jax.lax.top_k(p, k)
+            return (jnp.sum((top[:, 0] != label) & mask), jnp.sum(~jnp.any(top == label[:, None], axis=1) & mask))
+
+        out = {"n": jnp.sum(mask)}
+        out["top1_wrong"], out["top5_wrong"] = wrong(probs[:, CENTER_VIEW if views == 10 else 0])
+        if views == 10:
+            out["ten_crop/top1_wrong"], out["ten_crop/top5_wrong"] = wrong(average_views(probs))
+        return out
+
+    return jax.jit(eval_step, in_shardings=(param_shardings, parallel.batch_sharding(mesh)))
+
+
+def to_global(batch: dict, mesh) -> dict:
+    """This process's slice of the batch -> global arrays sharded over 'data'."""
+    sharding = parallel.batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in batch.items() if k in BATCH_KEYS}
+
+
+def device_batches(train_iter, mesh, depth: int = 2):
+    """Yields ``(global batch on the devices, iterator state after that batch)``, ``depth`` ahead.
+
+    Batches go to the devices while earlier steps still compute. The iterator
+    itself runs ahead, so the state to checkpoint with a step is the one that
+    came with the step's batch, not ``train_iter.get_state()``.
+    """
+    queue: collections.deque = collections.deque()
+    while True:
+        while len(queue) < depth:
+            queue.append((to_global(next(train_iter), mesh), train_iter.get_state()))
+        yield queue.popleft()
+
+
+def evaluate(eval_step, params, batches, mesh) -> dict:
+    """Error rates over one pass: ``top1_error``, ``top5_error`` (centre view) and, for ten-view
+    batches, ``top1_error_ten_crop``, ``top5_error_ten_crop``; ``n`` examples counted."""
+    totals = collections.Counter()
+    for batch in batches:
+        for name, count in jax.device_get(eval_step(params, to_global(batch, mesh))).items():
+            totals[name] += int(count)
+    n = max(totals["n"], 1)
+    out = {"top1_error": totals["top1_wrong"] / n, "top5_error": totals["top5_wrong"] / n, "n": totals["n"]}
+    if "ten_crop/top1_wrong" in totals:
+        out["top1_error_ten_crop"] = totals["ten_crop/top1_wrong"] / n
+        out["top5_error_ten_crop"] = totals["ten_crop/top5_wrong"] / n
+    return out

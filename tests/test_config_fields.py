@@ -1,0 +1,145 @@
+"""Every config field is used: a field nothing reads is a knob that silently does nothing.
+
+A short demo run records which fields of its config are read (validation, copying
+into checkpoints and printing do not count). The few fields only other data
+sources or several hosts read are named below with the reason, and must at
+least be read somewhere in the package's source.
+"""
+
+import ast
+import contextlib
+import sys
+from pathlib import Path
+
+import ml_collections
+import pytest
+from ml_collections.config_dict import config_dict as cd
+
+from alexnet_jax import config_check, model, train
+from alexnet_jax.data import locate
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from configs import demo, paper  # noqa: E402
+
+# Read only on paths this run does not take (an ImageNet folder, worker processes, several hosts).
+OTHER_PATHS = {
+    "data.val_labels": "a flat ImageNet val/ folder",
+    "data.cache_dir": "statistics of a JPEG folder",
+    "data.worker_buffer_size": "loader worker processes (this run decodes in-process)",
+    "num_epochs": "a run not cut short by total_steps",
+    "distributed.coordinator_address": "several hosts",
+    "distributed.num_processes": "several hosts",
+    "distributed.process_id": "several hosts",
+    "distributed.auto": "several hosts",
+    "distributed.timeout_s": "several hosts",
+}
+
+
+def leaf_paths(cfg, prefix=""):
+    for k, v in cfg.items(preserve_field_references=True):
+        if isinstance(v, ml_collections.ConfigDict):
+            yield from leaf_paths(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}"
+
+
+class ReadRecorder:
+    """Records ``ConfigDict`` reads by field path, except inside bulk operations (to_json, str, ...)."""
+
+    BULK = ("to_dict", "to_json", "to_json_best_effort", "__str__", "__repr__", "__eq__",
+            "copy_and_resolve_references", "items", "values")
+
+    def __init__(self, config):
+        self.paths = {id(config): ""}
+        for k, v in config.items(preserve_field_references=True):
+            if isinstance(v, ml_collections.ConfigDict):
+                self.paths[id(v)] = f"{k}."
+                for k2, v2 in v.items(preserve_field_references=True):
+                    if isinstance(v2, ml_collections.ConfigDict):
+                        self.paths[id(v2)] = f"{k}.{k2}."
+        self.read, self.quiet = set(), 0
+
+    @contextlib.contextmanager
+    def silenced(self):
+        self.quiet += 1
+        try:
+            yield
+        finally:
+            self.quiet -= 1
+
+    def install(self, mp):
+        getitem = cd.ConfigDict.__getitem__
+
+        def recording_getitem(this, key):
+            if not self.quiet and id(this) in self.paths and isinstance(key, str):
+                self.read.add(self.paths[id(this)] + key)
+            return getitem(this, key)
+
+        mp.setattr(cd.ConfigDict, "__getitem__", recording_getitem)
+        for name in self.BULK:
+            mp.setattr(cd.ConfigDict, name, self.wrap(getattr(cd.ConfigDict, name)))
+        for module, name in ((train, "validate_config"), (locate, "check_config")):
+            mp.setattr(module, name, self.wrap(getattr(module, name)))
+
+    def wrap(self, fn):
+        def silent(*args, **kwargs):
+            with self.silenced():
+                return fn(*args, **kwargs)
+        return silent
+
+
+def test_every_config_field_is_read_by_a_run(tmp_path, monkeypatch):
+    c = demo.get_config()
+    c.model.width = 0.125
+    c.total_steps, c.eval_every, c.checkpoint_every, c.log_every = 2, 1, 2, 1
+    c.data.num_workers = 0  # reads in worker processes would not be seen
+    c.eval_ten_crop = False
+    c.optim.plateau_patience, c.optim.plateau_min_delta = 1, 1.0  # the second evaluation asks every plateau field
+    c.mesh.cpu_devices, c.mesh.data = 8, 2
+    recorder = ReadRecorder(c)
+    with monkeypatch.context() as mp:
+        recorder.install(mp)
+        train.train_and_evaluate(c, tmp_path / "run")
+
+    fields = set(leaf_paths(c)) - {f"model.{f}" for f in model.CONFIG_FIELDS}
+    unread = sorted(fields - recorder.read - set(OTHER_PATHS))
+    assert not unread, f"config fields no code reads: {unread}"
+    # The network's fields become AlexNet attributes; each must be used in the network's code.
+    src = "\n".join(p.read_text() for p in (ROOT / "src/alexnet_jax").rglob("*.py") if p.name != "config_check.py")
+    attrs = {n.attr for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Attribute)}
+    assert not sorted(set(model.CONFIG_FIELDS) - attrs)
+    for path, reason in OTHER_PATHS.items():
+        assert path.split(".")[-1] in attrs | {n.value for n in ast.walk(ast.parse(src))
+                                                  if isinstance(n, ast.Constant)}, (path, reason)
+
+
+@pytest.mark.parametrize("make", [paper.get_config, demo.get_config], ids=["paper", "demo"])
+def test_configs_pass_validation_and_every_field_has_a_rule(make):
+    c = make()
+    with pytest.raises(AttributeError):  # locked: a misspelt field is refused, not added
+        c.data.eval_ten_crop = True
+    c.data.name = "embedded"  # no ImageNet folder here; the data section's checks have their own tests
+    assert isinstance(config_check.validate_config(c), model.AlexNet)
+    top = {k for k in c.keys() if k not in config_check.SECTIONS}
+    assert top == set(config_check.RUN_FIELDS)
+    assert set(c.optim.keys()) == set(config_check.OPTIM_FIELDS)
+    assert set(c.mesh.keys()) == set(config_check.MESH_FIELDS)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("eval_ten_crops", True, r"Unknown config key\(s\) \['eval_ten_crops'\]"),
+    ("optim.momentum", 1.5, r"optim.momentum must be a number in \[0, 1\)"),
+    ("optim.drop_epochs", (30, -1), r"optim.drop_epochs must be a tuple of epochs > 0"),
+    ("mesh.tower", 3, r"mesh.tower must be -1 \(one tower per device\), 1 or 2"),
+    ("batch_size", 0, r"batch_size must be an integer >= 1"),
+])
+def test_a_bad_field_is_refused_by_name(field, value, message):
+    c = paper.get_config()
+    c.data.name = "embedded"
+    *section, name = field.split(".")
+    node = c[section[0]] if section else c
+    with c.unlocked():
+        node[name] = value
+    with pytest.raises(model.ConfigError, match=message):
+        config_check.validate_config(c)
