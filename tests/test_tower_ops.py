@@ -11,6 +11,8 @@ import numpy as np
 import optax
 import pytest
 
+from test_parallel import assert_same  # noqa: E402  (one relative-difference check for both files)
+
 from alexnet_jax import AlexNet
 from alexnet_jax.parallel import batch_sharding, make_mesh, mesh_forward, shard_variables
 from alexnet_jax.tower_ops import FAST, PLAIN, TowerOps, max_pool, tower_conv, tower_dense
@@ -118,12 +120,6 @@ def _loss_and_grads(model, variables, x, y, key, mesh=None):
     return logits, grads
 
 
-def _assert_close(a, b, what, rtol=2e-5):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    scale = np.abs(b).max()
-    assert scale > 0, f"{what}: all zeros, the comparison would be empty"
-    err = np.abs(a - b).max() / scale
-    assert err < rtol, f"{what}: max difference {err:.2e} of the largest entry"
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +146,7 @@ def test_fast_and_plain_ops_give_the_same_network(fast_and_plain, layout):
     key = jax.random.key(3)
     logits_f, grads_f = _loss_and_grads(fast, v, x, y, key, mesh)
     logits_p, grads_p = _loss_and_grads(plain, v, x, y, key, mesh)
-    _assert_close(logits_f, logits_p, "logits")
+    assert_same(logits_f, logits_p, "logits")
     flat_f = dict(jax.tree_util.tree_flatten_with_path(grads_f)[0])
     for path, g_p in jax.tree_util.tree_flatten_with_path(grads_p)[0]:
-        _assert_close(flat_f[path], g_p, jax.tree_util.keystr(path))
+        assert_same(flat_f[path], g_p, jax.tree_util.keystr(path))
