@@ -44,11 +44,12 @@ def tiny_config(**overrides):
     return c
 
 
-def launch(workdir, *args, kill_after_checkpoint=None):
-    """launch.py as a user types it; or, with ``kill_after_checkpoint=N``, the same command line run by
-    tests/_killed_launch.py, which SIGKILLs the process once checkpoint N is on disk."""
+def launch(workdir, *args, kill_at=None):
+    """launch.py as a user types it; or, with ``kill_at="N"`` (once checkpoint N is on disk) or
+    ``kill_at="N:mid-write"`` (while checkpoint N is being written), the same command line run by
+    tests/_killed_launch.py, which SIGKILLs the process there."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    program = ["launch.py"] if kill_after_checkpoint is None else ["tests/_killed_launch.py", str(kill_after_checkpoint)]
+    program = ["launch.py"] if kill_at is None else ["tests/_killed_launch.py", str(kill_at)]
     return subprocess.run([sys.executable, *program, "--config=configs/demo.py", f"--workdir={workdir}",
                            *TINY, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
@@ -64,17 +65,26 @@ def metrics(workdir):
 
 
 def test_resume_after_kill_is_exact(tmp_path):
-    n = 8
+    """Killed once while checkpoint 6 is being written and once right after it is on disk: each
+    restart resumes from the step it names, and the end matches an unkilled run bit for bit."""
+    n, every = 9, 3
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    r = launch(straight, f"--config.total_steps={n}", f"--config.checkpoint_every={n // 2}")
+    args = (f"--config.total_steps={n}", f"--config.checkpoint_every={every}")
+    r = launch(straight, *args)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = launch(broken, f"--config.total_steps={n}", f"--config.checkpoint_every={n // 2}",
-               kill_after_checkpoint=n // 2)
+
+    r = launch(broken, *args, kill_at="6:mid-write")
     assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-3000:])
-    assert not (broken / "checkpoints" / str(n)).exists()
-    r = launch(broken, f"--config.total_steps={n}", f"--config.checkpoint_every={n // 2}")
+    assert "killed mid-write" in r.stderr
+    held = sorted(p.name for p in (broken / "checkpoints").iterdir())
+    assert "3" in held and "6" not in held and any(h.startswith("6.orbax-checkpoint-tmp") for h in held), held
+    r = launch(broken, *args, kill_at="6")
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-3000:])
+    assert "(step 3," in r.stdout, r.stdout[-2000:]
+    assert not any(".orbax-checkpoint-tmp" in p.name for p in (broken / "checkpoints").iterdir())
+    r = launch(broken, *args)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "Resumed from" in r.stdout
+    assert "(step 6," in r.stdout, r.stdout[-2000:]
 
     a, b = read_state(straight, n), read_state(broken, n)
     assert int(a["step"]) == int(b["step"]) == n
@@ -84,7 +94,7 @@ def test_resume_after_kill_is_exact(tmp_path):
     for x, y in zip(leaves_a, leaves_b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bit for bit
     # The mid-run state differs from the end: the comparison above is not vacuous.
-    mid = read_state(broken, n // 2)
+    mid = read_state(broken, 6)
     assert not np.array_equal(mid["params"]["towers"]["fc8"]["kernel"], b["params"]["towers"]["fc8"]["kernel"])
 
     # And the next batch each run would see is the same.
