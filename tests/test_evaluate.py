@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent / "data"))
 from _folders import write_meta_mat  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("trained_runs")  # one worker trains _trained.runs for all
+
 
 def evaluate_cli(*args):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

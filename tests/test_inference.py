@@ -17,6 +17,8 @@ from PIL import Image
 import _trained
 from alexnet_jax import CheckpointError, Classifier, ImageError, load_checkpoint, predict
 
+pytestmark = pytest.mark.xdist_group("trained_runs")  # one worker trains _trained.runs for all
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):

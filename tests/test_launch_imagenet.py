@@ -54,6 +54,7 @@ def test_paper_config_on_a_raw_folder(folder, tmp_path):
     assert {"val/top1_error", "val/top1_error_ten_crop"} <= set(metrics[-1])
 
 
+@pytest.mark.slow  # two full demo runs; the stats cache itself is in tests/data/test_data_stats.py
 def test_demo_recipe_on_a_users_folder_computes_stats_once(folder, tmp_path):
     first = run(*DEMO_ON_FOLDER, f"--config.data.root={folder}", "--config.total_steps=3",
                 f"--workdir={tmp_path / 'a'}", cache=tmp_path / "cache")
@@ -101,6 +102,7 @@ def test_config_and_path_errors_come_before_any_scan(folder, tmp_path, args, mes
     assert "alexnet_jax" not in r.stdout and not (tmp_path / "cache").exists()  # no devices, no scan, no stats
 
 
+@pytest.mark.slow  # a full-width demo run; one device's forward is in test_parallel (1x1 mesh)
 def test_one_device_runs_both_towers_and_says_so(tmp_path):
     r = run("--config=configs/demo.py", "--config.mesh.cpu_devices=1", "--config.total_steps=2",
             "--config.eval_ten_crop=False", f"--workdir={tmp_path}", cache=tmp_path / "cache")

@@ -289,6 +289,7 @@ def test_model_flops_match_xla_cost_analysis():
     assert flops_per_image(AlexNet(), train=False) == 2 * 724_406_816  # the familiar 724M multiply-adds
 
 
+@pytest.mark.slow  # bfloat16 compiles slowly on CPU; its program is checked by test_lrn_runs_in_float32_under_bfloat16
 def test_bfloat16_compute_keeps_float32_parameters_and_close_logits():
     model = AlexNet(width=0.125, image_size=64, num_classes=10, init_std=0.03)
     x = 50.0 * jax.random.normal(jax.random.key(1), (4, 64, 64, 3))

@@ -11,6 +11,8 @@ from PIL import Image
 
 import _trained
 
+pytestmark = pytest.mark.xdist_group("trained_runs")  # one worker trains _trained.runs for all
+
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "explore.ipynb"
 
 
@@ -19,6 +21,7 @@ def runs(tmp_path_factory):
     return _trained.runs(tmp_path_factory)
 
 
+@pytest.mark.slow  # a Jupyter kernel; the Classifier and figures it calls are in test_inference and test_viz
 def test_notebook_loads_classifies_and_draws(runs, tmp_path, monkeypatch):
     figures = tmp_path / "figures"
     monkeypatch.setenv("ALEXNET_JAX_CHECKPOINT", str(runs["1x2"]))  # trained on 2 devices

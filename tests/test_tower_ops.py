@@ -128,9 +128,8 @@ def fast_and_plain():
     fast, plain = AlexNet(**NARROW), AlexNet(**NARROW, ops=PLAIN)
     x = jnp.zeros((1, 64, 64, 3))
     v = jax.jit(fast.init)(jax.random.key(0), x)
-    v_plain = plain.init(jax.random.key(0), x)  # eager: 4x quicker than compiling it
-    # Eager and compiled normal draws may differ in the last bit; other draws would differ wholly.
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), v, v_plain)
+    # The ops do not take part in initialisation (Tower._layer does): the same tree, the same draws.
+    assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(jax.eval_shape(plain.init, jax.random.key(0), x))
     return fast, plain, v
 
 

@@ -61,6 +61,7 @@ def test_train_step_makes_no_host_transfer(float32_losses):
     assert len(float32_losses) == STEPS and np.all(np.isfinite(float32_losses))
 
 
+@pytest.mark.slow  # bfloat16 compiles slowly on CPU
 def test_bfloat16_training_loss_tracks_float32(float32_losses):
     """The same 12 real batches, same initial parameters: per-step losses agree within 2%
     (bf16 keeps ~3 significant digits; parameters and momentum stay float32)."""
