@@ -60,6 +60,15 @@ def read_state(workdir, step):
     return ocp.StandardCheckpointer().restore(path)
 
 
+def tensorboard_steps(workdir, tag="train/loss"):
+    """The steps TensorBoard itself shows for ``tag`` (its reader applies the purge markers)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(Path(workdir) / "tensorboard"), purge_orphaned_data=True)
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
 def metrics(workdir):
     return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
@@ -113,6 +122,12 @@ def test_resume_after_kill_is_exact(tmp_path):
     la = {m["step"]: m["train/loss"] for m in metrics(straight) if "train/loss" in m}
     lb = {m["step"]: m["train/loss"] for m in metrics(broken) if "train/loss" in m}
     assert la == lb and len(la) == n
+    # Each step once, in metrics.jsonl and in what TensorBoard shows: the rows the first killed run
+    # wrote after checkpoint 3 (steps 4-6) were moved aside when the second run resumed from 3.
+    assert [m["step"] for m in metrics(broken) if "train/loss" in m] == list(range(1, n + 1))
+    (aside,) = broken.glob("metrics.after-step-3-*.jsonl")
+    assert [json.loads(x)["step"] for x in aside.read_text().splitlines() if "train/loss" in x] == [4, 5, 6]
+    assert tensorboard_steps(broken) == list(range(1, n + 1))
 
 
 def lr_by_step(workdir):
@@ -185,10 +200,11 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path, caplog):
     assert "Checkpoint at step 4 is damaged" in caplog.text
     assert any(p.name.startswith("4-") for p in (wd / "checkpoints_damaged").iterdir())
     assert r["step"] == 6
-    # Resumed from step 2, not from scratch: steps 3-4 were logged twice (before and after the damage),
-    # steps 1-2 once.
-    logged = [m["step"] for m in metrics(wd) if "train/loss" in m]
-    assert [logged.count(s) for s in range(1, 7)] == [1, 1, 2, 2, 1, 1]
+    # Resumed from step 2, not from scratch: the damaged run's rows for steps 3-4 were moved aside,
+    # and the new run logged them again: each step once.
+    assert [m["step"] for m in metrics(wd) if "train/loss" in m] == [1, 2, 3, 4, 5, 6]
+    (aside,) = wd.glob("metrics.after-step-2-*.jsonl")
+    assert [json.loads(x)["step"] for x in aside.read_text().splitlines() if "train/loss" in x] == [3, 4]
 
     # A checkpoint with a missing file: same.
     (wd / "checkpoints" / "6" / "control").rename(wd / "gone")

@@ -85,12 +85,17 @@ def launch(argv: list[str]) -> None:
         from alexnet_jax.checkpoint import CheckpointError
         from alexnet_jax.data import DatasetError
 
+        from alexnet_jax.preemption import EXIT_PREEMPTED
+
         try:
-            train.train_and_evaluate(config, workdir_flag.value, manual_lr=config.optim.lr if lr_on_command_line(argv) else None)
+            result = train.train_and_evaluate(config, workdir_flag.value,
+                                              manual_lr=config.optim.lr if lr_on_command_line(argv) else None)
         except ConfigError as e:
             sys.exit(f"launch.py: bad config: {e}")
         except (DatasetError, CheckpointError, train.TrainingError) as e:
             sys.exit(f"launch.py: {e}")
+        if result.get("stopped_by"):
+            sys.exit(EXIT_PREEMPTED)  # saved; the same command resumes
 
     def parse(args):
         try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,17 +19,25 @@ class TrainingError(RuntimeError):
 
 
 class MetricWriter:
-    """``<workdir>/metrics.jsonl`` (one object per line) and TensorBoard event files."""
+    """``<workdir>/metrics.jsonl`` (one object per line) and TensorBoard event files.
 
-    def __init__(self, workdir: Path, enabled: bool = True):
-        self.enabled = enabled
+    ``resume_step``: the step the run continues from. Rows an interrupted run wrote
+    after it are moved to ``metrics.after-step-<N>-<time>.jsonl`` (``note`` says so),
+    and the new event file starts with TensorBoard's purge marker at step N + 1, so
+    that both hold each step once.
+    """
+
+    def __init__(self, workdir: Path, enabled: bool = True, *, resume_step: int = 0):
+        self.enabled, self.note = enabled, None
         if not enabled:
             return
-        self.jsonl = open(workdir / "metrics.jsonl", "a")
+        path = workdir / "metrics.jsonl"
+        self.note = _move_rows_after(path, resume_step)
+        self.jsonl = open(path, "a")
+        tb_dir = workdir / "tensorboard"
+        earlier = tb_dir.is_dir() and any(tb_dir.iterdir())
         try:
-            from tensorboardX import SummaryWriter
-
-            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+            self.tb = _EventFile(tb_dir, purge_step=resume_step + 1 if earlier else None)
         except ImportError:  # optional: metrics.jsonl has everything
             self.tb = None
 
@@ -38,15 +48,72 @@ class MetricWriter:
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
         if self.tb is not None:
-            for k, v in metrics.items():
-                if not isinstance(v, str):
-                    self.tb.add_scalar(k, float(v), int(step))
+            self.tb.scalars(int(step), {k: float(v) for k, v in metrics.items() if not isinstance(v, str)})
+
+    def flush(self) -> None:
+        """Onto the disk: the event file's buffer would die with a killed process."""
+        if self.enabled and self.tb is not None:
+            self.tb.flush()
 
     def close(self) -> None:
         if self.enabled:
             self.jsonl.close()
             if self.tb is not None:
                 self.tb.close()
+
+
+class _EventFile:
+    """A TensorBoard event file written as rows come (tensorboardX's ``SummaryWriter`` queues
+    events for a thread, and a killed process loses the queue however often it is flushed).
+
+    ``purge_step``: TensorBoard's restart marker; its reader hides the events of
+    earlier files at this step and after, as a resumed run writes them again.
+    """
+
+    def __init__(self, logdir: Path, *, purge_step: int | None):
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+        from tensorboardX.summary import scalar
+
+        self._event, self._scalar = Event, scalar
+        logdir.mkdir(parents=True, exist_ok=True)
+        self._writer = EventsWriter(str(logdir / "events"), filename_suffix=f".{os.getpid()}")
+        if purge_step is not None:
+            self._writer.write_event(Event(step=purge_step, wall_time=time.time(),
+                                           session_log=SessionLog(status=SessionLog.START)))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        now = time.time()
+        for tag, value in values.items():
+            self._writer.write_event(self._event(step=step, wall_time=now, summary=self._scalar(tag, value)))
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def _move_rows_after(path: Path, step: int) -> str | None:
+    """Keep the rows of steps <= ``step`` in ``path``; move the rest (and any cut-off line) aside."""
+    if not path.exists():
+        return None
+    keep, later = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            row_step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            row_step = None  # a line cut off by a kill
+        (keep if row_step is not None and row_step <= step and line.endswith("\n") else later).append(line)
+    if not later:
+        return None
+    aside = path.with_name(f"metrics.after-step-{step}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+    aside.write_text("".join(later))
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+    return (f"metrics.jsonl: moved the {len(later)} row(s) an interrupted run wrote after step {step} "
+            f"to {aside.name}.")
 
 
 class StepMetrics:

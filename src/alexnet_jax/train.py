@@ -25,6 +25,8 @@ from alexnet_jax.config_check import validate_config
 from alexnet_jax.metrics import MetricWriter, StepMetrics, TrainingError
 from alexnet_jax.model import AlexNet, ConfigError, count_params
 from alexnet_jax.parallel import DATA_AXIS, mesh_for_config, use_virtual_cpu_devices
+from alexnet_jax.preemption import StopOnSignal
+from alexnet_jax.workdir_lock import WorkdirBusy, WorkdirLock, describe
 
 __all__ = ["TrainingError", "train_and_evaluate"]
 
@@ -55,9 +57,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     state, shardings = steps.create_train_state(model, tx, config.seed, mesh)
 
     with contextlib.ExitStack() as stack:
+        _hold_workdir(workdir, stack, console)  # before anything touches the checkpoints
         ckpt = stack.enter_context(contextlib.closing(Checkpointer(workdir, keep=config.keep_checkpoints)))
-        writer = stack.enter_context(contextlib.closing(MetricWriter(workdir, enabled=is_main)))
         restored = ckpt.restore_latest(steps.abstract_state(state, shardings))
+        writer = stack.enter_context(contextlib.closing(
+            MetricWriter(workdir, enabled=is_main, resume_step=restored["step"] if restored else 0)))
+        if writer.note:
+            console.print(writer.note)
         control, data_state = optim.LRControl(), None
         if restored is not None:
             _check_compatible(restored["config"], config)
@@ -101,15 +107,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
         state = change_lr(state, policy(step))  # an LR given at resume
         batches = steps.device_batches(train_iter, mesh)  # two batches ahead, already on the devices
-        while step < total_steps:
+        stop = stack.enter_context(StopOnSignal(ckpt.manager.reached_preemption if jax.process_count() > 1 else None))
+        stopped_by = None
+        while step < total_steps and stopped_by is None:
             batch, data_position = next(batches)
             state, metrics = train_step(state, batch)
             step += 1
             if (step - 1) % config.log_every == 0:
                 monitor.process()  # the earlier steps' metrics, fetched while this step runs
             monitor.add(step, metrics)
+            stopped_by = stop.due(step)  # SIGTERM / Ctrl-C: save this step and stop
             do_eval = step % eval_every == 0 or step == total_steps
-            do_ckpt = step % ckpt_every == 0 or step == total_steps
+            do_ckpt = step % ckpt_every == 0 or step == total_steps or stopped_by is not None
             if do_eval or do_ckpt:
                 monitor.process()  # the state is read next anyway: a NaN loss stops before it is saved
 
@@ -121,6 +130,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                               f"{val['val/top1_error']:.4f}, top-5 {val['val/top5_error']:.4f}")
             state = change_lr(state, policy(step, evaluated and evaluated["val/top1_error"]))
             if do_ckpt:
+                writer.flush()  # the curves are kept as far as the checkpoint is
                 try:  # a full or read-only disk: say so, keep training, try again next time
                     ckpt.save(step, state, data_state=data_position, config=json.loads(config.to_json()),
                               control=control.to_json(), dataset=dataset_item,
@@ -136,10 +146,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         if not val and restored is not None and step == total_steps:
             val = evaluator(state.params)  # resumed at the very end: report where it stands
 
+    result = {"step": step, **val, "lr": optim.get_lr(state.opt_state), "lr_drops": control.drops}
+    if stopped_by is not None:
+        console.print(f"[bold]Stopped by {stopped_by} at step {step}[/bold]; saved {ckpt.directory / str(step)}. "
+                      "Run the same command to resume from there.")
+        return {**result, "stopped_by": stopped_by}
     if is_main and val:
         console.print(f"[bold]Done at step {step}:[/bold] validation top-1 error {val['val/top1_error']:.4f}, "
                       f"top-5 {val['val/top5_error']:.4f} (chance: top-1 {1 - 1 / model.num_classes:.2f}).")
-    return {"step": step, **val, "lr": optim.get_lr(state.opt_state), "lr_drops": control.drops}
+    return result
 
 
 def _start(config, workdir, console) -> tuple[AlexNet, jax.sharding.Mesh, data_lib.ResolvedData, Path]:
@@ -167,6 +182,20 @@ def _start(config, workdir, console) -> tuple[AlexNet, jax.sharding.Mesh, data_l
             f"The data has {len(data.classes)} classes but model.num_classes={model.num_classes}; "
             f"set --config.model.num_classes={len(data.classes)}.")
     return model, mesh, data, workdir
+
+
+def _hold_workdir(workdir: Path, stack: contextlib.ExitStack, console) -> None:
+    """One run per workdir: process 0 holds ``<workdir>/LOCK`` for the whole run; all stop if it cannot."""
+    lock, busy = WorkdirLock(workdir), None
+    if jax.process_index() == 0:
+        try:
+            stack.callback(lock.acquire().release)
+        except WorkdirBusy as e:
+            busy = e
+    if distributed.on_any_process(busy is not None):
+        raise TrainingError(str(busy or "Process 0 could not lock the workdir; see its message."))
+    if lock.stale:
+        console.print(f"Took over the lock of a run that is no longer alive ({describe(lock.stale)}).")
 
 
 def _announce(console, config, model, mesh, state, data, steps_per_epoch, total_steps, workdir) -> None:

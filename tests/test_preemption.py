@@ -1,0 +1,111 @@
+"""A cluster stopping the job: SIGTERM / Ctrl-C save at the step in flight and the same command
+resumes exactly; one run per workdir; metrics that hold each step once across resumes.
+
+Every run is a real ``launch.py`` process and every signal a real one.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from test_train import TINY, launch, metrics, read_state, tensorboard_steps
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start(workdir, *args):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.Popen([sys.executable, "launch.py", "--config=configs/demo.py", f"--workdir={workdir}",
+                             *TINY, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_for(predicate, proc, timeout=300):
+    end = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < end, "timed out"
+        time.sleep(0.05)
+
+
+def train_rows(workdir):
+    path = Path(workdir) / "metrics.jsonl"
+    return [r for r in metrics(workdir) if "train/loss" in r] if path.exists() else []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_mid_epoch_saves_that_step_and_the_same_command_resumes_exactly(tmp_path, sig):
+    n = 60
+    args = (f"--config.total_steps={n}", "--config.checkpoint_every=1000")  # no checkpoint but the signal's
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    p = start(broken, *args)
+    wait_for(lambda: len(train_rows(broken)) >= 5, p)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 75, (p.returncode, err[-3000:])  # EXIT_PREEMPTED: saved, run me again
+    name = signal.Signals(sig).name
+    stopped = int(out.split(f"Stopped by {name} at step ")[1].split(";")[0])
+    assert 5 <= stopped < n and f"{name}: finishing the step in flight" in err
+    assert sorted(p.name for p in (broken / "checkpoints").iterdir()) == [str(stopped)]
+    assert "Traceback" not in err and "leaked" not in err
+    assert (broken / "LOCK").read_text() == ""  # released
+
+    r = launch(broken, *args)  # the same command
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"(step {stopped}," in r.stdout
+    r = launch(straight, *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = read_state(straight, n), read_state(broken, n)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bit for bit
+    assert [r["step"] for r in train_rows(broken)] == list(range(1, n + 1))  # each step once
+    assert [r["train/loss"] for r in train_rows(broken)] == [r["train/loss"] for r in train_rows(straight)]
+
+
+def test_second_ctrl_c_exits_at_once():
+    """The handler itself, in a real process: the first SIGINT asks for a save, the second exits."""
+    code = ("import os, signal, time\n"
+            "from alexnet_jax.preemption import StopOnSignal\n"
+            "with StopOnSignal() as stop:\n"
+            "    os.kill(os.getpid(), signal.SIGINT); time.sleep(0.2)\n"
+            "    print('due:', stop.due(7), flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGINT); time.sleep(5)\n"
+            "    print('still running')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 128 + signal.SIGINT, (r.returncode, r.stderr)
+    assert r.stdout == "due: SIGINT\n" and "SIGINT again: exiting at once, without saving." in r.stderr
+
+
+def test_one_run_per_workdir_and_a_dead_holders_lock_is_taken_over(tmp_path):
+    wd = tmp_path / "run"
+    first = start(wd, "--config.total_steps=100000", "--config.checkpoint_every=100000")
+    wait_for(lambda: len(train_rows(wd)) >= 3, first)
+    holder = json.loads((wd / "LOCK").read_text())
+    second = launch(wd, "--config.total_steps=2")
+    assert second.returncode == 1, second.stderr[-3000:]
+    assert (f"Another run is using --workdir={wd}: pid {first.pid} on host {holder['host']}, "
+            f"started {holder['started']}") in second.stderr
+    assert "Traceback" not in second.stderr
+    assert first.poll() is None  # the holder is untouched
+    written = len(train_rows(wd))
+
+    first.kill()  # SIGKILL: no clean-up, the LOCK file keeps its holder
+    first.communicate()
+    assert json.loads((wd / "LOCK").read_text())["pid"] == first.pid
+    third = launch(wd, "--config.total_steps=2", "--config.checkpoint_every=100000")
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert f"Took over the lock of a run that is no longer alive (pid {first.pid} on host" in third.stdout
+    # The dead run never saved: the new one starts from step 0, and moved the dead run's rows aside.
+    assert "an interrupted run wrote after step 0" in third.stdout
+    assert [r["step"] for r in train_rows(wd)] == [1, 2]
+    (aside,) = wd.glob("metrics.after-step-0-*.jsonl")
+    assert len(aside.read_text().splitlines()) >= written
+    assert tensorboard_steps(wd) == [1, 2]
