@@ -4,8 +4,14 @@ Losses and a per-parameter digest (sum of |w| in float64) after three steps of t
 run, from seed 0, on a 1x2 and a 2x2 mesh. The numbers were recorded from the code as it was
 before ``train.run`` was split up (into ``train.train_and_evaluate``, ``steps``, ``metrics``, ``optim.LRPolicy``); any refactor must reproduce them. conv1, conv3 and fc8
 biases start at 0, so their digests are made by training alone and move with any change in
-data order, augmentation, dropout or the update. Tolerances: the layouts add in different
-orders (measured: losses 2e-7 apart, digests 3e-8 relative), far inside 1e-6 and 1e-5.
+data order, augmentation, dropout or the update.
+
+Tolerances: the layouts, and CPUs with other vector widths, add in different orders. On an
+AMD EPYC (AVX-512) the 2x2 run measured losses 5.7e-6 and weight digests 8e-7 relative from the
+numbers below, and the digests of the zero-initialised biases 5.7e-4 (they are three small
+updates, each a sum with much cancellation); the 1x2 run matched to 1e-7. Hence 2e-5 on losses,
+1e-5 on digests and 3e-3 on the zero-initialised biases; a change in data order, dropout or
+the update moves these numbers by percent, not parts per million.
 """
 
 import numpy as np
@@ -27,16 +33,18 @@ DIGEST = {
     "fc8/bias": 0.01946907478850335, "fc8/kernel": 202.17998568239818,
 }
 
+ZERO_INIT = ("conv1/bias", "conv3/bias", "fc8/bias")
+
 
 @pytest.mark.parametrize("data_axis", [pytest.param(1, id="1x2", marks=pytest.mark.slow), pytest.param(2, id="2x2")])
 def test_first_three_steps_are_pinned(tmp_path, data_axis):
     wd = tmp_path / "run"
     train.train_and_evaluate(tiny_config(**{"total_steps": 3, "mesh.data": data_axis, "checkpoint_every": 3}), wd)
     losses = [m["train/loss"] for m in metrics(wd) if "train/loss" in m]
-    np.testing.assert_allclose(losses, LOSSES, rtol=1e-6)
+    np.testing.assert_allclose(losses, LOSSES, rtol=2e-5)
     params = read_state(wd, 3)["params"]["towers"]
     got = {f"{layer}/{name}": float(np.abs(np.asarray(v, np.float64)).sum())
            for layer, leaves in params.items() for name, v in leaves.items()}
     assert set(got) == set(DIGEST)
     for k, v in DIGEST.items():
-        assert got[k] == pytest.approx(v, rel=1e-5), k
+        assert got[k] == pytest.approx(v, rel=3e-3 if k in ZERO_INIT else 1e-5), k
