@@ -35,13 +35,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(workdir, processes: int, devices: int, *args, timeout=300, prefix=None):
-    """``processes`` copies of launch.py, ``devices`` virtual CPU devices each; their (rc, stdout, stderr).
+def start(workdir, processes: int, devices: int, *args, prefix=None) -> "Processes":
+    """``processes`` copies of launch.py, ``devices`` virtual CPU devices each, started and left running.
 
     ``prefix``: ``{process id: argv}`` put before that process's command (a private view of the disk).
     Output goes to files, not pipes: a process that fills an undrained pipe while the others
-    wait for it in a collective would hang them all. A run past ``timeout`` is killed and fails
-    with every process's output.
+    wait for it in a collective would hang them all.
     """
     base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     base["JAX_PLATFORMS"] = "cpu"
@@ -58,26 +57,46 @@ def launch(workdir, processes: int, devices: int, *args, timeout=300, prefix=Non
                 [*(prefix or {}).get(i, []), sys.executable, "launch.py", "--config=configs/demo.py",
                  f"--workdir={workdir}", *TINY, f"--config.mesh.cpu_devices={devices}", *args],
                 cwd=ROOT, env=env, stdout=out, stderr=err))
-    deadline = time.monotonic() + timeout
-    try:
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-        timed_out = False
-    except subprocess.TimeoutExpired:
-        timed_out = True
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    results = [(p.returncode, (logs / f"{i}.out").read_text(), (logs / f"{i}.err").read_text())
-               for i, p in enumerate(procs)]
-    shutil.rmtree(logs, ignore_errors=True)
-    if timed_out:
-        pytest.fail(f"launch timed out after {timeout} s:\n" + "\n".join(
-            f"--- process {i} (rc {rc}) stdout:\n{o[-2000:]}\n--- stderr:\n{e[-4000:]}"
-            for i, (rc, o, e) in enumerate(results)))
-    return results
+    return Processes(procs, logs)
+
+
+class Processes:
+    """The processes of one multi-process run, and their output files."""
+
+    def __init__(self, procs, logs: Path):
+        self.procs, self.logs = procs, logs
+
+    def output(self, i: int) -> str:
+        return (self.logs / f"{i}.out").read_text() + (self.logs / f"{i}.err").read_text()
+
+    def finish(self, timeout=300):
+        """Wait for all; their (rc, stdout, stderr). A run past ``timeout`` is killed and fails
+        with every process's output."""
+        deadline = time.monotonic() + timeout
+        try:
+            for p in self.procs:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            for p in self.procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        results = [(p.returncode, (self.logs / f"{i}.out").read_text(), (self.logs / f"{i}.err").read_text())
+                   for i, p in enumerate(self.procs)]
+        shutil.rmtree(self.logs, ignore_errors=True)
+        if timed_out:
+            pytest.fail(f"launch timed out after {timeout} s:\n" + "\n".join(
+                f"--- process {i} (rc {rc}) stdout:\n{o[-2000:]}\n--- stderr:\n{e[-4000:]}"
+                for i, (rc, o, e) in enumerate(results)))
+        return results
+
+
+def launch(workdir, processes: int, devices: int, *args, timeout=300, prefix=None):
+    """``start`` and wait: every process's (rc, stdout, stderr)."""
+    return start(workdir, processes, devices, *args, prefix=prefix).finish(timeout)
 
 
 def ok(results):

@@ -109,3 +109,34 @@ def test_one_run_per_workdir_and_a_dead_holders_lock_is_taken_over(tmp_path):
     (aside,) = wd.glob("metrics.after-step-0-*.jsonl")
     assert len(aside.read_text().splitlines()) >= written
     assert tensorboard_steps(wd) == [1, 2]
+
+
+@pytest.mark.slow  # three runs of two processes: about 2 minutes on 2 cores
+def test_two_processes_stop_at_one_step_when_only_one_is_signalled(tmp_path):
+    """SIGTERM to process 1 alone: JAX's preemption service tells process 0, both save the same step
+    together and exit 75, and the same two commands resume to the parameters of a run never stopped."""
+    import test_distributed as dist
+
+    n = 40
+    args = (f"--config.total_steps={n}", "--config.checkpoint_every=1000")
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    run = dist.start(broken, 2, 2, *args)
+    wait_for(lambda: len(train_rows(broken)) >= 3, run.procs[0])
+    holder = json.loads((broken / "LOCK").read_text())
+    assert holder["pid"] == run.procs[0].pid  # one lock for the run, held by process 0
+    run.procs[1].send_signal(signal.SIGTERM)
+    (rc0, out0, err0), (rc1, out1, err1) = run.finish()
+    assert (rc0, rc1) == (75, 75), (out0[-2000:], err0[-3000:], out1[-2000:], err1[-3000:])
+    at = [int(out.split("Stopped by SIGTERM at step ")[1].split(";")[0]) for out in (out0, out1)]
+    assert at[0] == at[1] and 3 <= at[0] < n, at  # the same step on both
+    assert "process 1: Stopped by SIGTERM" in out1
+    assert sorted(p.name for p in (broken / "checkpoints").iterdir()) == [str(at[0])]
+    for err in (err0, err1):
+        assert "Traceback" not in err and "leaked" not in err
+
+    dist.ok(dist.launch(broken, 2, 2, *args))  # the same commands: resume
+    dist.ok(dist.launch(straight, 2, 2, *args))
+    a, b = dist.read_state(straight, n), dist.read_state(broken, n)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bit for bit
+    assert [r["step"] for r in train_rows(broken)] == list(range(1, n + 1))

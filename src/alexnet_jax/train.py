@@ -148,8 +148,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     result = {"step": step, **val, "lr": optim.get_lr(state.opt_state), "lr_drops": control.drops}
     if stopped_by is not None:
-        console.print(f"[bold]Stopped by {stopped_by} at step {step}[/bold]; saved {ckpt.directory / str(step)}. "
-                      "Run the same command to resume from there.")
+        console.quiet = False  # every process says why it ends: each has its own log under a scheduler
+        who = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
+        console.print(f"{who}[bold]Stopped by {stopped_by} at step {step}[/bold]; saved "
+                      f"{ckpt.directory / str(step)}. Run the same command to resume from there.")
         return {**result, "stopped_by": stopped_by}
     if is_main and val:
         console.print(f"[bold]Done at step {step}:[/bold] validation top-1 error {val['val/top1_error']:.4f}, "
