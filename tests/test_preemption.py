@@ -140,3 +140,41 @@ def test_two_processes_stop_at_one_step_when_only_one_is_signalled(tmp_path):
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bit for bit
     assert [r["step"] for r in train_rows(broken)] == list(range(1, n + 1))
+
+
+WORKERS = ("--config.data.num_workers=1", "--config.eval_ten_crop=True", "--config.eval_every=4")  # as the demo
+
+
+def quiet_end(text):
+    """What a clean exit must not print: a traceback or the resource tracker's leak report."""
+    for bad in ("Traceback", "leaked", "resource_tracker"):
+        assert bad not in text, text[-3000:]
+
+
+def test_clean_exits_with_loader_workers(tmp_path):
+    """A normal end, a Ctrl-C from a terminal (SIGINT to the whole process group, grain's worker
+    processes included) and an early config error, each with a decoding worker process: no
+    traceback, no leaked shared memory, and the Ctrl-C still saves and resumes."""
+    wd = tmp_path / "run"
+    r = launch(wd, *WORKERS, "--config.total_steps=8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Done at step 8" in r.stdout
+    quiet_end(r.stdout + r.stderr)
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    wd2 = tmp_path / "ctrl-c"
+    args = (*TINY, *WORKERS, "--config.total_steps=200", "--config.checkpoint_every=1000")
+    p = subprocess.Popen([sys.executable, "launch.py", "--config=configs/demo.py", f"--workdir={wd2}", *args],
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)  # its own process group, as a terminal gives a job
+    wait_for(lambda: len(train_rows(wd2)) >= 6, p)  # past an evaluation: eval batches were in flight
+    os.killpg(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 75, (p.returncode, err[-3000:])
+    stopped = int(out.split("Stopped by SIGINT at step ")[1].split(";")[0])
+    assert sorted(c.name for c in (wd2 / "checkpoints").iterdir()) == [str(stopped)]
+    quiet_end(out + err)
+
+    r = launch(tmp_path / "bad", *WORKERS, "--config.model.lrn_convention=caffe")
+    assert r.returncode == 1 and "lrn_convention" in r.stderr, r.stderr[-3000:]
+    quiet_end(r.stdout + r.stderr)

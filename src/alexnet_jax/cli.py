@@ -83,8 +83,7 @@ def launch(argv: list[str]) -> None:
         config = _config_value(config_flag)
         from alexnet_jax import ConfigError, train
         from alexnet_jax.checkpoint import CheckpointError
-        from alexnet_jax.data import DatasetError
-
+        from alexnet_jax.data import DatasetError, release_shared_memory
         from alexnet_jax.preemption import EXIT_PREEMPTED
 
         try:
@@ -94,6 +93,8 @@ def launch(argv: list[str]) -> None:
             sys.exit(f"launch.py: bad config: {e}")
         except (DatasetError, CheckpointError, train.TrainingError) as e:
             sys.exit(f"launch.py: {e}")
+        finally:
+            release_shared_memory()  # no 'leaked shared_memory' warnings from the loader at exit
         if result.get("stopped_by"):
             sys.exit(EXIT_PREEMPTED)  # saved; the same command resumes
 

@@ -25,6 +25,7 @@ _EXPORTS = {
     'build_train_iter': 'pipeline',
     'build_eval_iter': 'pipeline',
     'EvalPasses': 'pipeline',
+    'release_shared_memory': 'pipeline',
     'ensure_embedded_dataset': 'embedded',
 }
 

@@ -111,8 +111,56 @@ def _to_iter(cfg, ds: grain.MapDataset, num_workers: int | None):
     if n > 0:
         _ensure_absl_flags_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=n,
-                                                               per_worker_buffer_size=cfg.worker_buffer_size))
+                                                               per_worker_buffer_size=cfg.worker_buffer_size),
+                                  worker_init_fn=_worker_init)
     return it_ds
+
+
+def _worker_init(worker_index: int, worker_count: int) -> None:
+    """In each loader worker process: leave SIGINT and SIGTERM to the main process.
+
+    A terminal's Ctrl-C and SLURM's SIGTERM reach every process of the job. A
+    worker killed by them would take with it the batch the main process needs to
+    finish its step and save. The main process stops its workers itself (grain
+    sets an event, then sends SIGKILL); a worker whose main process died without
+    doing so ends within a second.
+    """
+    import os
+    import signal
+    import threading
+    import time
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def end_with_parent():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=end_with_parent, daemon=True, name='end-with-parent').start()
+
+
+def release_shared_memory() -> None:
+    """Unlink the shared memory of batches the worker processes sent, before the interpreter exits.
+
+    Call after the iterators are closed and their batches dropped. grain frees a
+    batch's shared memory from a thread pool when the array is collected; at exit
+    that pool never runs, and Python's resource tracker reports every block as
+    leaked. Collect the arrays now and let the pool finish. (grain keeps the pool
+    in private attributes; if they move, this does nothing and the warning returns.)
+    """
+    import gc
+
+    from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+
+    gc.collect()
+    pool = getattr(SharedMemoryArray, '_del_thread_pool', None)
+    if pool is not None:
+        SharedMemoryArray._del_thread_pool = None  # later arrays are freed at once
+        pool.close()
+        pool.join()
 
 
 class EpochShuffle(grain.MapDataset):
