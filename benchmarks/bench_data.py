@@ -9,7 +9,11 @@ into the packed form, then measures in one run:
 * plain PIL loops on one core, no grain: decode + random 224 crop + mirror of
   the packed 256x256 JPEGs (``plain_img_s``, the libjpeg limit the packed
   pipeline is compared with), and decode + rescale + crop of the original
-  files (``plain_folder_img_s``);
+  files (``plain_folder_img_s``); the first loop again with libjpeg-turbo
+  decoding straight into NumPy (``plain_turbo_img_s``, the pipeline's decoder
+  for packed records);
+* the packed pipeline in this process, with that fast decoder and with Pillow
+  alone (``in_process_packed``: the change measured side by side);
 * the grain training pipeline with the configs' uint8 output (all of the
   paper's augmentation; normalisation runs on the accelerator) from the
   folder form and from the packed form, for 1, 2, ... worker processes up to
@@ -92,6 +96,37 @@ def plain_packed_loop(jpegs: list[bytes], crop: int = 224, rounds: int = 3) -> f
     return best
 
 
+def plain_turbo_loop(jpegs: list[bytes], crop: int = 224, rounds: int = 3) -> float:
+    """``plain_packed_loop`` with libjpeg-turbo decoding straight into NumPy (simplejpeg), as the pipeline does."""
+    import simplejpeg
+
+    rng = np.random.default_rng(0)
+    best = 0.0
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for data in jpegs:
+            img = simplejpeg.decode_jpeg(data, colorspace='RGB')
+            y, x = rng.integers(0, img.shape[0] - crop + 1, 2)
+            out = img[y:y + crop, x:x + crop]
+            if rng.integers(2):
+                out = out[:, ::-1]
+            np.ascontiguousarray(out)
+        best = max(best, len(jpegs) / (time.perf_counter() - t))
+    return best
+
+
+def in_process_ab(cfg, data, *, batch_size: int, batches: int) -> dict:
+    """The packed pipeline in this process (no workers), with the fast JPEG path and with Pillow alone."""
+    fast = sources._decode_square_jpeg
+    rates = {'fast': pipeline_rate(cfg, data, batch_size=batch_size, batches=batches, workers=0)[0]}
+    sources._decode_square_jpeg = lambda data, size: None  # every image through Pillow, as before
+    try:
+        rates['pillow'] = pipeline_rate(cfg, data, batch_size=batch_size, batches=batches, workers=0)[0]
+    finally:
+        sources._decode_square_jpeg = fast
+    return rates
+
+
 def reencode_change(src: Path, records) -> dict:
     """What packing changes in the pixels: the folder form's decode vs the packed bytes' decode, 256x256."""
     diffs = []
@@ -171,7 +206,8 @@ def main(argv=None) -> None:
           f'on {cores} cores\n')
 
     out = {'cores': cores, 'num_images': len(files), 'batch_size': a.batch_size, 'subsampling': a.subsampling,
-           'repeats': a.repeats, 'plain_img_s': 0.0, 'plain_folder_img_s': 0.0, 'packed': {}, 'folder': {}}
+           'repeats': a.repeats, 'plain_img_s': 0.0, 'plain_turbo_img_s': 0.0, 'plain_folder_img_s': 0.0,
+           'packed': {}, 'folder': {}, 'in_process_packed': {'fast': 0.0, 'pillow': 0.0}}
     cfgs = {}
     for form in ('folder', 'packed'):
         cfg = pipeline.default_data_config()
@@ -184,7 +220,10 @@ def main(argv=None) -> None:
     # only ever slow a measurement down, and interleaving spreads their effect over all of them.
     for _ in range(a.repeats):
         out['plain_img_s'] = max(out['plain_img_s'], plain_packed_loop(jpegs, rounds=1))
+        out['plain_turbo_img_s'] = max(out['plain_turbo_img_s'], plain_turbo_loop(jpegs, rounds=1))
         out['plain_folder_img_s'] = max(out['plain_folder_img_s'], pil_loop(files, stats['mean_image'])[0])
+        for k, r in in_process_ab(*cfgs['packed'], batch_size=a.batch_size, batches=a.batches).items():
+            out['in_process_packed'][k] = max(out['in_process_packed'][k], r)
         for form, (cfg, data) in cfgs.items():
             for w in workers:
                 r = pipeline_rate(cfg, data, batch_size=a.batch_size, batches=a.batches, workers=w)[0]
@@ -192,7 +231,12 @@ def main(argv=None) -> None:
     plain, plain_folder = out['plain_img_s'], out['plain_folder_img_s']
     out['reencode'] = reencode_change(src, records)
 
-    print(f'plain PIL loop, one core: packed 256x256 JPEGs {plain:.0f} img/s; original files {plain_folder:.0f} img/s\n')
+    print(f'plain PIL loop, one core: packed 256x256 JPEGs {plain:.0f} img/s; original files {plain_folder:.0f} img/s')
+    ab = out['in_process_packed']
+    print(f"plain libjpeg-turbo loop (simplejpeg), packed JPEGs: {out['plain_turbo_img_s']:.0f} img/s "
+          f"({out['plain_turbo_img_s'] / plain:.2f}x the PIL loop)")
+    print(f"packed pipeline in one process: fast JPEG path {ab['fast']:.0f} img/s, Pillow alone {ab['pillow']:.0f} "
+          f"img/s ({ab['fast'] / ab['pillow']:.2f}x)\n")
     print('| form | workers | images/s | per worker | vs plain loop (1 worker) | scaling efficiency |')
     print('|---|---|---|---|---|---|')
     for form, base in (('folder', plain_folder), ('packed', plain)):

@@ -19,6 +19,7 @@ import struct
 from typing import Sequence
 
 import numpy as np
+import simplejpeg
 from PIL import Image
 
 from alexnet_jax.data.errors import DatasetError, DecodeError
@@ -37,7 +38,27 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
     The paper's preprocessing: rescale so the shorter side is ``size``, keep the
     central ``size x size``. CMYK, grayscale, palette and PNG-named-JPEG inputs
     are converted to RGB; truncated or corrupt files raise :class:`DecodeError`.
+    A JPEG that is already ``size x size`` (every packed record) is decoded by
+    libjpeg-turbo straight into a NumPy array: the same pixels as Pillow's, in
+    about half the time (Pillow copies the decoded image twice more).
     """
+    img_HWC = _decode_square_jpeg(data, size)
+    return img_HWC if img_HWC is not None else decode_with_pillow(data, size)
+
+
+def _decode_square_jpeg(data: bytes, size: int) -> np.ndarray | None:
+    """The fast path; None for anything else (another size, CMYK, not a JPEG, damaged): Pillow decides."""
+    try:
+        h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if (h, w) != (size, size) or colorspace not in ('YCbCr', 'Gray'):
+            return None
+        return simplejpeg.decode_jpeg(data, colorspace='RGB')  # strict: a libjpeg warning raises
+    except ValueError:
+        return None
+
+
+def decode_with_pillow(data: bytes, size: int) -> np.ndarray:
+    """:func:`decode_image` through Pillow alone, for every input it accepts."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.format == 'JPEG':
