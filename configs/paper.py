@@ -22,6 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.towers = 2  # 2: the two-GPU net; 1: the paper's one-GPU net (conv 48-128-192-192-256)
     c.model.lrn = True  # local response normalisation after conv1 and conv2 (Section 3.3)
     c.model.lrn_convention = "paper"  # 'paper': alpha as printed; 'alpha_over_n': cuda-convnet/Caffe/PyTorch
+    c.model.lrn_k = 2.0  # LRN's k (Section 3.3); Caffe's bvlc_alexnet uses 1
+    c.model.lrn_scope = "tower"  # LRN's window stays within a tower (each GPU's maps); 'layer': across both, as Caffe
     c.model.pool_window = 3  # max-pool window z; 3 with stride 2 overlaps (Section 3.4)
     c.model.pool_stride = 2  # max-pool stride s; 2/2 is the non-overlapping ablation
     c.model.dropout = 0.5  # dropout rate in fc6 and fc7 (Section 4.2)

@@ -141,11 +141,12 @@ def _describe(image, i: int) -> str:
     return f"<{type(image).__name__} #{i}>"
 
 
-def load_image(image, size: int) -> np.ndarray:
+def load_image(image, size: int, warp: bool = False) -> np.ndarray:
     """A path, PIL image or uint8 array (HxW, HxWx3 or HxWx4) -> uint8 ``(size, size, 3)``.
 
     Shorter side rescaled to ``size``, central square kept: the paper's (and the
-    training pipeline's) first step. Files are decoded exactly as training decoded them.
+    training pipeline's) first step; ``warp``: resized to ``size x size`` (Caffe's).
+    Files are decoded exactly as training decoded them.
     """
     if isinstance(image, (str, os.PathLike, epath.Path)):
         p = epath.Path(image)
@@ -153,12 +154,12 @@ def load_image(image, size: int) -> np.ndarray:
             raise ImageError(f"No image file at {str(image)!r}. Give the path of a JPEG/PNG file, "
                              "a PIL image or a uint8 HxWx3 array.")
         try:
-            return sources.decode_image(p.read_bytes(), size)
+            return sources.decode_image(p.read_bytes(), size, warp)
         except sources.DecodeError as e:
             raise ImageError(f"Cannot read {str(image)!r} as an image ({e}). Give a readable JPEG/PNG "
                              "file, a PIL image or a uint8 HxWx3 array.") from None
     if isinstance(image, Image.Image):
-        return sources.rescale_center_square(image, size)
+        return sources.rescale_center_square(image, size, warp)
     if isinstance(image, np.ndarray) or hasattr(image, "__array__"):
         arr = np.asarray(image)
         if arr.dtype != np.uint8:
@@ -170,7 +171,7 @@ def load_image(image, size: int) -> np.ndarray:
         if min(arr.shape[:2]) < 1:
             raise ImageError(f"Empty image array of shape {arr.shape}.")
         return sources.rescale_center_square(Image.fromarray(arr.squeeze(-1) if arr.ndim == 3 and
-                                                             arr.shape[-1] == 1 else arr), size)
+                                                             arr.shape[-1] == 1 else arr), size, warp)
     raise ImageError(f"Cannot use a {type(image).__name__} as an image: give a file path, a PIL image "
                      "or a uint8 HxWx3 array.")
 
@@ -231,6 +232,7 @@ class Classifier:
                                   "is unknown.")
         self.checkpoint, self.model = ckpt, ckpt.model
         self.resize, self.crop = int(cfg.data.resize_size), int(cfg.data.crop_size)
+        self.warp = cfg.data.get("resize_mode", "shorter_side") == "warp"
         if self.crop != self.model.image_size:
             raise CheckpointError(f"data.crop_size={self.crop} differs from model.image_size="
                                   f"{self.model.image_size} in {ckpt.path!r}.")
@@ -280,7 +282,7 @@ class Classifier:
         resized, out = [], []
         for i, image in enumerate(items):
             try:
-                img = load_image(image, self.resize)
+                img = load_image(image, self.resize, self.warp)
             except ImageError as e:
                 raise ImageError(f"Image {i}: {e}") from None
             resized.append(img)

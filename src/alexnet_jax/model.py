@@ -32,11 +32,11 @@ from alexnet_jax.tower_ops import FAST, TowerOps, divide_by_power
 TOWER_AXIS = "tower"
 # The `model` section of a run config: AlexNet's fields except `ops`.
 CONFIG_FIELDS = (
-    "towers", "lrn", "lrn_convention", "pool_window", "pool_stride", "dropout",
+    "towers", "lrn", "lrn_convention", "lrn_k", "lrn_scope", "pool_window", "pool_stride", "dropout",
     "activation", "num_classes", "width", "image_size", "init_std", "init_bias", "dtype",
 )
 _CHOICES = {"activation": ("relu", "tanh"), "lrn_convention": ("paper", "alpha_over_n"),
-            "dtype": ("float32", "bfloat16")}
+            "lrn_scope": ("tower", "layer"), "dtype": ("float32", "bfloat16")}
 
 
 class ConfigError(ValueError):
@@ -95,7 +95,10 @@ class LRN(nn.Module):
     paper's formula literally: ``alpha' = alpha``. ``convention='alpha_over_n'``
     uses ``alpha' = alpha / n`` as cuda-convnet, Caffe and PyTorch do. The sum
     runs over the channels of the array it is given: called inside a tower it
-    never reaches the other tower's maps, as on the paper's GPUs.
+    never reaches the other tower's maps, as on the paper's GPUs. ``halo``, the
+    ``n // 2`` channels on each side that belong to the neighbouring towers (zeros
+    at the layer's edges), extends the sum across the tower boundary, as Caffe's
+    LRN over the whole layer does.
     """
 
     k: float = 2.0
@@ -106,15 +109,32 @@ class LRN(nn.Module):
     divide: Callable[[jax.Array, jax.Array, float], jax.Array] = divide_by_power  # x / base**beta
 
     @nn.compact
-    def __call__(self, x_NHWC: jax.Array) -> jax.Array:
+    def __call__(self, x_NHWC: jax.Array, halo: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
         if self.convention not in _CHOICES["lrn_convention"]:
             raise ConfigError(
                 f"model.lrn_convention must be 'paper' or 'alpha_over_n', got {self.convention!r}.")
         alpha = self.alpha if self.convention == "paper" else self.alpha / self.n
         half = self.n // 2
-        window_sum = jax.lax.reduce_window(jnp.square(x_NHWC), 0.0, jax.lax.add, (1, 1, 1, 2 * half + 1),
-                                           (1, 1, 1, 1), ((0, 0), (0, 0), (0, 0), (half, half)))
+        squares, pad = jnp.square(x_NHWC), (half, half)
+        if halo is not None:  # the neighbours' channels instead of zeros
+            squares, pad = jnp.concatenate([jnp.square(halo[0]), squares, jnp.square(halo[1])], axis=-1), (0, 0)
+        window_sum = jax.lax.reduce_window(squares, 0.0, jax.lax.add, (1, 1, 1, 2 * half + 1),
+                                           (1, 1, 1, 1), ((0, 0), (0, 0), (0, 0), pad))
         return self.divide(x_NHWC, self.k + alpha * window_sum, self.beta)
+
+
+def _neighbour_channels(x: jax.Array, half: int, layer: str) -> tuple[jax.Array, jax.Array]:
+    """The ``half`` channels either side of this tower's, from the neighbouring towers (zeros at the ends).
+
+    A small exchange (``2 * half`` channels from every tower), named
+    ``lrn_halo_<layer>`` in the lowered program; only LRN over the whole layer needs it.
+    """
+    with jax.named_scope(f"lrn_halo_{layer}"):
+        edges = jax.lax.all_gather(jnp.concatenate([x[..., :half], x[..., -half:]], axis=-1), TOWER_AXIS)
+    t, last = jax.lax.axis_index(TOWER_AXIS), edges.shape[0] - 1
+    left = jnp.where(t > 0, edges[jnp.maximum(t - 1, 0)][..., half:], 0.0)  # the previous tower's last
+    right = jnp.where(t < last, edges[jnp.minimum(t + 1, last)][..., :half], 0.0)  # the next tower's first
+    return left, right
 
 
 def _exchange(x: jax.Array, towers: int, to_layer: str) -> jax.Array:
@@ -134,6 +154,8 @@ class _Fields(nn.Module):
     towers: int = 2  # 2: the paper's two-GPU net; 1: its one-GPU comparison net
     lrn: bool = True  # local response normalisation after conv1 and conv2
     lrn_convention: str = "paper"  # 'paper' (alpha as printed) or 'alpha_over_n'
+    lrn_k: float = 2.0  # LRN's additive constant k (the paper: 2; Caffe's bvlc_alexnet: 1)
+    lrn_scope: str = "tower"  # LRN's channel window: within each 'tower' (the paper's GPUs) or the whole 'layer' (Caffe)
     pool_window: int = 3  # max-pool window z (3: overlapping; 2 with stride 2: not)
     pool_stride: int = 2  # max-pool stride s
     dropout: float = 0.5  # dropout rate in fc6 and fc7
@@ -167,6 +189,15 @@ class Tower(_Fields):
     def _pool(self, x):
         return self.ops.max_pool(x, self.pool_window, self.pool_stride)
 
+    def _lrn(self, x, layer):
+        """LRN after ``layer``'s ReLU, in float32 whatever the compute dtype; over the whole layer if asked."""
+        if not self.lrn:
+            return x
+        norm = LRN(k=self.lrn_k, convention=self.lrn_convention, divide=self.ops.lrn_divide)
+        y = x.astype(jnp.float32)
+        halo = _neighbour_channels(y, norm.n // 2, layer) if self.lrn_scope == "layer" and self.towers > 1 else None
+        return norm(y, halo).astype(x.dtype)
+
     def _layer(self, name):
         """Section 5's initialisation: weights N(0, init_std^2), biases init_bias or 0."""
         bias = self.init_bias if name in BIAS_ONE_LAYERS else 0.0
@@ -199,16 +230,12 @@ class Tower(_Fields):
     def __call__(self, images_NHWC: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         w = tower_widths(self.towers, self.width, self.num_classes)
         T = self.towers
-        # LRN's sum of squares and power run in float32 whatever the compute dtype.
-        lrn = ((lambda x: LRN(convention=self.lrn_convention, divide=self.ops.lrn_divide)(
-            x.astype(jnp.float32)).astype(x.dtype)) if self.lrn else (lambda x: x))
-
         pad = conv1_padding(images_NHWC.shape[1])
         x = self._conv("conv1", w["conv1"], 11, stride=4, padding=((0, pad), (0, pad)))(images_NHWC)
-        x = self._pool(lrn(self._act(x)))
+        x = self._pool(self._lrn(self._act(x), "conv1"))
         self.sow("intermediates", "conv1_pooled", x)
         x = self._conv("conv2", w["conv2"], 5)(x)  # own tower only
-        x = self._pool(lrn(self._act(x)))
+        x = self._pool(self._lrn(self._act(x), "conv2"))
         self.sow("intermediates", "conv2_pooled", x)
         x = _exchange(x, T, "conv3")  # conv3 sees both towers' conv2 maps
         x = self._act(self._conv("conv3", w["conv3"], 3)(x))
@@ -283,6 +310,11 @@ def from_config(cfg: ml_collections.ConfigDict | dict) -> AlexNet:
         if getattr(model, field) not in allowed:
             raise ConfigError(f"model.{field} must be {' or '.join(map(repr, allowed))}, "
                               f"got {getattr(model, field)!r}.")
+    if not model.lrn_k > 0:
+        raise ConfigError(f"model.lrn_k must be > 0, got {model.lrn_k}.")
+    if model.lrn_scope == "layer" and model.towers > 1 and min(
+            tower_widths(model.towers, model.width, model.num_classes)[k] for k in ("conv1", "conv2")) < 2:
+        raise ConfigError("model.lrn_scope='layer' needs at least 2 conv1/conv2 maps per tower; raise model.width.")
     if not 0.0 <= model.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {model.dropout}.")
     if model.pool_window < 1 or model.pool_stride < 1:

@@ -59,6 +59,10 @@ def check_config(cfg) -> None:
     _choice(cfg, 'name', ('embedded', 'imagenet'))
     _choice(cfg, 'format', ('auto', 'packed', 'folder'))
     _choice(cfg, 'output', ('float32', 'uint8'))
+    _choice(cfg, 'resize_mode', ('shorter_side', 'warp'))
+    if cfg.resize_mode == 'warp' and (cfg.name == 'embedded' or source_form(cfg) == 'packed'):
+        raise DatasetError("data.resize_mode='warp' needs the JPEG folder (--config.data.format=folder): packed "
+                           "shards hold shorter-side squares, and the warp needs the whole image.")
     if cfg.crop_size > cfg.resize_size:
         raise DatasetError(f'data.crop_size={cfg.crop_size} is larger than data.resize_size='
                            f'{cfg.resize_size}: crops are taken from the resized image.')
@@ -121,7 +125,8 @@ def resolve(cfg, *, progress: bool = True) -> ResolvedData:
             records['val'] = _folder_split(root, 'val', classes, cfg.val_labels)
         class_names = labels.read_class_names(root, classes)
         if needs_stats and stats_path is None:
-            stats_path = stats_lib.ensure_stats(train_files, cfg.resize_size, cache_dir=cfg.cache_dir,
+            stats_path = stats_lib.ensure_stats(train_files, cfg.resize_size, warp=cfg.resize_mode == 'warp',
+                                                cache_dir=cfg.cache_dir,
                                                 workers=cfg.prepare_workers, progress=progress)
     stats = None
     if needs_stats:

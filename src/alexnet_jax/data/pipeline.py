@@ -47,6 +47,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.stats_path = placeholder(str)  # stats.npz (mean image, RGB eigens); None = <packed_dir>/stats.npz, or computed once for a folder and cached
     c.val_labels = placeholder(str)  # labels file for a flat val/ folder; None = look for val_labels.txt / LOC_val_solution.csv
     c.resize_size = 256          # shorter side rescaled to this, then the central square kept (paper: 256)
+    c.resize_mode = 'shorter_side'  # 'shorter_side' (the paper) | 'warp': whole image to resize_size^2, aspect ignored (Caffe's bvlc_alexnet)
     c.crop_size = 224            # training crops and evaluation views (paper: 224)
     c.flip = True                # random horizontal reflections in training (paper: yes)
     c.pca_lighting_std = 0.1     # std of alpha in the PCA lighting noise (paper: 0.1); 0 turns it off
@@ -201,7 +202,8 @@ def build_train_dataset(cfg, *, batch_size: int, seed: int, image_size: int | No
     if batch_size % shard_count:
         raise ValueError(f'global batch {batch_size} is not divisible by {shard_count} hosts')
     crop = image_size or cfg.crop_size
-    src = sources.DecodedSource(data.records['train'], cfg.resize_size, on_error='substitute')
+    src = sources.DecodedSource(data.records['train'], cfg.resize_size, on_error='substitute',
+                                warp=cfg.resize_mode == 'warp')
     ds = EpochShuffle(grain.MapDataset.source(src), seed=seed)
     ds = ds.random_map(transforms.RandomCropFlip(crop, cfg.flip, cfg.pca_lighting_std), seed=seed + 1)
     ds = ds.batch(batch_size // shard_count, drop_remainder=True)[shard_index::shard_count]
@@ -318,7 +320,7 @@ def build_eval_dataset(cfg, *, batch_size: int, mode: str = 'center', split: str
         raise ValueError(f"mode must be 'center', 'ten_crop' or 'whole', got {mode!r}")
     if mode == 'whole' and cfg.output != 'uint8':
         raise ValueError("mode 'whole' sends uint8 images for views cut on the device: it needs output='uint8'")
-    src = sources.DecodedSource(data.records[split], cfg.resize_size, on_error='mask')
+    src = sources.DecodedSource(data.records[split], cfg.resize_size, on_error='mask', warp=cfg.resize_mode == 'warp')
     total = eval_num_batches(len(src), batch_size) * batch_size
     ds = grain.MapDataset.source(_Padded(src, total)).map(view[mode](crop))
     ds = ds.batch(batch_size // shard_count, drop_remainder=True)[shard_index::shard_count]

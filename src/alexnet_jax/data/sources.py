@@ -32,18 +32,19 @@ log = logging.getLogger(__name__)
 # Decoding
 
 
-def decode_image(data: bytes, size: int) -> np.ndarray:
+def decode_image(data: bytes, size: int, warp: bool = False) -> np.ndarray:
     """Bytes of any Pillow-readable image -> uint8 ``(size, size, 3)`` RGB.
 
     The paper's preprocessing: rescale so the shorter side is ``size``, keep the
-    central ``size x size``. CMYK, grayscale, palette and PNG-named-JPEG inputs
+    central ``size x size``; ``warp``: resize to ``size x size`` whatever the
+    aspect ratio (Caffe's test-time resize). CMYK, grayscale, palette and PNG-named-JPEG inputs
     are converted to RGB; truncated or corrupt files raise :class:`DecodeError`.
     A JPEG that is already ``size x size`` (every packed record) is decoded by
     libjpeg-turbo straight into a NumPy array: the same pixels as Pillow's, in
     about half the time (Pillow copies the decoded image twice more).
     """
     img_HWC = _decode_square_jpeg(data, size)
-    return img_HWC if img_HWC is not None else decode_with_pillow(data, size)
+    return img_HWC if img_HWC is not None else decode_with_pillow(data, size, warp)
 
 
 def _decode_square_jpeg(data: bytes, size: int) -> np.ndarray | None:
@@ -57,7 +58,7 @@ def _decode_square_jpeg(data: bytes, size: int) -> np.ndarray | None:
         return None
 
 
-def decode_with_pillow(data: bytes, size: int) -> np.ndarray:
+def decode_with_pillow(data: bytes, size: int, warp: bool = False) -> np.ndarray:
     """:func:`decode_image` through Pillow alone, for every input it accepts."""
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -66,7 +67,7 @@ def decode_with_pillow(data: bytes, size: int) -> np.ndarray:
                 # much larger than needed: same result class, much cheaper.
                 im.draft('RGB', (size, size))
             im.load()
-            img_HWC = rescale_center_square(im, size)
+            img_HWC = rescale_center_square(im, size, warp)
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError...
         raise DecodeError(f'{type(e).__name__}: {e}') from e
     if img_HWC.shape != (size, size, 3):
@@ -74,14 +75,17 @@ def decode_with_pillow(data: bytes, size: int) -> np.ndarray:
     return img_HWC
 
 
-def rescale_center_square(im: Image.Image, size: int) -> np.ndarray:
-    """A loaded Pillow image -> uint8 ``(size, size, 3)`` RGB: shorter side to ``size``, central square.
+def rescale_center_square(im: Image.Image, size: int, warp: bool = False) -> np.ndarray:
+    """A loaded Pillow image -> uint8 ``(size, size, 3)`` RGB: shorter side to ``size``, central square
+    (``warp``: the whole image resized to ``size x size``).
 
     Shared by decoding and by inference on in-memory images, so both see the same pixels.
     """
     img = im.convert('RGB') if im.mode != 'RGB' else im
     w, h = img.size
-    if (w, h) != (size, size):
+    if (w, h) != (size, size) and warp:
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    elif (w, h) != (size, size):
         scale = size / min(w, h)
         new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
         img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
@@ -180,12 +184,13 @@ class DecodedSource:
     unreadable file met in this process to its error.
     """
 
-    def __init__(self, records, size: int, on_error: str = 'substitute'):
+    def __init__(self, records, size: int, on_error: str = 'substitute', warp: bool = False):
         if on_error not in ('substitute', 'mask'):
             raise ValueError(f'on_error must be substitute or mask, got {on_error!r}')
         self.records = records
         self.size = size
         self.on_error = on_error
+        self.warp = warp
         self.failures: dict[str, str] = {}
 
     def __len__(self) -> int:
@@ -197,7 +202,7 @@ class DecodedSource:
             err = 'unreadable record'
         else:
             try:
-                return decode_image(data, self.size), label
+                return decode_image(data, self.size, self.warp), label
             except DecodeError as e:
                 err = str(e)
         if name not in self.failures:

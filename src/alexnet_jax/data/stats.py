@@ -37,12 +37,13 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(os.environ.get('ALEXNET_JAX_DATA') or Path.home() / '.cache' / 'alexnet_jax')
 
 
-def stats_file(files: layout.SplitFiles, size: int, cache_dir=None) -> Path:
-    """Where the statistics of these training files at this size live in the cache."""
+def stats_file(files: layout.SplitFiles, size: int, cache_dir=None, warp: bool = False) -> Path:
+    """Where the statistics of these training files at this size (and resize mode) live in the cache."""
     root = Path(files.root).resolve()
-    key = hashlib.sha256(json.dumps({'root': str(root), 'size': size, 'files': files.rel_paths}).encode())
+    what = {'root': str(root), 'size': size, 'files': files.rel_paths, **({'warp': True} if warp else {})}
+    key = hashlib.sha256(json.dumps(what).encode())
     name = root.parent.name or 'data'  # the dataset folder (root is its train/ folder)
-    return cache_root(cache_dir) / 'stats' / f'{name}-{size}px-{key.hexdigest()[:16]}.npz'
+    return cache_root(cache_dir) / 'stats' / f'{name}-{size}px{"-warp" if warp else ""}-{key.hexdigest()[:16]}.npz'
 
 
 def _sums_job(job: dict) -> dict:
@@ -52,7 +53,7 @@ def _sums_job(job: dict) -> dict:
         path = os.path.join(job['root'], rel)
         try:
             with open(path, 'rb') as f:
-                img = sources.decode_image(f.read(), job['size'])
+                img = sources.decode_image(f.read(), job['size'], job.get('warp', False))
         except (OSError, DecodeError) as e:
             skipped.append([path, str(e)])
         else:
@@ -62,12 +63,12 @@ def _sums_job(job: dict) -> dict:
 
 
 def compute_stats(files: layout.SplitFiles, size: int, *, workers: int | None = None,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, warp: bool = False) -> dict:
     """Mean image and RGB eigens of ``files`` decoded at ``size``, as ``prepare`` computes them."""
     workers = (os.cpu_count() or 1) if workers is None else workers
     n = len(files)
     chunk = max(16, min(512, -(-n // max(1, 8 * workers))))
-    jobs = [{'root': files.root, 'rel_paths': files.rel_paths[i:i + chunk], 'size': size}
+    jobs = [{'root': files.root, 'rel_paths': files.rel_paths[i:i + chunk], 'size': size, 'warp': warp}
             for i in range(0, n, chunk)]
     total, skipped = {'sums': None}, []
 
@@ -86,9 +87,9 @@ def compute_stats(files: layout.SplitFiles, size: int, *, workers: int | None = 
 
 
 def ensure_stats(files: layout.SplitFiles, size: int, *, cache_dir=None, workers: int | None = None,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, warp: bool = False) -> Path:
     """The cached statistics file for ``files`` at ``size``, computed now if it is not there yet."""
-    path = stats_file(files, size, cache_dir)
+    path = stats_file(files, size, cache_dir, warp)
     if path.is_file():
         return path
     try:
@@ -109,7 +110,7 @@ def ensure_stats(files: layout.SplitFiles, size: int, *, cache_dir=None, workers
         t0 = time.time()
         log.warning('computing the mean image (%dx%d) and RGB eigens over %d training images into %s; '
                     'done once, later runs reuse it', size, size, len(files), path)
-        stats = compute_stats(files, size, workers=workers, progress=progress)
+        stats = compute_stats(files, size, workers=workers, progress=progress, warp=warp)
         prepare.atomic_savez(path, stats)
         prepare.atomic_write_json(path.with_suffix('.json'), {
             'root': str(Path(files.root).resolve()), 'size': size, 'num_images': int(stats['num_images']),
