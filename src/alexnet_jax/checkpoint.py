@@ -144,8 +144,9 @@ class Checkpointer:
             raise earlier
 
     def _start_save(self, step: int, state: Any, *, data_state: dict, config: dict, control: dict,
-                    metrics: dict | None = None, dataset: dict | None = None) -> None:
-        """``dataset``: ``{'classes', 'class_names', 'stats'}`` (stats: dict of arrays or None)."""
+                    metrics: dict | None = None, dataset: dict | None = None, origin: dict | None = None) -> None:
+        """``dataset``: ``{'classes', 'class_names', 'stats'}`` (stats: dict of arrays or None).
+        ``origin``: where imported weights came from and how their inputs are prepared (JSON)."""
         items = dict(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state),
@@ -159,6 +160,8 @@ class Checkpointer:
                 "stats": sorted(stats) if stats is not None else None})
             if stats is not None:
                 items["dataset_stats"] = ocp.args.StandardSave({k: np.asarray(v) for k, v in stats.items()})
+        if origin is not None:
+            items["origin"] = ocp.args.JsonSave(origin)
         self.manager.save(
             step,
             args=ocp.args.Composite(**items),
@@ -332,6 +335,13 @@ def read_step(step_dir: epath.Path) -> int:
     return int(ocp.PyTreeCheckpointer().restore(step_dir / "state", args=ocp.args.PyTreeRestore(
         item={"step": jax.ShapeDtypeStruct(meta.shape, meta.dtype)}, restore_args={"step": ocp.RestoreArgs(restore_type=np.ndarray)},
         partial_restore=True))["step"])
+
+
+def read_origin(step_dir: epath.Path) -> dict | None:
+    """Where imported weights came from (``python -m alexnet_jax.convert``); None for a trained run."""
+    if not (step_dir / "origin").is_dir():
+        return None
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "origin")
 
 
 def read_dataset(step_dir: epath.Path) -> tuple[list[str], list[str], dict | None]:

@@ -157,3 +157,13 @@ def read_class_names(root: str | os.PathLike, classes: Sequence[str]) -> list[st
             table = {}
         return [table.get(c, c) for c in classes]
     return list(classes)
+
+
+def imagenet_classes() -> tuple[list[str], list[str]]:
+    """The 1000 ILSVRC-2012 classes in sorted-wnid order (the class index of every public AlexNet):
+    ``(wnids, readable names)``, from the package's ``imagenet_classes.tsv``."""
+    from importlib import resources
+
+    text = resources.files('alexnet_jax.data').joinpath('imagenet_classes.tsv').read_text()
+    rows = [line.split('\t') for line in text.splitlines() if line and not line.startswith('#')]
+    return [w for w, _ in rows], [n for _, n in rows]
