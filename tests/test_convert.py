@@ -312,3 +312,71 @@ def test_bad_files_get_one_line_errors(tmp_path):
     (tmp_path / "o2" / "checkpoints" / "0").mkdir(parents=True)  # an earlier conversion is never overwritten
     (tmp_path / "ok.caffemodel").write_bytes(good)
     assert "already holds checkpoints" in convert_cli("--caffemodel", tmp_path / "ok.caffemodel", "--out", tmp_path / "o2")
+
+
+def val_folder(root, images, labels, classes):
+    for path, label in zip(images, labels):
+        d = root / "val" / classes[label]
+        d.mkdir(parents=True, exist_ok=True)
+        (d / path.name).write_bytes(path.read_bytes())
+    return root
+
+
+def expected_errors(probs, labels):
+    ranks = [int((p > p[y]).sum()) for p, y in zip(probs, labels)]  # classes scored above the true one
+    return np.mean([r >= 1 for r in ranks]), np.mean([r >= 5 for r in ranks])
+
+
+def test_evaluate_command_on_a_converted_checkpoint(converted, images, tmp_path):
+    """Only 3 of the 1000 classes in the folder: labels still go through the checkpoint's class list."""
+    import json
+
+    from alexnet_jax.data.labels import imagenet_classes
+
+    w, ckpt_dir = converted
+    centre, ten = caffe_probs(w, images, "center"), caffe_probs(w, images, "ten_crop")
+    order = np.argsort(-centre, 1)
+    labels = [int(order[0, 0]), int(order[1, 2]), int(order[2, 50])]  # top-1 right; top-5 only; neither
+    root = val_folder(tmp_path / "imagenet", images, labels, imagenet_classes()[0])
+    r = subprocess.run([sys.executable, "-m", "alexnet_jax.evaluate", f"--checkpoint={ckpt_dir}", f"--data={root}",
+                        "--views=ten_crop", f"--json={tmp_path / 'val.json'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads((tmp_path / "val.json").read_text())
+    assert got["images"] == 3 and "images/s" in r.stdout
+    assert (got["top1_error"], got["top5_error"]) == pytest.approx(expected_errors(centre, labels))
+    assert (got["top1_error"], got["top5_error"]) == pytest.approx((2 / 3, 1 / 3))
+    assert (got["top1_error_ten_crop"], got["top5_error_ten_crop"]) == pytest.approx(expected_errors(ten, labels))
+
+
+def test_evaluate_refuses_unknown_wnids(converted, images, tmp_path):
+    _, ckpt_dir = converted
+    root = tmp_path / "imagenet"
+    (root / "val" / "n99999999").mkdir(parents=True)
+    (root / "val" / "n99999999" / images[0].name).write_bytes(images[0].read_bytes())
+    r = subprocess.run([sys.executable, "-m", "alexnet_jax.evaluate", f"--checkpoint={ckpt_dir}", f"--data={root}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "n99999999" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_predict_command_prints_caffes_top5(converted, images, tmp_path):
+    import json
+
+    from alexnet_jax.data.labels import imagenet_classes
+
+    w, ckpt_dir = converted
+    want = caffe_probs(w, images, "center")
+    r = subprocess.run([sys.executable, "-m", "alexnet_jax.predict", "--checkpoint", str(ckpt_dir), "--views",
+                        "center", "--json", str(tmp_path / "p.json"), *map(str, images)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads((tmp_path / "p.json").read_text())
+    wnids, names = imagenet_classes()
+    for path, p in zip(images, want):
+        top = np.argsort(-p)[:5]
+        assert [x["class"] for x in got[str(path)]] == [wnids[i] for i in top]
+        assert [x["name"] for x in got[str(path)]] == [names[i] for i in top]
+        np.testing.assert_allclose([x["prob"] for x in got[str(path)]], p[top], atol=1e-4)
+    r = subprocess.run([sys.executable, "-m", "alexnet_jax.predict", "--checkpoint", str(ckpt_dir), str(images[0]),
+                        str(tmp_path / "nothing.jpg")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "nothing.jpg" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

@@ -111,7 +111,7 @@ def test_devkit_layout_gives_the_class_folder_result(run, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    ([], "give --workdir=DIR"),
+    ([], "give --checkpoint=PATH"),
     (["--workdir=/no/such/run"], "/no/such/run"),
     (["--config.data.no_such_key=1"], "no_such_key"),
     (["--json=/proc/no/such/dir/val.json"], "cannot write --json=/proc/no/such/dir/val.json"),

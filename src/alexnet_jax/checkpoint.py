@@ -354,3 +354,22 @@ def read_dataset(step_dir: epath.Path) -> tuple[list[str], list[str], dict | Non
     if info["stats"] is not None:
         stats = {k: np.asarray(v) for k, v in ocp.StandardCheckpointer().restore(step_dir / "dataset_stats").items()}
     return info["classes"], info["class_names"], stats
+
+
+def write_weights_only(out: str | os.PathLike, step: int, params: Any, *, config: dict, dataset: dict,
+                       origin: dict | None = None) -> Path:
+    """A checkpoint folder ``out`` holding parameters without optimizer state (imported or exported
+    weights): ``load_checkpoint``, the ``Classifier`` and evaluation read it like any other; training
+    cannot resume from it. Refuses a folder that already holds checkpoints. Returns the step folder."""
+    out = Path(out)
+    if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
+        raise CheckpointError(f"{out} already holds checkpoints; give an empty or new folder.")
+    ckpt = Checkpointer(out, keep=1, asynchronous=False)
+    try:
+        ckpt.save(step, {"step": np.int32(step), "params": params}, data_state={}, config=config, control={},
+                  dataset=dataset, origin=origin)
+        ckpt.wait()
+    finally:
+        ckpt.close()
+    return ckpt.directory / str(step)
+

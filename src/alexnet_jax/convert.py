@@ -264,11 +264,8 @@ def caffe_config() -> ml_collections.ConfigDict:
 
 def convert(caffe: dict, out: str | Path, *, mean_bgr: np.ndarray | None = None, origin: dict) -> Path:
     """Write the checkpoint folder ``out`` (weights only, step 0); returns its step folder."""
-    from alexnet_jax.checkpoint import Checkpointer
+    from alexnet_jax.checkpoint import CheckpointError, write_weights_only
 
-    out = Path(out)
-    if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
-        raise ConvertError(f"{out} already holds checkpoints; give an empty or new --out folder.")
     params = to_towers(caffe)
     classes, names = imagenet_classes()
     mean = mean_image_rgb(mean_bgr)
@@ -276,15 +273,11 @@ def convert(caffe: dict, out: str | Path, *, mean_bgr: np.ndarray | None = None,
     origin = {**origin, "input": "RGB, 0..255 (conv1's input channels reversed from Caffe's BGR)",
               "mean": "Caffe's per-channel BGR means" if mean_bgr is None or np.shape(mean_bgr) == (3,) else
               "the given mean image", "resize": f"warp to {RESIZE}x{RESIZE}", "crop": f"{CROP}, centre at 14"}
-    ckpt = Checkpointer(out, keep=1, asynchronous=False)
     try:
-        ckpt.save(0, {"step": np.int32(0), "params": params}, data_state={}, config=json.loads(config.to_json()),
-                  control={}, dataset={"classes": classes, "class_names": names, "stats": {"mean_image": mean}},
-                  origin=origin)
-        ckpt.wait()
-    finally:
-        ckpt.close()
-    return ckpt.directory / "0"
+        return write_weights_only(out, 0, params, config=json.loads(config.to_json()), origin=origin,
+                                  dataset={"classes": classes, "class_names": names, "stats": {"mean_image": mean}})
+    except CheckpointError as e:
+        raise ConvertError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> None:

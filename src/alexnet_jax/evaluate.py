@@ -1,7 +1,15 @@
 """Evaluate a checkpoint on a validation set: top-1 and top-5 error, centre crop and ten crops.
 
-    python -m alexnet_jax.evaluate --workdir=runs/paper --config.data.root=/path/to/imagenet
+    python -m alexnet_jax.evaluate --checkpoint=runs/paper --data=/path/to/imagenet [--views=center|ten_crop]
+    python -m alexnet_jax.evaluate --checkpoint=runs/bvlc_alexnet --data=/path/to/imagenet --json=val.json
     python -m alexnet_jax.evaluate --workdir=runs/demo --json=val.json          # the data it trained on
+
+``--checkpoint`` (or ``--workdir``) is a training run's workdir, its
+``checkpoints/<step>`` folder or a folder written by ``alexnet_jax.convert``;
+``--data=DIR`` is an ImageNet-layout folder (``val/`` inside it) and stands
+for ``--config.data.name=imagenet --config.data.format=folder --config.data.root=DIR``.
+Labels are mapped through the checkpoint's own class list, so a folder that
+holds only some of the classes is scored correctly.
 
 The run's saved config gives the preprocessing and the data; ``--config.X=...``
 overrides any of its fields, as on ``launch.py`` (the same data on another
@@ -24,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -39,10 +48,14 @@ _PROG = "python -m alexnet_jax.evaluate"
 def _define_run_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("workdir", None, "The training run's workdir (or its checkpoints/<step> folder).",
                         flag_values=fv)
+    flags.DEFINE_string("checkpoint", None, "Same as --workdir; also a folder written by alexnet_jax.convert.",
+                        flag_values=fv)
+    flags.DEFINE_string("data", None, "ImageNet-layout folder to evaluate on (its val/ split): "
+                        "--config.data.root=DIR as an image folder.", flag_values=fv)
     flags.DEFINE_integer("step", None, "Which checkpoint step; default the newest finished one.", flag_values=fv)
-    flags.DEFINE_enum("views", "both", ["both", "center"],
-                      "'both': centre crop and ten crops from one pass; 'center': the centre crop only "
-                      "(a tenth of the device work).", flag_values=fv)
+    flags.DEFINE_enum("views", "both", ["both", "ten_crop", "center"],
+                      "'both' (or 'ten_crop'): centre crop and ten crops from one pass; 'center': the centre "
+                      "crop only (a tenth of the device work).", flag_values=fv)
     flags.DEFINE_string("split", "val", "Which split of the data to evaluate.", flag_values=fv)
     flags.DEFINE_integer("batch_size", None, "Images per batch; default the run's eval_batch_size.", flag_values=fv)
     flags.DEFINE_string("json", None, "Also write the results to this JSON file.", flag_values=fv)
@@ -76,10 +89,12 @@ def parse_command_line(argv: list[str]):
         first(list(argv), known_only=True)
     except _BAD as e:
         sys.exit(f"{_PROG}: bad command line: {e}")
-    if first.workdir is None:
-        sys.exit(f"{_PROG}: give --workdir=DIR, the training run's workdir.")
+    path = first.checkpoint or first.workdir
+    if path is None:
+        sys.exit(f"{_PROG}: give --checkpoint=PATH: a training run's workdir, or a folder written by "
+                 "python -m alexnet_jax.convert.")
     try:
-        step_dir, _ = find_step_dir(first.workdir, first.step)
+        step_dir, _ = find_step_dir(path, first.step)
     except CheckpointError as e:
         sys.exit(f"{_PROG}: {e}")
     base = config_for_evaluation(read_config(step_dir))
@@ -97,7 +112,9 @@ def parse_command_line(argv: list[str]):
                  "e.g. --config.data.root=/path/to/imagenet.")
     if len(rest) > 1:
         sys.exit(f"{_PROG}: bad command line: unexpected arguments {rest[1:]}")
-    return config, {"workdir": fv.workdir, "step": fv.step, "views": fv.views, "split": fv.split,
+    if fv.data is not None:
+        config.data.name, config.data.format, config.data.root = "imagenet", "folder", fv.data
+    return config, {"workdir": path, "step": fv.step, "views": fv.views, "split": fv.split,
                     "batch_size": fv.batch_size, "json": fv.json}
 
 
@@ -107,6 +124,7 @@ def evaluate_checkpoint(workdir, config: ml_collections.ConfigDict | None = None
     from alexnet_jax import data as data_lib
     from alexnet_jax import parallel, steps
     from alexnet_jax.inference import load_checkpoint
+    from alexnet_jax.data.pipeline import eval_num_batches
 
     ckpt = load_checkpoint(workdir, step)
     if config is None:
@@ -136,17 +154,29 @@ def evaluate_checkpoint(workdir, config: ml_collections.ConfigDict | None = None
                                  data=data)
     try:
         eval_step = steps.make_eval_step(model, mesh, param_shardings, steps.make_input_fn(cfg, ckpt.stats))
-        result = steps.evaluate(eval_step, params, passes(), mesh)
+        start = time.perf_counter()
+        batches = _progress(passes(), eval_num_batches(len(records), batch))
+        result = steps.evaluate(eval_step, params, batches, mesh)
+        seconds = time.perf_counter() - start
     finally:
         passes.close()
-    return {"checkpoint": ckpt.path, "step": ckpt.step, "split": split, "images": len(records), **result}
+    return {"checkpoint": ckpt.path, "step": ckpt.step, "split": split, "images": len(records), **result,
+            "seconds": round(seconds, 2), "images_per_s": round(len(records) / seconds, 1)}
+
+
+def _progress(batches, total: int):
+    """``batches`` with a progress bar on a terminal (nothing in a log file)."""
+    from rich.progress import track
+
+    return track(batches, total=total, description="evaluating", transient=True)
 
 
 def _table(r: dict) -> str:
     rows = [("centre crop", r["top1_error"], r["top5_error"])]
     if "top1_error_ten_crop" in r:
         rows.append(("ten crops", r["top1_error_ten_crop"], r["top5_error_ten_crop"]))
-    lines = [f"{r['checkpoint']} (step {r['step']}) on {r['split']}: {r['n']:,} images",
+    lines = [f"{r['checkpoint']} (step {r['step']}) on {r['split']}: {r['n']:,} images in {r['seconds']:.1f} s "
+             f"({r['images_per_s']:,.0f} images/s, start-up included)",
              f"{'protocol':<12} {'top-1 error':>11} {'top-5 error':>11}"]
     lines += [f"{name:<12} {t1:>11.4f} {t5:>11.4f}" for name, t1, t5 in rows]
     return "\n".join(lines)

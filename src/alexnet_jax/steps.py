@@ -77,9 +77,9 @@ def make_input_fn(data_cfg, stats):
     from alexnet_jax.data.device import eval_views, normalize
 
     mean = stats["mean_image"] if (stats is not None and data_cfg.mean_subtraction) else None
-    eigval = None if stats is None else stats["eigval"]
-    eigvec = None if stats is None else stats["eigvec"]
-    lighting = stats is not None and data_cfg.pca_lighting_std > 0
+    eigval = None if stats is None else stats.get("eigval")  # imported weights carry only the mean
+    eigvec = None if stats is None else stats.get("eigvec")
+    lighting = eigval is not None and data_cfg.pca_lighting_std > 0
 
     def inputs(batch, train):
         if not train and batch["image"].shape[-3] != data_cfg.crop_size:
