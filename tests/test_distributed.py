@@ -139,14 +139,22 @@ def test_two_processes_end_with_the_parameters_of_one(runs):
 
     a, b = read_state(runs["one"], STEPS), read_state(runs["two"], STEPS)
     assert int(a["step"]) == int(b["step"]) == STEPS
-    leaves_a, tree_a = jax.tree_util.tree_flatten(a)
-    leaves_b, tree_b = jax.tree_util.tree_flatten(b)
-    assert tree_a == tree_b
-    worst = max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-                for x, y in zip(leaves_a, leaves_b))
-    print(f"max |param difference| one vs two processes: {worst:.3g}")
-    for x, y in zip(leaves_a, leaves_b):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    # Each leaf's largest difference, relative to the leaf's largest value. One process with 4
+    # devices and two with 2 each round differently (XLA:CPU splits the work by its thread pool),
+    # and over 4 steps a few ReLU and max-pool decisions near a tie flip: measured on an AMD EPYC,
+    # parameters 1.4e-3 (conv3's bias, which starts at 0) and momentum 8.5e-3 (fc6's bias); on
+    # another CPU 1.5e-8 for both. A wrong batch split, a doubled gradient or a step missed on one
+    # process is a difference of order 1.
+    worst = {}
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_leaves(b)):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        if x.size > 1:
+            worst[jax.tree_util.keystr(path)] = float(np.abs(x - y).max() / np.abs(x).max())
+    params = max(v for k, v in worst.items() if k.startswith("['params']"))
+    momentum = max(v for k, v in worst.items() if k.startswith("['opt_state']"))
+    print(f"one vs two processes, largest relative difference: parameters {params:.2e}, momentum {momentum:.2e}")
+    assert params < 5e-3 and momentum < 3e-2, sorted(worst.items(), key=lambda kv: -kv[1])[:4]
     # The parameters moved: the comparison is not between two copies of the initialisation.
     start = read_state(runs["two"], STEPS // 2)
     assert not np.allclose(start["params"]["towers"]["fc8"]["kernel"], b["params"]["towers"]["fc8"]["kernel"])
@@ -227,9 +235,9 @@ def test_damage_only_one_process_sees_makes_both_fall_back_together(runs, tmp_pa
     # The set-aside copy is the untouched original (process 0's view), not the truncated one.
     moved = next((wd / "checkpoints_damaged").iterdir()) / data.relative_to(wd / "checkpoints" / str(STEPS))
     assert moved.stat().st_size == (runs["two"] / data.relative_to(wd)).stat().st_size
-    a, b = read_state(runs["one"], STEPS), read_state(wd, STEPS)
+    a, b = read_state(runs["two"], STEPS), read_state(wd, STEPS)  # the same two-process run, undisturbed
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bit for bit
 
 
 @pytest.mark.slow  # one two-process launch that stops at start: about 20 s on 2 cores
@@ -290,6 +298,6 @@ def test_a_write_only_one_process_cannot_finish_is_lost_on_both_and_the_run_goes
     again = launch(wd, 2, 2, *every)  # the folder is writable again (no private view): resume, finish
     ok(again)
     assert f"(step {good}," in again[0][1], again[0][1][-2000:]
-    a, b = read_state(runs["one"], STEPS), read_state(wd, STEPS)
+    a, b = read_state(runs["two"], STEPS), read_state(wd, STEPS)  # the same two-process run, undisturbed
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bit for bit
