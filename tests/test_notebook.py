@@ -47,3 +47,35 @@ def test_notebook_loads_classifies_and_draws(runs, tmp_path, monkeypatch):
     images = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
               if "image/png" in out.get("data", {})]
     assert len(images) == 4  # each figure shown inline as well
+
+
+@pytest.mark.slow  # a Jupyter kernel on the full-size converted net
+def test_notebook_with_a_converted_caffe_checkpoint(tmp_path, monkeypatch):
+    """Figure 3 per tower for imported weights, and Figure 4 searching a gallery that excludes the queries."""
+    from test_convert import v1_file
+
+    from alexnet_jax import convert
+
+    (tmp_path / "w.caffemodel").write_bytes(v1_file())
+    convert.main(["--caffemodel", str(tmp_path / "w.caffemodel"), "--out", str(tmp_path / "ckpt")])
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (120 + 10 * i, 160, 3), dtype=np.uint8)).save(gallery / f"g{i}.png")
+    figures = tmp_path / "figures"
+    monkeypatch.setenv("ALEXNET_JAX_CHECKPOINT", str(tmp_path / "ckpt"))
+    monkeypatch.setenv("ALEXNET_JAX_FIGURES", str(figures))
+    monkeypatch.setenv("ALEXNET_JAX_GALLERY", str(gallery))
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    src = Path(__file__).resolve().parents[1] / "src"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    text = "\n".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
+                     for out in cell.get("outputs", []))
+    assert "step 0 from" in text and "1000 classes" in text and "227x227 crops" in text
+    assert "no training curves" in text
+    for name in ("conv1_kernels", "predictions", "neighbours"):
+        assert (figures / f"{name}.png").is_file(), name

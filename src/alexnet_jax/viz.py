@@ -232,7 +232,8 @@ def dataset_images(config, split: str, count: int) -> tuple[np.ndarray, np.ndarr
     data = data_lib.resolve(config.data)
     if split not in data.records:
         raise data_lib.DatasetError(f"The run's data has no {split!r} split.")
-    src = sources.DecodedSource(data.records[split], int(config.data.resize_size), on_error="mask")
+    src = sources.DecodedSource(data.records[split], int(config.data.resize_size), on_error="mask",
+                                warp=config.data.get("resize_mode") == "warp")
     picks = np.unique(np.linspace(0, len(src) - 1, min(count, len(src))).astype(int))
     images, labels = [], []
     for i in picks:
