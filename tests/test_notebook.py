@@ -21,20 +21,25 @@ def runs(tmp_path_factory):
     return _trained.runs(tmp_path_factory)
 
 
-@pytest.mark.slow  # a Jupyter kernel; the Classifier and figures it calls are in test_inference and test_viz
-def test_notebook_loads_classifies_and_draws(runs, tmp_path, monkeypatch):
-    figures = tmp_path / "figures"
-    monkeypatch.setenv("ALEXNET_JAX_CHECKPOINT", str(runs["1x2"]))  # trained on 2 devices
+def run_notebook(monkeypatch, checkpoint, figures):
+    """Execute the notebook headless on ``checkpoint``; (the executed notebook, all its text output)."""
+    monkeypatch.setenv("ALEXNET_JAX_CHECKPOINT", str(checkpoint))
     monkeypatch.setenv("ALEXNET_JAX_FIGURES", str(figures))
     monkeypatch.delenv("XLA_FLAGS", raising=False)  # the kernel gets the default: one CPU device
     src = Path(__file__).resolve().parents[1] / "src"
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]))
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3",
+    NotebookClient(nb, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
-
     text = "\n".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
                      for out in cell.get("outputs", []))
+    return nb, text
+
+
+@pytest.mark.slow  # a Jupyter kernel; the Classifier and figures it calls are in test_inference and test_viz
+def test_notebook_loads_classifies_and_draws(runs, tmp_path, monkeypatch):
+    figures = tmp_path / "figures"
+    nb, text = run_notebook(monkeypatch, runs["1x2"], figures)  # trained on 2 devices
     assert f"step {_trained.STEPS} from" in text
     assert "towers placed on one device" in text
     assert "grace_hopper.jpg" in text and "disk, red over blue" in text
@@ -64,17 +69,8 @@ def test_notebook_with_a_converted_caffe_checkpoint(tmp_path, monkeypatch):
     for i in range(8):
         Image.fromarray(rng.integers(0, 256, (120 + 10 * i, 160, 3), dtype=np.uint8)).save(gallery / f"g{i}.png")
     figures = tmp_path / "figures"
-    monkeypatch.setenv("ALEXNET_JAX_CHECKPOINT", str(tmp_path / "ckpt"))
-    monkeypatch.setenv("ALEXNET_JAX_FIGURES", str(figures))
     monkeypatch.setenv("ALEXNET_JAX_GALLERY", str(gallery))
-    monkeypatch.delenv("XLA_FLAGS", raising=False)
-    src = Path(__file__).resolve().parents[1] / "src"
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]))
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
-    text = "\n".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
-                     for out in cell.get("outputs", []))
+    _, text = run_notebook(monkeypatch, tmp_path / "ckpt", figures)
     assert "step 0 from" in text and "1000 classes" in text and "227x227 crops" in text
     assert "no training curves" in text
     for name in ("conv1_kernels", "predictions", "neighbours"):
