@@ -21,6 +21,7 @@ ABLATIONS = {
     "one_tower": {"towers": 1},
     "tanh": {"activation": "tanh"},
     "no_dropout": {"dropout": 0.0},
+    "caffe_lrn": {"lrn_scope": "layer", "lrn_k": 1.0, "lrn_convention": "alpha_over_n"},  # across the towers
 }
 
 
@@ -87,7 +88,7 @@ def check_layouts(kwargs, batch, meshes=None):
 
 # The default run keeps the one-tower net; the paper net's layouts after training are also in
 # test_parallel_train_step, its first steps pinned in test_pinned_steps.
-@pytest.mark.parametrize("name", [n if n == "one_tower" else pytest.param(n, marks=pytest.mark.slow)
+@pytest.mark.parametrize("name", [n if n in ("one_tower", "caffe_lrn") else pytest.param(n, marks=pytest.mark.slow)
                                   for n in ABLATIONS])
 def test_layouts_agree_narrow(name):
     # Every layout for the paper net; for the ablations, one of each kind (they change
