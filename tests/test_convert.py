@@ -249,6 +249,7 @@ def test_checkpoint_carries_classes_preprocessing_and_origin(converted):
     assert origin["format"] == "caffemodel V1" and "BGR" in origin["input"]
 
 
+@pytest.mark.slow  # two more 240 MB files written and parsed
 def test_v2_caffemodel_and_npy_give_the_same_checkpoint(converted, tmp_path):
     from alexnet_jax import convert
 
@@ -265,6 +266,7 @@ def test_v2_caffemodel_and_npy_give_the_same_checkpoint(converted, tmp_path):
                 np.testing.assert_array_equal(got["towers"][layer][k], np.asarray(reference["towers"][layer][k]))
 
 
+@pytest.mark.slow  # another conversion and a ten-crop pass of the full-size net
 def test_mean_image_from_binaryproto(converted, images, tmp_path):
     w, _ = converted
     rng = np.random.default_rng(3)
@@ -327,6 +329,7 @@ def expected_errors(probs, labels):
     return np.mean([r >= 1 for r in ranks]), np.mean([r >= 5 for r in ranks])
 
 
+@pytest.mark.slow  # a command compiling the full-size net's eval step
 def test_evaluate_command_on_a_converted_checkpoint(converted, images, tmp_path):
     """Only 3 of the 1000 classes in the folder: labels still go through the checkpoint's class list."""
     import json
@@ -349,6 +352,7 @@ def test_evaluate_command_on_a_converted_checkpoint(converted, images, tmp_path)
     assert (got["top1_error_ten_crop"], got["top5_error_ten_crop"]) == pytest.approx(expected_errors(ten, labels))
 
 
+@pytest.mark.slow  # a command loading the full-size net
 def test_evaluate_refuses_unknown_wnids(converted, images, tmp_path):
     _, ckpt_dir = converted
     root = tmp_path / "imagenet"
@@ -359,6 +363,7 @@ def test_evaluate_refuses_unknown_wnids(converted, images, tmp_path):
     assert r.returncode == 1 and "n99999999" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.slow  # two commands loading the full-size net
 def test_predict_command_prints_caffes_top5(converted, images, tmp_path):
     import json
 
