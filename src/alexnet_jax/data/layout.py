@@ -91,6 +91,10 @@ def scan_class_folders(split_dir: str | os.PathLike, classes: Sequence[str]) -> 
         labels.extend([index[d.name]] * len(files))
     if empty:
         warnings.warn(f'{split_dir}: {len(empty)} empty class folder(s): {", ".join(empty[:20])}', stacklevel=2)
+    if unknown and not rel_paths:  # nothing usable: one clear error, not a warning and a layout lecture
+        raise DatasetError(f'{str(split_dir)!r} holds no folder of the {len(classes)} known classes; its folders '
+                           f'{", ".join(unknown[:5])}{" ..." if len(unknown) > 5 else ""} are class ids the '
+                           f'model does not know (its classes run {classes[0]} ... {classes[-1]}).')
     if unknown:
         warnings.warn(f'{split_dir}: skipping {len(unknown)} folder(s) that are not training classes: '
                       f'{", ".join(unknown[:20])}', stacklevel=2)
