@@ -1,0 +1,159 @@
+"""The paper's ablations as one experiment: every variant x seed through the ordinary training command.
+
+    python -m alexnet_jax.ablate --config=configs/demo.py --out runs/ablations [--seeds 3]
+        [--variants baseline,no_lrn,pool_2x2,one_tower,no_dropout,no_pca,tanh] [-- --config.data.root=...]
+
+The variants are named once, in ``configs/ablations.py``. Each run is
+``launch.py`` in its own workdir ``<out>/<variant>/seed<k>``, with
+``--config.seed=k`` (the same data order and initialisation draw for every
+variant), the recipe's fixed LR schedule (the plateau rule is switched off, so
+every variant drops its LR at the same steps) and the same number of steps.
+Overrides after ``--`` apply to every run. Run the same command again to go on:
+finished runs are skipped, interrupted ones resume from their checkpoints.
+Writes ``results.csv``, ``results.json`` and ``ablations.png`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository checkout: launch.py, configs/
+FIXED = ["--config.optim.plateau_patience=0"]  # every variant: the recipe's scheduled LR drops only
+FIELDS = ["variant", "seed", "top1_error", "top5_error", "top1_error_ten_crop", "top5_error_ten_crop",
+          "params", "steps", "wall_s"]
+
+
+def variants() -> dict:
+    """``configs/ablations.py``'s ``VARIANTS``."""
+    path = ROOT / "configs" / "ablations.py"
+    spec = importlib.util.spec_from_file_location("_ablations", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT))  # it imports configs.demo
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT))
+    return module.VARIANTS
+
+
+def overrides(changes: dict) -> list[str]:
+    return [f"--config.{path}={value}" for path, value in changes.items()]
+
+
+def _read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _params(workdir: Path) -> int:
+    """Parameters of the run's network, from the config saved with its checkpoint."""
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+
+    from alexnet_jax.checkpoint import find_step_dir, read_config
+    from alexnet_jax.model import count_params, from_config
+
+    model = from_config(ml_collections.ConfigDict(read_config(find_step_dir(workdir)[0])).model)
+    x = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
+    return count_params(jax.eval_shape(model.init, jax.random.key(0), x)["params"])
+
+
+def run_one(config: str, workdir: Path, variant_overrides: list[str], seed: int, extra: list[str]) -> dict:
+    """Train (or resume) one variant x seed; its result row, also kept as ``<workdir>/result.json``."""
+    done = workdir / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    workdir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "launch.py", f"--config={config}", f"--workdir={workdir}", f"--config.seed={seed}",
+           *variant_overrides, *extra, *FIXED]  # FIXED last: no override can give one variant another schedule
+    start = time.perf_counter()
+    with open(workdir / "ablate.log", "a") as log:
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise RuntimeError(f"{workdir} stopped with exit status {rc} (its output is in {workdir / 'ablate.log'}); "
+                           "run the same command again to resume it")
+    rows = _read_rows(workdir / "metrics.jsonl")
+    last = [r for r in rows if "val/top1_error" in r][-1]
+    result = {"seed": seed, "top1_error": last["val/top1_error"], "top5_error": last["val/top5_error"],
+              "top1_error_ten_crop": last.get("val/top1_error_ten_crop"),
+              "top5_error_ten_crop": last.get("val/top5_error_ten_crop"), "params": _params(workdir),
+              "steps": last["step"], "wall_s": round(time.perf_counter() - start, 1)}
+    done.write_text(json.dumps(result) + "\n")
+    return result
+
+
+def plot(results: list[dict], out: Path, names: list[str]) -> Path:
+    """Top-1 error per variant with a point per seed, and every run's validation curve."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    ax, curves = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    colours = {n: f"C{i % 10}" for i, n in enumerate(names)}
+    for i, name in enumerate(names):
+        errs = [r["top1_error"] for r in results if r["variant"] == name]
+        ax.scatter(np.full(len(errs), i) + np.linspace(-0.1, 0.1, len(errs)), errs, color=colours[name])
+        if errs:
+            ax.hlines(np.mean(errs), i - 0.25, i + 0.25, color=colours[name])
+        for r in (r for r in results if r["variant"] == name):
+            rows = [x for x in _read_rows(out / name / f"seed{r['seed']}" / "metrics.jsonl") if "val/top1_error" in x]
+            curves.plot([x["step"] for x in rows], [x["val/top1_error"] for x in rows], color=colours[name],
+                        alpha=0.7, label=name if r["seed"] == min(q["seed"] for q in results if q["variant"] == name)
+                        else None)
+    ax.set_xticks(range(len(names)), names, rotation=30)
+    ax.set_ylabel("validation top-1 error (centre crop)")
+    ax.set_title("final error, one point per seed; line: mean")
+    curves.set_xlabel("step")
+    curves.set_ylabel("validation top-1 error")
+    curves.legend(fontsize=8)
+    curves.set_title("validation curves")
+    path = out / "ablations.png"
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    ap = argparse.ArgumentParser(prog="python -m alexnet_jax.ablate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="configs/demo.py", help="the base recipe (a get_config() file)")
+    ap.add_argument("--out", required=True, help="folder for the runs and the results")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 for every variant")
+    ap.add_argument("--variants", default=None, help="comma-separated names (default: all, see configs/ablations.py)")
+    a = ap.parse_args(own)
+    known = variants()
+    names = a.variants.split(",") if a.variants else list(known)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        sys.exit(f"ablate: no variant {', '.join(map(repr, unknown))}; the variants are {', '.join(known)}.")
+    out = Path(a.out).absolute()
+    results = []
+    for name in names:
+        for seed in range(a.seeds):
+            workdir = out / name / f"seed{seed}"
+            finished = (workdir / "result.json").is_file()
+            print(f"{name} seed {seed}: {'done already, skipped' if finished else 'training'}", flush=True)
+            try:
+                results.append({"variant": name, **run_one(a.config, workdir, overrides(known[name]), seed, extra)})
+            except RuntimeError as e:
+                sys.exit(f"ablate: {e}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(results)
+    png = plot(results, out, names)
+    print(f"wrote {out / 'results.csv'}, {out / 'results.json'} and {png}")
+
+
+if __name__ == "__main__":
+    main()
