@@ -31,6 +31,9 @@ def test_two_variants_run_write_results_and_resume_without_retraining(tmp_path):
         table = list(csv.DictReader(f))
     assert [t["variant"] for t in table] == ["baseline", "one_tower"]
     assert (out / "ablations.png").stat().st_size > 10_000
+    table = (out / "summary.md").read_text().splitlines()
+    assert table[2].startswith("| baseline | 1 | ") and table[3].startswith("| one_tower | 1 | ")
+    assert table[3].endswith("| +1.7 / +1.2 |")  # the paper's effect beside ours
     # The variants are different networks: the one-GPU net's widths (48-128-192-192-256, whole FC layers).
     assert rows[0]["params"] != rows[1]["params"]
     for x in rows:  # errors read from the run's own last evaluation, both protocols

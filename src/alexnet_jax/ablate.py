@@ -30,8 +30,8 @@ FIELDS = ["variant", "seed", "top1_error", "top5_error", "top1_error_ten_crop", 
           "params", "steps", "wall_s"]
 
 
-def variants() -> dict:
-    """``configs/ablations.py``'s ``VARIANTS``."""
+def ablations_config():
+    """``configs/ablations.py`` (its ``VARIANTS`` and ``PAPER_DELTAS``)."""
     path = ROOT / "configs" / "ablations.py"
     spec = importlib.util.spec_from_file_location("_ablations", path)
     module = importlib.util.module_from_spec(spec)
@@ -40,7 +40,7 @@ def variants() -> dict:
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(ROOT))
-    return module.VARIANTS
+    return module
 
 
 def overrides(changes: dict) -> list[str]:
@@ -89,6 +89,28 @@ def run_one(config: str, workdir: Path, variant_overrides: list[str], seed: int,
     return result
 
 
+def summary(results: list[dict], names: list[str], paper: dict) -> str:
+    """A markdown table: each variant's error (mean and spread over seeds, in points) and its effect
+    against the baseline, beside the paper's effect where it reports one."""
+    import numpy as np
+
+    def errs(name, key):
+        return np.array([100 * r[key] for r in results if r["variant"] == name and r[key] is not None])
+
+    lines = ["| variant | seeds | top-1 error % | top-5 error % | top-1 ten-crop % | variant - baseline, top-1 "
+             "(± s.e.) | the paper: variant - its net, top-1 / top-5 |", "|---|---|---|---|---|---|---|"]
+    base = errs("baseline", "top1_error")
+    for name in names:
+        t1, t5, tc = (errs(name, k) for k in ("top1_error", "top5_error", "top1_error_ten_crop"))
+        fmt = lambda a: f"{a.mean():.1f} ± {a.std(ddof=1) if len(a) > 1 else 0:.1f}" if len(a) else "-"
+        # The design choice's effect, as the paper states it: the variant's error minus the baseline's.
+        effect = (f"{t1.mean() - base.mean():+.1f} ± {np.sqrt(t1.var(ddof=1) / len(t1) + base.var(ddof=1) / len(base)):.1f}"
+                  if name != "baseline" and len(t1) > 1 and len(base) > 1 else "-")
+        ref = f"+{paper[name][0]} / +{paper[name][1]}" if name in paper else "-"
+        lines.append(f"| {name} | {len(t1)} | {fmt(t1)} | {fmt(t5)} | {fmt(tc)} | {effect} | {ref} |")
+    return "\n".join(lines)
+
+
 def plot(results: list[dict], out: Path, names: list[str]) -> Path:
     """Top-1 error per variant with a point per seed, and every run's validation curve."""
     import numpy as np
@@ -129,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 for every variant")
     ap.add_argument("--variants", default=None, help="comma-separated names (default: all, see configs/ablations.py)")
     a = ap.parse_args(own)
-    known = variants()
+    known = ablations_config().VARIANTS
     names = a.variants.split(",") if a.variants else list(known)
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -152,7 +174,10 @@ def main(argv: list[str] | None = None) -> None:
         w.writeheader()
         w.writerows(results)
     png = plot(results, out, names)
-    print(f"wrote {out / 'results.csv'}, {out / 'results.json'} and {png}")
+    table = summary(results, names, ablations_config().PAPER_DELTAS)
+    (out / "summary.md").write_text(table + "\n")
+    print(table)
+    print(f"wrote {out / 'results.csv'}, {out / 'results.json'}, {out / 'summary.md'} and {png}")
 
 
 if __name__ == "__main__":
