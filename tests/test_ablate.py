@@ -72,3 +72,14 @@ def test_each_variant_is_a_config_of_its_own():
         assert name == "baseline" or any(base[s][f] != c[s][f] for s, f in fields), f"{name} changes nothing"
     with pytest.raises(KeyError, match="the variants are baseline"):
         ablations.get_config("no_relu")
+
+
+def test_a_variant_as_a_config_file_from_the_command_line(tmp_path):
+    """configs/ablations.py's docstring command: python launch.py --config=configs/ablations.py:no_lrn."""
+    r = subprocess.run([sys.executable, "launch.py", "--config=configs/ablations.py:no_lrn",
+                        f"--workdir={tmp_path / 'run'}", *TINY, "--config.total_steps=2"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from alexnet_jax.checkpoint import find_step_dir, read_config
+
+    assert read_config(find_step_dir(tmp_path / "run")[0])["model"]["lrn"] is False

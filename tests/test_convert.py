@@ -387,3 +387,16 @@ def test_predict_command_prints_caffes_top5(converted, images, tmp_path):
     r = subprocess.run([sys.executable, "-m", "alexnet_jax.predict", "--checkpoint", str(ckpt_dir), str(images[0]),
                         str(tmp_path / "nothing.jpg")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "nothing.jpg" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.slow  # another 240 MB file converted in a fresh process
+def test_npy_command_line(converted, tmp_path):
+    w, ckpt_dir = converted
+    np.save(tmp_path / "bvlc_alexnet.npy", npy_form(w), allow_pickle=True)
+    r = subprocess.run([sys.executable, "-m", "alexnet_jax.convert", "--npy", str(tmp_path / "bvlc_alexnet.npy"),
+                        "--out", str(tmp_path / "ckpt")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "(npy)" in r.stdout, r.stderr[-3000:]
+    a = load_checkpoint(tmp_path / "ckpt", devices=jax.devices()[:1]).params
+    b = load_checkpoint(ckpt_dir, devices=jax.devices()[:1]).params
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
