@@ -70,7 +70,7 @@ def test_paper_config_without_imagenet_says_how_to_point_at_it(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--config.model.lrm=False"], "no such config key: 'lrm'"),
     (["--config.model.towers=two"], "invalid literal for int()"),
-    (["--config.model.towers=3"], "model.towers must be 1 or 2"),
+    (["--config.model.towers=3"], "must divide by model.towers=3"),
     (["--config=configs/missing.py"], "configs/missing.py"),
     (["--workdir=launch.py"], "Cannot use --workdir=launch.py"),
     (["--config=configs/paper.py", "--config.data.root=/nonexistent"], "data folder '/nonexistent' does not exist"),

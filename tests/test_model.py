@@ -28,10 +28,37 @@ def shapes_of(model, size=224, n=2):
         ({"towers": 1}, 59_798_312),
         ({"lrn": False}, 60_965_224),
         ({"pool_window": 2, "pool_stride": 2}, 60_965_224),
+        # K towers: the two-tower totals split K ways, hand-computed layer by layer
+        # (K=4: conv 24-64-96-96-64, fc 1024-1024-250 per tower).
+        ({"towers": 4}, 60_258_664),
+        ({"towers": 8}, 59_905_384),
+        # "One weird trick"'s net as torchvision ships it (torchvision.models.alexnet: 61,100,840).
+        ({"towers": 1, "conv_widths": (64, 192, 384, 256, 256), "lrn": False, "conv1_pad": 2}, 61_100_840),
     ],
 )
 def test_parameter_counts(kwargs, total):
     assert count_params(shapes_of(AlexNet(**kwargs))) == total
+
+
+def test_k_towers_split_the_two_tower_widths():
+    """K=4: every layer's whole-net width is the two-tower net's, each tower a quarter of it."""
+    inter = _intermediates(AlexNet(towers=4))
+    shapes = {name: inter[name]["__call__"][0].shape for name in ("conv1", "conv3", "fc6", "fc8")}
+    got = {name: (shape[0], shape[-1]) for name, shape in shapes.items()}  # (towers, units per tower)
+    assert got == {"conv1": (4, 24), "conv3": (4, 96), "fc6": (4, 1024), "fc8": (4, 250)}
+    kernel = shapes_of(AlexNet(towers=4))["params"]["towers"]
+    assert kernel["conv3"]["kernel"].shape == (4, 3, 3, 256, 96)  # all towers' conv2 maps
+    assert kernel["conv4"]["kernel"].shape == (4, 3, 3, 96, 96)  # its own tower's conv3 maps
+    assert kernel["fc6"]["kernel"].shape == (4, 9216, 1024)
+
+
+def test_width_fields_errors():
+    with pytest.raises(ValueError, match=r"conv_widths=\(96, 256, 384, 384, 256\) must divide by model.towers=3"):
+        from_config({**default_config().to_dict(), "towers": 3})
+    with pytest.raises(ValueError, match="needs 5 widths"):
+        from_config({**default_config().to_dict(), "conv_widths": (64, 192)})
+    with pytest.raises(ValueError, match="integer >= 1"):
+        from_config({**default_config().to_dict(), "towers": 0})
 
 
 def test_per_layer_parameter_counts():
@@ -102,7 +129,7 @@ def test_lrn_sums_only_within_a_tower():
 def test_conv1_padding_rule(size, pad):
     # cuda-convnet: ceil((size-11)/4)+1 output positions, the far edge padded to fit.
     out = int(np.ceil((size - 11) / 4)) + 1
-    assert conv1_padding(size) == pad
+    assert conv1_padding(size) == ((0, pad), (0, pad))
     assert (size + pad - 11) // 4 + 1 == out
 
 
@@ -235,7 +262,7 @@ def test_config_roundtrip_and_errors():
     paper = default_config().to_dict()
     bad = {
         "lrm": ("Unknown model config key", {"lrm": False}),
-        "towers": ("towers must be 1 or 2", {"towers": 3}),
+        "towers": ("must divide by model.towers=3", {"towers": 3}),
         "classes": ("divisible", {"num_classes": 999}),
         "activation": ("activation", {"activation": "gelu"}),
         "lrn": ("lrn_convention", {"lrn_convention": "caffe"}),

@@ -97,6 +97,12 @@ def test_layouts_agree_narrow(name):
     check_layouts({**NARROW, **ABLATIONS[name]}, batch=8, meshes=meshes)
 
 
+@pytest.mark.parametrize("K, meshes", [(4, [(1, 4), (2, 4), (2, 1)]), (8, [(1, 8)])])
+def test_k_towers_agree_across_layouts(K, meshes):
+    """K towers, one per device (4 and 8 virtual devices) or all on each, against one device."""
+    check_layouts({**NARROW, "num_classes": 16, "towers": K}, batch=8, meshes=meshes)
+
+
 @pytest.mark.slow  # the full-size forward is also checked against a NumPy reference in test_model_reference
 def test_layouts_agree_full_size_paper_net():
     check_layouts({}, batch=8)
@@ -144,16 +150,18 @@ def lowered_forward(model, mesh, batch=4):
     return jax.jit(mesh_forward(model, mesh)).lower(v, x, None)
 
 
-def test_towers_exchange_only_at_conv3_and_fc_layers():
-    lowered = lowered_forward(AlexNet(), make_mesh(towers=2, data=1))
+@pytest.mark.parametrize("K", [2, 4])
+def test_towers_exchange_only_at_conv3_and_fc_layers(K):
+    lowered = lowered_forward(AlexNet(towers=K), make_mesh(towers=K, data=1))
     ops = collectives(lowered.as_text(), STABLEHLO_COLLECTIVE)
-    # Operand -> result of each exchange, per device (leading 1 = this device's tower).
+    # Operand -> result of each exchange, per device (leading 1 = this device's tower):
+    # each tower's 1/K of the whole layer's maps or units in, all of them out.
     shapes = [re.search(r": \((tensor<[^)]*>)\) -> (tensor<[^>]*>)", op).groups() for op in ops]
     assert shapes == [
-        ("tensor<1x4x13x13x128xf32>", "tensor<1x4x13x13x256xf32>"),  # conv2 maps -> conv3
-        ("tensor<1x4x6x6x128xf32>", "tensor<1x4x6x6x256xf32>"),  # pooled conv5 -> fc6
-        ("tensor<1x4x2048xf32>", "tensor<1x4x4096xf32>"),  # fc6 -> fc7
-        ("tensor<1x4x2048xf32>", "tensor<1x4x4096xf32>"),  # fc7 -> fc8
+        (f"tensor<1x4x13x13x{256 // K}xf32>", "tensor<1x4x13x13x256xf32>"),  # conv2 maps -> conv3
+        (f"tensor<1x4x6x6x{256 // K}xf32>", "tensor<1x4x6x6x256xf32>"),  # pooled conv5 -> fc6
+        (f"tensor<1x4x{4096 // K}xf32>", "tensor<1x4x4096xf32>"),  # fc6 -> fc7
+        (f"tensor<1x4x{4096 // K}xf32>", "tensor<1x4x4096xf32>"),  # fc7 -> fc8
     ]
     assert all("all_gather" in op for op in ops)
     # After compilation (SPMD partitioning, fusion) the program still talks exactly there.

@@ -32,7 +32,7 @@ from alexnet_jax.tower_ops import FAST, TowerOps, divide_by_power
 TOWER_AXIS = "tower"
 # The `model` section of a run config: AlexNet's fields except `ops`.
 CONFIG_FIELDS = (
-    "towers", "lrn", "lrn_convention", "lrn_k", "lrn_scope", "pool_window", "pool_stride", "dropout",
+    "towers", "conv_widths", "fc_widths", "conv1_pad", "lrn", "lrn_convention", "lrn_k", "lrn_scope", "pool_window", "pool_stride", "dropout",
     "activation", "num_classes", "width", "image_size", "init_std", "init_bias", "dtype",
 )
 _CHOICES = {"activation": ("relu", "tanh"), "lrn_convention": ("paper", "alpha_over_n"),
@@ -55,14 +55,30 @@ BIAS_ONE_LAYERS = ("conv2", "conv4", "conv5", "fc6", "fc7")
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 
 
-def tower_widths(towers: int, width: float, num_classes: int) -> dict[str, int]:
-    """Output width of each layer within one tower."""
-    if towers == 2:
-        per_tower = [w // 2 for w in _TWO_TOWER_CONV + _FC]
-    elif towers == 1:
-        per_tower = list(_ONE_TOWER_CONV + _FC)
-    else:
-        raise ConfigError(f"model.towers must be 1 or 2 (the paper's nets), got {towers}.")
+def _split(widths: tuple[int, ...], towers: int, field: str) -> list[int]:
+    if any(w % towers for w in widths):
+        raise ConfigError(f"model.{field}={tuple(widths)} must divide by model.towers={towers}: "
+                          "each tower computes an equal share of every layer.")
+    return [w // towers for w in widths]
+
+
+def tower_widths(towers: int, width: float, num_classes: int, conv_widths: tuple = (),
+                 fc_widths: tuple = ()) -> dict[str, int]:
+    """Output width of each layer within one tower.
+
+    ``conv_widths`` (5) and ``fc_widths`` (2) are whole-net widths, summed over
+    towers; empty means the paper's: the two-tower net's 96/256/384/384/256 and
+    4096/4096, split evenly over any number of towers >= 2, and for
+    ``towers=1`` footnote 2's one-GPU net, 48/128/192/192/256 and 4096/4096.
+    """
+    if not (isinstance(towers, int) and towers >= 1):
+        raise ConfigError(f"model.towers must be an integer >= 1, got {towers!r}.")
+    conv = tuple(conv_widths) or (_ONE_TOWER_CONV if towers == 1 else _TWO_TOWER_CONV)
+    fc = tuple(fc_widths) or _FC
+    if len(conv) != 5 or len(fc) != 2:
+        raise ConfigError(f"model.conv_widths needs 5 widths (conv1..conv5) and model.fc_widths 2 (fc6, fc7); "
+                          f"got {tuple(conv_widths)} and {tuple(fc_widths)}.")
+    per_tower = _split(conv, towers, "conv_widths") + _split(fc, towers, "fc_widths")
     if not width > 0:
         raise ConfigError(f"model.width must be > 0, got {width}.")
     if num_classes % towers:
@@ -74,17 +90,21 @@ def tower_widths(towers: int, width: float, num_classes: int) -> dict[str, int]:
     return dict(zip(LAYERS, scaled + [num_classes // towers]))
 
 
-def conv1_padding(size: int, kernel: int = 11, stride: int = 4) -> int:
-    """Zeros added at the bottom/right so that conv1 covers the image as cuda-convnet did.
+def conv1_padding(size: int, kernel: int = 11, stride: int = 4, pad: int = -1) -> tuple[tuple[int, int], ...]:
+    """conv1's (low, high) zero padding of rows and of columns.
 
-    cuda-convnet placed ceil((size - kernel) / stride) + 1 windows, padding the far
-    edge as needed: a 224 crop gives 55x55 (as if it were 227 with no padding);
-    a 227 crop needs no padding and also gives 55x55.
+    ``pad=-1``: at the bottom/right only, so that conv1 covers the image as
+    cuda-convnet did: it placed ceil((size - kernel) / stride) + 1 windows, padding
+    the far edge as needed: a 224 crop gives 55x55 (as if it were 227 with no
+    padding); a 227 crop needs no padding and also gives 55x55.
+    ``pad >= 0``: that many zeros on every side (torchvision's AlexNet: 2, also 55x55 at 224).
     """
     if size < kernel:
         raise ConfigError(f"model.image_size={size} is smaller than conv1's {kernel}x{kernel} kernel.")
+    if pad >= 0:
+        return ((pad, pad),) * 2
     out = -(-(size - kernel) // stride) + 1
-    return (out - 1) * stride + kernel - size
+    return ((0, (out - 1) * stride + kernel - size),) * 2
 
 
 class LRN(nn.Module):
@@ -151,7 +171,10 @@ def _exchange(x: jax.Array, towers: int, to_layer: str) -> jax.Array:
 class _Fields(nn.Module):
     """The network's fields, which each tower shares: the ``model.*`` config fields, and ``ops``."""
 
-    towers: int = 2  # 2: the paper's two-GPU net; 1: its one-GPU comparison net
+    towers: int = 2  # 2: the paper's two-GPU net; 1: its one-GPU comparison net; K: the 2-tower widths split K ways
+    conv_widths: tuple[int, ...] = ()  # conv1..conv5 maps, whole net (summed over towers); () = the paper's
+    fc_widths: tuple[int, ...] = ()  # fc6, fc7 units, whole net; () = the paper's 4096, 4096
+    conv1_pad: int = -1  # conv1 zero padding: -1 = cuda-convnet's (far edge, as needed); n = n on every side
     lrn: bool = True  # local response normalisation after conv1 and conv2
     lrn_convention: str = "paper"  # 'paper' (alpha as printed) or 'alpha_over_n'
     lrn_k: float = 2.0  # LRN's additive constant k (the paper: 2; Caffe's bvlc_alexnet: 1)
@@ -228,10 +251,10 @@ class Tower(_Fields):
 
     @nn.compact
     def __call__(self, images_NHWC: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-        w = tower_widths(self.towers, self.width, self.num_classes)
+        w = tower_widths(self.towers, self.width, self.num_classes, self.conv_widths, self.fc_widths)
         T = self.towers
-        pad = conv1_padding(images_NHWC.shape[1])
-        x = self._conv("conv1", w["conv1"], 11, stride=4, padding=((0, pad), (0, pad)))(images_NHWC)
+        pad = conv1_padding(images_NHWC.shape[1], pad=self.conv1_pad)
+        x = self._conv("conv1", w["conv1"], 11, stride=4, padding=pad)(images_NHWC)
         x = self._pool(self._lrn(self._act(x), "conv1"))
         self.sow("intermediates", "conv1_pooled", x)
         x = self._conv("conv2", w["conv2"], 5)(x)  # own tower only
@@ -278,7 +301,7 @@ class AlexNet(_Fields):
         if images_NHWC.shape[1:] != (s, s, 3):
             raise ValueError(f"AlexNet expects NHWC images of shape (N, {s}, {s}, 3) "
                              f"(model.image_size={s}); got {images_NHWC.shape}.")
-        tower_widths(self.towers, self.width, self.num_classes)  # validate early
+        tower_widths(self.towers, self.width, self.num_classes, self.conv_widths, self.fc_widths)  # validate early
         key = self.make_rng("dropout") if (train and self.dropout > 0) else None
         # On one device vmap creates the 'tower' axis; inside shard_map it already
         # exists, and a vmap of size 1 only keeps the stacked parameter layout.
@@ -304,23 +327,25 @@ def from_config(cfg: ml_collections.ConfigDict | dict) -> AlexNet:
     unknown = sorted(set(items) - set(CONFIG_FIELDS))
     if unknown:
         raise ConfigError(f"Unknown model config key(s) {unknown}; known keys: {list(CONFIG_FIELDS)}.")
+    for field in ("conv_widths", "fc_widths"):  # lists from JSON (a saved config) hash as tuples
+        if field in items:
+            items[field] = tuple(items[field])
     model = AlexNet(**items)
-    tower_widths(model.towers, model.width, model.num_classes)
+    widths = tower_widths(model.towers, model.width, model.num_classes, model.conv_widths, model.fc_widths)
     for field, allowed in _CHOICES.items():
         if getattr(model, field) not in allowed:
             raise ConfigError(f"model.{field} must be {' or '.join(map(repr, allowed))}, "
                               f"got {getattr(model, field)!r}.")
     if not model.lrn_k > 0:
         raise ConfigError(f"model.lrn_k must be > 0, got {model.lrn_k}.")
-    if model.lrn_scope == "layer" and model.towers > 1 and min(
-            tower_widths(model.towers, model.width, model.num_classes)[k] for k in ("conv1", "conv2")) < 2:
+    if model.lrn_scope == "layer" and model.towers > 1 and min(widths[k] for k in ("conv1", "conv2")) < 2:
         raise ConfigError("model.lrn_scope='layer' needs at least 2 conv1/conv2 maps per tower; raise model.width.")
     if not 0.0 <= model.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {model.dropout}.")
     if model.pool_window < 1 or model.pool_stride < 1:
         raise ConfigError(f"model.pool_window and pool_stride must be >= 1, got "
                           f"{model.pool_window}/{model.pool_stride}.")
-    size = (model.image_size + conv1_padding(model.image_size) - 11) // 4 + 1  # after conv1
+    size = (model.image_size + sum(conv1_padding(model.image_size, pad=model.conv1_pad)[0]) - 11) // 4 + 1
     for _ in ("after conv1", "after conv2", "after conv5"):  # convs 2-5 keep the size
         if size < model.pool_window:
             raise ConfigError(f"model.image_size={model.image_size} is too small: a feature map shrinks "
