@@ -83,3 +83,16 @@ def test_a_variant_as_a_config_file_from_the_command_line(tmp_path):
     from alexnet_jax.checkpoint import find_step_dir, read_config
 
     assert read_config(find_step_dir(tmp_path / "run")[0])["model"]["lrn"] is False
+
+
+def test_a_diverging_variant_is_a_result_not_a_crash(tmp_path):
+    """A loss that becomes NaN ends that run with launch.py's status 3; the runner records it as
+    diverged, goes on with the next run, and counts it in the table."""
+    out = tmp_path / "ablations"
+    r = ablate("--config=configs/demo.py", "--out", out, "--seeds", "1", "--variants", "no_lrn",
+               "--", *TINY, "--config.total_steps=4", "--config.optim.lr=1e6")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (row,) = json.loads((out / "results.json").read_text())
+    assert row["diverged"] is True and row["top1_error"] is None
+    assert "became nan" in (out / "no_lrn" / "seed0" / "ablate.log").read_text()
+    assert (out / "summary.md").read_text().splitlines()[2].startswith("| no_lrn | 0 (+1 diverged) | - |")

@@ -19,6 +19,9 @@ Activations are read with a method interceptor that sows, into the
 layer and of ``Tower._pool`` (the one place pooling happens).
 """
 
+import sys
+from pathlib import Path
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -30,6 +33,14 @@ from alexnet_jax.model import BIAS_ONE_LAYERS, LRN, Tower
 from alexnet_jax.tower_ops import TowerConv, TowerDense
 
 WIDTH = 0.125  # per tower: conv 6-16-24-24-16, fc 256-256
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from configs import ablations  # noqa: E402  the variants the runner (alexnet_jax.ablate) trains
+
+
+def variant(name):
+    """The ``model.*`` overrides of the named ablation in ``configs/ablations.py``."""
+    return {k.split(".", 1)[1]: v for k, v in ablations.VARIANTS[name].items() if k.startswith("model.")}
 
 
 def build(**overrides):
@@ -141,7 +152,7 @@ def lrn_runs():
     x = images(64)
     runs = {}
     for key, over in {"paper": {}, "alpha_over_n": {"lrn_convention": "alpha_over_n"},
-                      "off": {"lrn": False}}.items():
+                      "off": variant("no_lrn")}.items():
         m = build(image_size=64, init_std=0.03, **over)
         v = init(m, x) if not runs else runs["paper"][0]
         runs[key] = (v, forward(m, v, x)[1])
@@ -204,9 +215,10 @@ POOL_SIZES_228 = {
 }
 
 
-@pytest.mark.parametrize("window, stride", [(3, 2), (2, 2)])
-def test_pooling_sizes_and_values(window, stride):
-    m = build(image_size=228, pool_window=window, pool_stride=stride, init_std=0.03)
+@pytest.mark.parametrize("name", ["baseline", "pool_2x2"])
+def test_pooling_sizes_and_values(name):
+    m = build(image_size=228, init_std=0.03, **variant(name))
+    window, stride = m.pool_window, m.pool_stride
     x = images(228)
     v = init(m, x)
     _, inter = forward(m, v, x)
@@ -251,11 +263,12 @@ def _pre_and_post_activations(inter):
     }
 
 
-@pytest.mark.parametrize("activation", ["tanh", "relu"])
-def test_activation_is_the_one_asked_for(activation):
+@pytest.mark.parametrize("name", ["tanh", "baseline"])
+def test_activation_is_the_one_asked_for(name):
     # Biases 0 and wide weights: every layer's pre-activations have both signs and reach
     # where tanh bends (at init, bias 1 keeps conv4/conv5 all positive).
-    m = build(image_size=64, activation=activation, lrn=False, init_std=0.1, init_bias=0.0)
+    m = build(image_size=64, lrn=False, init_std=0.1, init_bias=0.0, **variant(name))
+    activation = m.activation
     x = images(64)
     logits, inter = forward(m, init(m, x), x)
     ref = {"tanh": np.tanh, "relu": np_relu}[activation]
@@ -339,3 +352,22 @@ def test_no_fc7_dropout_in_eval_mode_or_at_rate_zero(dropout_net, train, rate):
     fc6, fc7 = masks_of_fc6_and_fc7(m.clone(dropout=rate), v, x, jax.random.key(9), train=train)
     np.testing.assert_array_equal(fc6, 1.0)
     np.testing.assert_array_equal(fc7, 1.0)
+
+
+def test_one_tower_and_no_dropout_variants_change_what_they_name():
+    """one_tower: footnote 2's one-GPU net at full size (59,798,312 parameters, against the paper
+    net's 60,965,224); no_dropout: training-mode logits equal evaluation-mode ones, where the
+    baseline's differ."""
+    from alexnet_jax import count_params
+
+    full = default_config().to_dict()
+    x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+    counts = {name: count_params(jax.eval_shape(from_config({**full, **variant(name)}).init, jax.random.key(0), x))
+              for name in ("baseline", "one_tower")}
+    assert counts == {"baseline": 60_965_224, "one_tower": 59_798_312}
+    x = images(64)
+    for name, same in (("no_dropout", True), ("baseline", False)):
+        m = build(image_size=64, init_std=0.03, **variant(name))
+        v = init(m, x)
+        train = forward(m, v, x, train=True, key=jax.random.key(5))[0]
+        assert np.array_equal(train, forward(m, v, x)[0]) is same, name

@@ -27,7 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]  # the repository checkout: launch.py, configs/
 FIXED = ["--config.optim.plateau_patience=0"]  # every variant: the recipe's scheduled LR drops only
 FIELDS = ["variant", "seed", "top1_error", "top5_error", "top1_error_ten_crop", "top5_error_ten_crop",
-          "params", "steps", "wall_s"]
+          "params", "steps", "wall_s", "diverged"]
+EXIT_DIVERGED = 3  # launch.py's status when the loss became NaN/Inf (alexnet_jax.train.EXIT_DIVERGED)
 
 
 def ablations_config():
@@ -76,6 +77,13 @@ def run_one(config: str, workdir: Path, variant_overrides: list[str], seed: int,
     start = time.perf_counter()
     with open(workdir / "ablate.log", "a") as log:
         rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc == EXIT_DIVERGED:  # a result too: these settings do not train (the README says which diverge)
+        rows = _read_rows(workdir / "metrics.jsonl")
+        result = {"seed": seed, "top1_error": None, "top5_error": None, "top1_error_ten_crop": None,
+                  "top5_error_ten_crop": None, "params": None, "steps": rows[-1]["step"] if rows else 0,
+                  "wall_s": round(time.perf_counter() - start, 1), "diverged": True}
+        done.write_text(json.dumps(result) + "\n")
+        return result
     if rc != 0:
         raise RuntimeError(f"{workdir} stopped with exit status {rc} (its output is in {workdir / 'ablate.log'}); "
                            "run the same command again to resume it")
@@ -84,7 +92,7 @@ def run_one(config: str, workdir: Path, variant_overrides: list[str], seed: int,
     result = {"seed": seed, "top1_error": last["val/top1_error"], "top5_error": last["val/top5_error"],
               "top1_error_ten_crop": last.get("val/top1_error_ten_crop"),
               "top5_error_ten_crop": last.get("val/top5_error_ten_crop"), "params": _params(workdir),
-              "steps": last["step"], "wall_s": round(time.perf_counter() - start, 1)}
+              "steps": last["step"], "wall_s": round(time.perf_counter() - start, 1), "diverged": False}
     done.write_text(json.dumps(result) + "\n")
     return result
 
@@ -107,7 +115,9 @@ def summary(results: list[dict], names: list[str], paper: dict) -> str:
         effect = (f"{t1.mean() - base.mean():+.1f} ± {np.sqrt(t1.var(ddof=1) / len(t1) + base.var(ddof=1) / len(base)):.1f}"
                   if name != "baseline" and len(t1) > 1 and len(base) > 1 else "-")
         ref = f"+{paper[name][0]} / +{paper[name][1]}" if name in paper else "-"
-        lines.append(f"| {name} | {len(t1)} | {fmt(t1)} | {fmt(t5)} | {fmt(tc)} | {effect} | {ref} |")
+        diverged = sum(1 for r in results if r["variant"] == name and r.get("diverged"))
+        seeds = f"{len(t1)}" + (f" (+{diverged} diverged)" if diverged else "")
+        lines.append(f"| {name} | {seeds} | {fmt(t1)} | {fmt(t5)} | {fmt(tc)} | {effect} | {ref} |")
     return "\n".join(lines)
 
 
@@ -120,8 +130,12 @@ def plot(results: list[dict], out: Path, names: list[str]) -> Path:
     ax, curves = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     colours = {n: f"C{i % 10}" for i, n in enumerate(names)}
     for i, name in enumerate(names):
-        errs = [r["top1_error"] for r in results if r["variant"] == name]
+        errs = [r["top1_error"] for r in results if r["variant"] == name and r["top1_error"] is not None]
         ax.scatter(np.full(len(errs), i) + np.linspace(-0.1, 0.1, len(errs)), errs, color=colours[name])
+        n_div = sum(1 for r in results if r["variant"] == name and r.get("diverged"))
+        if n_div:  # diverged runs: a cross at 100% error
+            ax.scatter(np.full(n_div, i) + np.linspace(-0.1, 0.1, n_div), np.ones(n_div), color=colours[name],
+                       marker="x")
         if errs:
             ax.hlines(np.mean(errs), i - 0.25, i + 0.25, color=colours[name])
         for r in (r for r in results if r["variant"] == name):
@@ -131,7 +145,7 @@ def plot(results: list[dict], out: Path, names: list[str]) -> Path:
                         else None)
     ax.set_xticks(range(len(names)), names, rotation=30)
     ax.set_ylabel("validation top-1 error (centre crop)")
-    ax.set_title("final error, one point per seed; line: mean")
+    ax.set_title("final error, one point per seed; line: mean; x: diverged")
     curves.set_xlabel("step")
     curves.set_ylabel("validation top-1 error")
     curves.legend(fontsize=8)

@@ -85,12 +85,16 @@ def launch(argv: list[str]) -> None:
         from alexnet_jax.checkpoint import CheckpointError
         from alexnet_jax.data import DatasetError, release_shared_memory
         from alexnet_jax.preemption import EXIT_PREEMPTED
+        from alexnet_jax.train import EXIT_DIVERGED
 
         try:
             result = train.train_and_evaluate(config, workdir_flag.value,
                                               manual_lr=config.optim.lr if lr_on_command_line(argv) else None)
         except ConfigError as e:
             sys.exit(f"launch.py: bad config: {e}")
+        except train.Diverged as e:
+            print(f"launch.py: {e}", file=sys.stderr)
+            sys.exit(EXIT_DIVERGED)  # its own status: a runner (alexnet_jax.ablate) records it as a result
         except (DatasetError, CheckpointError, train.TrainingError) as e:
             sys.exit(f"launch.py: {e}")
         finally:

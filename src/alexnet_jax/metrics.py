@@ -18,6 +18,11 @@ class TrainingError(RuntimeError):
     """The run stopped for a reason the researcher must act on (message says what)."""
 
 
+class Diverged(TrainingError):
+    """The training loss became NaN or infinite: the run cannot go on with these settings."""
+
+
+
 class MetricWriter:
     """``<workdir>/metrics.jsonl`` (one object per line) and TensorBoard event files.
 
@@ -166,7 +171,7 @@ class StepMetrics:
                     f"{self.resume_hint()}. Check the data (and stats.npz), or raise --config.max_bad_batches.")
             return False
         if not math.isfinite(float(m["train/loss"])):
-            raise TrainingError(
+            raise Diverged(
                 f"The training loss became {float(m['train/loss'])} at step {s}; stopping. "
                 f"{self.resume_hint()}. Lower --config.optim.lr, or check the data for NaN/Inf inputs.")
         return True

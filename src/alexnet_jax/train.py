@@ -22,13 +22,14 @@ from alexnet_jax import data as data_lib
 from alexnet_jax import distributed, optim, steps
 from alexnet_jax.checkpoint import Checkpointer, CheckpointError, CheckpointWriteError
 from alexnet_jax.config_check import validate_config
-from alexnet_jax.metrics import MetricWriter, StepMetrics, TrainingError
+from alexnet_jax.metrics import Diverged, MetricWriter, StepMetrics, TrainingError
 from alexnet_jax.model import AlexNet, ConfigError, count_params
 from alexnet_jax.parallel import DATA_AXIS, mesh_for_config, use_virtual_cpu_devices
 from alexnet_jax.preemption import StopOnSignal
 from alexnet_jax.workdir_lock import WorkdirBusy, WorkdirLock, describe
 
-__all__ = ["TrainingError", "train_and_evaluate"]
+__all__ = ["Diverged", "TrainingError", "train_and_evaluate"]
+EXIT_DIVERGED = 3  # launch.py's exit status when the loss became NaN/Inf
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
