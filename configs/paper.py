@@ -63,6 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.log_every = 50  # steps between metric lines (metrics.jsonl, TensorBoard)
 
     c.mesh = ml_collections.ConfigDict()
+    c.mesh.parallelism = "towers"  # 'towers' (the paper's split), 'data' (every device all towers) or 'hybrid' (conv data-parallel, FC units split: "one weird trick")
     c.mesh.data = -1  # devices along the 'data' axis; -1: all devices / mesh.tower
     c.mesh.tower = -1  # devices along the 'tower' axis; -1: model.towers (one tower per device), 1: all towers on every device
     c.mesh.cpu_devices = 2  # virtual CPU devices to create (in each process) when there is no accelerator

@@ -40,15 +40,15 @@ def reference(model, variables, x, y, key):
     return logits, grads
 
 
-def on_mesh(model, variables, x, y, key, mesh):
-    fwd = mesh_forward(model, mesh, train=True)
+def on_mesh(model, variables, x, y, key, mesh, layout="towers"):
+    fwd = mesh_forward(model, mesh, train=True, layout=layout)
 
     def loss(v, x):
         logits = fwd(v, x, key)
         return loss_fn(logits, y), logits
 
     step = jax.jit(jax.value_and_grad(loss, has_aux=True))
-    (_, logits), grads = step(shard_variables(variables, mesh), jax.device_put(x, batch_sharding(mesh)))
+    (_, logits), grads = step(shard_variables(variables, mesh, layout), jax.device_put(x, batch_sharding(mesh)))
     return logits, grads
 
 
@@ -65,7 +65,7 @@ def layouts(towers):
     return [(1, 2), (2, 2), (4, 2), (1, 1), (2, 1)] if towers == 2 else [(2, 1), (4, 1), (8, 1)]
 
 
-def check_layouts(kwargs, batch, meshes=None):
+def check_layouts(kwargs, batch, meshes=None, layout="towers"):
     model = AlexNet(**kwargs)
     s = model.image_size
     x = 50.0 * jax.random.normal(jax.random.key(1), (batch, s, s, 3))
@@ -75,8 +75,8 @@ def check_layouts(kwargs, batch, meshes=None):
     ref_logits, ref_grads = reference(model, variables, x, y, key)
     for data, towers in meshes or layouts(model.towers):
         mesh = make_mesh(towers=towers, data=data)
-        logits, grads = on_mesh(model, variables, x, y, key, mesh)
-        where = f"{kwargs} on data={data} x tower={towers}"
+        logits, grads = on_mesh(model, variables, x, y, key, mesh, layout)
+        where = f"{kwargs} on data={data} x tower={towers}, {layout} layout"
         assert_same(ref_logits, logits, f"logits {where}")
         flat_ref = jax.tree_util.tree_leaves_with_path(ref_grads)
         flat = jax.tree_util.tree_leaves(grads)
@@ -101,6 +101,23 @@ def test_layouts_agree_narrow(name):
 def test_k_towers_agree_across_layouts(K, meshes):
     """K towers, one per device (4 and 8 virtual devices) or all on each, against one device."""
     check_layouts({**NARROW, "num_classes": 16, "towers": K}, batch=8, meshes=meshes)
+
+
+# "One weird trick"'s net (Krizhevsky 2014; torchvision's alexnet) at 1/8 width: one tower, no LRN.
+OWT_NARROW = dict(NARROW, towers=1, conv_widths=(64, 192, 384, 256, 256), lrn=False, conv1_pad=2, num_classes=16)
+
+
+@pytest.mark.parametrize("kwargs, meshes", [
+    (dict(NARROW, num_classes=16), [(2, 1), (4, 1)]),  # the paper's two towers: 8 classes per tower
+    (OWT_NARROW, [(2, 1), (4, 1), (8, 1)]),
+], ids=["paper", "owt"])
+def test_hybrid_layout_agrees_with_one_device(kwargs, meshes):
+    """Conv layers data-parallel, FC units split over the same devices: same logits and gradients."""
+    check_layouts(kwargs, batch=8, meshes=meshes, layout="hybrid")
+
+
+def test_data_layout_agrees_with_one_device():
+    check_layouts(NARROW, batch=8, meshes=[(4, 1)], layout="data")
 
 
 @pytest.mark.slow  # the full-size forward is also checked against a NumPy reference in test_model_reference
@@ -178,6 +195,12 @@ def test_one_tower_net_has_no_exchange():
 
 
 def test_mesh_errors_are_clear():
+    with pytest.raises(ValueError, match="puts every device on the 'data' axis"):
+        mesh_forward(AlexNet(), make_mesh(towers=2, data=1), layout="hybrid")
+    with pytest.raises(ValueError, match=r"per tower \{'fc8': 500\} do not divide"):
+        mesh_forward(AlexNet(), make_mesh(towers=1, data=8), layout="hybrid")
+    with pytest.raises(ValueError, match="choose one of 'towers', 'data', 'hybrid'"):
+        mesh_forward(AlexNet(), make_mesh(towers=1, data=2), layout="model")
     with pytest.raises(ValueError, match="needs 18 devices"):
         make_mesh(towers=2, data=9)
     with pytest.raises(ValueError, match="towers=1 but the mesh"):

@@ -435,3 +435,117 @@ def test_every_layout_trains_to_the_same_parameters(setup, step_2x2):
     diff = largest_difference(other, ref, init)
     print(f"another dropout key: every leaf differs by at least {min(diff.values()):.1e} of its change")
     assert min(diff.values()) > 100 * RTOL, diff
+
+
+# ---- The hybrid layout ("one weird trick") ------------------------------------------------
+
+HYBRID_DEVICES = 4
+
+
+@pytest.fixture(scope="module")
+def hybrid_setup():
+    """The demo net at width 0.125 with 16 classes (8 per tower, so that fc8's classes split 4 ways),
+    one initial state, the batches, and the three layouts' meshes."""
+    c = demo.get_config()
+    c.model.width, c.model.num_classes = 0.125, 16
+    model = from_config(c.model)
+    tx = optim.make_optimizer(c.optim)
+    meshes = {
+        "one device": (mesh_for_config(model.towers, ml_collections.ConfigDict({"data": 1, "tower": 1}))[0], "towers"),
+        "towers 2x2": (mesh_of(model, "2x2"), "towers"),
+        "hybrid": (mesh_for_config(model.towers, ml_collections.ConfigDict(
+            {"data": -1, "tower": -1, "parallelism": "hybrid"}))[0], "hybrid"),
+    }
+    assert dict(meshes["hybrid"][0].shape) == {DATA_AXIS: 8, TOWER_AXIS: 1}  # all 8 devices on 'data'
+    meshes["hybrid"] = (mesh_for_config(model.towers, ml_collections.ConfigDict(
+        {"data": HYBRID_DEVICES, "tower": 1, "parallelism": "hybrid"}))[0], "hybrid")
+    state, _ = create_train_state(model, tx, 0, meshes["one device"][0])
+    rng = np.random.default_rng(1)
+    s = model.image_size
+    batches = [{"image": (50 * rng.standard_normal((BATCH, s, s, 3))).astype(np.float32),
+                "label": rng.integers(0, model.num_classes, BATCH).astype(np.int32),
+                "mask": np.arange(BATCH) < BATCH - 1} for _ in range(STEPS)]
+    return model, tx, jax.device_get(state), batches, meshes
+
+
+def train_in(hybrid_setup, name):
+    model, tx, host_state, batches, meshes = hybrid_setup
+    mesh, layout = meshes[name]
+    state = jax.device_put(host_state, state_shardings(host_state, mesh, layout))
+    step = make_train_step(model, tx, mesh, jax.tree.map(lambda x: x.sharding, state), layout=layout)
+    losses = []
+    for batch in batches:
+        state, metrics = step(state, to_global(batch, mesh))
+        losses.append(metrics["train/loss"])
+    return state, np.asarray(jax.device_get(losses)), step
+
+
+def test_hybrid_trains_to_the_same_parameters_as_one_device_and_the_towers(hybrid_setup):
+    """Three steps with dropout: one device, the paper's towers (2x2) and the hybrid layout
+    (4 devices) end at the same parameters (same tolerance and measure as above), and the
+    hybrid state really is laid out as the layout says: FC kernels split by output units."""
+    _, _, host_state, _, _ = hybrid_setup
+    init = host_state.params
+    ref_state, ref_losses, _ = train_in(hybrid_setup, "one device")
+    ref = jax.device_get(ref_state.params)
+    for name in ("towers 2x2", "hybrid"):
+        state, losses, _ = train_in(hybrid_setup, name)
+        diff = largest_difference(jax.device_get(state.params), ref, init)
+        worst = max(diff, key=diff.get)
+        print(f"{name}: largest difference {diff[worst]:.1e} of the change training made ({worst})")
+        assert diff[worst] < RTOL, f"{name} vs one device: {worst} differs by {diff[worst]:.2e} of its change"
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=f"losses on {name}")
+    fc6 = state.params["towers"]["fc6"]["kernel"]  # hybrid: (towers, in, units), units split 4 ways
+    assert fc6.sharding.shard_shape(fc6.shape) == fc6.shape[:2] + (fc6.shape[2] // HYBRID_DEVICES,)
+    conv1 = state.params["towers"]["conv1"]["kernel"]
+    assert conv1.sharding.shard_shape(conv1.shape) == conv1.shape  # conv layers: every device holds all
+
+
+def test_hybrid_train_step_gathers_the_batch_once_and_reduces_only_conv_gradients(hybrid_setup):
+    """The lowered hybrid step's collectives, all over 'data' (the 4 devices): before fc6 the
+    batch is gathered (conv5's pooled maps of both towers), before fc7 and fc8 the units are;
+    backward, their transposes (reduce_scatter); and one all_reduce per conv parameter leaf
+    (10). No FC gradient is reduced: each device holds its own units for the whole batch."""
+    model, tx, host_state, batches, meshes = hybrid_setup
+    mesh, layout = meshes["hybrid"]
+    state = jax.device_put(host_state, state_shardings(host_state, mesh, layout))
+    step = make_train_step(model, tx, mesh, jax.tree.map(lambda x: x.sharding, state), layout=layout)
+    ops = stablehlo_collectives(step.lower(state, to_global(batches[0], mesh)).as_text(debug_info=True))
+    # The towers' vmapped axis shares its name with the mesh's 'tower' axis, of size 1 here: JAX
+    # writes a few collectives over it, in groups of one device, which move no data. Left out;
+    # everything else runs over 'data'.
+    ops = [o for o in ops if any(len(g) > 1 for g in o[1])]
+    assert {axis_of(groups, mesh) for _, groups, *_ in ops} == {DATA_AXIS}
+    T, b, N = model.towers, BATCH // HYBRID_DEVICES, BATCH
+    w = tower_widths(model.towers, model.width, model.num_classes)
+    gathered = {  # name in the program: (operand, result), per device; T leading: both towers on each
+        "batch_to_fc6": ((T, b, 1, 1, w["conv5"]), (T, N, 1, 1, w["conv5"])),
+        "units_to_fc7": ((T, N, w["fc6"] // HYBRID_DEVICES), (T, N, w["fc6"])),
+        "units_to_fc8": ((T, N, w["fc7"] // HYBRID_DEVICES), (T, N, w["fc7"])),
+    }
+    got = [(kind, where.rsplit("/", 2)[-2], operands, results) for kind, _, operands, results, where in ops
+           if kind != "all_reduce"]
+    assert got == [("all_gather", name, [a], [r]) for name, (a, r) in gathered.items()] + [
+        ("reduce_scatter", name, [r], [a]) for name, (a, r) in reversed(gathered.items())]
+    reductions = collections.defaultdict(list)
+    for kind, _, operands, results, where in ops:
+        if kind == "all_reduce":
+            layer, what = where.rsplit("/", 2)[-2:]
+            assert what == "psum_invariant" and operands == results, where
+            reductions[layer].append(int(np.prod(operands[0])))
+    # Every conv parameter once, both towers' (the per-tower convolutions split some kernels'
+    # reductions in two, one per tower); nothing of fc6-fc8.
+    whole = {layer: sum(int(leaf.size) for leaf in jax.tree.leaves(host_state.params["towers"][layer]))
+             for layer in LAYERS}
+    assert {layer: sum(sizes) for layer, sizes in reductions.items()} == {
+        layer: whole[layer] for layer in ("conv1", "conv2", "conv3", "conv4", "conv5")}
+    compiled = hlo_collectives(step.lower(state, to_global(batches[0], mesh)).compile().as_text(), mesh.size)
+    # Compiled: the same gathers and scatters, the conv gradients' all-reduce (merged with scalars), and
+    # the partitioner's: the loss's scalars, and an all-to-all that reorders the class scores of the
+    # split fc8 (N x classes values). No FC-parameter-sized tensor crosses a device.
+    moving = [o for o in compiled if any(len(g) > 1 for g in o[1])]
+    reduced = sum(int(np.prod(s)) for op, _, shapes, _ in moving if op == "all-reduce" for s in shapes
+                  if int(np.prod(s)) > 1)  # scalars left out: the loss and the metrics
+    assert reduced == sum(whole[layer] for layer in ("conv1", "conv2", "conv3", "conv4", "conv5"))
+    assert [name.rsplit("/", 2)[-2] for op, _, _, name in moving if op in ("all-gather", "reduce-scatter")] == [
+        "batch_to_fc6", "units_to_fc7", "units_to_fc8", "units_to_fc8", "units_to_fc7", "batch_to_fc6"]

@@ -57,7 +57,9 @@ OPTIM_FIELDS: dict[str, _Rule] = {
 }
 MESH_FIELDS: dict[str, _Rule] = {
     "data": _STEPS,
-    "tower": (lambda v: v in (-1, 1, 2) and not isinstance(v, bool), "-1 (one tower per device), 1 or 2"),
+    "parallelism": (lambda v: v in ("towers", "data", "hybrid"), "'towers', 'data' or 'hybrid'"),
+    "tower": (lambda v: isinstance(v, int) and not isinstance(v, bool) and (v == -1 or v >= 1),
+              "-1 (one tower per device), 1 (all towers on every device) or model.towers"),
     "cpu_devices": _POSITIVE,
 }
 SECTIONS = ("model", "data", "optim", "mesh", "distributed")

@@ -29,7 +29,7 @@ import ml_collections
 
 from alexnet_jax.tower_ops import FAST, TowerOps, divide_by_power
 
-TOWER_AXIS = "tower"
+TOWER_AXIS = "tower"  # the mesh axis of the towers layout, and the towers' axis inside the network
 # The `model` section of a run config: AlexNet's fields except `ops`.
 CONFIG_FIELDS = (
     "towers", "conv_widths", "fc_widths", "conv1_pad", "lrn", "lrn_convention", "lrn_k", "lrn_scope", "pool_window", "pool_stride", "dropout",
@@ -143,21 +143,21 @@ class LRN(nn.Module):
         return self.divide(x_NHWC, self.k + alpha * window_sum, self.beta)
 
 
-def _neighbour_channels(x: jax.Array, half: int, layer: str) -> tuple[jax.Array, jax.Array]:
+def _neighbour_channels(x: jax.Array, half: int, layer: str, axis: str) -> tuple[jax.Array, jax.Array]:
     """The ``half`` channels either side of this tower's, from the neighbouring towers (zeros at the ends).
 
     A small exchange (``2 * half`` channels from every tower), named
     ``lrn_halo_<layer>`` in the lowered program; only LRN over the whole layer needs it.
     """
     with jax.named_scope(f"lrn_halo_{layer}"):
-        edges = jax.lax.all_gather(jnp.concatenate([x[..., :half], x[..., -half:]], axis=-1), TOWER_AXIS)
-    t, last = jax.lax.axis_index(TOWER_AXIS), edges.shape[0] - 1
+        edges = jax.lax.all_gather(jnp.concatenate([x[..., :half], x[..., -half:]], axis=-1), axis)
+    t, last = jax.lax.axis_index(axis), edges.shape[0] - 1
     left = jnp.where(t > 0, edges[jnp.maximum(t - 1, 0)][..., half:], 0.0)  # the previous tower's last
     right = jnp.where(t < last, edges[jnp.minimum(t + 1, last)][..., :half], 0.0)  # the next tower's first
     return left, right
 
 
-def _exchange(x: jax.Array, towers: int, to_layer: str) -> jax.Array:
+def _exchange(x: jax.Array, towers: int, to_layer: str, axis: str) -> jax.Array:
     """The towers swap activations: every tower gets all towers' channels.
 
     Named ``exchange_to_<layer>`` in the lowered program, where tests look for it.
@@ -165,7 +165,7 @@ def _exchange(x: jax.Array, towers: int, to_layer: str) -> jax.Array:
     if towers == 1:
         return x
     with jax.named_scope(f"exchange_to_{to_layer}"):
-        return jax.lax.all_gather(x, TOWER_AXIS, axis=x.ndim - 1, tiled=True)
+        return jax.lax.all_gather(x, axis, axis=x.ndim - 1, tiled=True)
 
 
 class _Fields(nn.Module):
@@ -202,7 +202,10 @@ class Tower(_Fields):
     """
 
     deterministic: bool = True
-    data_axis: str | None = None  # the named axis the batch is split over, if any
+    tower_axis: str = TOWER_AXIS  # the named axis the towers run along (a mesh axis, or a vmap's)
+    data_axis: str | None = None  # the named axis the batch of the FC layers is split over, if any
+    gather_batch_axis: str | None = None  # hybrid layout: gather the batch over this axis before fc6
+    units_axis: str | None = None  # hybrid layout: the FC layers' units are split over this axis
 
     def _act(self, x):
         if self.activation not in _CHOICES["activation"]:
@@ -218,7 +221,8 @@ class Tower(_Fields):
             return x
         norm = LRN(k=self.lrn_k, convention=self.lrn_convention, divide=self.ops.lrn_divide)
         y = x.astype(jnp.float32)
-        halo = _neighbour_channels(y, norm.n // 2, layer) if self.lrn_scope == "layer" and self.towers > 1 else None
+        across = self.lrn_scope == "layer" and self.towers > 1
+        halo = _neighbour_channels(y, norm.n // 2, layer, self.tower_axis) if across else None
         return norm(y, halo).astype(x.dtype)
 
     def _layer(self, name):
@@ -232,7 +236,21 @@ class Tower(_Fields):
         return self.ops.conv(features, (k, k), strides=(stride, stride), padding=pad, **self._layer(name))
 
     def _dense(self, name, features):
+        """An FC layer; with ``units_axis``, this device's share of its units (kernel columns)."""
+        if self.units_axis is not None:
+            devices = jax.lax.axis_size(self.units_axis)
+            if features % devices:
+                raise ConfigError(f"{name}'s {features} units per tower do not split over {devices} devices "
+                                  "(the hybrid layout splits every FC layer's units, fc8's classes too).")
+            features //= devices
         return self.ops.dense(features, **self._layer(name))
+
+    def _gather(self, x, axis_name, axis, scope):
+        """All devices' ``x`` along ``axis`` over mesh axis ``axis_name`` (named ``scope`` in the program)."""
+        if axis_name is None:
+            return x
+        with jax.named_scope(scope):
+            return jax.lax.all_gather(x, axis_name, axis=axis, tiled=True)
 
     def _dropout(self, x, key, layer):
         if self.deterministic or self.dropout == 0.0:
@@ -242,10 +260,14 @@ class Tower(_Fields):
         keep = 1.0 - self.dropout
         n = x.shape[0]
         first = 0 if self.data_axis is None else jax.lax.axis_index(self.data_axis) * n
-        tower = jax.lax.axis_index(TOWER_AXIS)
+        tower = jax.lax.axis_index(self.tower_axis)
         key = jax.random.fold_in(jax.random.fold_in(key, layer), tower)
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(n))
-        mask = jax.vmap(lambda k: jax.random.bernoulli(k, keep, x.shape[1:]))(keys)
+        units = x.shape[-1] * (1 if self.units_axis is None else jax.lax.axis_size(self.units_axis))
+        mask = jax.vmap(lambda k: jax.random.bernoulli(k, keep, (units,)))(keys)
+        if self.units_axis is not None:  # this device's units of the mask every layout draws
+            mask = jax.lax.dynamic_slice_in_dim(mask, jax.lax.axis_index(self.units_axis) * x.shape[-1],
+                                                x.shape[-1], axis=1)
         # Inverted dropout: scaling by 1/keep now equals the paper's x0.5 at test time.
         return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
 
@@ -260,18 +282,21 @@ class Tower(_Fields):
         x = self._conv("conv2", w["conv2"], 5)(x)  # own tower only
         x = self._pool(self._lrn(self._act(x), "conv2"))
         self.sow("intermediates", "conv2_pooled", x)
-        x = _exchange(x, T, "conv3")  # conv3 sees both towers' conv2 maps
+        x = _exchange(x, T, "conv3", self.tower_axis)  # conv3 sees both towers' conv2 maps
         x = self._act(self._conv("conv3", w["conv3"], 3)(x))
         x = self._act(self._conv("conv4", w["conv4"], 3)(x))  # own tower only
         x = self._pool(self._act(self._conv("conv5", w["conv5"], 3)(x)))  # own tower only
         self.sow("intermediates", "conv5_pooled", x)
-        x = _exchange(x, T, "fc6").reshape(x.shape[0], -1)  # fc6 sees all conv5 features
+        x = self._gather(x, self.gather_batch_axis, 0, "batch_to_fc6")  # hybrid: the FC layers see every example
+        x = _exchange(x, T, "fc6", self.tower_axis).reshape(x.shape[0], -1)  # fc6 sees all conv5 features
         x = self._act(self._dense("fc6", w["fc6"])(x))
         self.sow("intermediates", "fc6_act", x)
-        x = _exchange(self._dropout(x, dropout_key, 6), T, "fc7")  # fc7 sees all fc6 units
+        x = self._gather(self._dropout(x, dropout_key, 6), self.units_axis, 1, "units_to_fc7")  # hybrid
+        x = _exchange(x, T, "fc7", self.tower_axis)  # fc7 sees all fc6 units
         x = self._act(self._dense("fc7", w["fc7"])(x))
         self.sow("intermediates", "fc7_act", x)  # the paper's Figure 4 features
-        x = _exchange(self._dropout(x, dropout_key, 7), T, "fc8")  # fc8 sees all fc7 units
+        x = self._gather(self._dropout(x, dropout_key, 7), self.units_axis, 1, "units_to_fc8")  # hybrid
+        x = _exchange(x, T, "fc8", self.tower_axis)  # fc8 sees all fc7 units
         # This tower's class scores, float32 for the softmax (taken over all towers' scores).
         return self._dense("fc8", w["fc8"])(x).astype(jnp.float32)
 
@@ -290,12 +315,17 @@ class AlexNet(_Fields):
 
     @nn.compact
     def __call__(self, images_NHWC: jax.Array, train: bool = False, *,
-                 tower_axis_mapped: bool = False, data_axis: str | None = None) -> jax.Array:
+                 tower_axis_mapped: bool = False, data_axis: str | None = None,
+                 gather_batch_axis: str | None = None, units_axis: str | None = None,
+                 keep_tower_axis: bool = False) -> jax.Array:
         """Logits ``(N, num_classes)``; class ``tower * (num_classes // towers) + j`` is tower's j-th score.
 
         The keywords are layout, set by ``alexnet_jax.parallel`` inside ``shard_map``:
         ``tower_axis_mapped``, the ``'tower'`` axis is the mesh's (this call runs
-        one tower); ``data_axis``, the batch is split over that mesh axis.
+        one tower); ``data_axis``, the FC layers' batch is split over that mesh axis;
+        ``gather_batch_axis``, the conv layers' batch is, and is gathered before fc6;
+        ``units_axis``, the FC layers' units are split over that mesh axis;
+        ``keep_tower_axis``, return ``(N, towers here, classes here)``.
         """
         s = self.image_size
         if images_NHWC.shape[1:] != (s, s, 3):
@@ -309,8 +339,11 @@ class AlexNet(_Fields):
                          in_axes=(None, None), out_axes=1, axis_size=1 if tower_axis_mapped else self.towers,
                          axis_name=None if tower_axis_mapped else TOWER_AXIS)
         fields = {name: getattr(self, name) for name in (*CONFIG_FIELDS, "ops")}
-        tower = towers(**fields, deterministic=not train, data_axis=data_axis, name="towers")
-        return tower(images_NHWC, key).reshape(images_NHWC.shape[0], -1)
+        tower = towers(**fields, deterministic=not train, data_axis=data_axis,
+                       tower_axis=TOWER_AXIS, gather_batch_axis=gather_batch_axis,
+                       units_axis=units_axis, name="towers")
+        scores_NTK = tower(images_NHWC, key)
+        return scores_NTK if keep_tower_axis else scores_NTK.reshape(scores_NTK.shape[0], -1)
 
 
 def default_config() -> ml_collections.ConfigDict:

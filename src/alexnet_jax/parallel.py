@@ -1,10 +1,19 @@
 """Device layouts: the ``('data', 'tower')`` mesh and the network under ``shard_map``.
 
-One parameter tree, every layout. Each parameter has a leading ``tower`` axis,
-sharded ``P('tower')`` on a mesh, so each device holds its own tower, as the
-paper's two GPUs did. The batch is sharded over ``data``. Inside ``shard_map``
-each device runs ``Tower`` on its slice of the batch; the towers exchange
-activations through ``all_gather`` over ``'tower'`` (see ``model.py``).
+One parameter tree, every layout. Each parameter has a leading ``tower`` axis.
+A layout is a row of ``LAYOUTS``: which mesh axis each logical axis of the
+network (the towers, the examples in the conv and in the FC layers, the FC
+layers' units) is split over. The one mesh forward reads it:
+
+* ``towers`` (the paper): parameters ``P('tower')``, each device holds its own
+  tower, as the paper's two GPUs did; the batch is split over ``data``; the
+  towers exchange activations through ``all_gather`` over ``'tower'`` (see
+  ``model.py``). On a mesh whose tower axis is 1 every device runs all towers.
+* ``data``: every device holds every tower and its slice of the batch.
+* ``hybrid`` ("one weird trick", Krizhevsky 2014): the conv layers are
+  data-parallel over all devices; before fc6 the batch is gathered, and every FC
+  layer's units (kernel columns, fc8's classes) are split over the devices, so
+  FC gradients need no reduction.
 
 On a machine with no accelerators, call ``use_virtual_cpu_devices(n)`` before
 anything touches a JAX device (or set
@@ -13,6 +22,7 @@ anything touches a JAX device (or set
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -20,17 +30,47 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from alexnet_jax.model import TOWER_AXIS, AlexNet, ConfigError
+from alexnet_jax.model import LAYERS, TOWER_AXIS, AlexNet, ConfigError, tower_widths
 
 DATA_AXIS = "data"
 
-# Where arrays live on a ('data', 'tower') mesh: the layout rules, all in one place.
-PARAM_SPEC = P(TOWER_AXIS)  # tower-stacked arrays: each device holds its own tower
-BATCH_SPEC = P(DATA_AXIS)  # examples split over the data axis
-LOGITS_SPEC = P(DATA_AXIS, TOWER_AXIS)  # each tower's share of the classes (and of fc7's units)
-# Leaves of a train state, first match wins: parameters and momentum carry the tower
-# axis (ndim >= 2, biases included); the step, learning rate and RNG key data do not.
-_STATE_RULES = ((lambda leaf: leaf.ndim >= 2, PARAM_SPEC), (lambda leaf: True, P()))
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Which mesh axis each logical axis of the network is split over (None: every device holds all of it)."""
+
+    tower: str | None  # the towers: the parameters' leading axis, and the tower computations
+    conv_batch: str | None  # the examples in conv1..conv5 (and the input batch)
+    fc_batch: str | None  # the examples in fc6..fc8 (and the logits)
+    fc_units: str | None  # the FC layers' output units: kernel columns, biases, activations, fc8's classes
+
+    def spec(self, leaf_path: tuple[str, ...], ndim: int) -> P:
+        """The PartitionSpec of a parameter (or momentum) leaf ``(..., layer, 'kernel'|'bias')``."""
+        if leaf_path[-2].startswith("fc"):  # kernel (tower, in, out), bias (tower, out)
+            return P(self.tower, *([None] * (ndim - 2)), self.fc_units)
+        return P(self.tower)
+
+
+# The layouts, as data: the one mesh forward (mesh_forward) and the shardings read them.
+LAYOUTS = {
+    "towers": Layout(tower=TOWER_AXIS, conv_batch=DATA_AXIS, fc_batch=DATA_AXIS, fc_units=None),
+    "data": Layout(tower=None, conv_batch=DATA_AXIS, fc_batch=DATA_AXIS, fc_units=None),
+    "hybrid": Layout(tower=None, conv_batch=DATA_AXIS, fc_batch=None, fc_units=DATA_AXIS),
+}
+DEFAULT_LAYOUT = "towers"
+
+PARAM_SPEC = P(TOWER_AXIS)  # the towers layout's parameters: each device holds its own tower
+BATCH_SPEC = P(DATA_AXIS)  # input examples split over the data axis (every layout)
+
+
+def layout_named(name: str) -> Layout:
+    if name not in LAYOUTS:
+        raise ConfigError(f"mesh.parallelism={name!r}: choose one of {', '.join(map(repr, LAYOUTS))}.")
+    return LAYOUTS[name]
+
+
+def _key_names(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
 def use_virtual_cpu_devices(n: int) -> None:
@@ -72,7 +112,7 @@ def make_mesh(towers: int = 2, data: int | None = None, devices=None) -> Mesh:
 
 
 def param_sharding(mesh: Mesh) -> NamedSharding:
-    """Every parameter: leading tower axis split over the mesh's ``tower`` axis."""
+    """Every parameter in the towers layout: leading tower axis split over the mesh's ``tower`` axis."""
     return NamedSharding(mesh, PARAM_SPEC)
 
 
@@ -84,20 +124,46 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def state_shardings(tree: Any, mesh: Mesh) -> Any:
-    """The sharding of every leaf of a train state (or parameter tree), by ``_STATE_RULES``."""
+def param_specs(tree: Any, layout: str = DEFAULT_LAYOUT) -> Any:
+    """The PartitionSpec of every leaf of a parameter tree, a train state or its momentum.
 
-    def sharding(leaf):
-        return NamedSharding(mesh, next(spec for applies, spec in _STATE_RULES if applies(leaf)))
+    Leaves under a layer's ``kernel``/``bias`` follow the layout; the step, the
+    learning rate and the RNG key data are replicated.
+    """
+    rules = layout_named(layout)
 
-    return jax.tree_util.tree_map(sharding, tree)
+    def spec(path, leaf):
+        names = _key_names(path)
+        if len(names) >= 2 and names[-1] in ("kernel", "bias") and names[-2] in LAYERS:
+            return rules.spec(names, leaf.ndim)
+        return P()
+
+    return jax.tree_util.tree_map_with_path(spec, tree)
 
 
-def shard_variables(variables: Any, mesh: Mesh) -> Any:
-    return jax.device_put(variables, param_sharding(mesh))
+def state_shardings(tree: Any, mesh: Mesh, layout: str = DEFAULT_LAYOUT) -> Any:
+    """The sharding of every leaf of a train state (or parameter tree) in ``layout``."""
+    return jax.tree_util.tree_map(lambda spec: NamedSharding(mesh, spec), param_specs(tree, layout),
+                                  is_leaf=lambda x: isinstance(x, P))
 
 
-def _check(model: AlexNet, mesh: Mesh) -> None:
+def shard_variables(variables: Any, mesh: Mesh, layout: str = DEFAULT_LAYOUT) -> Any:
+    return jax.device_put(variables, state_shardings(variables, mesh, layout))
+
+
+def _check(model: AlexNet, mesh: Mesh, layout: str) -> None:
+    if layout != "towers" and mesh.shape[TOWER_AXIS] != 1:
+        raise ConfigError(f"mesh.parallelism={layout!r} puts every device on the '{DATA_AXIS}' axis; "
+                          f"the mesh has tower={mesh.shape[TOWER_AXIS]}: build it with make_mesh(towers=1) "
+                          "(--config.mesh.tower=1).")
+    units = layout_named(layout).fc_units
+    if units is not None:
+        w = tower_widths(model.towers, model.width, model.num_classes, model.conv_widths, model.fc_widths)
+        bad = {k: w[k] for k in ("fc6", "fc7", "fc8") if w[k] % mesh.shape[units]}
+        if bad:
+            raise ConfigError(f"mesh.parallelism={layout!r} splits every FC layer's units over the "
+                              f"{mesh.shape[units]} devices of the '{units}' axis; per tower {bad} do not divide "
+                              "(fc8: num_classes / towers). Use another device count, or another layout.")
     if mesh.shape[TOWER_AXIS] not in (model.towers, 1):
         raise ConfigError(
             f"The model has towers={model.towers} but the mesh's '{TOWER_AXIS}' axis has size "
@@ -106,37 +172,48 @@ def _check(model: AlexNet, mesh: Mesh) -> None:
         )
 
 
-def mesh_forward(model: AlexNet, mesh: Mesh, *, train: bool = False, features: bool = False):
-    """``f(variables, images_NHWC, dropout_key) -> logits`` running one tower per device.
+def mesh_forward(model: AlexNet, mesh: Mesh, *, train: bool = False, features: bool = False,
+                 layout: str = DEFAULT_LAYOUT):
+    """``f(variables, images_NHWC, dropout_key) -> logits`` in ``layout`` (a name in ``LAYOUTS``).
 
-    The logits come back sharded ``P('data', 'tower')``: each tower's share of
-    the classes, as the paper's GPUs each held half of fc8. The softmax over all
-    classes is taken outside, by whoever computes the loss. On a mesh whose
-    ``tower`` axis has size 1, each device runs all towers (data parallelism
-    only; on a 1x1 mesh this is ``model.apply``). ``features=True``: ``f``
-    returns ``(logits, fc7)``, fc7's activations ``(N, towers * units)``, towers
-    in order, the paper's Figure 4 features.
+    In the towers layout each device runs one tower and the logits come back
+    sharded ``P('data', 'tower')``: each tower's share of the classes, as the
+    paper's GPUs each held half of fc8. The softmax over all classes is taken
+    outside, by whoever computes the loss. On a mesh whose ``tower`` axis has
+    size 1, each device runs all towers (data parallelism; on a 1x1 mesh this
+    is ``model.apply``). ``features=True``: ``f`` returns ``(logits, fc7)``,
+    fc7's activations ``(N, towers * units)``, towers in order, the paper's
+    Figure 4 features. The variables must be laid out as ``state_shardings``
+    says for the same layout (``shard_variables``).
     """
-    _check(model, mesh)
-    # A tower axis of size 1 with a two-tower net: every device runs both towers (under vmap).
-    split = mesh.shape[TOWER_AXIS] == model.towers
+    _check(model, mesh, layout)
+    rules = layout_named(layout)
+    # The towers' own mesh axis, when there is one tower per device along it.
+    split = rules.tower is not None and mesh.shape[rules.tower] == model.towers
+    gather = rules.conv_batch if rules.conv_batch != rules.fc_batch else None
+    # (N, towers, per tower), split as the layout says. The tower axis is named even where the
+    # layout does not split it (it has size 1 there): the towers' vmapped axis shares its name.
+    out_spec = P(rules.fc_batch, TOWER_AXIS, rules.fc_units)
 
     def per_device(variables, images_nHWC, key):
         rngs = {"dropout": key} if key is not None else {}
         out = model.apply(variables, images_nHWC, train=train, rngs=rngs, tower_axis_mapped=split,
-                          data_axis=DATA_AXIS, mutable=["intermediates"] if features else False)
+                          data_axis=rules.fc_batch, gather_batch_axis=gather, units_axis=rules.fc_units,
+                          keep_tower_axis=True, mutable=["intermediates"] if features else False)
         if not features:
             return out
         logits, state = out
         fc7_TnF = state["intermediates"]["towers"]["fc7_act"][0]  # T: the towers this device runs
-        return logits, jnp.moveaxis(fc7_TnF, 0, 1).reshape(images_nHWC.shape[0], -1)
+        return logits, jnp.moveaxis(fc7_TnF, 0, 1)
 
-    return jax.shard_map(
-        per_device,
-        mesh=mesh,
-        in_specs=(PARAM_SPEC, BATCH_SPEC, P()),
-        out_specs=(LOGITS_SPEC, LOGITS_SPEC) if features else LOGITS_SPEC,
-    )
+    def f(variables, images_NHWC, key):
+        sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(param_specs(variables, layout), BATCH_SPEC, P()),
+                                out_specs=(out_spec, out_spec) if features else out_spec)
+        # (N, towers, per tower) -> (N, towers * per tower): class tower * per_tower + j, as on one device.
+        out = sharded(variables, images_NHWC, key)
+        return tuple(o.reshape(o.shape[0], -1) for o in out) if features else out.reshape(out.shape[0], -1)
+
+    return f
 
 
 def apply_on_mesh(
@@ -147,6 +224,7 @@ def apply_on_mesh(
     *,
     train: bool = False,
     rngs: dict[str, jax.Array] | None = None,
+    layout: str = DEFAULT_LAYOUT,
 ) -> jax.Array:
     """``model.apply`` on a mesh: same parameters, same logits, one tower per device.
 
@@ -164,18 +242,26 @@ def apply_on_mesh(
         if not rngs or "dropout" not in rngs:
             raise ValueError("Training with dropout needs rngs={'dropout': key}.")
         key = rngs["dropout"]
-    f = jax.jit(mesh_forward(model, mesh, train=train))
-    return f(shard_variables(variables, mesh), jax.device_put(images_NHWC, batch_sharding(mesh)), key)
+    f = jax.jit(mesh_forward(model, mesh, train=train, layout=layout))
+    return f(shard_variables(variables, mesh, layout), jax.device_put(images_NHWC, batch_sharding(mesh)), key)
 
 
 def mesh_for_config(towers: int, mesh_cfg) -> tuple[Mesh, str | None]:
     """The mesh a config's ``mesh`` section asks for, and a line to print when the default had to change.
 
-    ``mesh.tower=-1`` asks for one tower per device; with fewer devices than
-    towers (one GPU), or a count the towers do not divide, every device runs
-    all towers instead (``mesh.tower=1``), which gives the same results.
+    ``mesh.tower=-1`` asks for one tower per device in the towers layout; with
+    fewer devices than towers (one GPU), or a count the towers do not divide,
+    every device runs all towers instead (``mesh.tower=1``), which gives the same
+    results. The data and hybrid layouts put every device on the data axis.
     """
+    parallelism = mesh_cfg.get("parallelism", DEFAULT_LAYOUT)
+    layout_named(parallelism)
     tower_axis, note = mesh_cfg.tower, None
+    if parallelism != "towers":
+        if tower_axis not in (-1, 1):
+            raise ConfigError(f"mesh.parallelism={parallelism!r} puts every device on the data axis; "
+                              f"mesh.tower={tower_axis} must be -1 or 1.")
+        tower_axis = 1
     if tower_axis == -1:
         tower_axis = towers
         n = jax.device_count()

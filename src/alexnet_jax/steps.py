@@ -34,8 +34,9 @@ class TrainState:
     rng: jax.Array  # uint32 key data of the dropout key
 
 
-def create_train_state(model: AlexNet, tx: optax.GradientTransformation, seed: int, mesh):
-    """Initialise straight onto the mesh. Returns ``(state, shardings)``."""
+def create_train_state(model: AlexNet, tx: optax.GradientTransformation, seed: int, mesh,
+                       layout: str = parallel.DEFAULT_LAYOUT):
+    """Initialise straight onto the mesh, laid out as ``layout`` says. Returns ``(state, shardings)``."""
 
     def init():
         k_init, k_drop = jax.random.split(jax.random.key(seed))
@@ -44,7 +45,7 @@ def create_train_state(model: AlexNet, tx: optax.GradientTransformation, seed: i
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           rng=jax.random.key_data(k_drop))
 
-    shardings = parallel.state_shardings(jax.eval_shape(init), mesh)
+    shardings = parallel.state_shardings(jax.eval_shape(init), mesh, layout)
     return jax.jit(init, out_shardings=shardings)(), shardings
 
 
@@ -93,13 +94,14 @@ def _plain_images(batch, train):
     return batch["image"]
 
 
-def make_train_step(model: AlexNet, tx, mesh, shardings: TrainState, inputs=None):
+def make_train_step(model: AlexNet, tx, mesh, shardings: TrainState, inputs=None,
+                    layout: str = parallel.DEFAULT_LAYOUT):
     """``train_step(state, batch) -> (state, metrics)``, jitted once, the state donated.
 
     A batch with NaN/Inf inputs leaves the state unchanged but for the step count
     (``train/nonfinite_inputs`` says how many values were bad).
     """
-    forward = mesh_forward(model, mesh, train=True)
+    forward = mesh_forward(model, mesh, train=True, layout=layout)
     inputs = inputs or _plain_images
 
     def train_step(state: TrainState, batch: dict):
@@ -131,7 +133,7 @@ def make_train_step(model: AlexNet, tx, mesh, shardings: TrainState, inputs=None
                    out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
 
 
-def make_eval_step(model: AlexNet, mesh, param_shardings, inputs=None):
+def make_eval_step(model: AlexNet, mesh, param_shardings, inputs=None, layout: str = parallel.DEFAULT_LAYOUT):
     """Counts of top-1/top-5 errors on a batch, masked rows left out.
 
     A batch of single views gives ``n``, ``top1_wrong``, ``top5_wrong``. A
@@ -139,7 +141,7 @@ def make_eval_step(model: AlexNet, mesh, param_shardings, inputs=None):
     ``ten_crop/``, for the softmax averaged over the ten (the paper's
     protocol): both protocols from one pass over the data.
     """
-    forward = mesh_forward(model, mesh, train=False)
+    forward = mesh_forward(model, mesh, train=False, layout=layout)
     inputs = inputs or _plain_images
     k = min(5, model.num_classes)
 

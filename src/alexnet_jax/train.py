@@ -55,7 +55,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     steps_per_epoch, total_steps = _schedule(config, len(data.records["train"]))
     eval_every, ckpt_every = (_every(n, steps_per_epoch) for n in (config.eval_every, config.checkpoint_every))
     tx = optim.make_optimizer(config.optim)
-    state, shardings = steps.create_train_state(model, tx, config.seed, mesh)
+    state, shardings = steps.create_train_state(model, tx, config.seed, mesh, config.mesh.parallelism)
 
     with contextlib.ExitStack() as stack:
         _hold_workdir(workdir, stack, console)  # before anything touches the checkpoints
@@ -84,7 +84,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         if data_state is not None:
             train_iter.set_state(data_state)
         inputs = steps.make_input_fn(config.data, data.stats)
-        train_step = steps.make_train_step(model, tx, mesh, shardings, inputs)
+        train_step = steps.make_train_step(model, tx, mesh, shardings, inputs, config.mesh.parallelism)
         evaluator = stack.enter_context(contextlib.closing(
             _Evaluator(config, model, mesh, shardings.params, inputs, data, host_shard)))
         if is_main:
@@ -224,7 +224,7 @@ class _Evaluator:
 
     def __init__(self, config, model, mesh, param_shardings, inputs, data, host_shard):
         self.config, self.model, self.mesh, self.data, self.host_shard = config, model, mesh, data, host_shard
-        self.step = steps.make_eval_step(model, mesh, param_shardings, inputs)
+        self.step = steps.make_eval_step(model, mesh, param_shardings, inputs, config.mesh.parallelism)
         self.passes = None
 
     def __call__(self, params) -> dict:
