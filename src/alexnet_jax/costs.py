@@ -1,0 +1,170 @@
+"""What each device layout costs: per layer, parameters, multiply-adds and the bytes devices exchange.
+
+    python -m alexnet_jax.costs --config=configs/paper.py --devices=8 [--config.mesh.parallelism=hybrid] [--json OUT]
+
+For one training step of ``batch_size`` images on ``--devices`` devices in the
+config's layout (``mesh.parallelism``: ``towers``, ``data`` or ``hybrid``), each
+layer's row gives
+
+* ``params`` and ``macs_per_image`` (multiply-adds of the forward pass, every weight
+  once per output position);
+* ``exchange_bytes_forward`` / ``_backward``: activations exchanged at the layer's
+  input (the towers' exchanges at conv3 and fc6-fc8; the hybrid layout's batch
+  gather before fc6 and unit gathers before fc7 and fc8; the LRN halo of
+  ``lrn_scope='layer'`` at conv1/conv2), and their gradients on the way back;
+* ``gradient_bytes_per_step``: the all-reduce of the layer's parameter gradients
+  over the devices that hold the same parameters.
+
+Bytes are what each device sends per step with ring algorithms (as NCCL's bus
+bandwidth counts them): an all-gather whose result is R bytes over a group of G
+devices sends R (G-1)/G; a reduce-scatter of an R-byte operand the same; an
+all-reduce of R bytes 2 R (G-1)/G. Collectives the compiler adds outside the
+network (the loss's and the metrics' scalars; with fc8's classes split between
+towers or devices, the per-example class scores) are left out: they carry at
+most batch x classes values. The numbers are worked out from the layer shapes
+and the layout here; ``tests/test_costs.py`` reads the same from the compiled
+training program's collectives.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from fractions import Fraction
+
+from alexnet_jax.model import LAYERS, AlexNet, from_config
+from alexnet_jax.parallel import LAYOUTS, layout_named
+
+_PROG = "python -m alexnet_jax.costs"
+
+
+def mesh_shape(model: AlexNet, layout: str, devices: int) -> tuple[int, int]:
+    """``(data, tower)``: the mesh ``launch.py`` builds for this layout on ``devices`` devices (``mesh.tower=-1``)."""
+    if layout == "towers" and devices % model.towers == 0:
+        return devices // model.towers, model.towers
+    return devices, 1
+
+
+def _gather(result: int, group: int) -> Fraction:
+    return Fraction(result * (group - 1), group)
+
+
+def layer_costs(model: AlexNet, layout: str, devices: int, batch: int) -> dict:
+    """The per-layer table (exact byte counts as ``Fraction``) and the mesh it assumes."""
+    from alexnet_jax.summary import layer_rows
+
+    layout_named(layout)
+    data, tower = mesh_shape(model, layout, devices)
+    if batch % data:
+        raise ValueError(f"batch_size={batch} does not divide over the mesh's data axis ({data}).")
+    rows = {r["layer"]: r for r in layer_rows(model)}
+    T, b = model.towers, batch // data
+    split = layout == "towers" and tower == T and T > 1  # one tower per device: the exchanges cross devices
+    act = 2 if model.dtype == "bfloat16" else 4  # bytes of an exchanged activation (compute dtype)
+    inputs = {  # whole-net features of one example at each exchange's layer
+        "conv3": rows["conv2"]["after_pool"], "fc6": rows["conv5"]["after_pool"],
+        "fc7": rows["fc6"]["per_tower"], "fc8": rows["fc7"]["per_tower"],
+    }
+    size = {k: T * _prod(v) for k, v in inputs.items()}
+    out = []
+    for name in LAYERS:
+        exchange = Fraction(0)
+        if split and name in size:  # all-gather over 'tower' of b examples
+            exchange = _gather(b * size[name] * act, T)
+        if split and model.lrn and model.lrn_scope == "layer" and name in ("conv1", "conv2"):
+            h, w, _ = rows[name]["per_tower"]  # 2 * (n // 2) edge channels of every tower, float32
+            exchange = _gather(T * b * h * w * 4 * 4, T)
+        if layout == "hybrid" and name in size and name != "conv3":  # the whole batch, over all devices
+            exchange = _gather(batch * size[name] * act, devices)
+        fc = name.startswith("fc")
+        if layout == "hybrid" and fc:
+            grad = Fraction(0)  # each device's units are its own, for the whole batch
+        else:  # replicated over 'data': each device holds one tower (split) or all
+            held = rows[name]["params"] // (T if split else 1)
+            grad = Fraction(2 * held * 4 * (data - 1), data)
+        out.append({"name": name, "params": rows[name]["params"], "macs_per_image": rows[name]["macs"],
+                    "exchange_bytes_forward": exchange, "exchange_bytes_backward": exchange,
+                    "exchange_bytes_per_step": 2 * exchange, "gradient_bytes_per_step": grad})
+    return {"layout": layout, "devices": devices, "mesh": {"data": data, "tower": tower}, "batch_size": batch,
+            "layers": out}
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def rounded(costs: dict) -> dict:
+    """JSON-ready: byte counts rounded to whole bytes; totals added."""
+    keys = ("params", "macs_per_image", "exchange_bytes_forward", "exchange_bytes_backward",
+            "exchange_bytes_per_step", "gradient_bytes_per_step")
+    layers = [{k: (round(v) if isinstance(v, Fraction) else v) for k, v in row.items()} for row in costs["layers"]]
+    total = {k: sum(row[k] for row in layers) for k in keys}
+    return {**costs, "layers": layers, "total": total}
+
+
+def table(costs: dict):
+    from rich.table import Table
+
+    c = rounded(costs)
+    mb = lambda v: f"{v / 1e6:,.2f}" if v else "-"  # noqa: E731
+    t = Table(title=f"{c['layout']} layout on {c['devices']} devices (mesh data={c['mesh']['data']} x "
+                    f"tower={c['mesh']['tower']}), batch {c['batch_size']}: MB each device sends per step")
+    for col in ("layer", "parameters", "MACs/image", "exchange fwd", "exchange bwd", "gradient all-reduce"):
+        t.add_column(col, justify="right")
+    for r in c["layers"] + [{"name": "total", **c["total"]}]:
+        t.add_row(r["name"], f"{r['params']:,}", f"{r['macs_per_image'] / 1e6:,.1f}M",
+                  mb(r["exchange_bytes_forward"]), mb(r["exchange_bytes_backward"]), mb(r["gradient_bytes_per_step"]),
+                  style="bold" if r["name"] == "total" else None)
+    return t
+
+
+def main(argv: list[str] | None = None) -> None:
+    from absl import flags
+    from ml_collections import config_flags
+    from rich.console import Console
+
+    from alexnet_jax.cli import BAD_COMMAND_LINE, describe
+
+    argv = list(sys.argv if argv is None else argv)
+    fv = flags.FlagValues()
+    try:
+        config_flag = config_flags.DEFINE_config_file("config", "configs/paper.py", "Run config (a get_config() file).",
+                                                      flag_values=fv, sys_argv=argv)
+        devices = flags.DEFINE_integer("devices", 2, "How many devices (the paper: 2 GPUs).", flag_values=fv)
+        out = flags.DEFINE_string("json", None, "Also write the table to this JSON file.", flag_values=fv)
+        rest = fv(argv)
+        if len(rest) > 1:
+            raise ValueError(f"unexpected arguments {rest[1:]}")
+        config = config_flag.value
+        model = from_config(config.model)
+        layout = config.mesh.get("parallelism", "towers")
+        if layout not in LAYOUTS:
+            raise ValueError(f"mesh.parallelism={layout!r}: choose one of {', '.join(LAYOUTS)}")
+        if devices.value < 1:
+            raise ValueError(f"--devices={devices.value} must be at least 1")
+    except BAD_COMMAND_LINE as e:
+        sys.exit(f"{_PROG}: bad command line: {describe(e)}")
+    try:
+        costs = layer_costs(model, layout, devices.value, config.batch_size)
+        if layout == "hybrid":  # the layout's own requirement, checked as the run would
+            from alexnet_jax.model import tower_widths
+
+            w = tower_widths(model.towers, model.width, model.num_classes, model.conv_widths, model.fc_widths)
+            bad = {k: w[k] for k in ("fc6", "fc7", "fc8") if w[k] % devices.value}
+            if bad:
+                raise ValueError(f"the hybrid layout splits every FC layer's units over the {devices.value} devices; "
+                                 f"per tower {bad} do not divide")
+    except ValueError as e:
+        sys.exit(f"{_PROG}: {e}")
+    Console(soft_wrap=True).print(table(costs))
+    if out.value:
+        with open(out.value, "w") as f:
+            json.dump(rounded(costs), f, indent=1)
+            f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
