@@ -19,7 +19,10 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
     c.model = ml_collections.ConfigDict()
-    c.model.towers = 2  # 2: the two-GPU net; 1: the paper's one-GPU net (conv 48-128-192-192-256)
+    c.model.towers = 2  # 2: the two-GPU net; 1: the paper's one-GPU net (conv 48-128-192-192-256); K: the widths split K ways
+    c.model.conv_widths = ()  # conv1..conv5 maps of the whole net; (): the paper's (96-256-384-384-256; one tower: footnote 2's)
+    c.model.fc_widths = ()  # fc6, fc7 units of the whole net; (): 4096, 4096
+    c.model.conv1_pad = -1  # conv1 zero padding: -1 as cuda-convnet (far edge, 224 -> 55x55); 2: torchvision's
     c.model.lrn = True  # local response normalisation after conv1 and conv2 (Section 3.3)
     c.model.lrn_convention = "paper"  # 'paper': alpha as printed; 'alpha_over_n': cuda-convnet/Caffe/PyTorch
     c.model.lrn_k = 2.0  # LRN's k (Section 3.3); Caffe's bvlc_alexnet uses 1

@@ -2,6 +2,9 @@
 
     python -m alexnet_jax.convert --caffemodel bvlc_alexnet.caffemodel --out runs/bvlc_alexnet
     python -m alexnet_jax.convert --npy bvlc_alexnet.npy --out runs/bvlc_alexnet [--mean FILE]
+    python -m alexnet_jax.convert --torchvision alexnet-owt-7be5be79.pth --out runs/torchvision_alexnet
+
+(torchvision's net is another one, "one weird trick"'s; see ``alexnet_jax.convert_torchvision``.)
 
 Both files hold the same net, the paper's two-GPU split written as Caffe
 groups. Each source is first read into Caffe's own layout (``OIHW`` kernels,
@@ -280,31 +283,47 @@ def convert(caffe: dict, out: str | Path, *, mean_bgr: np.ndarray | None = None,
         raise ConvertError(str(e)) from None
 
 
+def _imported_convert_error() -> type:
+    """``ConvertError`` as other modules import it: under ``python -m`` this module runs as ``__main__``,
+    a second copy whose class is another."""
+    from alexnet_jax.convert import ConvertError as imported
+
+    return imported
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m alexnet_jax.convert", description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--caffemodel", help="bvlc_alexnet.caffemodel (V1 or upgraded)")
     src.add_argument("--npy", help="bvlc_alexnet.npy (pickled {layer: [W, b]})")
+    src.add_argument("--torchvision", help="torchvision's alexnet state_dict (.pth; needs torch installed)")
     ap.add_argument("--out", required=True, help="checkpoint folder to write (new or empty)")
     ap.add_argument("--mean", help="mean image: Caffe's .binaryproto or a .npy (3xHxW or 3 values, BGR); "
                                    "default: Caffe's per-channel means")
     a = ap.parse_args(argv)
     try:
-        source = Path(a.caffemodel or a.npy)
+        source = Path(a.caffemodel or a.npy or a.torchvision)
         if not source.is_file():
             raise ConvertError(f"No file at {source}.")
-        if a.caffemodel:
-            caffe, version = read_caffemodel(source)
-            origin = {"source": str(source.resolve()), "format": f"caffemodel {version}"}
+        if a.torchvision:
+            if a.mean:
+                raise ConvertError("--mean is Caffe's; torchvision's normalisation is built in.")
+            from alexnet_jax import convert_torchvision
+
+            step_dir, origin = convert_torchvision.convert(source, a.out), {"format": "torchvision state_dict"}
         else:
-            caffe, origin = read_npy(source), {"source": str(source.resolve()), "format": "npy"}
-        mean = None
-        if a.mean:
-            if not Path(a.mean).is_file():
-                raise ConvertError(f"No mean file at {a.mean}.")
-            mean = read_mean(a.mean)
-        step_dir = convert(caffe, a.out, mean_bgr=mean, origin=origin)
-    except ConvertError as e:
+            if a.caffemodel:
+                caffe, version = read_caffemodel(source)
+                origin = {"source": str(source.resolve()), "format": f"caffemodel {version}"}
+            else:
+                caffe, origin = read_npy(source), {"source": str(source.resolve()), "format": "npy"}
+            mean = None
+            if a.mean:
+                if not Path(a.mean).is_file():
+                    raise ConvertError(f"No mean file at {a.mean}.")
+                mean = read_mean(a.mean)
+            step_dir = convert(caffe, a.out, mean_bgr=mean, origin=origin)
+    except (ConvertError, _imported_convert_error()) as e:
         sys.exit(f"convert: {e}")
     print(f"Wrote {step_dir} ({origin['format']}): load it with alexnet_jax.load_checkpoint({str(a.out)!r}), "
           f"or evaluate it with python -m alexnet_jax.evaluate --workdir={a.out} --config.data.root=DIR")
