@@ -44,14 +44,14 @@ def test_notebook_loads_classifies_and_draws(runs, tmp_path, monkeypatch):
     assert "towers placed on one device" in text
     assert "grace_hopper.jpg" in text and "disk, red over blue" in text
     assert "freshly drawn examples classified correctly" in text
-    for name in ("conv1_kernels", "curves", "predictions", "neighbours"):
+    for name in ("conv1_kernels", "curves", "predictions", "neighbours", "layout_costs"):
         with Image.open(figures / f"{name}.png") as im:
             rgb = np.asarray(im.convert("RGB"))
             assert im.width >= 400 and im.height >= 250, (name, im.size)
         assert rgb.std() > 10 and len(np.unique(rgb.reshape(-1, 3), axis=0)) > 50, name
     images = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
               if "image/png" in out.get("data", {})]
-    assert len(images) == 4  # each figure shown inline as well
+    assert len(images) == 5  # each figure shown inline as well
 
 
 @pytest.mark.slow  # a Jupyter kernel on the full-size converted net

@@ -90,3 +90,19 @@ def test_curves_mark_the_lr_drop(runs):
     fig = viz.training_curves(m)
     drawn = [ln for ax in fig.axes for ln in ax.lines if list(ln.get_xdata()) == [3, 3]]
     assert len(drawn) == 2  # one dashed line on each panel
+
+
+def test_layout_costs_figure_draws_the_tables_bytes():
+    """One bar per layer and layout: activations exchanged below, gradients all-reduced on top, in MB,
+    as alexnet_jax.costs works them out (the notebook's figure)."""
+    from alexnet_jax import AlexNet
+    from alexnet_jax.costs import layer_costs, rounded
+
+    costs = [layer_costs(AlexNet(), layout, 4, 128) for layout in ("towers", "data", "hybrid")]
+    ax = viz.layout_costs_figure(costs).axes[0]
+    bars = np.array([p.get_height() for p in ax.patches]).reshape(3, 2, 8)  # layout, (activations, gradients), layer
+    for drawn, table in zip(bars, costs):
+        rows = rounded(table)["layers"]
+        np.testing.assert_allclose(drawn[0], [r["exchange_bytes_per_step"] / 1e6 for r in rows])
+        np.testing.assert_allclose(drawn[1], [r["gradient_bytes_per_step"] / 1e6 for r in rows])
+    assert bars[2, 1, 5:].sum() == 0 and bars[1, 0].sum() == 0  # hybrid: no FC gradients; data: no exchanges

@@ -19,6 +19,7 @@ import argparse
 import csv
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import time
@@ -78,9 +79,9 @@ def run_one(config: str, workdir: Path, variant_overrides: list[str], seed: int,
     with open(workdir / "ablate.log", "a") as log:
         rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
     if rc == EXIT_DIVERGED:  # a result too: these settings do not train (the README says which diverge)
-        rows = _read_rows(workdir / "metrics.jsonl")
+        at = re.findall(r"became \S+ at step (\d+)", (workdir / "ablate.log").read_text())
         result = {"seed": seed, "top1_error": None, "top5_error": None, "top1_error_ten_crop": None,
-                  "top5_error_ten_crop": None, "params": None, "steps": rows[-1]["step"] if rows else 0,
+                  "top5_error_ten_crop": None, "params": None, "steps": int(at[-1]) if at else None,
                   "wall_s": round(time.perf_counter() - start, 1), "diverged": True}
         done.write_text(json.dumps(result) + "\n")
         return result

@@ -220,6 +220,35 @@ def neighbours_figure(query_NHWC: np.ndarray, gallery_GHWC: np.ndarray, indices_
 # Images from the run's dataset (where it is available)
 
 
+def layout_costs_figure(costs: list[dict]) -> Figure:
+    """Bytes each device sends per training step, per layer, one bar per layout: the activations
+    exchanged (forward and backward, hatched) under the gradients all-reduced.
+
+    ``costs``: tables from ``alexnet_jax.costs.layer_costs`` (same net, any layouts and device counts).
+    """
+    from alexnet_jax.costs import rounded
+
+    tables = [rounded(c) for c in costs]
+    layers = [r["name"] for r in tables[0]["layers"]]
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / len(tables)
+    x = np.arange(len(layers))
+    for i, t in enumerate(tables):
+        ex = np.array([r["exchange_bytes_per_step"] for r in t["layers"]]) / 1e6
+        gr = np.array([r["gradient_bytes_per_step"] for r in t["layers"]]) / 1e6
+        label = f"{t['layout']} ({t['mesh']['data']}x{t['mesh']['tower']})"
+        pos = x + (i - (len(tables) - 1) / 2) * width
+        ax.bar(pos, ex, width, color=f"C{i}", hatch="//", edgecolor="white", label=f"{label}: activations")
+        ax.bar(pos, gr, width, bottom=ex, color=f"C{i}", alpha=0.55, label=f"{label}: gradients")
+    ax.set_xticks(x, layers)
+    ax.set_ylabel("MB sent per device per step")
+    t0 = tables[0]
+    ax.set_title(f"What each layout sends: {t0['devices']} devices, batch {t0['batch_size']}")
+    ax.legend(fontsize=8, ncol=len(tables))
+    return fig
+
+
 def dataset_images(config, split: str, count: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """``count`` images spread evenly over ``split`` of the run's data, as the pipeline decodes them.
 
