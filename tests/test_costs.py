@@ -124,3 +124,27 @@ def test_command_line_prints_the_table_and_writes_json(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "alexnet_jax.costs", "--config=configs/paper.py", "--devices=8",
                           "--config.mesh.parallelism=hybrid"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "{'fc8': 500} do not divide" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_readme_table_is_what_the_command_computes():
+    """Every row of the README's layout table, recomputed from the costs for that net and layout."""
+    import re
+
+    from alexnet_jax.model import from_config
+
+    sys.path.insert(0, str(ROOT))
+    from configs import owt, paper
+
+    rows = re.findall(r"^\| (paper|OWT) \| (\w+) \| (\d) \| (\d) × (\d) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (\d+)% \|$",
+                      (ROOT / "README.md").read_text(), re.M)
+    assert len(rows) == 10
+    for net, layout, n, data, tower, ex, grad, total, fc in rows:
+        model = from_config((paper if net == "paper" else owt).get_config().model)
+        c = rounded(layer_costs(model, layout, int(n), 128))
+        t = c["total"]
+        fc_bytes = sum(r["exchange_bytes_per_step"] + r["gradient_bytes_per_step"] for r in c["layers"]
+                       if r["name"].startswith("fc"))
+        all_bytes = t["exchange_bytes_per_step"] + t["gradient_bytes_per_step"]
+        assert (c["mesh"]["data"], c["mesh"]["tower"]) == (int(data), int(tower))
+        assert [f"{t['exchange_bytes_per_step'] / 1e6:.1f}", f"{t['gradient_bytes_per_step'] / 1e6:.1f}",
+                f"{all_bytes / 1e6:.1f}", f"{100 * fc_bytes / all_bytes:.0f}"] == [ex, grad, total, fc], (net, layout, n)

@@ -103,3 +103,22 @@ def test_hybrid_layout_from_the_command_line(tmp_path):
         params[layout] = jax.device_get(ckpt.params)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params["hybrid"]), jax.tree.leaves(params["data"])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_owt_net_is_a_one_line_override_and_a_config():
+    """The README's overrides for "one weird trick"'s net, parsed as typed, and configs/owt.py: 61,100,840."""
+    import jax
+    import jax.numpy as jnp
+
+    from alexnet_jax import count_params, from_config
+    from alexnet_jax.cli import parse_command_line
+
+    typed, _ = parse_command_line(["launch.py", "--config=configs/paper.py", "--config.model.towers=1",
+                                   "--config.model.conv_widths=(64,192,384,256,256)", "--config.model.lrn=False",
+                                   "--config.model.conv1_pad=2"])
+    owt, _ = parse_command_line(["launch.py", "--config=configs/owt.py"])
+    x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+    shapes = [jax.eval_shape(from_config(c.model).init, jax.random.key(0), x) for c in (typed, owt)]
+    assert [count_params(s) for s in shapes] == [61_100_840] * 2
+    assert jax.tree.map(lambda a: a.shape, shapes[0]) == jax.tree.map(lambda a: a.shape, shapes[1])
+    assert (owt.model.lrn, owt.model.conv1_pad) == (False, 2)
