@@ -131,7 +131,9 @@ def test_configs_pass_validation_and_every_field_has_a_rule(make):
     ("eval_ten_crops", True, r"Unknown config key\(s\) \['eval_ten_crops'\]"),
     ("optim.momentum", 1.5, r"optim.momentum must be a number in \[0, 1\)"),
     ("optim.drop_epochs", (30, -1), r"optim.drop_epochs must be a tuple of epochs > 0"),
-    ("mesh.tower", 3, r"mesh.tower must be -1 \(one tower per device\), 1 or 2"),
+    ("mesh.tower", 3, r"mesh.tower=3: use -1 or 2 \(one tower per device\) or 1"),
+    ("mesh.tower", 0, r"mesh.tower must be -1 \(one tower per device\), 1 \(all towers on every device\) or model.towers"),
+    ("mesh.parallelism", "model", r"mesh.parallelism must be .towers., .data. or .hybrid."),
     ("batch_size", 0, r"batch_size must be an integer >= 1"),
 ])
 def test_a_bad_field_is_refused_by_name(field, value, message):
