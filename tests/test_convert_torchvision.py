@@ -124,6 +124,7 @@ def test_converted_net_runs_in_every_layout(converted):
         assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), layout
 
 
+@pytest.mark.slow  # two converter processes importing torch
 def test_bad_state_dicts_get_one_line_errors(tmp_path):
     net = TorchvisionAlexNet()
     state = net.state_dict()

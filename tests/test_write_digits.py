@@ -50,6 +50,7 @@ def test_the_folder_holds_every_digit_once_in_the_imagenet_layout(digits):
         assert np.abs(small - ref.images[i]).mean() < 1.2, i  # of 0..16
 
 
+@pytest.mark.slow  # a launch.py run; the reader itself is tested on ImageNet-layout folders in tests/data
 def test_launch_trains_on_it_through_the_imagenet_reader(digits, tmp_path):
     """The README's ablation overrides, on two steps: classes from train/, labels of the flat val/."""
     r = subprocess.run([sys.executable, "launch.py", "--config=configs/demo.py", f"--workdir={tmp_path}",

@@ -143,21 +143,21 @@ class LRN(nn.Module):
         return self.divide(x_NHWC, self.k + alpha * window_sum, self.beta)
 
 
-def _neighbour_channels(x: jax.Array, half: int, layer: str, axis: str) -> tuple[jax.Array, jax.Array]:
+def _neighbour_channels(x: jax.Array, half: int, layer: str) -> tuple[jax.Array, jax.Array]:
     """The ``half`` channels either side of this tower's, from the neighbouring towers (zeros at the ends).
 
     A small exchange (``2 * half`` channels from every tower), named
     ``lrn_halo_<layer>`` in the lowered program; only LRN over the whole layer needs it.
     """
     with jax.named_scope(f"lrn_halo_{layer}"):
-        edges = jax.lax.all_gather(jnp.concatenate([x[..., :half], x[..., -half:]], axis=-1), axis)
-    t, last = jax.lax.axis_index(axis), edges.shape[0] - 1
+        edges = jax.lax.all_gather(jnp.concatenate([x[..., :half], x[..., -half:]], axis=-1), TOWER_AXIS)
+    t, last = jax.lax.axis_index(TOWER_AXIS), edges.shape[0] - 1
     left = jnp.where(t > 0, edges[jnp.maximum(t - 1, 0)][..., half:], 0.0)  # the previous tower's last
     right = jnp.where(t < last, edges[jnp.minimum(t + 1, last)][..., :half], 0.0)  # the next tower's first
     return left, right
 
 
-def _exchange(x: jax.Array, towers: int, to_layer: str, axis: str) -> jax.Array:
+def _exchange(x: jax.Array, towers: int, to_layer: str) -> jax.Array:
     """The towers swap activations: every tower gets all towers' channels.
 
     Named ``exchange_to_<layer>`` in the lowered program, where tests look for it.
@@ -165,7 +165,7 @@ def _exchange(x: jax.Array, towers: int, to_layer: str, axis: str) -> jax.Array:
     if towers == 1:
         return x
     with jax.named_scope(f"exchange_to_{to_layer}"):
-        return jax.lax.all_gather(x, axis, axis=x.ndim - 1, tiled=True)
+        return jax.lax.all_gather(x, TOWER_AXIS, axis=x.ndim - 1, tiled=True)
 
 
 class _Fields(nn.Module):
@@ -202,7 +202,6 @@ class Tower(_Fields):
     """
 
     deterministic: bool = True
-    tower_axis: str = TOWER_AXIS  # the named axis the towers run along (a mesh axis, or a vmap's)
     data_axis: str | None = None  # the named axis the batch of the FC layers is split over, if any
     gather_batch_axis: str | None = None  # hybrid layout: gather the batch over this axis before fc6
     units_axis: str | None = None  # hybrid layout: the FC layers' units are split over this axis
@@ -222,7 +221,7 @@ class Tower(_Fields):
         norm = LRN(k=self.lrn_k, convention=self.lrn_convention, divide=self.ops.lrn_divide)
         y = x.astype(jnp.float32)
         across = self.lrn_scope == "layer" and self.towers > 1
-        halo = _neighbour_channels(y, norm.n // 2, layer, self.tower_axis) if across else None
+        halo = _neighbour_channels(y, norm.n // 2, layer) if across else None
         return norm(y, halo).astype(x.dtype)
 
     def _layer(self, name):
@@ -260,7 +259,7 @@ class Tower(_Fields):
         keep = 1.0 - self.dropout
         n = x.shape[0]
         first = 0 if self.data_axis is None else jax.lax.axis_index(self.data_axis) * n
-        tower = jax.lax.axis_index(self.tower_axis)
+        tower = jax.lax.axis_index(TOWER_AXIS)
         key = jax.random.fold_in(jax.random.fold_in(key, layer), tower)
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(n))
         units = x.shape[-1] * (1 if self.units_axis is None else jax.lax.axis_size(self.units_axis))
@@ -282,21 +281,21 @@ class Tower(_Fields):
         x = self._conv("conv2", w["conv2"], 5)(x)  # own tower only
         x = self._pool(self._lrn(self._act(x), "conv2"))
         self.sow("intermediates", "conv2_pooled", x)
-        x = _exchange(x, T, "conv3", self.tower_axis)  # conv3 sees both towers' conv2 maps
+        x = _exchange(x, T, "conv3")  # conv3 sees both towers' conv2 maps
         x = self._act(self._conv("conv3", w["conv3"], 3)(x))
         x = self._act(self._conv("conv4", w["conv4"], 3)(x))  # own tower only
         x = self._pool(self._act(self._conv("conv5", w["conv5"], 3)(x)))  # own tower only
         self.sow("intermediates", "conv5_pooled", x)
         x = self._gather(x, self.gather_batch_axis, 0, "batch_to_fc6")  # hybrid: the FC layers see every example
-        x = _exchange(x, T, "fc6", self.tower_axis).reshape(x.shape[0], -1)  # fc6 sees all conv5 features
+        x = _exchange(x, T, "fc6").reshape(x.shape[0], -1)  # fc6 sees all conv5 features
         x = self._act(self._dense("fc6", w["fc6"])(x))
         self.sow("intermediates", "fc6_act", x)
         x = self._gather(self._dropout(x, dropout_key, 6), self.units_axis, 1, "units_to_fc7")  # hybrid
-        x = _exchange(x, T, "fc7", self.tower_axis)  # fc7 sees all fc6 units
+        x = _exchange(x, T, "fc7")  # fc7 sees all fc6 units
         x = self._act(self._dense("fc7", w["fc7"])(x))
         self.sow("intermediates", "fc7_act", x)  # the paper's Figure 4 features
         x = self._gather(self._dropout(x, dropout_key, 7), self.units_axis, 1, "units_to_fc8")  # hybrid
-        x = _exchange(x, T, "fc8", self.tower_axis)  # fc8 sees all fc7 units
+        x = _exchange(x, T, "fc8")  # fc8 sees all fc7 units
         # This tower's class scores, float32 for the softmax (taken over all towers' scores).
         return self._dense("fc8", w["fc8"])(x).astype(jnp.float32)
 
@@ -339,8 +338,7 @@ class AlexNet(_Fields):
                          in_axes=(None, None), out_axes=1, axis_size=1 if tower_axis_mapped else self.towers,
                          axis_name=None if tower_axis_mapped else TOWER_AXIS)
         fields = {name: getattr(self, name) for name in (*CONFIG_FIELDS, "ops")}
-        tower = towers(**fields, deterministic=not train, data_axis=data_axis,
-                       tower_axis=TOWER_AXIS, gather_batch_axis=gather_batch_axis,
+        tower = towers(**fields, deterministic=not train, data_axis=data_axis, gather_batch_axis=gather_batch_axis,
                        units_axis=units_axis, name="towers")
         scores_NTK = tower(images_NHWC, key)
         return scores_NTK if keep_tower_axis else scores_NTK.reshape(scores_NTK.shape[0], -1)
