@@ -85,6 +85,7 @@ def test_a_variant_as_a_config_file_from_the_command_line(tmp_path):
     assert read_config(find_step_dir(tmp_path / "run")[0])["model"]["lrn"] is False
 
 
+@pytest.mark.slow  # a launch.py run through the runner
 def test_a_diverging_variant_is_a_result_not_a_crash(tmp_path):
     """A loss that becomes NaN ends that run with launch.py's status 3; the runner records it as
     diverged, goes on with the next run, and counts it in the table."""
