@@ -33,7 +33,7 @@ import sys
 from fractions import Fraction
 
 from alexnet_jax.model import LAYERS, AlexNet, from_config
-from alexnet_jax.parallel import LAYOUTS, layout_named
+from alexnet_jax.parallel import LAYOUTS, indivisible_units, layout_named
 
 _PROG = "python -m alexnet_jax.costs"
 
@@ -150,10 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         costs = layer_costs(model, layout, devices.value, config.batch_size)
         if layout == "hybrid":  # the layout's own requirement, checked as the run would
-            from alexnet_jax.model import tower_widths
-
-            w = tower_widths(model.towers, model.width, model.num_classes, model.conv_widths, model.fc_widths)
-            bad = {k: w[k] for k in ("fc6", "fc7", "fc8") if w[k] % devices.value}
+            bad = indivisible_units(model, devices.value)
             if bad:
                 raise ValueError(f"the hybrid layout splits every FC layer's units over the {devices.value} devices; "
                                  f"per tower {bad} do not divide")

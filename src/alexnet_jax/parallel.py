@@ -151,15 +151,21 @@ def shard_variables(variables: Any, mesh: Mesh, layout: str = DEFAULT_LAYOUT) ->
     return jax.device_put(variables, state_shardings(variables, mesh, layout))
 
 
-def _check(model: AlexNet, mesh: Mesh, layout: str) -> None:
+def indivisible_units(model: AlexNet, devices: int) -> dict[str, int]:
+    """The FC layers whose units per tower (fc8: classes per tower) do not split over ``devices``."""
+    w = tower_widths(model.towers, model.width, model.num_classes, model.conv_widths, model.fc_widths)
+    return {k: w[k] for k in ("fc6", "fc7", "fc8") if w[k] % devices}
+
+
+def check_layout(model: AlexNet, mesh: Mesh, layout: str = DEFAULT_LAYOUT) -> None:
+    """``ConfigError`` (saying what to change) if ``model`` cannot run in ``layout`` on ``mesh``."""
     if layout != "towers" and mesh.shape[TOWER_AXIS] != 1:
         raise ConfigError(f"mesh.parallelism={layout!r} puts every device on the '{DATA_AXIS}' axis; "
                           f"the mesh has tower={mesh.shape[TOWER_AXIS]}: build it with make_mesh(towers=1) "
                           "(--config.mesh.tower=1).")
     units = layout_named(layout).fc_units
     if units is not None:
-        w = tower_widths(model.towers, model.width, model.num_classes, model.conv_widths, model.fc_widths)
-        bad = {k: w[k] for k in ("fc6", "fc7", "fc8") if w[k] % mesh.shape[units]}
+        bad = indivisible_units(model, mesh.shape[units])
         if bad:
             raise ConfigError(f"mesh.parallelism={layout!r} splits every FC layer's units over the "
                               f"{mesh.shape[units]} devices of the '{units}' axis; per tower {bad} do not divide "
@@ -186,7 +192,7 @@ def mesh_forward(model: AlexNet, mesh: Mesh, *, train: bool = False, features: b
     Figure 4 features. The variables must be laid out as ``state_shardings``
     says for the same layout (``shard_variables``).
     """
-    _check(model, mesh, layout)
+    check_layout(model, mesh, layout)
     rules = layout_named(layout)
     # The towers' own mesh axis, when there is one tower per device along it.
     split = rules.tower is not None and mesh.shape[rules.tower] == model.towers

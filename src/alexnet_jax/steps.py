@@ -45,6 +45,7 @@ def create_train_state(model: AlexNet, tx: optax.GradientTransformation, seed: i
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           rng=jax.random.key_data(k_drop))
 
+    parallel.check_layout(model, mesh, layout)
     shardings = parallel.state_shardings(jax.eval_shape(init), mesh, layout)
     return jax.jit(init, out_shardings=shardings)(), shardings
 

@@ -24,7 +24,7 @@ from alexnet_jax.checkpoint import Checkpointer, CheckpointError, CheckpointWrit
 from alexnet_jax.config_check import validate_config
 from alexnet_jax.metrics import Diverged, MetricWriter, StepMetrics, TrainingError
 from alexnet_jax.model import AlexNet, ConfigError, count_params
-from alexnet_jax.parallel import DATA_AXIS, mesh_for_config, use_virtual_cpu_devices
+from alexnet_jax.parallel import DATA_AXIS, check_layout, mesh_for_config, use_virtual_cpu_devices
 from alexnet_jax.preemption import StopOnSignal
 from alexnet_jax.workdir_lock import WorkdirBusy, WorkdirLock, describe
 
@@ -166,6 +166,7 @@ def _start(config, workdir, console) -> tuple[AlexNet, jax.sharding.Mesh, data_l
     use_virtual_cpu_devices(config.mesh.cpu_devices)  # per process
     distributed.initialize(config.get("distributed"))  # several hosts: join them before JAX starts
     mesh, layout_note = mesh_for_config(model.towers, config.mesh)
+    check_layout(model, mesh, config.mesh.parallelism)  # e.g. hybrid: FC units that do not split over the devices
     if layout_note and jax.process_index() == 0:
         console.print(layout_note)
     if config.batch_size % mesh.shape[DATA_AXIS]:
