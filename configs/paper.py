@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.init_std = 0.01  # weights ~ N(0, 0.01^2) (Section 5)
     c.model.init_bias = 1.0  # bias of conv2, conv4, conv5, fc6, fc7; the others start at 0
     c.model.dtype = "float32"  # compute dtype; 'bfloat16' for accelerators (parameters, optimizer stay float32)
+    c.model.ops = "auto"  # how convs/pooling/LRN are computed: 'auto' = 'fast' forms on CPU, 'plain' (grouped convs, select-and-scatter) elsewhere
 
     c.data = default_data_config()  # every field is commented in alexnet_jax/data/pipeline.py
     c.data.name = "imagenet"  # ILSVRC-2012 in its folder layout: train/<wnid>/*.JPEG, val/...

@@ -13,7 +13,7 @@ along channels. The same tower function then runs
 Tower parameters are stacked on a leading axis of size ``towers``, so one
 parameter tree serves every layout. With ``towers=1`` (the paper's one-GPU
 comparison net) the exchanges are skipped. How each convolution, matmul and
-pooling is computed (fast on CPU, or plain flax/lax) is the ``ops`` field; see
+pooling is computed (per backend by default) is the ``ops`` field; see
 ``alexnet_jax.tower_ops``.
 """
 
@@ -27,16 +27,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from alexnet_jax.tower_ops import FAST, TowerOps, divide_by_power
+from alexnet_jax.tower_ops import OPS, TowerOps, divide_by_power, resolve
 
 TOWER_AXIS = "tower"  # the mesh axis of the towers layout, and the towers' axis inside the network
-# The `model` section of a run config: AlexNet's fields except `ops`.
+# The `model` section of a run config: AlexNet's fields.
 CONFIG_FIELDS = (
     "towers", "conv_widths", "fc_widths", "conv1_pad", "lrn", "lrn_convention", "lrn_k", "lrn_scope", "pool_window", "pool_stride", "dropout",
-    "activation", "num_classes", "width", "image_size", "init_std", "init_bias", "dtype",
+    "activation", "num_classes", "width", "image_size", "init_std", "init_bias", "dtype", "ops",
 )
 _CHOICES = {"activation": ("relu", "tanh"), "lrn_convention": ("paper", "alpha_over_n"),
-            "lrn_scope": ("tower", "layer"), "dtype": ("float32", "bfloat16")}
+            "lrn_scope": ("tower", "layer"), "dtype": ("float32", "bfloat16"), "ops": tuple(OPS)}
 
 
 class ConfigError(ValueError):
@@ -169,7 +169,7 @@ def _exchange(x: jax.Array, towers: int, to_layer: str) -> jax.Array:
 
 
 class _Fields(nn.Module):
-    """The network's fields, which each tower shares: the ``model.*`` config fields, and ``ops``."""
+    """The network's fields, which each tower shares: the ``model.*`` config fields."""
 
     towers: int = 2  # 2: the paper's two-GPU net; 1: its one-GPU comparison net; K: the 2-tower widths split K ways
     conv_widths: tuple[int, ...] = ()  # conv1..conv5 maps, whole net (summed over towers); () = the paper's
@@ -189,7 +189,7 @@ class _Fields(nn.Module):
     init_std: float = 0.01  # weights ~ N(0, init_std^2)
     init_bias: float = 1.0  # bias of conv2, conv4, conv5, fc6, fc7 (others 0)
     dtype: str = "float32"  # compute dtype: 'float32', or 'bfloat16' (parameters stay float32)
-    ops: TowerOps = FAST  # not config: how each op is computed (tower_ops)
+    ops: str | TowerOps = "auto"  # how each op is computed (tower_ops.OPS): 'auto' (per backend), 'fast', 'plain'; or a bundle
 
 
 class Tower(_Fields):
@@ -212,13 +212,13 @@ class Tower(_Fields):
         return nn.relu(x) if self.activation == "relu" else jnp.tanh(x)
 
     def _pool(self, x):
-        return self.ops.max_pool(x, self.pool_window, self.pool_stride)
+        return resolve(self.ops).max_pool(x, self.pool_window, self.pool_stride)
 
     def _lrn(self, x, layer):
         """LRN after ``layer``'s ReLU, in float32 whatever the compute dtype; over the whole layer if asked."""
         if not self.lrn:
             return x
-        norm = LRN(k=self.lrn_k, convention=self.lrn_convention, divide=self.ops.lrn_divide)
+        norm = LRN(k=self.lrn_k, convention=self.lrn_convention, divide=resolve(self.ops).lrn_divide)
         y = x.astype(jnp.float32)
         across = self.lrn_scope == "layer" and self.towers > 1
         halo = _neighbour_channels(y, norm.n // 2, layer) if across else None
@@ -232,7 +232,7 @@ class Tower(_Fields):
 
     def _conv(self, name, features, k, stride=1, padding=None):
         pad = ((k // 2, k // 2),) * 2 if padding is None else padding
-        return self.ops.conv(features, (k, k), strides=(stride, stride), padding=pad, **self._layer(name))
+        return resolve(self.ops).conv(features, (k, k), strides=(stride, stride), padding=pad, **self._layer(name))
 
     def _dense(self, name, features):
         """An FC layer; with ``units_axis``, this device's share of its units (kernel columns)."""
@@ -242,7 +242,7 @@ class Tower(_Fields):
                 raise ConfigError(f"{name}'s {features} units per tower do not split over {devices} devices "
                                   "(the hybrid layout splits every FC layer's units, fc8's classes too).")
             features //= devices
-        return self.ops.dense(features, **self._layer(name))
+        return resolve(self.ops).dense(features, **self._layer(name))
 
     def _gather(self, x, axis_name, axis, scope):
         """All devices' ``x`` along ``axis`` over mesh axis ``axis_name`` (named ``scope`` in the program)."""
@@ -303,9 +303,10 @@ class Tower(_Fields):
 class AlexNet(_Fields):
     """The paper's network. ``AlexNet()`` is the two-tower ImageNet net.
 
-    Attributes are the ``model.*`` config fields (see ``default_config``), plus
-    ``ops``: how the operations are computed (``tower_ops.FAST``, the default, or
-    ``tower_ops.PLAIN``; same maths, same parameters).
+    Attributes are the ``model.*`` config fields (see ``default_config``); ``ops``
+    says how the operations are computed: 'auto' (the default: XLA:CPU's fast
+    forms on CPU, grouped convolutions and select-and-scatter elsewhere), 'fast',
+    'plain', or a ``tower_ops.TowerOps`` bundle. Same maths, same parameters.
     ``model.init(key, images)`` returns the parameters of all towers, stacked on
     a leading axis of size ``towers``; ``model.apply(variables, images_NHWC,
     train=False)`` returns logits ``(N, num_classes)`` computed on one device.
@@ -337,7 +338,7 @@ class AlexNet(_Fields):
         towers = nn.vmap(Tower, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
                          in_axes=(None, None), out_axes=1, axis_size=1 if tower_axis_mapped else self.towers,
                          axis_name=None if tower_axis_mapped else TOWER_AXIS)
-        fields = {name: getattr(self, name) for name in (*CONFIG_FIELDS, "ops")}
+        fields = {name: getattr(self, name) for name in CONFIG_FIELDS}
         tower = towers(**fields, deterministic=not train, data_axis=data_axis, gather_batch_axis=gather_batch_axis,
                        units_axis=units_axis, name="towers")
         scores_NTK = tower(images_NHWC, key)

@@ -15,9 +15,9 @@ layers' units) is split over. The one mesh forward reads it:
   layer's units (kernel columns, fc8's classes) are split over the devices, so
   FC gradients need no reduction.
 
-On a machine with no accelerators, call ``use_virtual_cpu_devices(n)`` before
-anything touches a JAX device (or set
-``XLA_FLAGS=--xla_force_host_platform_device_count=n``) to get ``n`` CPU devices.
+On a machine with no accelerators, ``prepare_devices(n)`` (what training calls) or
+``use_virtual_cpu_devices(n)`` before anything touches a JAX device (or
+``XLA_FLAGS=--xla_force_host_platform_device_count=n``) gives ``n`` CPU devices.
 """
 
 from __future__ import annotations
@@ -87,6 +87,59 @@ def use_virtual_cpu_devices(n: int) -> None:
             "in the environment."
         )
     jax.config.update("jax_num_cpu_devices", n)
+
+
+def accelerator_plugins() -> list[str]:
+    """The accelerator plugins JAX will load when it starts (CUDA, ROCm, TPU), found without starting it.
+
+    ``JAX_PLATFORMS`` (``jax.config.jax_platforms``) decides when set; otherwise the
+    installed PJRT plugins do, found where JAX looks (the ``jax_plugins`` entry points
+    and namespace package), and ``libtpu``.
+    """
+    import importlib.metadata
+    import importlib.util
+    import pkgutil
+
+    if jax.config.jax_platforms:
+        first = str(jax.config.jax_platforms).split(",")[0]
+        return [] if first == "cpu" else [first]
+    found = {e.value for e in importlib.metadata.entry_points(group="jax_plugins")}
+    try:
+        import jax_plugins
+
+        found |= {m.name for m in pkgutil.iter_modules(jax_plugins.__path__)}
+    except ImportError:
+        pass
+    if importlib.util.find_spec("libtpu") is not None:
+        found.add("libtpu")
+    return sorted(found)
+
+
+def prepare_devices(cpu_devices: int) -> str | None:
+    """Before JAX starts, on a machine with no accelerator: split the CPU into ``cpu_devices`` devices.
+
+    Returns why it did not (None if it did): JAX had already started (a notebook
+    after any JAX call, a second run in one process), or an accelerator plugin is
+    installed (a GPU or TPU machine, Colab), whose devices are then used as they
+    are. Starts nothing itself: a multi-process run joins its peers after this.
+    """
+    from alexnet_jax._jax_internals import backends_are_initialized  # no public query for this
+
+    if backends_are_initialized():
+        return "JAX had already started in this process"
+    plugins = accelerator_plugins()
+    if plugins:
+        return f"the accelerator plugin(s) {', '.join(plugins)} found no device"
+    jax.config.update("jax_num_cpu_devices", cpu_devices)
+    return None
+
+
+def devices_note(cpu_devices: int, why: str | None) -> str | None:
+    """One line when a CPU run has another device count than ``mesh.cpu_devices`` asked for, saying why."""
+    if why is None or jax.default_backend() != "cpu" or jax.device_count() == cpu_devices:
+        return None
+    return (f"Training on the {jax.device_count()} CPU device(s) JAX has: {why} (mesh.cpu_devices={cpu_devices} "
+            f"applies in a fresh process, or set XLA_FLAGS=--xla_force_host_platform_device_count={cpu_devices}).")
 
 
 def make_mesh(towers: int = 2, data: int | None = None, devices=None) -> Mesh:

@@ -1,19 +1,26 @@
-"""How the towers' operations are computed: fast on XLA:CPU (``FAST``) or plain (``PLAIN``).
+"""How the towers' operations are computed: ``AUTO`` (per backend), ``FAST`` or ``PLAIN``.
 
 The network (``model.py``) says *what* each layer computes; this module says
-*how*. Both bundles compute the same maths with the same parameters (``kernel``
+*how*. The bundles compute the same maths with the same parameters (``kernel``
 HWIO or (in, out), ``bias``, as ``nn.Conv`` and ``nn.Dense`` name them), so one
-parameter tree serves both:
+parameter tree serves them all:
 
 * ``PLAIN``: ``nn.Conv``, ``nn.Dense``, ``lax.reduce_window`` max-pooling and
-  ``x * base ** -beta`` in LRN: the network written the textbook way.
-* ``FAST`` (the default): the same operations rewritten so that XLA:CPU does
-  not take its slow paths when the towers are vmapped (grouped convolutions,
-  kernel transposes, select-and-scatter, exp/log powers). Each change and what
-  it buys is measured in ``benchmarks/bench_speed_changes.py``.
+  ``x * base ** -beta`` in LRN: the network written the textbook way. Vmapped
+  over the towers, a convolution becomes one grouped convolution, which cuDNN
+  runs natively, and the pooling gradient is XLA's select-and-scatter.
+* ``FAST``: the same operations rewritten so that XLA:CPU does not take its
+  slow paths when the towers are vmapped (grouped convolutions, kernel
+  transposes, select-and-scatter, exp/log powers). Each change and what it buys
+  on CPU is measured in ``benchmarks/bench_speed_changes.py``.
+* ``AUTO`` (the default, ``model.ops='auto'``): each operation is
+  ``jax.lax.platform_dependent``: ``FAST``'s form when the program is lowered
+  for the CPU, ``PLAIN``'s for anything else (CUDA, ROCm, TPU). The choice is
+  made at lowering, so a step exported or lowered for CUDA on a CPU-only
+  machine holds the GPU's form.
 
-Choose with the module field: ``AlexNet(ops=PLAIN)``; mix pieces with
-``dataclasses.replace(FAST, max_pool=PLAIN.max_pool)``.
+``model.ops`` names one of ``OPS``; ``AlexNet(ops=...)`` also takes a bundle,
+e.g. ``dataclasses.replace(FAST, max_pool=PLAIN.max_pool)``.
 """
 
 from __future__ import annotations
@@ -142,8 +149,10 @@ class TowerConv(nn.Module):
     def __call__(self, x_NHWC: jax.Array) -> jax.Array:
         kernel = self.param("kernel", self.kernel_init, (*self.kernel_size, x_NHWC.shape[-1], self.features))
         bias = self.param("bias", self.bias_init, (self.features,))
-        y = tower_conv(x_NHWC.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding)
+        y = self.conv(x_NHWC.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding)
         return y + bias.astype(self.dtype)
+
+    conv = staticmethod(tower_conv)
 
 
 class TowerDense(nn.Module):
@@ -159,8 +168,10 @@ class TowerDense(nn.Module):
     def __call__(self, x_NI: jax.Array) -> jax.Array:
         kernel = self.param("kernel", self.kernel_init, (x_NI.shape[-1], self.features))
         bias = self.param("bias", self.bias_init, (self.features,))
-        y = tower_dense(x_NI.astype(self.dtype), kernel.astype(self.dtype), self.custom_grad)
+        y = self.matmul(x_NI.astype(self.dtype), kernel.astype(self.dtype), self.custom_grad)
         return y + bias.astype(self.dtype)
+
+    matmul = staticmethod(tower_dense)
 
 
 def plain_max_pool(x_NHWC: jax.Array, window: int, stride: int) -> jax.Array:
@@ -220,6 +231,46 @@ def divide_by_power(x: jax.Array, base: jax.Array, beta: float) -> jax.Array:
     return plain_divide_by_power(x, base, beta)
 
 
+# AUTO: per backend, decided when the program is lowered (FAST's form on CPU, PLAIN's elsewhere).
+
+
+def _by_platform(fast: Callable, plain: Callable, *args):
+    return jax.lax.platform_dependent(*args, cpu=fast, default=plain)
+
+
+def auto_conv(x_NHWC, kernel_HWIO, strides, padding):
+    """``tower_conv`` on CPU; elsewhere the plain convolution (grouped when vmapped over the towers)."""
+    return _by_platform(lambda x, k: tower_conv(x, k, strides, padding),
+                        lambda x, k: _conv_nhwc(x, k, strides, padding), x_NHWC, kernel_HWIO)
+
+
+def auto_dense(x_NI, kernel_IO, custom_grad: bool = True):
+    """``tower_dense`` on CPU; elsewhere ``x @ kernel``."""
+    return _by_platform(lambda x, k: tower_dense(x, k, custom_grad), lambda x, k: x @ k, x_NI, kernel_IO)
+
+
+def auto_max_pool(x_NHWC, window: int, stride: int):
+    """``max_pool`` on CPU; elsewhere ``reduce_window``, whose gradient is select-and-scatter."""
+    return _by_platform(lambda x: max_pool(x, window, stride), lambda x: plain_max_pool(x, window, stride), x_NHWC)
+
+
+def auto_divide_by_power(x, base, beta: float):
+    return _by_platform(lambda a, b: divide_by_power(a, b, beta), lambda a, b: plain_divide_by_power(a, b, beta),
+                        x, base)
+
+
+class AutoConv(TowerConv):
+    """``TowerConv``'s parameters; the convolution chosen per backend (``auto_conv``)."""
+
+    conv = staticmethod(auto_conv)
+
+
+class AutoDense(TowerDense):
+    """``TowerDense``'s parameters; the matmul chosen per backend (``auto_dense``)."""
+
+    matmul = staticmethod(auto_dense)
+
+
 @dataclasses.dataclass(frozen=True)
 class TowerOps:
     """The implementation of each operation a tower runs. Frozen and hashable: a module field."""
@@ -232,3 +283,10 @@ class TowerOps:
 
 FAST = TowerOps(conv=TowerConv, dense=TowerDense, max_pool=max_pool, lrn_divide=divide_by_power)
 PLAIN = TowerOps(conv=nn.Conv, dense=nn.Dense, max_pool=plain_max_pool, lrn_divide=plain_divide_by_power)
+AUTO = TowerOps(conv=AutoConv, dense=AutoDense, max_pool=auto_max_pool, lrn_divide=auto_divide_by_power)
+OPS = {"auto": AUTO, "fast": FAST, "plain": PLAIN}  # the choices of model.ops
+
+
+def resolve(ops: "str | TowerOps") -> TowerOps:
+    """A ``model.ops`` name (or a bundle, returned as it is) -> the bundle."""
+    return OPS[ops] if isinstance(ops, str) else ops

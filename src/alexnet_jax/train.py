@@ -24,7 +24,7 @@ from alexnet_jax.checkpoint import Checkpointer, CheckpointError, CheckpointWrit
 from alexnet_jax.config_check import validate_config
 from alexnet_jax.metrics import Diverged, MetricWriter, StepMetrics, TrainingError
 from alexnet_jax.model import AlexNet, ConfigError, count_params
-from alexnet_jax.parallel import DATA_AXIS, check_layout, mesh_for_config, use_virtual_cpu_devices
+from alexnet_jax.parallel import DATA_AXIS, check_layout, devices_note, mesh_for_config, prepare_devices
 from alexnet_jax.preemption import StopOnSignal
 from alexnet_jax.workdir_lock import WorkdirBusy, WorkdirLock, describe
 
@@ -43,6 +43,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     ``after_checkpoint(step, checkpointer)`` runs after each checkpoint is started (tests use
     it to kill the process at a known point).
     """
+    try:
+        return _train_and_evaluate(config, workdir, manual_lr, after_checkpoint)
+    finally:
+        data_lib.release_shared_memory()  # a notebook or a second run: the loader's batches are freed now
+
+
+def _train_and_evaluate(config, workdir, manual_lr, after_checkpoint) -> dict:
     from rich.console import Console
     from rich.markup import escape
 
@@ -163,12 +170,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 def _start(config, workdir, console) -> tuple[AlexNet, jax.sharding.Mesh, data_lib.ResolvedData, Path]:
     """Config and path errors first, before any device or data scan; then the devices and the data."""
     model = validate_config(config)
-    use_virtual_cpu_devices(config.mesh.cpu_devices)  # per process
+    why_not = prepare_devices(config.mesh.cpu_devices)  # per process; an accelerator is left as it is
     distributed.initialize(config.get("distributed"))  # several hosts: join them before JAX starts
     mesh, layout_note = mesh_for_config(model.towers, config.mesh)
     check_layout(model, mesh, config.mesh.parallelism)  # e.g. hybrid: FC units that do not split over the devices
-    if layout_note and jax.process_index() == 0:
-        console.print(layout_note)
+    notes = [n for n in (devices_note(config.mesh.cpu_devices, why_not), layout_note) if n]
+    if notes and jax.process_index() == 0:
+        console.print(" ".join(notes))  # one line: which devices, and how the towers sit on them
     if config.batch_size % mesh.shape[DATA_AXIS]:
         raise ConfigError(
             f"batch_size={config.batch_size} does not divide over the mesh's data axis "
@@ -250,7 +258,7 @@ _DATA_SPEED_FIELDS = {"num_workers", "worker_buffer_size", "num_threads", "prefe
 
 def _check_compatible(saved: dict, config: ml_collections.ConfigDict) -> None:
     """A checkpoint can only continue the same network on the same data stream."""
-    for section, free in (("model", {"dtype"}), ("data", _DATA_SPEED_FIELDS)):  # dtype: speed only
+    for section, free in (("model", {"dtype", "ops"}), ("data", _DATA_SPEED_FIELDS)):  # dtype, ops: speed only
         now = json.loads(config[section].to_json())
         then = saved.get(section, {})
         diff = sorted(k for k in (set(now) | set(then)) - free if now.get(k) != then.get(k))
