@@ -15,7 +15,7 @@ from test_parallel import assert_same  # noqa: E402  (one relative-difference ch
 
 from alexnet_jax import AlexNet
 from alexnet_jax.parallel import batch_sharding, make_mesh, mesh_forward, shard_variables
-from alexnet_jax.tower_ops import FAST, PLAIN, TowerOps, max_pool, tower_conv, tower_dense
+from alexnet_jax.tower_ops import AUTO, FAST, PLAIN, TowerOps, resolve, max_pool, tower_conv, tower_dense
 
 NARROW = dict(width=0.125, image_size=64, num_classes=10, init_std=0.03)
 
@@ -87,7 +87,7 @@ def _convolution_groups(model):
 def test_one_device_program_has_no_grouped_convolution():
     """The point of tower_conv: XLA sees dense convolutions only, forwards and backwards
     (and the plain ops really are the grouped ones it replaces)."""
-    groups, batch_groups = _convolution_groups(AlexNet(width=0.125, image_size=96, num_classes=10))
+    groups, batch_groups = _convolution_groups(AlexNet(width=0.125, image_size=96, num_classes=10, ops="fast"))
     assert len(groups) >= 13 and set(groups) == {1} and set(batch_groups) == {1}
     groups, batch_groups = _convolution_groups(AlexNet(width=0.125, image_size=96, num_classes=10, ops=PLAIN))
     assert 2 in set(groups) | set(batch_groups)
@@ -97,7 +97,8 @@ def test_ops_are_a_static_module_field():
     mixed = dataclasses.replace(FAST, max_pool=PLAIN.max_pool)
     assert isinstance(mixed, TowerOps) and mixed != FAST and mixed == dataclasses.replace(FAST, max_pool=PLAIN.max_pool)
     assert len({FAST, PLAIN, mixed}) == 3  # hashable
-    assert AlexNet().ops is FAST and AlexNet(ops=PLAIN) != AlexNet()
+    assert AlexNet().ops == "auto" and AlexNet(ops=PLAIN) != AlexNet() and AlexNet(ops="fast") != AlexNet()
+    assert resolve("auto") is AUTO and resolve("fast") is FAST and resolve("plain") is PLAIN and resolve(mixed) is mixed
 
 
 def _loss_and_grads(model, variables, x, y, key, mesh=None):
@@ -125,7 +126,7 @@ def _loss_and_grads(model, variables, x, y, key, mesh=None):
 @pytest.fixture(scope="module")
 def fast_and_plain():
     """Both networks, and parameters from each one's init: the same tree and the same draws."""
-    fast, plain = AlexNet(**NARROW), AlexNet(**NARROW, ops=PLAIN)
+    fast, plain = AlexNet(**NARROW, ops=FAST), AlexNet(**NARROW, ops=PLAIN)
     x = jnp.zeros((1, 64, 64, 3))
     v = jax.jit(fast.init)(jax.random.key(0), x)
     # The ops do not take part in initialisation (Tower._layer does): the same tree, the same draws.

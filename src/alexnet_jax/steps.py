@@ -10,6 +10,8 @@ image and PCA lighting are applied inside the step (``make_input_fn``).
 from __future__ import annotations
 
 import collections
+import queue
+import threading
 from typing import Any
 
 import flax
@@ -174,26 +176,98 @@ def to_global(batch: dict, mesh) -> dict:
             for k, v in batch.items() if k in BATCH_KEYS}
 
 
-def device_batches(train_iter, mesh, depth: int = 2):
+class DeviceBatches:
     """Yields ``(global batch on the devices, iterator state after that batch)``, ``depth`` ahead.
 
-    Batches go to the devices while earlier steps still compute. The iterator
-    itself runs ahead, so the state to checkpoint with a step is the one that
-    came with the step's batch, not ``train_iter.get_state()``.
+    A background thread reads the loader and copies each batch to the devices
+    while the training thread dispatches steps, so neither the host-side
+    collation nor the copy sits between two steps. The iterator runs ahead, so
+    the state to checkpoint with a step is the one that came with the step's
+    batch, not ``train_iter.get_state()``. A loader error is raised by the
+    ``next`` that would have returned that batch. Call :meth:`close` before
+    closing ``train_iter``: it stops the thread (the iterator is not
+    thread-safe, so nothing else may read it meanwhile).
     """
-    queue: collections.deque = collections.deque()
-    while True:
-        while len(queue) < depth:
-            queue.append((to_global(next(train_iter), mesh), train_iter.get_state()))
-        yield queue.popleft()
+
+    _END = object()
+
+    def __init__(self, train_iter, mesh, depth: int = 2):
+        self._iter, self._mesh = train_iter, mesh
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, name="alexnet_jax-device-batches", daemon=True)
+        self._thread.start()
+
+    def _fill(self) -> None:
+        try:
+            while not self._stop.is_set():
+                item = (to_global(next(self._iter), self._mesh), self._iter.get_state())
+                self._put(item)
+        except StopIteration:
+            self._put(self._END)
+        except BaseException as e:  # noqa: BLE001 -- handed to the training thread, raised there
+            self._put(e)
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._stop.is_set():
+            raise StopIteration
+        item = self._queue.get()
+        if item is self._END:
+            self._stop.set()
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._stop.set()
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        while not self._queue.empty():
+            self._queue.get_nowait()
+
+
+def device_batches(train_iter, mesh, depth: int = 2) -> DeviceBatches:
+    """See :class:`DeviceBatches`."""
+    return DeviceBatches(train_iter, mesh, depth)
+
+
+def prefetch_to_devices(batches, mesh, depth: int = 2):
+    """``to_global`` of each host batch, ``depth`` ahead (the copies overlap the steps in flight)."""
+    ahead: collections.deque = collections.deque()
+    for batch in batches:
+        ahead.append(to_global(batch, mesh))
+        if len(ahead) > depth:
+            yield ahead.popleft()
+    while ahead:
+        yield ahead.popleft()
+
+
+_EVAL_IN_FLIGHT = 4
 
 
 def evaluate(eval_step, params, batches, mesh) -> dict:
     """Error rates over one pass: ``top1_error``, ``top5_error`` (centre view) and, for ten-view
     batches, ``top1_error_ten_crop``, ``top5_error_ten_crop``; ``n`` examples counted."""
+    counts = []
+    for batch in prefetch_to_devices(batches, mesh):
+        counts.append(eval_step(params, batch))  # dispatched, not waited on
+        if len(counts) > _EVAL_IN_FLIGHT:  # bounded: a fast loader cannot queue the whole split on the devices
+            counts[-_EVAL_IN_FLIGHT - 1]["n"].block_until_ready()
     totals = collections.Counter()
-    for batch in batches:
-        for name, count in jax.device_get(eval_step(params, to_global(batch, mesh))).items():
+    for out in jax.device_get(counts):  # one fetch at the end of the pass
+        for name, count in out.items():
             totals[name] += int(count)
     n = max(totals["n"], 1)
     out = {"top1_error": totals["top1_wrong"] / n, "top5_error": totals["top5_wrong"] / n, "n": totals["n"]}

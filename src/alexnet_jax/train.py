@@ -114,7 +114,8 @@ def _train_and_evaluate(config, workdir, manual_lr, after_checkpoint) -> dict:
             return state.replace(opt_state=optim.set_lr(state.opt_state, drop["to"]))
 
         state = change_lr(state, policy(step))  # an LR given at resume
-        batches = steps.device_batches(train_iter, mesh)  # two batches ahead, already on the devices
+        batches = steps.device_batches(train_iter, mesh)  # read and copied on a thread, two batches ahead
+        stack.callback(batches.close)  # runs before train_iter.close: the thread stops reading first
         stop = stack.enter_context(StopOnSignal(ckpt.manager.reached_preemption if jax.process_count() > 1 else None))
         stopped_by = None
         while step < total_steps and stopped_by is None:

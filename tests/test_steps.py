@@ -1,0 +1,129 @@
+"""steps.DeviceBatches and steps.evaluate: prefetching changes when a batch reaches the devices,
+never which batch a step gets, which loader state is saved with it, or what evaluation counts."""
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from alexnet_jax import data as data_lib
+from alexnet_jax import parallel, steps
+from alexnet_jax.model import from_config
+from alexnet_jax.parallel import make_mesh
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from configs import demo  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup():
+    c = demo.get_config()
+    c.model.width = 0.125
+    c.data.num_workers = 0
+    data = data_lib.resolve(c.data)
+
+    def make_iter():
+        return data_lib.build_train_iter(c.data, batch_size=16, seed=0, image_size=64, data=data)
+
+    return c, data, make_iter, make_mesh(towers=2, data=2)
+
+
+class _Recording:
+    """The real loader, with a record of which thread read it and an optional failure at read ``fail_at``."""
+
+    def __init__(self, it, fail_at=None):
+        self.it, self.fail_at, self.threads = it, fail_at, []
+
+    def __next__(self):
+        self.threads.append(threading.current_thread())
+        if len(self.threads) == self.fail_at:
+            raise OSError("shard unreadable (planted)")
+        return next(self.it)
+
+    def get_state(self):
+        return self.it.get_state()
+
+
+def _wait_for(cond, timeout=30.0):
+    end = time.monotonic() + timeout
+    while not cond() and time.monotonic() < end:
+        time.sleep(0.01)
+    return cond()
+
+
+def test_each_batch_comes_with_the_loader_state_after_it(setup):
+    """Against reading the loader in order on this thread: the same batches, in order, on the devices
+    with the batch sharding; and each paired state, restored into a fresh loader, gives the next batch."""
+    _, _, make_iter, mesh = setup
+    ref = make_iter()
+    expected = [next(ref) for _ in range(5)]
+    ref.close()
+    it = make_iter()
+    batches = steps.device_batches(it, mesh, depth=2)
+    got = [next(batches) for _ in range(4)]
+    batches.close()
+    it.close()
+    for k, (batch, state) in enumerate(got):
+        assert set(batch) == set(steps.BATCH_KEYS) & set(expected[k])
+        for key, value in batch.items():
+            assert isinstance(value, jax.Array) and value.sharding == parallel.batch_sharding(mesh)
+            np.testing.assert_array_equal(np.asarray(value), expected[k][key], err_msg=f"batch {k} {key}")
+        resumed = make_iter()
+        resumed.set_state(state)
+        np.testing.assert_array_equal(next(resumed)["image"], expected[k + 1]["image"], err_msg=f"state {k}")
+        resumed.close()
+
+
+def test_the_loader_is_read_ahead_off_the_training_thread_and_not_after_close(setup):
+    _, _, make_iter, mesh = setup
+    it = _Recording(make_iter())
+    batches = steps.device_batches(it, mesh, depth=2)
+    next(batches)
+    # One taken, two waiting in the queue, and the thread holding the next one until there is room.
+    assert _wait_for(lambda: len(it.threads) == 4), len(it.threads)
+    assert all(t is not threading.main_thread() for t in it.threads)
+    batches.close()
+    assert not batches._thread.is_alive()
+    read = len(it.threads)
+    time.sleep(0.2)
+    assert len(it.threads) == read  # close() stopped the reading: the loader can be closed after it
+    it.it.close()
+
+
+def test_a_loader_error_is_raised_by_the_next_that_would_get_that_batch(setup):
+    _, _, make_iter, mesh = setup
+    it = _Recording(make_iter(), fail_at=3)
+    batches = steps.device_batches(it, mesh, depth=2)
+    next(batches), next(batches)  # the two batches read before the failure still arrive
+    with pytest.raises(OSError, match="planted"):
+        next(batches)
+    with pytest.raises(StopIteration):
+        next(batches)
+    batches.close()
+    it.it.close()
+
+
+def test_evaluate_counts_every_batch_once(setup):
+    """steps.evaluate (copies two batches ahead, one fetch at the end) against the same eval step fetched
+    batch by batch, and ``n`` against the mask count of the host batches."""
+    c, data, _, mesh = setup
+    model = from_config(c.model)
+    params = parallel.shard_variables(jax.jit(model.init)(jax.random.key(0), np.zeros((1, 64, 64, 3))),
+                                      mesh)["params"]
+    inputs = steps.make_input_fn(c.data, data.stats)
+    eval_step = steps.make_eval_step(model, mesh, jax.tree.map(lambda x: x.sharding, params), inputs)
+    it = data_lib.build_eval_iter(c.data, batch_size=48, mode="center", image_size=64, data=data)
+    host = list(it)  # 500 images: 11 batches, the last one padded (masked)
+    assert len(host) > steps._EVAL_IN_FLIGHT + 3
+    by_batch = {}
+    for b in host:
+        for name, count in jax.device_get(eval_step(params, steps.to_global(b, mesh))).items():
+            by_batch[name] = by_batch.get(name, 0) + int(count)
+    got = steps.evaluate(eval_step, params, host, mesh)
+    assert got["n"] == by_batch["n"] == int(sum(np.sum(b["mask"]) for b in host)) == 500
+    assert got["top1_error"] == by_batch["top1_wrong"] / 500 and got["top5_error"] == by_batch["top5_wrong"] / 500
