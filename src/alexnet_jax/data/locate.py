@@ -115,7 +115,7 @@ def resolve(cfg, *, progress: bool = True) -> ResolvedData:
     stats_path = cfg.stats_path or (Path(packed_dir) / prepare.STATS if packed_dir is not None else None)
     if source_form(cfg) == 'packed':
         meta = prepare.read_metadata(packed_dir)
-        records = {s: sources.PackedRecords(prepare.shard_paths(packed_dir, s)) for s in meta['splits']}
+        records = {s: prepare.packed_records(packed_dir, s) for s in meta['splits']}  # jpeg or raw, per metadata
         classes, class_names = meta['classes'], meta['class_names']
     else:
         classes = layout.list_classes(root)
@@ -159,7 +159,7 @@ def split_records(cfg, split: str, classes: list[str]):
         if list(meta['classes']) != list(classes):
             raise DatasetError(f'{cfg.packed_dir!r} was packed with other classes than the model '
                                f'knows ({len(meta["classes"])} vs {len(classes)}, or another order).')
-        return sources.PackedRecords(prepare.shard_paths(cfg.packed_dir, split))
+        return prepare.packed_records(cfg.packed_dir, split)
     if cfg.root is None:
         raise DatasetError(_NO_IMAGENET)
     return _folder_split(cfg.root, split, classes, cfg.val_labels)

@@ -1,16 +1,40 @@
 """One-time conversion of an ImageNet-layout folder into fast ArrayRecord shards.
 
-    python -m alexnet_jax.data.prepare --src DIR --dst DIR [--size 256] [--workers N]
+    python -m alexnet_jax.data.prepare --src DIR --dst DIR [--size 256] [--workers N] [--records jpeg|raw]
     python -m alexnet_jax.data.prepare --src DIR --stats-only [--size 256]   # statistics only, into the cache
 
 Every image is decoded once, rescaled to shorter side ``size``, centre-cropped
-to ``size x size`` and stored as JPEG bytes, so training only decodes a small
-JPEG and crops. The same pass computes the paper's training-set statistics:
-the ``size x size x 3`` mean image and the eigen-decomposition of the 3x3 RGB
-covariance (``stats.npz``). Shards are processed in parallel, each written to
-a temporary file and renamed, followed by a done marker, so an interrupted run
-resumes where it stopped. ``metadata.json`` is written last: its presence
-means the folder is complete.
+to ``size x size`` and stored, so training only decodes a small JPEG (or
+nothing) and crops. Two record formats (``--records``):
+
+* ``jpeg`` (default): JPEG bytes. A small RGB JPEG (shorter side <= ``size``)
+  keeps its own bytes; a larger image is stored rescaled and re-encoded
+  (quality ``--quality``, ``--subsampling``), which changes its pixels a little.
+  Training decodes a 256x256 JPEG per image.
+* ``raw``: the ``size x size x 3`` uint8 pixels themselves, exactly what
+  :func:`~alexnet_jax.data.sources.decode_image` gives for the file: nothing
+  to decode in training. A kept-original image has the very pixels its
+  ``jpeg`` record decodes to; an image the ``jpeg`` format re-encodes has its
+  first decode, without the re-encoding loss (so raw is the more faithful of
+  the two). The price is disk: ``size * size * 3`` bytes an image, 196,608 at
+  256 px, so full ILSVRC-2012 (1,281,167 train + 50,000 val = 1,331,167
+  images) holds 261.7 GB (243.7 GiB) of pixels; with the record headers and
+  ArrayRecord's framing a shard measured 197,045 bytes an image, ~262.3 GB
+  (244.3 GiB) in all, several times the JPEG records (~30 KB an image for
+  the sample photos measured). Raw shards are written uncompressed:
+  ArrayRecord's default zstd:3 saved ~20% on photos but took ~0.5 ms a record
+  to decompress, as long as decoding the JPEG record. Uncompressed, reading a raw record took ~0.11 ms
+  against ~0.6 ms to read and decode a JPEG record (page-cached, one core), so
+  the disk's read rate (197 KB an image) becomes what limits the loader.
+
+Training reads either: the format is recorded in ``metadata.json`` (folders
+prepared before the option existed are ``jpeg``). The same pass computes the
+paper's training-set statistics from the decoded images (so they are the same
+for both formats): the ``size x size x 3`` mean image and the
+eigen-decomposition of the 3x3 RGB covariance (``stats.npz``). Shards are
+processed in parallel, each written to a temporary file and renamed, followed
+by a done marker, so an interrupted run resumes where it stopped.
+``metadata.json`` is written last: its presence means the folder is complete.
 """
 
 from __future__ import annotations
@@ -33,7 +57,12 @@ from alexnet_jax.data.labels import read_class_names
 
 log = logging.getLogger(__name__)
 
-FORMAT = 'alexnet_jax.packed/1'
+FORMAT = 'alexnet_jax.packed/1'  # the metadata 'format' of jpeg records (as before --records existed)
+# Raw records get their own format string, so code older than --records refuses such a folder
+# ('unknown format') instead of failing to decode every record.
+FORMAT_RAW = 'alexnet_jax.packed-raw/1'
+RECORD_FORMATS = sources.RECORD_FORMATS
+FORMATS = {'jpeg': FORMAT, 'raw': FORMAT_RAW}
 METADATA = 'metadata.json'
 STATS = 'stats.npz'
 PLAN = 'plan.json'
@@ -137,16 +166,18 @@ def keeps_original(data: bytes, size: int) -> bool:
 
 
 def prepare_shard(job: dict) -> dict:
-    """Decode, resize, re-encode one shard's images (small JPEGs kept as they are); write the shard,
-    its sums, then its done marker."""
+    """Decode, resize and store one shard's images (``'jpeg'``: re-encoded, small JPEGs kept as they
+    are; ``'raw'``: the decoded pixels); write the shard, its sums, then its done marker."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     out = Path(job['out'])
     size, quality, with_stats = job['size'], job['quality'], job['with_stats']
-    subsampling = job['subsampling']
+    subsampling, records = job['subsampling'], job.get('records', 'jpeg')
     sums, skipped, labels = None, [], []
     tmp = out.with_name(f'.{out.name}.tmp{os.getpid()}')
-    writer = ArrayRecordWriter(str(tmp), 'group_size:1')
+    # Raw shards uncompressed: ArrayRecord's default zstd:3 saved ~20% of a photo's pixels but took
+    # ~0.5 ms a record to decompress, as long as decoding its JPEG record (module docstring).
+    writer = ArrayRecordWriter(str(tmp), 'group_size:1,uncompressed' if records == 'raw' else 'group_size:1')
     try:
         for rel, label in zip(job['rel_paths'], job['labels']):
             path = os.path.join(job['root'], rel)
@@ -158,7 +189,9 @@ def prepare_shard(job: dict) -> dict:
                 skipped.append([path, str(e)])
                 tick()
                 continue
-            if not keeps_original(data, size):
+            if records == 'raw':
+                data = sources.encode_raw(img)
+            elif not keeps_original(data, size):
                 data = sources.encode_jpeg(img, quality, subsampling)
             writer.write(sources.pack_record(rel, int(label), data))
             labels.append(int(label))
@@ -179,7 +212,8 @@ def prepare_shard(job: dict) -> dict:
 # Whole folder
 
 
-def _plan(src: Path, size: int, quality: int, subsampling: str, shard_size: int, val_labels) -> dict:
+def _plan(src: Path, size: int, quality: int, subsampling: str, shard_size: int, val_labels,
+          records: str = 'jpeg') -> dict:
     classes = layout.list_classes(src)
     splits = {}
     for split in ('train', 'val'):
@@ -197,31 +231,57 @@ def _plan(src: Path, size: int, quality: int, subsampling: str, shard_size: int,
                            'rel_paths': files.rel_paths[sl],
                            'labels': files.labels[sl].tolist()})
         splits[split] = {'root': files.root, 'shards': shards, 'scan_skipped': files.skipped}
-    plan = {'format': FORMAT, 'src': str(src), 'size': size, 'quality': quality, 'subsampling': subsampling,
-            'classes': classes, 'class_names': read_class_names(src, classes), 'splits': splits}
+    plan = {'format': FORMATS[records], 'src': str(src), 'size': size, 'quality': quality,
+            'subsampling': subsampling, 'classes': classes, 'class_names': read_class_names(src, classes),
+            'splits': splits}
+    # The digest covers the record format through 'format'; a jpeg plan's digest is what it was
+    # before 'records' existed, so an interrupted older preparation still resumes.
     plan['digest'] = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+    plan['records'] = records
     return plan
+
+
+def plan_records(plan_or_meta: dict) -> str:
+    """The record format a plan or metadata describes ('jpeg' for those written before the key existed)."""
+    return plan_or_meta.get('records', 'raw' if plan_or_meta.get('format') == FORMAT_RAW else 'jpeg')
+
+
+def _other_format_message(dst: Path, theirs: str, ours: str, finished: bool) -> str:
+    state = 'a finished' if finished else 'an unfinished'
+    return (f'{str(dst)!r} holds {state} preparation with --records {theirs} ({theirs} records), not --records '
+            f'{ours}; ' + ('train on it as it is (training reads either format), or ' if finished else
+                           f'resume it with --records {theirs}, or ') +
+            f'prepare --records {ours} into another --dst (or delete {str(dst)!r}).')
 
 
 def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = 256, quality: int = 95,
             subsampling: str = '420', shard_size: int = 1024, workers: int | None = None, val_labels=None,
-            progress: bool = True) -> Path:
+            progress: bool = True, records: str = 'jpeg') -> Path:
     """Convert ``src`` (ImageNet layout) into shards, ``stats.npz`` and ``metadata.json`` under ``dst``.
 
-    Idempotent and resumable: finished shards (those with a done marker) are kept.
+    ``records``: ``'jpeg'`` (JPEG bytes) or ``'raw'`` (the ``size x size x 3``
+    uint8 pixels; see the module docstring). The statistics are the same for
+    both. Idempotent and resumable: finished shards (those with a done marker)
+    are kept; a folder holding the other format is refused (:class:`DatasetError`).
     Returns ``dst``.
     """
+    if records not in RECORD_FORMATS:
+        raise DatasetError(f'records must be one of {", ".join(RECORD_FORMATS)}, got {records!r}')
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     if (dst / METADATA).is_file():
         meta = read_metadata(dst)
+        if meta['records'] != records:
+            raise DatasetError(_other_format_message(dst, meta['records'], records, finished=True))
         if meta['size'] != size:
             raise DatasetError(f'{str(dst)!r} was prepared with size {meta["size"]}, not {size}')
         return dst
-    plan = _plan(src, size, quality, subsampling, shard_size, val_labels)
+    plan = _plan(src, size, quality, subsampling, shard_size, val_labels, records)
     plan_path = dst / PLAN
     if plan_path.is_file():
         old = json.loads(plan_path.read_text())
+        if plan_records(old) != records:
+            raise DatasetError(_other_format_message(dst, plan_records(old), records, finished=False))
         if old.get('digest') != plan['digest']:
             raise DatasetError(
                 f'{str(dst)!r} holds an unfinished preparation of different data or settings '
@@ -235,7 +295,7 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = 256, 
             if not (dst / (shard['name'] + '.done.json')).is_file():
                 jobs.append({'root': info['root'], 'rel_paths': shard['rel_paths'], 'labels': shard['labels'],
                              'out': str(dst / shard['name']), 'size': size, 'quality': quality,
-                             'subsampling': subsampling,
+                             'subsampling': subsampling, 'records': records,
                              'with_stats': split == 'train'})
     total = sum(len(j['rel_paths']) for j in jobs)
     workers = min(os.cpu_count() or 1, len(jobs)) if workers is None else min(workers, len(jobs))
@@ -294,6 +354,7 @@ def run_jobs(fn, jobs: list, workers: int, total: int, progress: bool, label: st
 
 def _finish(dst: Path, plan: dict) -> Path:
     meta = {k: plan[k] for k in ('format', 'src', 'size', 'quality', 'subsampling', 'classes', 'class_names')}
+    meta['records'] = plan_records(plan)
     meta['splits'] = {}
     num_classes = len(plan['classes'])
     sums = None
@@ -326,8 +387,12 @@ def read_metadata(dst: str | os.PathLike) -> dict:
             f'{str(dst)!r} is not a finished packed dataset (no {METADATA}); '
             f'run `python -m alexnet_jax.data.prepare --src IMAGENET_DIR --dst {dst}`')
     meta = json.loads(path.read_text())
-    if meta.get('format') != FORMAT:
-        raise DatasetError(f'{str(path)!r}: unknown format {meta.get("format")!r}, expected {FORMAT!r}')
+    if meta.get('format') not in FORMATS.values():
+        raise DatasetError(f'{str(path)!r}: unknown format {meta.get("format")!r}, expected one of '
+                           f'{sorted(FORMATS.values())}')
+    records = meta.setdefault('records', plan_records(meta))  # absent in folders older than --records: jpeg
+    if records not in RECORD_FORMATS or FORMATS[records] != meta['format']:
+        raise DatasetError(f'{str(path)!r}: records {records!r} do not go with format {meta["format"]!r}')
     return meta
 
 
@@ -336,6 +401,11 @@ def shard_paths(dst: str | os.PathLike, split: str) -> list[str]:
     if split not in meta['splits']:
         raise DatasetError(f'{str(dst)!r} has no {split!r} split')
     return [str(Path(dst) / s['file']) for s in meta['splits'][split]['shards']]
+
+
+def packed_records(dst: str | os.PathLike, split: str) -> sources.PackedRecords:
+    """One split of a finished packed folder as a record source, in the record format its metadata names."""
+    return sources.PackedRecords(shard_paths(dst, split), records=read_metadata(dst)['records'])
 
 
 def _stats_only(a) -> int:
@@ -367,6 +437,12 @@ def main(argv=None) -> int:
     p.add_argument('--quality', type=int, default=95, help='JPEG quality of the stored images')
     p.add_argument('--subsampling', default='420', choices=['420', '422', '444'],
                    help='JPEG chroma subsampling of the stored images (420: fastest to decode; 444: full colour)')
+    p.add_argument('--records', default='jpeg', choices=list(RECORD_FORMATS),
+                   help="what each record stores: 'jpeg' (JPEG bytes, small RGB JPEGs kept as they are; "
+                        "the default) or 'raw' (the decoded size x size x 3 uint8 pixels: "
+                        "no decoding in training, and no re-encoding loss; 196,608 bytes an image at 256 px, "
+                        "so full ILSVRC-2012 train+val, 1,331,167 images, holds 261.7 GB = 243.7 GiB of pixels, "
+                        "~262.3 GB on disk with the record framing)")
     p.add_argument('--val-labels', default=None, help="labels file for a flat val/ folder ('<file> <wnid>' lines)")
     p.add_argument('--quiet', action='store_true', help='no progress bar')
     a = p.parse_args(argv)
@@ -377,7 +453,7 @@ def main(argv=None) -> int:
         p.error('--dst is required (unless --stats-only)')
     try:
         dst = prepare(a.src, a.dst, size=a.size, quality=a.quality, subsampling=a.subsampling, shard_size=a.shard_size,
-                      workers=a.workers, val_labels=a.val_labels, progress=not a.quiet)
+                      workers=a.workers, val_labels=a.val_labels, progress=not a.quiet, records=a.records)
     except DatasetError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
@@ -385,6 +461,7 @@ def main(argv=None) -> int:
     for split, info in meta['splits'].items():
         print(f'{split}: {info["num_examples"]} images in {len(info["shards"])} shard(s), '
               f'{len(info["skipped"])} skipped')
+    print(f'records: {meta["records"]}')
     print(f'wrote {dst}')
     return 0
 

@@ -1,10 +1,13 @@
 """Where images come from and how they are decoded: one interface over both record forms.
 
-A record source maps an index to ``(name, label, encoded_bytes)``: either the
+A record source maps an index to ``(name, label, payload)``: either the
 files of an ImageNet-layout folder (:class:`FolderRecords`, over a
 :class:`~alexnet_jax.data.layout.SplitFiles`) or the ArrayRecord shards that
-``prepare`` packs (:class:`PackedRecords`). :class:`DecodedSource` turns that into
-``{'image': uint8 HWC, 'label': int32, 'mask': bool}``. Decoding never raises
+``prepare`` packs (:class:`PackedRecords`). A payload is an encoded image
+(``'jpeg'`` records: a file's bytes, or a packed JPEG) or, for shards prepared
+with ``--records raw``, the ``size x size x 3`` uint8 pixels themselves
+(``'raw'``); :func:`decode_record_pixels` reads either. :class:`DecodedSource`
+turns that into ``{'image': uint8 HWC, 'label': int32, 'mask': bool}``. Decoding never raises
 mid-epoch: an unreadable image is either replaced by the next readable one
 (training) or returned with ``mask=False`` (evaluation), and is always named
 in a warning.
@@ -110,15 +113,57 @@ def encode_jpeg(img_HWC: np.ndarray, quality: int = 95, subsampling: str = '420'
 
 
 # ---------------------------------------------------------------------------
-# Record sources: index -> (name, label, encoded bytes)
+# Record payloads: an encoded image, or the pixels themselves
+
+RECORD_FORMATS = ('jpeg', 'raw')
+
+
+def raw_record_bytes(size: int) -> int:
+    """Payload bytes of one ``'raw'`` record: ``size * size * 3`` (196,608 at 256 px)."""
+    return size * size * 3
+
+
+def encode_raw(img_HWC: np.ndarray) -> bytes:
+    """uint8 ``(size, size, 3)`` -> the ``'raw'`` payload: its bytes in row-major (H, W, C) order."""
+    if img_HWC.dtype != np.uint8 or img_HWC.ndim != 3 or img_HWC.shape[2] != 3 or \
+            img_HWC.shape[0] != img_HWC.shape[1]:
+        raise ValueError(f'a raw record holds a uint8 (size, size, 3) image, got {img_HWC.dtype} {img_HWC.shape}')
+    return np.ascontiguousarray(img_HWC).tobytes()
+
+
+def decode_record_pixels(payload: bytes, size: int, records: str = 'jpeg', *, warp: bool = False,
+                         name: str | None = None) -> np.ndarray:
+    """One record's payload -> uint8 ``(size, size, 3)`` RGB, for either record format.
+
+    ``'jpeg'``: :func:`decode_image` (any Pillow-readable bytes; ``warp`` as
+    there). ``'raw'``: the pixels as they are stored, a read-only view of
+    ``payload`` (no copy, no decoding; ``warp`` does not apply, the square is
+    already cut). A raw payload of the wrong length is a :class:`DecodeError`
+    naming ``name`` and the expected and actual byte counts, so a damaged
+    record is handled like a corrupt JPEG. The loader benchmark times this.
+    """
+    if records == 'jpeg':
+        return decode_image(payload, size, warp)
+    if records != 'raw':
+        raise ValueError(f'records must be one of {RECORD_FORMATS}, got {records!r}')
+    expected = raw_record_bytes(size)
+    if len(payload) != expected:
+        what = f'raw record {name!r}' if name is not None else 'raw record'
+        raise DecodeError(f'{what} holds {len(payload)} bytes, expected {expected} '
+                          f'({size}x{size}x3 uint8)')
+    return np.frombuffer(payload, np.uint8).reshape(size, size, 3)
+
+
+# ---------------------------------------------------------------------------
+# Record sources: index -> (name, label, payload)
 
 _MAGIC = b'AXJ1'
 
 
-def pack_record(name: str, label: int, jpeg: bytes) -> bytes:
-    """One packed example: magic, int32 label, uint16 name length, name, JPEG bytes."""
+def pack_record(name: str, label: int, payload: bytes) -> bytes:
+    """One packed example: magic, int32 label, uint16 name length, name, payload (JPEG bytes or raw pixels)."""
     name_b = name.encode('utf-8')
-    return _MAGIC + struct.pack('<iH', label, len(name_b)) + name_b + jpeg
+    return _MAGIC + struct.pack('<iH', label, len(name_b)) + name_b + payload
 
 
 def unpack_record(rec: bytes) -> tuple[str, int, bytes]:
@@ -153,12 +198,20 @@ class FolderRecords:
 
 
 class PackedRecords:
-    """Index -> (name, label, JPEG bytes) from ArrayRecord shards written by ``prepare``."""
+    """Index -> (name, label, payload) from ArrayRecord shards written by ``prepare``.
 
-    def __init__(self, shard_paths: Sequence[str]):
+    ``records`` is the shards' payload format, ``'jpeg'`` or ``'raw'``: what the
+    folder's ``metadata.json`` says (``prepare.packed_records(dst, split)``
+    reads it and builds this). :class:`DecodedSource` decodes by ``record_format``.
+    """
+
+    def __init__(self, shard_paths: Sequence[str], records: str = 'jpeg'):
         import grain  # Imported lazily: sources.py must stay importable in prepare's workers.
         if not shard_paths:
             raise DatasetError(f'no ArrayRecord shards given; {EXPECTED_LAYOUT}')
+        if records not in RECORD_FORMATS:
+            raise ValueError(f'records must be one of {RECORD_FORMATS}, got {records!r}')
+        self.record_format = records
         self.shard_paths = list(shard_paths)
         self._source = grain.sources.ArrayRecordDataSource(self.shard_paths)
 
@@ -181,7 +234,11 @@ class DecodedSource:
     wrong. on_error='mask' (evaluation): a zero image with ``mask=False``, so the
     example is neither counted nor replaced by a duplicate. Both log a warning
     naming the file (once per file and process); ``failures`` maps each
-    unreadable file met in this process to its error.
+    unreadable file met in this process to its error. The records' payload
+    format is their ``record_format`` (``'jpeg'`` when they have none, as
+    :class:`FolderRecords`); a raw record of the wrong length fails like a
+    corrupt JPEG. Raw images are read-only views of the record bytes: the
+    transforms only slice and copy them, never write into them.
     """
 
     def __init__(self, records, size: int, on_error: str = 'substitute', warp: bool = False):
@@ -191,6 +248,7 @@ class DecodedSource:
         self.size = size
         self.on_error = on_error
         self.warp = warp
+        self.record_format = getattr(records, 'record_format', 'jpeg')
         self.failures: dict[str, str] = {}
 
     def __len__(self) -> int:
@@ -202,7 +260,7 @@ class DecodedSource:
             err = 'unreadable record'
         else:
             try:
-                return decode_image(data, self.size, self.warp), label
+                return decode_record_pixels(data, self.size, self.record_format, warp=self.warp, name=name), label
             except DecodeError as e:
                 err = str(e)
         if name not in self.failures:
