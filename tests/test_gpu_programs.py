@@ -134,6 +134,23 @@ def same_collectives(a, b):
     return key(a) == key(b)
 
 
+def collectives_in_conditionals(text):
+    """Collectives inside a ``stablehlo.case`` region (``ops='auto'``'s choice is one): XLA:CPU
+    crashed running such a program, and a branch-local all-reduce is a hazard on any backend."""
+    lines, found = text.splitlines(), []
+    for i, line in enumerate(lines):
+        if "stablehlo.case" not in line:
+            continue
+        depth = 0
+        for inner in lines[i:]:
+            depth += inner.count("{") - inner.count("}")
+            if inner is not line and any(f"stablehlo.{kind}" in inner for kind in COLLECTIVES):
+                found.append(inner.strip()[:160])
+            if depth <= 0 and inner is not line:
+                break
+    return found
+
+
 def convolution_groups(text):
     return [int(g) for g in re.findall(r"(?:feature|batch)_group_count = (\d+)", text)]
 
@@ -156,7 +173,7 @@ def test_ops_auto_takes_the_plain_forms_for_cuda_and_the_fast_forms_for_cpu():
 
 def test_ops_auto_compiles_on_cpu_to_the_fast_program():
     """The per-platform choice leaves nothing behind in the CPU program XLA runs: no
-    conditional, the fast form's convolutions, the same scratch memory."""
+    conditional, the fast form's convolutions, no more scratch memory."""
     import alexnet_jax
 
     def compiled(ops):
@@ -173,7 +190,9 @@ def test_ops_auto_compiles_on_cpu_to_the_fast_program():
         return text.count(" conditional("), text.count(" convolution("), c.memory_analysis().temp_size_in_bytes
 
     auto, fast = compiled("auto"), compiled("fast")
-    assert auto[0] == 0 and auto == fast
+    # The operands are cast to 'varying' before the choice, so XLA fuses a little differently
+    # (measured: 1.8% less scratch than fast's); never more.
+    assert auto[0] == fast[0] == 0 and auto[1] == fast[1] and auto[2] <= fast[2]
 
 
 PROGRAMS = [  # (layout, net, devices): the meshes of one GPU and of an 8-GPU machine
@@ -205,6 +224,7 @@ def test_gpu_programs(layout, net, devices, dtype):
             assert not lrn
         got, want = collectives(text), collectives(text_cpu)
         assert same_collectives(got, want), (name, got, want)
+        assert not collectives_in_conditionals(text) and not collectives_in_conditionals(text_cpu), name
         if devices == 1:
             assert not got, name
         elif name == "train":  # (eval's counts are summed outside shard_map: XLA places that sum)

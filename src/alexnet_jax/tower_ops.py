@@ -235,7 +235,11 @@ def divide_by_power(x: jax.Array, base: jax.Array, beta: float) -> jax.Array:
 
 
 def _by_platform(fast: Callable, plain: Callable, *args):
-    return jax.lax.platform_dependent(*args, cpu=fast, default=plain)
+    # platform_dependent is a conditional whose branch XLA picks when it compiles. Inside shard_map,
+    # an operand replicated over an axis the others vary over (a kernel, over 'data') would be cast
+    # inside the branches, and its gradient's all-reduce would sit inside the conditional too (XLA:CPU
+    # crashed on that at run time). Cast before it: the reduction stays where the layer is.
+    return jax.lax.platform_dependent(*_varying_alike(*args), cpu=fast, default=plain)
 
 
 def auto_conv(x_NHWC, kernel_HWIO, strides, padding):
