@@ -130,14 +130,20 @@ class StepMetrics:
     progress line, reports batches with NaN/Inf inputs (the step skipped them)
     and raises ``TrainingError`` on a non-finite loss or more than ``max_bad``
     bad batches. ``resume_hint()`` says where the run can resume from.
+
+    With ``batch_size``, the newest row written gets ``perf/images_per_s``: the
+    global batches per second between this fetch and the last one (each fetch
+    waits for the steps it reads, so the first interval starts after
+    compilation); :meth:`restart_clock` leaves an evaluation out of it.
     """
 
     def __init__(self, writer: MetricWriter, progress, *, log_every: int, max_bad: int,
-                 resume_hint: Callable[[], str]):
+                 resume_hint: Callable[[], str], batch_size: int | None = None):
         self.writer, self.progress, self.log_every, self.max_bad = writer, progress, log_every, max_bad
-        self.resume_hint = resume_hint
+        self.resume_hint, self.batch_size = resume_hint, batch_size
         self.pending: list[tuple[int, dict]] = []
         self.bad_batches = 0
+        self._clock: tuple[float, int] | None = None  # (time, step) of the last fetch
 
     def add(self, step: int, metrics: dict) -> None:
         self.pending.append((step, metrics))
@@ -148,13 +154,23 @@ class StepMetrics:
         if cut <= 0:
             return
         rows, self.pending = jax.device_get(self.pending[:cut]), self.pending[cut:]
+        now, newest = time.perf_counter(), rows[-1][0]
+        rate = None
+        if self.batch_size and self._clock is not None and newest > self._clock[1]:
+            rate = (newest - self._clock[1]) * self.batch_size / max(now - self._clock[0], 1e-9)
+        self._clock = (now, newest)
         good = [(s, m) for s, m in rows if self._check(s, m)]
         for s, m in good:
-            if s % self.log_every == 0 or s == rows[-1][0]:
-                self.writer.write(s, m)
+            if s % self.log_every == 0 or s == newest:
+                self.writer.write(s, {**m, "perf/images_per_s": rate} if s == newest and rate else m)
         if good:
             s, m = good[-1]
             self.progress.update(s, loss=float(m["train/loss"]), lr=float(m["train/lr"]))
+
+    def restart_clock(self) -> None:
+        """The next interval starts now (after an evaluation or a checkpoint, which are not training)."""
+        if self._clock is not None:
+            self._clock = (time.perf_counter(), self._clock[1])
 
     def _check(self, s: int, m: dict) -> bool:
         bad = int(m["train/nonfinite_inputs"])

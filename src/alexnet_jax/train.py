@@ -102,7 +102,7 @@ def _train_and_evaluate(config, workdir, manual_lr, after_checkpoint) -> dict:
         progress = stack.enter_context(contextlib.closing(
             TrainProgress(total_steps, step, config.batch_size, enabled=is_main, console=console)))
         monitor = StepMetrics(writer, progress, log_every=config.log_every, max_bad=config.max_bad_batches,
-                              resume_hint=lambda: _last_good_text(ckpt))
+                              resume_hint=lambda: _last_good_text(ckpt), batch_size=config.batch_size)
 
         def change_lr(state, drop):
             if drop is None:
@@ -150,6 +150,8 @@ def _train_and_evaluate(config, workdir, manual_lr, after_checkpoint) -> dict:
                     writer.write(step, {"checkpoint/error": str(e)})
                 if after_checkpoint is not None:
                     after_checkpoint(step, ckpt)
+            if do_eval or do_ckpt:
+                monitor.restart_clock()  # images/s counts training only
         monitor.process()
         _final_checkpoint_written(ckpt, step, ckpt_error)
         if not val and restored is not None and step == total_steps:
