@@ -109,3 +109,30 @@ def test_one_device_runs_both_towers_and_says_so(tmp_path):
     assert r.returncode == 0, r.text[-3000:]
     assert "1 cpu device(s) for 2 towers: every device runs all towers (--config.mesh.tower=1" in r.stdout
     assert "mesh {'data': 1, 'tower': 1}" in r.stdout
+
+
+@pytest.mark.slow
+def test_the_gpu_commands_on_raw_records(folder, tmp_path):
+    """README's and docs/gpu.md's GPU lines as typed (sizes overridden: 4 classes, a sixteenth of the
+    widths, 2 steps, 1 worker), here on the 2 virtual CPU devices: raw records, bfloat16, the towers
+    layout and then the data layout with its batch."""
+    packed = tmp_path / "packed-raw"
+    r = run("--src", folder, "--dst", packed, "--records", "raw", cache=tmp_path / "cache",
+            module="alexnet_jax.data.prepare")
+    assert r.returncode == 0, r.text[-3000:]
+    assert json.loads((packed / "metadata.json").read_text())["records"] == "raw"
+    size = ["--config.model.num_classes=4", "--config.model.width=0.0625", "--config.total_steps=2",
+            "--config.data.num_workers=1"]
+    one_gpu = ["--config=configs/paper.py", f"--config.data.packed_dir={packed}", "--config.model.dtype=bfloat16",
+               "--config.data.num_workers=12", f"--workdir={tmp_path / 'paper'}"]
+    eight = ["--config=configs/paper.py", f"--config.data.packed_dir={packed}", "--config.model.dtype=bfloat16",
+             "--config.batch_size=1024", "--config.data.num_workers=32", "--config.mesh.parallelism=data",
+             f"--workdir={tmp_path / 'paper8'}"]
+    for args, batch in ((one_gpu, []), (eight, ["--config.batch_size=8"])):
+        r = run(*args, *size, *batch, cache=tmp_path / "cache")
+        assert r.returncode == 0, r.text[-3000:]
+        assert "Done at step 2" in r.stdout
+        saved = json.loads((Path(args[-1].split("=", 1)[1]) / "config.json").read_text())
+        assert saved["model"]["dtype"] == "bfloat16" and saved["model"]["ops"] == "auto"
+        assert saved["data"]["packed_dir"] == str(packed)
+    assert saved["mesh"]["parallelism"] == "data" and saved["batch_size"] == 8
