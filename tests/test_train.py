@@ -290,3 +290,21 @@ def test_eval_step_counts_match_numpy_for_center_and_ten_crop():
         if p.shape[1] == 10:
             assert (int(got["ten_crop/top1_wrong"]), int(got["ten_crop/top5_wrong"])) == wrong(p.mean(1))
             assert wrong(centre) != wrong(p.mean(1)) and wrong(centre) != wrong(p[:, 0])  # both protocols seen
+
+
+def test_trains_twice_in_one_process_after_jax_has_started(tmp_path):
+    """A notebook's case: after ``jax.devices()`` (one CPU device), train_and_evaluate trains on the
+    device JAX has, says so in one line, and a second run in the same process gives the first's result
+    (the same config and seed: nothing is left behind by the first)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    p = subprocess.run([sys.executable, "tests/_train_twice.py", str(tmp_path)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    first, second = json.loads(p.stdout.split("RESULT ", 1)[1])
+    assert first["devices"] == 1 and first["step"] == second["step"] == 3
+    assert first["top1"] == second["top1"]
+    note = "Training on the 1 CPU device(s) JAX has: JAX had already started in this process"
+    assert p.stdout.count(note) == 2, p.stdout[-3000:]
+    assert "leaked shared_memory" not in p.stderr  # the loader's shared memory went with each run
+    for run in ("first", "second"):
+        assert (tmp_path / run / "checkpoints" / "3").is_dir()
