@@ -129,8 +129,8 @@ def test_command_line_prints_the_table_and_writes_json(tmp_path):
     assert bad.returncode == 1 and "{'fc8': 500} do not divide" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_readme_table_is_what_the_command_computes():
-    """Every row of the README's layout table, recomputed from the costs for that net and layout."""
+def test_the_docs_layout_table_is_what_the_command_computes():
+    """Every row of docs/parallelism.md's layout table, recomputed from the costs for that net and layout."""
     import re
 
     from alexnet_jax.model import from_config
@@ -139,7 +139,7 @@ def test_readme_table_is_what_the_command_computes():
     from configs import owt, paper
 
     rows = re.findall(r"^\| (paper|OWT) \| (\w+) \| (\d) \| (\d) × (\d) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (\d+)% \|$",
-                      (ROOT / "README.md").read_text(), re.M)
+                      (ROOT / "docs" / "parallelism.md").read_text(), re.M)
     assert len(rows) == 10
     for net, layout, n, data, tower, ex, grad, total, fc in rows:
         model = from_config((paper if net == "paper" else owt).get_config().model)
