@@ -66,6 +66,11 @@ def check_config(cfg) -> None:
     if cfg.crop_size > cfg.resize_size:
         raise DatasetError(f'data.crop_size={cfg.crop_size} is larger than data.resize_size='
                            f'{cfg.resize_size}: crops are taken from the resized image.')
+    _choice(cfg, 'stats', ('computed', 'published'))
+    if cfg.stats == 'published' and cfg.stats_path is not None:
+        raise DatasetError(f"data.stats='published' uses ImageNet's published mean and PCA eigens, and "
+                           f"data.stats_path={cfg.stats_path!r} names a statistics file: give one or the other "
+                           "(--config.data.stats=computed to use the file).")
     if cfg.stats_path is not None:
         _existing(cfg.stats_path, 'stats_path', 'statistics file', is_dir=False)
     if cfg.val_labels is not None:
@@ -96,7 +101,9 @@ def resolve(cfg, *, progress: bool = True) -> ResolvedData:
     """Locate (and for the embedded set, create and prepare) the data the config names.
 
     For a JPEG folder without ``stats_path`` the training-set statistics are
-    computed on first use and cached (:mod:`alexnet_jax.data.stats`).
+    computed on first use and cached (:mod:`alexnet_jax.data.stats`);
+    ``data.stats='published'`` takes ImageNet's published ones instead, for
+    any source, with no pass and no file.
     """
     check_config(cfg)
     root = cfg.root
@@ -111,6 +118,7 @@ def resolve(cfg, *, progress: bool = True) -> ResolvedData:
             # Full-resolution chroma: at tens of pixels, 4:2:0 would visibly smear the colour halves.
             prepare.prepare(root, packed_dir, size=cfg.resize_size, subsampling='444', shard_size=512,
                             workers=cfg.prepare_workers, progress=False)
+    published = cfg.stats == 'published'  # no pass and no file: ImageNet's published statistics
     needs_stats = cfg.mean_subtraction or cfg.pca_lighting_std > 0
     stats_path = cfg.stats_path or (Path(packed_dir) / prepare.STATS if packed_dir is not None else None)
     if source_form(cfg) == 'packed':
@@ -124,12 +132,14 @@ def resolve(cfg, *, progress: bool = True) -> ResolvedData:
         if (Path(root) / 'val').is_dir():
             records['val'] = _folder_split(root, 'val', classes, cfg.val_labels)
         class_names = labels.read_class_names(root, classes)
-        if needs_stats and stats_path is None:
+        if needs_stats and stats_path is None and not published:
             stats_path = stats_lib.ensure_stats(train_files, cfg.resize_size, warp=cfg.resize_mode == 'warp',
                                                 cache_dir=cfg.cache_dir,
                                                 workers=cfg.prepare_workers, progress=progress)
     stats = None
-    if needs_stats:
+    if needs_stats and published:
+        stats = stats_lib.published_stats(cfg.resize_size)
+    elif needs_stats:
         stats = prepare.load_stats(stats_path)
         if stats['mean_image'].shape[:2] != (cfg.resize_size, cfg.resize_size):
             raise DatasetError(f'{stats_path}: mean image is {stats["mean_image"].shape}, but '

@@ -45,6 +45,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.format = 'auto'            # 'auto': packed if packed_dir is set (or the embedded set), else folder | 'packed' (ArrayRecord shards from prepare) | 'folder' (decode the JPEG folder directly)
     c.packed_dir = placeholder(str)  # output of `python -m alexnet_jax.data.prepare`; embedded: None = prepared automatically under root
     c.stats_path = placeholder(str)  # stats.npz (mean image, RGB eigens); None = <packed_dir>/stats.npz, or computed once for a folder and cached
+    c.stats = 'computed'         # 'computed': the training set's own mean image and RGB eigens (the paper; one pass over a folder, cached) | 'published': no pass: ImageNet's published RGB mean (0.485, 0.456, 0.406)x255 as a constant image and fb.resnet.torch's PCA eigens; not with stats_path
     c.val_labels = placeholder(str)  # labels file for a flat val/ folder; None = look for val_labels.txt / LOC_val_solution.csv
     c.resize_size = 256          # shorter side rescaled to this, then the central square kept (paper: 256)
     c.resize_mode = 'shorter_side'  # 'shorter_side' (the paper) | 'warp': whole image to resize_size^2, aspect ignored (Caffe's bvlc_alexnet)

@@ -35,6 +35,13 @@ eigen-decomposition of the 3x3 RGB covariance (``stats.npz``). Shards are
 processed in parallel, each written to a temporary file and renamed, followed
 by a done marker, so an interrupted run resumes where it stopped.
 ``metadata.json`` is written last: its presence means the folder is complete.
+
+Progress is a bar on a terminal and a plain line every 30 s otherwise (SLURM,
+``nohup``, ``> log``; ``$ALEXNET_JAX_PROGRESS_EVERY_S`` sets the interval).
+SIGTERM or Ctrl-C stops either pass cleanly: the workers are killed, what is
+finished is kept (shards; for ``--stats-only`` the sums so far), one line says
+so on stderr, and the exit status is 75 (EX_TEMPFAIL): run the same command
+again to continue.
 """
 
 from __future__ import annotations
@@ -52,8 +59,9 @@ from pathlib import Path
 import numpy as np
 
 from alexnet_jax.data import layout, sources
-from alexnet_jax.data.errors import DatasetError, DecodeError
+from alexnet_jax.data.errors import DatasetError, DecodeError, PassInterrupted
 from alexnet_jax.data.labels import read_class_names
+from alexnet_jax.data.passprogress import PassProgress
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +140,7 @@ def atomic_savez(path: Path, arrays: dict) -> None:
 # ---------------------------------------------------------------------------
 # One shard (runs in a worker process)
 
-_counter = None
+_counter = None  # (per-worker counts, this worker's slot), or a one-slot list inline
 
 
 def _init_worker(counter) -> None:
@@ -141,9 +149,10 @@ def _init_worker(counter) -> None:
 
 
 def tick() -> None:
+    """One image done (called by a job function)."""
     if _counter is not None:
-        with _counter.get_lock():
-            _counter.value += 1
+        counts, i = _counter
+        counts[i] += 1  # this process's own slot: no lock, nothing a killed worker could leave held
 
 
 def keeps_original(data: bytes, size: int) -> bool:
@@ -301,7 +310,15 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = 256, 
     workers = min(os.cpu_count() or 1, len(jobs)) if workers is None else min(workers, len(jobs))
     t0 = time.time()
     if jobs:
-        run_jobs(prepare_shard, jobs, workers, total, progress)
+        done_before = sum(len(s['rel_paths']) for info in plan['splits'].values() for s in info['shards']) - total
+        try:
+            run_jobs(prepare_shard, jobs, workers, total, progress, 'prepare', done_before=done_before)
+        except PassInterrupted as e:
+            left = sum(not Path(j['out'] + '.done.json').is_file() for j in jobs)
+            raise PassInterrupted(
+                f'preparation stopped by {e.signal_name}: {left} of {len(plan_shards(plan))} shards left to do; '
+                f'the finished ones are kept in {str(dst)!r}, and the same command continues from them.',
+                e.signal_name, e.done) from None
     log.info('prepared %d images in %.1fs with %d workers', total, time.time() - t0, workers)
     _finish(dst, plan)
     for stale in dst.glob('.*.tmp*'):  # left by an interrupted earlier run; every shard is done now
@@ -309,47 +326,196 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = 256, 
     return dst
 
 
+def plan_shards(plan: dict) -> list:
+    return [s for info in plan['splits'].values() for s in info['shards']]
+
+
 def run_jobs(fn, jobs: list, workers: int, total: int, progress: bool, label: str = 'preparing',
-             on_result=None) -> None:
-    """``on_result(fn(job))`` for every job, on ``workers`` processes, with one progress bar over ``total``.
+             on_result=None, done_before: int = 0) -> None:
+    """``on_result(fn(job))`` for every job, on ``workers`` processes, with progress over ``total`` images.
 
-    ``fn`` calls :func:`tick` once per image. At most ``2 * workers`` jobs are
-    in flight, so results are reduced as they come (memory stays flat); their
-    order is not the jobs' order. A worker's exception is raised here.
+    ``fn`` calls :func:`tick` once per image; ``done_before`` images were done by
+    an earlier run (resumed). Progress is a bar on a terminal and a plain line
+    every 30 s in a log (:mod:`alexnet_jax.data.passprogress`). Each worker has
+    one job at a time, so results are reduced as they come (memory stays flat);
+    their order is not the jobs' order. A worker's exception is raised here.
+
+    SIGTERM or Ctrl-C (handled in the main thread while this runs) stops the
+    pass at a clean point: results already received have gone through
+    ``on_result``, the workers are killed (they ignore both signals, so a
+    signal sent to the whole process group does not kill them half-way), and
+    :class:`PassInterrupted` is raised: no traceback from the workers and
+    nothing left for the resource tracker to report.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     on_result = on_result or (lambda result: None)
-    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   disable=not progress)
-    with bar:
-        task = bar.add_task(label, total=total)
-        if workers <= 0:
-            counter = mp.Value('q', 0)
-            _init_worker(counter)
-            try:
-                for job in jobs:
-                    on_result(fn(job))
-                    bar.update(task, completed=counter.value)
-            finally:
-                _init_worker(None)
+    bar = PassProgress(label, done_before + total, enabled=progress, start=done_before)
+    stop = _StopRequest()
+    finished = False
+    try:
+        with stop:
+            if workers <= 0:
+                counts = [0]
+                _init_worker((counts, 0))
+                try:
+                    for job in jobs:
+                        stop.check()
+                        stop.inline = True  # a signal now abandons this job (its result is not used)
+                        stop.check()
+                        result = fn(job)
+                        stop.inline = False
+                        on_result(result)
+                        bar.update(done_before + counts[0])
+                    stop.check()
+                finally:
+                    stop.inline = False
+                    _init_worker(None)
+            else:
+                _run_in_workers(fn, jobs, workers, on_result, lambda n: bar.update(done_before + n), stop)
+        finished = True
+    except PassInterrupted as e:
+        e.done = bar.done
+        raise
+    finally:
+        bar.close(finished)
+
+
+class _StopRequest:
+    """While entered (main thread only): SIGTERM and SIGINT set ``name`` instead of ending the process;
+    :meth:`check` raises :class:`PassInterrupted` at the loop's safe points.
+
+    While ``inline`` is True (a job running in this process, whose result is
+    thrown away if it is cut short) the handler raises at once.
+    """
+
+    def __init__(self):
+        self.name, self.inline, self._previous = None, False, {}
+
+    def _on_signal(self, signum, frame) -> None:
+        import signal
+
+        if self.name is None:
+            self.name = signal.Signals(signum).name
+        if self.inline:
+            self.inline = False
+            self.check()
+
+    def check(self) -> None:
+        if self.name:
+            raise PassInterrupted(f'stopped by {self.name}', self.name)
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+
+def _worker_main(fn, conn, counts, index: int) -> None:
+    """A worker process: jobs from ``conn`` until None; each answered with ('ok', result) or ('error', exc)."""
+    import signal
+    import threading
+    import traceback
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides; it kills us when it stops
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def end_with_parent():  # a main process killed outright (SIGKILL) leaves no orphan working on
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=end_with_parent, daemon=True).start()
+    _init_worker((counts, index))
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:
             return
-        # spawn: safe even when the caller already runs JAX threads.
-        ctx = mp.get_context('spawn')
-        counter = ctx.Value('q', 0)
-        todo, running = list(reversed(jobs)), []
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(counter,)) as pool:
-            while todo or running:
-                while todo and len(running) < 2 * workers:
-                    running.append(pool.apply_async(fn, (todo.pop(),)))
-                ready = [r.ready() for r in running]
-                done = [r for r, ok in zip(running, ready) if ok]
-                running = [r for r, ok in zip(running, ready) if not ok]
-                for r in done:
-                    on_result(r.get())
-                bar.update(task, completed=counter.value)
-                if not done:
-                    time.sleep(0.1)
+        if job is None:
+            return
+        try:
+            conn.send(('ok', fn(job)))
+        except BaseException as e:  # noqa: BLE001 - handed to the main process, which raises it
+            try:
+                conn.send(('error', e))
+            except Exception:
+                conn.send(('error', RuntimeError(traceback.format_exc())))
+
+
+def _run_in_workers(fn, jobs: list, workers: int, on_result, report, stop: _StopRequest) -> None:
+    """The jobs on ``workers`` spawned processes, one job each at a time; stops when ``stop.name`` is set."""
+    from multiprocessing.connection import wait
+
+    # spawn: safe even when the caller already runs JAX threads.
+    ctx = mp.get_context('spawn')
+    workers = max(1, min(workers, len(jobs)))
+    counts = ctx.RawArray('q', workers)  # images done, one slot per worker (no lock to be left held)
+    procs, conns, clean = [], [], False
+    try:
+        for i in range(workers):
+            here, there = ctx.Pipe()
+            p = ctx.Process(target=_worker_main, args=(fn, there, counts, i), daemon=True,
+                            name=f'alexnet_jax-pass-{i}')
+            p.start()
+            there.close()
+            procs.append(p)
+            conns.append(here)
+        todo = list(reversed(jobs))
+        busy = [False] * workers
+        for i in range(workers):
+            if todo:
+                conns[i].send(todo.pop())
+                busy[i] = True
+        while any(busy):
+            stop.check()
+            ready = wait([conns[i] for i in range(workers) if busy[i]] +
+                         [procs[i].sentinel for i in range(workers) if busy[i]], timeout=0.25)
+            for i in range(workers):
+                if not busy[i]:
+                    continue
+                if conns[i] in ready or conns[i].poll():
+                    try:
+                        kind, value = conns[i].recv()
+                    except EOFError:
+                        kind, value = 'died', None
+                    if kind == 'ok':
+                        busy[i] = False
+                        on_result(value)
+                        if todo and not stop.name:
+                            conns[i].send(todo.pop())
+                            busy[i] = True
+                        continue
+                    if kind == 'error':
+                        raise value
+                if not procs[i].is_alive():
+                    raise DatasetError(f'a worker process died (exit code {procs[i].exitcode}), e.g. killed '
+                                       'for lack of memory; run again with fewer workers')
+            report(sum(counts))
+        stop.check()  # asked while the last jobs ran: the jobs not started are not done
+        report(sum(counts))
+        for c in conns:
+            c.send(None)
+        clean = True
+    finally:
+        for p in procs:
+            if clean:
+                p.join(timeout=5)
+            if p.is_alive():
+                p.kill()  # SIGKILL: the workers ignore SIGTERM and SIGINT
+            p.join()
+        for c in conns:
+            c.close()
 
 
 def _finish(dst: Path, plan: dict) -> Path:
@@ -413,7 +579,11 @@ def _stats_only(a) -> int:
 
     try:
         files = layout.scan_split(a.src, 'train')
-        path = stats.ensure_stats(files, a.size, cache_dir=a.cache_dir, workers=a.workers, progress=not a.quiet)
+        path = stats.ensure_stats(files, a.size, cache_dir=a.cache_dir, workers=a.workers, progress=not a.quiet,
+                                  chunk_size=a.chunk_size)
+    except PassInterrupted as e:
+        print(f'stopped: {e}', file=sys.stderr)
+        return e.exit_code
     except DatasetError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
@@ -444,7 +614,13 @@ def main(argv=None) -> int:
                         "so full ILSVRC-2012 train+val, 1,331,167 images, holds 261.7 GB = 243.7 GiB of pixels, "
                         "~262.3 GB on disk with the record framing)")
     p.add_argument('--val-labels', default=None, help="labels file for a flat val/ folder ('<file> <wnid>' lines)")
-    p.add_argument('--quiet', action='store_true', help='no progress bar')
+    p.add_argument('--chunk-size', type=int, default=None,
+                   help='--stats-only: images per job of the statistics pass (default: up to 512); the sums so far '
+                        'are saved as jobs finish, so a stopped pass continues where it was (a resumed pass keeps '
+                        'the chunk size it started with)')
+    p.add_argument('--quiet', action='store_true',
+                   help='no progress (default: a bar on a terminal, else a line every 30 s, '
+                        '$ALEXNET_JAX_PROGRESS_EVERY_S)')
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
     if a.stats_only:
@@ -454,6 +630,9 @@ def main(argv=None) -> int:
     try:
         dst = prepare(a.src, a.dst, size=a.size, quality=a.quality, subsampling=a.subsampling, shard_size=a.shard_size,
                       workers=a.workers, val_labels=a.val_labels, progress=not a.quiet, records=a.records)
+    except PassInterrupted as e:
+        print(f'stopped: {e}', file=sys.stderr)
+        return e.exit_code
     except DatasetError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
