@@ -15,16 +15,19 @@ Writes ``results.csv``, ``results.json`` and ``ablations.png`` in ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import importlib.util
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from alexnet_jax import cli
+
+_PROG = cli.program("ablate")
 ROOT = Path(__file__).resolve().parents[2]  # the repository checkout: launch.py, configs/
 FIXED = ["--config.optim.plateau_patience=0"]  # every variant: the recipe's scheduled LR drops only
 FIELDS = ["variant", "seed", "top1_error", "top5_error", "top1_error_ten_crop", "top5_error_ten_crop",
@@ -77,7 +80,7 @@ def run_one(config: str, workdir: Path, variant_overrides: list[str], seed: int,
            *variant_overrides, *extra, *FIXED]  # FIXED last: no override can give one variant another schedule
     start = time.perf_counter()
     with open(workdir / "ablate.log", "a") as log:
-        rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        rc = _run_launch(cmd, log, workdir)
     if rc == EXIT_DIVERGED:  # a result too: these settings do not train (the README says which diverge)
         at = re.findall(r"became \S+ at step (\d+)", (workdir / "ablate.log").read_text())
         result = {"seed": seed, "top1_error": None, "top5_error": None, "top1_error_ten_crop": None,
@@ -96,6 +99,27 @@ def run_one(config: str, workdir: Path, variant_overrides: list[str], seed: int,
               "steps": last["step"], "wall_s": round(time.perf_counter() - start, 1), "diverged": False}
     done.write_text(json.dumps(result) + "\n")
     return result
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a run: it saved its checkpoint (launch.py's status 75) or was stopped."""
+
+
+def _run_launch(cmd: list[str], log, workdir: Path) -> int:
+    """``launch.py`` in a session of its own, so a terminal's Ctrl-C reaches it once, from here: on
+    SIGINT it saves at the step in flight and exits 75 (a second Ctrl-C stops it at once)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        try:
+            rc = proc.wait()
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGINT)
+            rc = proc.wait()
+        raise Interrupted(f"{workdir} saved its checkpoint; run the same command again to go on" if rc == 75 else
+                          f"{workdir} stopped (status {rc}); run the same command again to go on") from None
 
 
 def summary(results: list[dict], names: list[str], paper: dict) -> str:
@@ -157,31 +181,47 @@ def plot(results: list[dict], out: Path, names: list[str]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    """``python -m alexnet_jax.ablate ARGS [-- OVERRIDES]`` (and ``alexnet-ablate``); ``argv`` defaults to
+    ``sys.argv[1:]``."""
+    argv = [_PROG, *(sys.argv[1:] if argv is None else argv)]
+    cli.run_main(_PROG, lambda: _main(argv))
+
+
+def _main(argv: list[str]) -> None:
+    from absl import flags
+
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
-    ap = argparse.ArgumentParser(prog="python -m alexnet_jax.ablate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="configs/demo.py", help="the base recipe (a get_config() file)")
-    ap.add_argument("--out", required=True, help="folder for the runs and the results")
-    ap.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 for every variant")
-    ap.add_argument("--variants", default=None, help="comma-separated names (default: all, see configs/ablations.py)")
-    a = ap.parse_args(own)
+    fv = flags.FlagValues()
+    flags.DEFINE_string("config", "configs/demo.py", "The base recipe (a get_config() file).", flag_values=fv)
+    flags.DEFINE_string("out", None, "The folder for the runs and the results.", flag_values=fv)
+    flags.DEFINE_integer("seeds", 3, "Seeds 0 .. N-1 for every variant.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_list("variants", None, "Comma-separated variant names (default: all, see configs/ablations.py).",
+                      flag_values=fv)
+    if cli.wants_help(argv):
+        cli.print_help(_PROG, __doc__, fv, "-- OVERRIDES: launch.py flags for every run, e.g. "
+                       "-- --config.data.root=/path/to/imagenet --config.total_steps=1000.")
+    cli.parse_flags(_PROG, fv, own)
+    cli.require(_PROG, fv, "out")
     known = ablations_config().VARIANTS
-    names = a.variants.split(",") if a.variants else list(known)
+    names = fv.variants or list(known)
     unknown = [n for n in names if n not in known]
     if unknown:
-        sys.exit(f"ablate: no variant {', '.join(map(repr, unknown))}; the variants are {', '.join(known)}.")
-    out = Path(a.out).absolute()
+        sys.exit(f"{_PROG}: no variant {', '.join(map(repr, unknown))}; the variants are {', '.join(known)}.")
+    out = Path(fv.out).absolute()
     results = []
     for name in names:
-        for seed in range(a.seeds):
+        for seed in range(fv.seeds):
             workdir = out / name / f"seed{seed}"
             finished = (workdir / "result.json").is_file()
             print(f"{name} seed {seed}: {'done already, skipped' if finished else 'training'}", flush=True)
             try:
-                results.append({"variant": name, **run_one(a.config, workdir, overrides(known[name]), seed, extra)})
+                results.append({"variant": name, **run_one(fv.config, workdir, overrides(known[name]), seed, extra)})
             except RuntimeError as e:
-                sys.exit(f"ablate: {e}")
+                sys.exit(f"{_PROG}: {e}")
+            except Interrupted as e:
+                print(f"{_PROG}: interrupted (Ctrl-C): {e}", file=sys.stderr)
+                sys.exit(cli.EXIT_INTERRUPTED)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     with open(out / "results.csv", "w", newline="") as f:

@@ -36,7 +36,6 @@ Caffe's per-channel means, or the mean image given with ``--mean``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pickle
 import sys
@@ -292,15 +291,37 @@ def _imported_convert_error() -> type:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m alexnet_jax.convert", description=__doc__.split("\n\n")[0])
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--caffemodel", help="bvlc_alexnet.caffemodel (V1 or upgraded)")
-    src.add_argument("--npy", help="bvlc_alexnet.npy (pickled {layer: [W, b]})")
-    src.add_argument("--torchvision", help="torchvision's alexnet state_dict (.pth; needs torch installed)")
-    ap.add_argument("--out", required=True, help="checkpoint folder to write (new or empty)")
-    ap.add_argument("--mean", help="mean image: Caffe's .binaryproto or a .npy (3xHxW or 3 values, BGR); "
-                                   "default: Caffe's per-channel means")
-    a = ap.parse_args(argv)
+    """``python -m alexnet_jax.convert ARGS`` (and ``alexnet-convert``); ``argv`` defaults to ``sys.argv[1:]``."""
+    from alexnet_jax import cli
+
+    prog = cli.program("convert")
+    argv = [prog, *(sys.argv[1:] if argv is None else argv)]
+    cli.run_main(prog, lambda: _main(prog, argv))
+
+
+def _main(prog: str, argv: list[str]) -> None:
+    from absl import flags
+
+    from alexnet_jax import cli
+
+    fv = flags.FlagValues()
+    flags.DEFINE_string("caffemodel", None, "bvlc_alexnet.caffemodel (V1 or upgraded).", flag_values=fv)
+    flags.DEFINE_string("npy", None, "bvlc_alexnet.npy (pickled {layer: [W, b]}).", flag_values=fv)
+    flags.DEFINE_string("torchvision", None, "torchvision's alexnet state_dict (.pth; needs torch installed).",
+                        flag_values=fv)
+    flags.DEFINE_string("out", None, "The checkpoint folder to write (new or empty).", flag_values=fv)
+    flags.DEFINE_string("mean", None, "Mean image: Caffe's .binaryproto or a .npy (3xHxW or 3 values, BGR); "
+                        "default: Caffe's per-channel means.", flag_values=fv)
+    if cli.wants_help(argv):
+        cli.print_help(prog, "\n\n".join(__doc__.split("\n\n")[:3]), fv,
+                       "Give one of --caffemodel, --npy and --torchvision, and --out.")
+    cli.parse_flags(prog, fv, argv)
+    given = [n for n in ("caffemodel", "npy", "torchvision") if fv[n].value is not None]
+    if len(given) != 1:
+        cli.usage_error(prog, "give one of --caffemodel, --npy and --torchvision" +
+                        (f", not {' and '.join('--' + n for n in given)}" if given else ""))
+    cli.require(prog, fv, "out")
+    a = fv
     try:
         source = Path(a.caffemodel or a.npy or a.torchvision)
         if not source.is_file():
@@ -324,9 +345,9 @@ def main(argv: list[str] | None = None) -> None:
                 mean = read_mean(a.mean)
             step_dir = convert(caffe, a.out, mean_bgr=mean, origin=origin)
     except (ConvertError, _imported_convert_error()) as e:
-        sys.exit(f"convert: {e}")
+        sys.exit(f"{prog}: {e}")
     print(f"Wrote {step_dir} ({origin['format']}): load it with alexnet_jax.load_checkpoint({str(a.out)!r}), "
-          f"or evaluate it with python -m alexnet_jax.evaluate --workdir={a.out} --config.data.root=DIR")
+          f"or evaluate it with python -m alexnet_jax.evaluate --checkpoint={a.out} --data=DIR")
 
 
 if __name__ == "__main__":

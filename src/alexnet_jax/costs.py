@@ -35,7 +35,13 @@ from fractions import Fraction
 from alexnet_jax.model import LAYERS, AlexNet, from_config
 from alexnet_jax.parallel import LAYOUTS, indivisible_units, layout_named
 
-_PROG = "python -m alexnet_jax.costs"
+def _program() -> str:
+    from alexnet_jax.cli import program
+
+    return program("costs")
+
+
+_PROG = _program()
 
 
 def mesh_shape(model: AlexNet, layout: str, devices: int) -> tuple[int, int]:
@@ -122,22 +128,36 @@ def table(costs: dict):
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m alexnet_jax.costs ARGS`` (and ``alexnet-costs``); ``argv`` defaults to ``sys.argv[1:]``."""
+    from alexnet_jax import cli
+
+    argv = [_PROG, *(sys.argv[1:] if argv is None else argv)]
+    cli.configs_importable(argv)  # the config files import configs.paper
+    cli.run_main(_PROG, lambda: _main(argv))
+
+
+def _main(argv: list[str]) -> None:
     from absl import flags
     from ml_collections import config_flags
     from rich.console import Console
 
+    from alexnet_jax import cli
     from alexnet_jax.cli import BAD_COMMAND_LINE, describe
 
-    argv = list(sys.argv if argv is None else argv)
     fv = flags.FlagValues()
     try:
         config_flag = config_flags.DEFINE_config_file("config", "configs/paper.py", "Run config (a get_config() file).",
-                                                      flag_values=fv, sys_argv=argv)
-        devices = flags.DEFINE_integer("devices", 2, "How many devices (the paper: 2 GPUs).", flag_values=fv)
-        out = flags.DEFINE_string("json", None, "Also write the table to this JSON file.", flag_values=fv)
-        rest = fv(argv)
-        if len(rest) > 1:
-            raise ValueError(f"unexpected arguments {rest[1:]}")
+                                                      flag_values=fv, sys_argv=cli.dashes_to_underscores(argv, fv))
+    except BAD_COMMAND_LINE as e:
+        cli.usage_error(_PROG, describe(e))
+    devices = flags.DEFINE_integer("devices", 2, "How many devices (the paper: 2 GPUs).", flag_values=fv)
+    out = flags.DEFINE_string("json", None, "Also write the table to this JSON file.", flag_values=fv)
+    if cli.wants_help(argv):
+        cli.print_help(_PROG, "\n\n".join(__doc__.split("\n\n")[:2]), fv,
+                       "--config.FIELD=VALUE: any field of the --config file, e.g. --config.mesh.parallelism=hybrid, "
+                       "--config.batch_size=256.")
+    cli.parse_flags(_PROG, fv, argv)
+    try:
         config = config_flag.value
         model = from_config(config.model)
         layout = config.mesh.get("parallelism", "towers")
@@ -146,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         if devices.value < 1:
             raise ValueError(f"--devices={devices.value} must be at least 1")
     except BAD_COMMAND_LINE as e:
-        sys.exit(f"{_PROG}: bad command line: {describe(e)}")
+        cli.usage_error(_PROG, describe(e))
     try:
         costs = layer_costs(model, layout, devices.value, config.batch_size)
         if layout == "hybrid":  # the layout's own requirement, checked as the run would
@@ -158,9 +178,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"{_PROG}: {e}")
     Console(soft_wrap=True).print(table(costs))
     if out.value:
-        with open(out.value, "w") as f:
-            json.dump(rounded(costs), f, indent=1)
-            f.write("\n")
+        try:
+            with open(out.value, "w") as f:
+                json.dump(rounded(costs), f, indent=1)
+                f.write("\n")
+        except OSError as e:
+            sys.exit(f"{_PROG}: cannot write --json={out.value}: {e} (the table is printed above)")
 
 
 if __name__ == "__main__":

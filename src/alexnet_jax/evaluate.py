@@ -2,12 +2,13 @@
 
     python -m alexnet_jax.evaluate --checkpoint=runs/paper --data=/path/to/imagenet [--views=center|ten_crop]
     python -m alexnet_jax.evaluate --checkpoint=runs/bvlc_alexnet --data=/path/to/imagenet --json=val.json
-    python -m alexnet_jax.evaluate --workdir=runs/demo --json=val.json          # the data it trained on
+    python -m alexnet_jax.evaluate --checkpoint=runs/demo --json=val.json       # the data it trained on
 
-``--checkpoint`` (or ``--workdir``) is a training run's workdir, its
-``checkpoints/<step>`` folder or a folder written by ``alexnet_jax.convert``;
-``--data=DIR`` is an ImageNet-layout folder (``val/`` inside it) and stands
-for ``--config.data.name=imagenet --config.data.format=folder --config.data.root=DIR``.
+``--checkpoint`` is a training run's workdir, its ``checkpoints/<step>``
+folder or a folder written by ``alexnet_jax.convert`` (``--workdir`` is a
+deprecated name for it); ``--data=DIR`` is an ImageNet-layout folder (``val/``
+inside it) or that ``val/`` folder itself, and stands for
+``--config.data.name=imagenet --config.data.format=folder --config.data.root=DIR``.
 Labels are mapped through the checkpoint's own class list, so a folder that
 holds only some of the classes is scored correctly.
 
@@ -40,18 +41,20 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
+from alexnet_jax import cli
 from alexnet_jax.cli import BAD_COMMAND_LINE as _BAD
 from alexnet_jax.cli import describe
-_PROG = "python -m alexnet_jax.evaluate"
+_PROG = cli.program("evaluate")
+_CONFIG_HELP = """--config.FIELD=VALUE: any field of the config the run saved, e.g. --config.data.root=/path/to/imagenet,
+  --config.data.num_workers=4 (ml_collections syntax, as on launch.py)."""
 
 
 def _define_run_flags(fv: flags.FlagValues) -> None:
-    flags.DEFINE_string("workdir", None, "The training run's workdir (or its checkpoints/<step> folder).",
-                        flag_values=fv)
-    flags.DEFINE_string("checkpoint", None, "Same as --workdir; also a folder written by alexnet_jax.convert.",
-                        flag_values=fv)
-    flags.DEFINE_string("data", None, "ImageNet-layout folder to evaluate on (its val/ split): "
-                        "--config.data.root=DIR as an image folder.", flag_values=fv)
+    flags.DEFINE_string("checkpoint", None, "A training run's workdir, its checkpoints/<step> folder, or a folder "
+                        "written by alexnet_jax.convert.", flag_values=fv)
+    flags.DEFINE_string("workdir", None, "Deprecated: the same as --checkpoint.", flag_values=fv)
+    flags.DEFINE_string("data", None, "ImageNet-layout folder to evaluate on: the dataset root (its val/ "
+                        "inside) or the val/ folder itself; --config.data.root as an image folder.", flag_values=fv)
     flags.DEFINE_integer("step", None, "Which checkpoint step; default the newest finished one.", flag_values=fv)
     flags.DEFINE_enum("views", "both", ["both", "ten_crop", "center"],
                       "'both' (or 'ten_crop'): centre crop and ten crops from one pass; 'center': the centre "
@@ -59,6 +62,31 @@ def _define_run_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("split", "val", "Which split of the data to evaluate.", flag_values=fv)
     flags.DEFINE_integer("batch_size", None, "Images per batch; default the run's eval_batch_size.", flag_values=fv)
     flags.DEFINE_string("json", None, "Also write the results to this JSON file.", flag_values=fv)
+
+
+def _is_split_folder(folder: Path, split: str) -> bool:
+    """Whether ``--data=folder`` names the split itself rather than the dataset root: it has no
+    ``<split>/`` inside, but image files, or class folders (none of them a split's name)."""
+    from alexnet_jax.data.layout import IMAGE_EXTENSIONS
+
+    if not folder.is_dir() or (folder / split).is_dir():
+        return False
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    if any(p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS) for p in entries):
+        return True
+    dirs = [p.name for p in entries if p.is_dir()]
+    return bool(dirs) and not {"train", "val", "test"} & set(dirs)
+
+
+def data_root_and_split(data: str, split: str) -> tuple[str, str]:
+    """``(root, split)`` for ``--data=DIR``: ``DIR`` itself when ``DIR/<split>`` is there (or nothing
+    better is: the reader then says what is missing), or ``DIR``'s parent and ``DIR``'s name when
+    ``DIR`` is the split folder (``--data=/path/to/imagenet/val``)."""
+    folder = Path(data)
+    if _is_split_folder(folder, split):
+        folder = folder.absolute()
+        return str(folder.parent), folder.name
+    return data, split
 
 
 def config_for_evaluation(saved: dict) -> ml_collections.ConfigDict:
@@ -83,16 +111,26 @@ def parse_command_line(argv: list[str]):
     """``(config, options)``: the checkpoint's config with the command line's overrides, and the other flags."""
     from alexnet_jax.checkpoint import CheckpointError, find_step_dir, read_config
 
+    argv = list(argv)
+    if cli.wants_help(argv):
+        fv = flags.FlagValues()
+        _define_run_flags(fv)
+        cli.print_help(_PROG, "\n\n".join(__doc__.split("\n\n")[:3]), fv, _CONFIG_HELP)
     first = flags.FlagValues()
     _define_run_flags(first)
     try:
-        first(list(argv), known_only=True)
+        first(cli.dashes_to_underscores(argv, first), known_only=True)
     except _BAD as e:
-        sys.exit(f"{_PROG}: bad command line: {e}")
+        cli.usage_error(_PROG, describe(e))
+    if first.workdir is not None:
+        if first.checkpoint is not None and first.checkpoint != first.workdir:
+            cli.usage_error(_PROG, f"--workdir={first.workdir} and --checkpoint={first.checkpoint}: give one "
+                            "(--workdir is a deprecated name for --checkpoint)")
+        print(f"{_PROG}: --workdir is deprecated: use --checkpoint={first.workdir}", file=sys.stderr)
     path = first.checkpoint or first.workdir
     if path is None:
-        sys.exit(f"{_PROG}: give --checkpoint=PATH: a training run's workdir, or a folder written by "
-                 "python -m alexnet_jax.convert.")
+        cli.usage_error(_PROG, "give --checkpoint=PATH: a training run's workdir, or a folder written by "
+                        "python -m alexnet_jax.convert")
     try:
         step_dir, _ = find_step_dir(path, first.step)
     except CheckpointError as e:
@@ -101,20 +139,26 @@ def parse_command_line(argv: list[str]):
 
     fv = flags.FlagValues()
     _define_run_flags(fv)
+    argv = cli.dashes_to_underscores(argv, fv)
     try:  # config_flags applies the overrides as soon as the flag is defined
         config_flag = config_flags.DEFINE_config_dict("config", base, "The run's saved config; override "
                                                       "fields with --config.X=...", flag_values=fv,
-                                                      sys_argv=list(argv))
-        rest = fv(list(argv))
+                                                      sys_argv=argv)
+        rest = fv(argv)
         config = config_flag.value
     except _BAD as e:
-        sys.exit(f"{_PROG}: bad command line: {describe(e)}\nConfig keys are those the run saved, "
-                 "e.g. --config.data.root=/path/to/imagenet.")
+        cli.usage_error(_PROG, f"{describe(e)}; config keys are those the run saved, "
+                        "e.g. --config.data.root=/path/to/imagenet")
     if len(rest) > 1:
-        sys.exit(f"{_PROG}: bad command line: unexpected arguments {rest[1:]}")
+        cli.usage_error(_PROG, f"unexpected arguments {rest[1:]}")
+    split = fv.split
     if fv.data is not None:
-        config.data.name, config.data.format, config.data.root = "imagenet", "folder", fv.data
-    return config, {"workdir": path, "step": fv.step, "views": fv.views, "split": fv.split,
+        root, split = data_root_and_split(fv.data, fv.split)
+        if split != fv.split and config.data.val_labels is not None:
+            cli.usage_error(_PROG, f"--data={fv.data} is a split folder not named {fv.split}/, so "
+                            "--config.data.val_labels would not apply: give the folder above it")
+        config.data.name, config.data.format, config.data.root = "imagenet", "folder", root
+    return config, {"workdir": path, "step": fv.step, "views": fv.views, "split": split,
                     "batch_size": fv.batch_size, "json": fv.json}
 
 
@@ -160,6 +204,7 @@ def evaluate_checkpoint(workdir, config: ml_collections.ConfigDict | None = None
         seconds = time.perf_counter() - start
     finally:
         passes.close()
+        data_lib.release_shared_memory()  # no 'leaked shared_memory' warning from the loader's workers at exit
     return {"checkpoint": ckpt.path, "step": ckpt.step, "split": split, "images": len(records), **result,
             "seconds": round(seconds, 2), "images_per_s": round(len(records) / seconds, 1)}
 
@@ -182,7 +227,14 @@ def _table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str] | None = None) -> None:
+    """``python -m alexnet_jax.evaluate ARGS`` (and the ``alexnet-evaluate`` command); ``argv``: the
+    arguments after the program's name, default those of ``sys.argv``."""
+    argv = [_PROG, *(sys.argv[1:] if argv is None else argv)]
+    cli.run_main(_PROG, lambda: _main(argv))
+
+
+def _main(argv: list[str]) -> None:
     config, opts = parse_command_line(argv)
     out = Path(opts["json"]) if opts["json"] else None
     if out is not None:  # before the pass, not after: a long evaluation must not be lost to a bad path
@@ -211,4 +263,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    main()

@@ -1,15 +1,20 @@
 """A weights-only copy of a checkpoint: the parameters, config, classes and mean image, no optimizer
 state (a third of the size with momentum), loaded like any other checkpoint.
 
-    python -m alexnet_jax.export --checkpoint runs/paper --out runs/paper-weights [--step N]
+    python -m alexnet_jax.export --checkpoint=runs/paper --out=runs/paper-weights [--step=N]
 
 Training cannot resume from the copy; evaluation, ``Classifier`` and the figures use it unchanged.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+from absl import flags
+
+from alexnet_jax import cli
+
+_PROG = cli.program("export")
 
 
 def export(checkpoint: str, out: str, step: int | None = None):
@@ -30,17 +35,27 @@ def export(checkpoint: str, out: str, step: int | None = None):
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m alexnet_jax.export", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="a training workdir or a checkpoints/<step> folder")
-    ap.add_argument("--out", required=True, help="folder to write (new or empty)")
-    ap.add_argument("--step", type=int, default=None, help="which step (default: the newest)")
-    a = ap.parse_args(argv)
+    """``python -m alexnet_jax.export ARGS`` (and ``alexnet-export``); ``argv`` defaults to ``sys.argv[1:]``."""
+    argv = [_PROG, *(sys.argv[1:] if argv is None else argv)]
+    cli.run_main(_PROG, lambda: _main(argv))
+
+
+def _main(argv: list[str]) -> None:
+    fv = flags.FlagValues()
+    flags.DEFINE_string("checkpoint", None, "A training run's workdir or a checkpoints/<step> folder.",
+                        flag_values=fv)
+    flags.DEFINE_string("out", None, "The folder to write (new or empty).", flag_values=fv)
+    flags.DEFINE_integer("step", None, "Which checkpoint step (default: the newest).", flag_values=fv)
+    if cli.wants_help(argv):
+        cli.print_help(_PROG, __doc__, fv)
+    cli.parse_flags(_PROG, fv, argv)
+    cli.require(_PROG, fv, "checkpoint", "out")
     from alexnet_jax.checkpoint import CheckpointError
 
     try:
-        step_dir = export(a.checkpoint, a.out, a.step)
+        step_dir = export(fv.checkpoint, fv.out, fv.step)
     except CheckpointError as e:
-        sys.exit(f"export: {e}")
+        sys.exit(f"{_PROG}: {e}")
     print(f"Wrote {step_dir} (weights only).")
 
 

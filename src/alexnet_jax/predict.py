@@ -1,46 +1,70 @@
 """Classify image files with a checkpoint: the top-5 classes and their probabilities per image.
 
-    python -m alexnet_jax.predict --checkpoint runs/bvlc_alexnet cat.jpg dog.png
-    python -m alexnet_jax.predict --checkpoint runs/demo --views ten_crop --json out.json img/*.jpg
+    python -m alexnet_jax.predict --checkpoint=runs/bvlc_alexnet cat.jpg dog.png
+    python -m alexnet_jax.predict --checkpoint=runs/demo --views=ten_crop --json=out.json img/*.jpg
 
 The checkpoint's own preprocessing is used (its resize, crop and mean image).
+The images are the arguments after the flags, or ``--images FILE`` (repeatable).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
+from absl import flags
+
+from alexnet_jax import cli
+
+_PROG = cli.program("predict")
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("checkpoint", None, "A training run's workdir, a checkpoints/<step> folder, or a folder "
+                        "written by alexnet_jax.convert.", flag_values=fv)
+    flags.DEFINE_integer("step", None, "Which checkpoint step (default: the newest).", flag_values=fv)
+    flags.DEFINE_enum("views", None, ["center", "ten_crop"], "Default: ten crops if the run evaluated them, "
+                      "else the centre crop.", flag_values=fv)
+    flags.DEFINE_integer("top_k", 5, "How many classes to give per image.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_string("json", None, "Write {image: [{class, name, prob}, ...]} to this file instead of "
+                        "printing.", flag_values=fv)
+    flags.DEFINE_multi_string("images", None, "An image file (JPEG, PNG, ...), as well as or instead of the "
+                              "files after the flags", flag_values=fv)
+
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m alexnet_jax.predict", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="a training workdir, a checkpoints/<step> folder, or a "
-                                                         "folder written by alexnet_jax.convert")
-    ap.add_argument("--step", type=int, default=None, help="which step (default: the newest)")
-    ap.add_argument("--views", choices=("center", "ten_crop"), default=None,
-                    help="default: ten crops if the run evaluated them, else the centre crop")
-    ap.add_argument("--top-k", type=int, default=5)
-    ap.add_argument("--json", default=None, help="write {image: [{class, name, prob}, ...]} here instead of printing")
-    ap.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
-    a = ap.parse_args(argv)
+    """``python -m alexnet_jax.predict ARGS`` (and ``alexnet-predict``); ``argv`` defaults to ``sys.argv[1:]``."""
+    argv = [_PROG, *(sys.argv[1:] if argv is None else argv)]
+    cli.run_main(_PROG, lambda: _main(argv))
+
+
+def _main(argv: list[str]) -> None:
+    fv = flags.FlagValues()
+    define_flags(fv)
+    if cli.wants_help(argv):
+        cli.print_help(_PROG, __doc__, fv)
+    after = cli.parse_flags(_PROG, fv, argv, positional=True)
+    images = [*(fv.images or []), *after]  # --images FILE first, then the files after the flags
+    cli.require(_PROG, fv, "checkpoint", what=" and image files")
+    if not images:
+        cli.usage_error(_PROG, "give image files to classify (after the flags, or --images FILE)")
     from alexnet_jax.checkpoint import CheckpointError
     from alexnet_jax.inference import Classifier, ImageError
 
     try:
-        pred = Classifier(a.checkpoint, step=a.step, views=a.views).predict(a.images, top_k=a.top_k)
+        pred = Classifier(fv.checkpoint, step=fv.step, views=fv.views).predict(images, top_k=fv.top_k)
     except (CheckpointError, ImageError) as e:
-        sys.exit(f"predict: {e}")
-    if a.json is None:
+        sys.exit(f"{_PROG}: {e}")
+    if fv.json is None:
         print(pred)
         return
     out = {src: [{"class": c, "name": n, "prob": float(p)} for c, n, p in zip(cs, ns, ps)]
            for src, cs, ns, ps in zip(pred.sources, pred.classes, pred.names, pred.top_probs)}
     try:
-        Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
+        Path(fv.json).write_text(json.dumps(out, indent=1) + "\n")
     except OSError as e:
-        sys.exit(f"predict: cannot write --json={a.json}: {e}")
+        sys.exit(f"{_PROG}: cannot write --json={fv.json}: {e}")
 
 
 if __name__ == "__main__":

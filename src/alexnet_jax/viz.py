@@ -12,8 +12,8 @@
 
 Command line (headless; writes ``<out>/*.png``)::
 
-    python -m alexnet_jax.viz --workdir runs/demo --out figures/
-    python -m alexnet_jax.viz --workdir runs/demo --out figures/ --images cat.jpg dog.png
+    python -m alexnet_jax.viz --checkpoint=runs/demo --out=figures/
+    python -m alexnet_jax.viz --checkpoint=runs/demo --out=figures/ cat.jpg dog.png   # or --images=cat.jpg ...
 
 Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas, never
 ``pyplot``: nothing depends on a display or changes a notebook's backend.
@@ -21,7 +21,6 @@ Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas, never
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -334,23 +333,53 @@ def write_all(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int |
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m alexnet_jax.viz", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", required=True, help="a run's workdir, its checkpoints/ or a checkpoints/<step>/")
-    ap.add_argument("--out", default="figures", help="folder for the PNG files (created)")
-    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
-    ap.add_argument("--images", nargs="*", default=None, help="image files to classify and use as queries")
-    ap.add_argument("--num-images", type=int, default=8, help="validation images to classify without --images")
-    ap.add_argument("--num-queries", type=int, default=5, help="query images in the neighbours figure")
-    ap.add_argument("--neighbours", type=int, default=6, help="neighbours shown per query")
-    ap.add_argument("--gallery-size", type=int, default=1000, help="training images searched for neighbours")
-    args = ap.parse_args(argv)
+    """``python -m alexnet_jax.viz ARGS`` (and ``alexnet-viz``); ``argv`` defaults to ``sys.argv[1:]``.
+    Returns the exit status: 0, or 1 when the checkpoint or an image cannot be read."""
+    from alexnet_jax import cli
+
+    prog = cli.program("viz")
+    argv = [prog, *(sys.argv[1:] if argv is None else argv)]
+    return cli.run_main(prog, lambda: _main(prog, argv))
+
+
+def _main(prog: str, argv: list[str]) -> int:
+    from absl import flags
+
+    from alexnet_jax import cli
+
+    fv = flags.FlagValues()
+    flags.DEFINE_string("checkpoint", None, "A run's workdir, its checkpoints/ or a checkpoints/<step>/ folder.",
+                        flag_values=fv)
+    flags.DEFINE_string("workdir", None, "Deprecated: the same as --checkpoint.", flag_values=fv)
+    flags.DEFINE_string("out", "figures", "The folder for the PNG files (created).", flag_values=fv)
+    flags.DEFINE_integer("step", None, "Which checkpoint step (default: the newest).", flag_values=fv)
+    flags.DEFINE_multi_string("images", None, "An image file to classify and use as a query (repeatable), as "
+                              "well as or instead of the files after the flags", flag_values=fv)
+    flags.DEFINE_integer("num_images", 8, "Validation images to classify without --images.", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_integer("num_queries", 5, "Query images in the neighbours figure.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("neighbours", 6, "Neighbours shown per query.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("gallery_size", 1000, "Training images searched for neighbours.", lower_bound=1,
+                         flag_values=fv)
+    if cli.wants_help(argv):
+        cli.print_help(prog, "\n\n".join(__doc__.split("\n\n")[:4]), fv)
+    after = cli.parse_flags(prog, fv, argv, positional=True)
+    images = [*(fv.images or []), *after] or None  # --images FILE first, then the files after the flags
+    if fv.workdir is not None:
+        if fv.checkpoint is not None and fv.checkpoint != fv.workdir:
+            cli.usage_error(prog, f"--workdir={fv.workdir} and --checkpoint={fv.checkpoint}: give one "
+                            "(--workdir is a deprecated name for --checkpoint)")
+        print(f"{prog}: --workdir is deprecated: use --checkpoint={fv.workdir}", file=sys.stderr)
+    checkpoint = fv.checkpoint or fv.workdir
+    if checkpoint is None:
+        cli.usage_error(prog, "give --checkpoint=PATH: a training run's workdir or one of its checkpoints")
     from alexnet_jax.inference import CheckpointError, ImageError
 
     try:
-        write_all(args.workdir, args.out, step=args.step, images=args.images, num_images=args.num_images,
-                  num_queries=args.num_queries, neighbours=args.neighbours, gallery_size=args.gallery_size)
+        write_all(checkpoint, fv.out, step=fv.step, images=images, num_images=fv.num_images,
+                  num_queries=fv.num_queries, neighbours=fv.neighbours, gallery_size=fv.gallery_size)
     except (CheckpointError, ImageError) as e:
-        print(f"alexnet_jax.viz: {e}", file=sys.stderr)
+        print(f"{prog}: {e}", file=sys.stderr)
         return 1
     return 0
 
