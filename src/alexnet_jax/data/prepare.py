@@ -141,6 +141,7 @@ def atomic_savez(path: Path, arrays: dict) -> None:
 # One shard (runs in a worker process)
 
 _counter = None  # (per-worker counts, this worker's slot), or a one-slot list inline
+_inline_stop = None  # inline (workers=0): the pass's _StopRequest, checked between images by tick()
 
 
 def _init_worker(counter) -> None:
@@ -149,10 +150,13 @@ def _init_worker(counter) -> None:
 
 
 def tick() -> None:
-    """One image done (called by a job function)."""
+    """One image done (called by a job function, outside its per-image error handling). Inline, a
+    pending SIGTERM/Ctrl-C is raised here, between two images: the job is abandoned, its result unused."""
     if _counter is not None:
         counts, i = _counter
         counts[i] += 1  # this process's own slot: no lock, nothing a killed worker could leave held
+    if _inline_stop is not None:
+        _inline_stop.check()
 
 
 def keeps_original(data: bytes, size: int) -> bool:
@@ -347,6 +351,7 @@ def run_jobs(fn, jobs: list, workers: int, total: int, progress: bool, label: st
     :class:`PassInterrupted` is raised: no traceback from the workers and
     nothing left for the resource tracker to report.
     """
+    global _inline_stop
     on_result = on_result or (lambda result: None)
     bar = PassProgress(label, done_before + total, enabled=progress, start=done_before)
     stop = _StopRequest()
@@ -359,15 +364,14 @@ def run_jobs(fn, jobs: list, workers: int, total: int, progress: bool, label: st
                 try:
                     for job in jobs:
                         stop.check()
-                        stop.inline = True  # a signal now abandons this job (its result is not used)
-                        stop.check()
+                        _inline_stop = stop
                         result = fn(job)
-                        stop.inline = False
+                        _inline_stop = None
                         on_result(result)
                         bar.update(done_before + counts[0])
                     stop.check()
                 finally:
-                    stop.inline = False
+                    _inline_stop = None
                     _init_worker(None)
             else:
                 _run_in_workers(fn, jobs, workers, on_result, lambda n: bar.update(done_before + n), stop)
@@ -381,23 +385,18 @@ def run_jobs(fn, jobs: list, workers: int, total: int, progress: bool, label: st
 
 class _StopRequest:
     """While entered (main thread only): SIGTERM and SIGINT set ``name`` instead of ending the process;
-    :meth:`check` raises :class:`PassInterrupted` at the loop's safe points.
-
-    While ``inline`` is True (a job running in this process, whose result is
-    thrown away if it is cut short) the handler raises at once.
+    :meth:`check` raises :class:`PassInterrupted` at safe points (the loops here, and :func:`tick`
+    inline). Never raised from the handler itself: a job's ``except`` could take it for a bad image.
     """
 
     def __init__(self):
-        self.name, self.inline, self._previous = None, False, {}
+        self.name, self._previous = None, {}
 
     def _on_signal(self, signum, frame) -> None:
         import signal
 
         if self.name is None:
             self.name = signal.Signals(signum).name
-        if self.inline:
-            self.inline = False
-            self.check()
 
     def check(self) -> None:
         if self.name:
@@ -455,6 +454,8 @@ def _worker_main(fn, conn, counts, index: int) -> None:
 
 def _run_in_workers(fn, jobs: list, workers: int, on_result, report, stop: _StopRequest) -> None:
     """The jobs on ``workers`` spawned processes, one job each at a time; stops when ``stop.name`` is set."""
+    import signal
+    import threading
     from multiprocessing.connection import wait
 
     # spawn: safe even when the caller already runs JAX threads.
@@ -462,15 +463,25 @@ def _run_in_workers(fn, jobs: list, workers: int, on_result, report, stop: _Stop
     workers = max(1, min(workers, len(jobs)))
     counts = ctx.RawArray('q', workers)  # images done, one slot per worker (no lock to be left held)
     procs, conns, clean = [], [], False
+    # The workers are started with SIGINT and SIGTERM ignored (an ignored signal stays ignored across the
+    # exec, and Python keeps it so), so a signal sent to the whole process group while one is still
+    # importing can neither kill it nor print its traceback. The price: one that reaches this process in
+    # those few milliseconds (about 20 ms a worker) is lost.
+    handlers = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)} if (
+        threading.current_thread() is threading.main_thread()) else {}
     try:
-        for i in range(workers):
-            here, there = ctx.Pipe()
-            p = ctx.Process(target=_worker_main, args=(fn, there, counts, i), daemon=True,
-                            name=f'alexnet_jax-pass-{i}')
-            p.start()
-            there.close()
-            procs.append(p)
-            conns.append(here)
+        try:
+            for i in range(workers):
+                here, there = ctx.Pipe()
+                p = ctx.Process(target=_worker_main, args=(fn, there, counts, i), daemon=True,
+                                name=f'alexnet_jax-pass-{i}')
+                p.start()
+                there.close()
+                procs.append(p)
+                conns.append(here)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
         todo = list(reversed(jobs))
         busy = [False] * workers
         for i in range(workers):
@@ -499,6 +510,8 @@ def _run_in_workers(fn, jobs: list, workers: int, on_result, report, stop: _Stop
                     if kind == 'error':
                         raise value
                 if not procs[i].is_alive():
+                    time.sleep(0.2)  # killed along with us by a signal to the group: that is a stop
+                    stop.check()
                     raise DatasetError(f'a worker process died (exit code {procs[i].exitcode}), e.g. killed '
                                        'for lack of memory; run again with fewer workers')
             report(sum(counts))
