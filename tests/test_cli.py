@@ -273,12 +273,14 @@ def test_evaluate_takes_the_root_or_the_val_folder_and_ends_quietly(demo_run, tm
 @pytest.mark.xdist_group("trained_runs")
 def test_evaluate_ctrl_c_is_one_line_and_status_130(demo_run):
     env = _env() | {"PYTHONUNBUFFERED": "1"}
+    """Also while the loader's workers are still starting (importing for seconds): none of them prints a
+    KeyboardInterrupt of its own."""
     p = subprocess.Popen([sys.executable, "-m", "alexnet_jax.evaluate", f"--checkpoint={demo_run}",
-                          "--config.data.num_workers=2", "--batch_size=10"], cwd=ROOT, env=env,
+                          "--split=train", "--config.data.num_workers=2", "--batch_size=10"], cwd=ROOT, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     first = p.stdout.readline()  # the mesh note, printed before the loader starts
     assert "device" in first, first
-    time.sleep(4)  # its workers are decoding, the pass under way
+    time.sleep(3)  # its workers starting (3,000 training images: a pass of a minute)
     os.killpg(p.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130, (p.returncode, out[-2000:], err[-3000:])

@@ -30,6 +30,7 @@ One process; all its devices.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -197,16 +198,43 @@ def evaluate_checkpoint(workdir, config: ml_collections.ConfigDict | None = None
     passes = data_lib.EvalPasses(cfg, batch_size=batch, mode=mode, split=split, image_size=model.image_size,
                                  data=data)
     try:
-        eval_step = steps.make_eval_step(model, mesh, param_shardings, steps.make_input_fn(cfg, ckpt.stats))
-        start = time.perf_counter()
-        batches = _progress(passes(), eval_num_batches(len(records), batch))
-        result = steps.evaluate(eval_step, params, batches, mesh)
-        seconds = time.perf_counter() - start
+        with _sigint_blocked_in_new_workers():
+            eval_step = steps.make_eval_step(model, mesh, param_shardings, steps.make_input_fn(cfg, ckpt.stats))
+            start = time.perf_counter()
+            batches = _progress(passes(), eval_num_batches(len(records), batch))
+            result = steps.evaluate(eval_step, params, batches, mesh)
+            seconds = time.perf_counter() - start
     finally:
         passes.close()
         data_lib.release_shared_memory()  # no 'leaked shared_memory' warning from the loader's workers at exit
     return {"checkpoint": ckpt.path, "step": ckpt.step, "split": split, "images": len(records), **result,
             "seconds": round(seconds, 2), "images_per_s": round(len(records) / seconds, 1)}
+
+
+@contextlib.contextmanager
+def _sigint_blocked_in_new_workers():
+    """Loader workers started in here begin life with SIGINT blocked. A Ctrl-C reaches the whole process
+    group; a worker still importing its modules (seconds, before its own init ignores SIGINT) would print a
+    KeyboardInterrupt traceback of its own. Blocked, the signal waits and is then dropped by that init; in
+    this process it is blocked only while ``Process.start`` runs, and delivered right after."""
+    import multiprocessing.process
+    import signal
+
+    cls = multiprocessing.process.BaseProcess
+    original = cls.start
+
+    def start(self):
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            original(self)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    cls.start = start
+    try:
+        yield
+    finally:
+        cls.start = original
 
 
 def _progress(batches, total: int):
