@@ -113,13 +113,13 @@ COMMANDS = {
         "tests/test_launch_imagenet.py::test_packed_form_and_stats_path_from_the_command_line",
     "python launch.py --config=configs/paper.py --config.data.packed_dir=/path/to/packed --workdir=runs/paper":
         "tests/test_launch_imagenet.py::test_packed_form_and_stats_path_from_the_command_line",
-    "python -m alexnet_jax.evaluate --workdir=runs/paper --json=runs/paper/val.json":
+    "python -m alexnet_jax.evaluate --checkpoint=runs/paper --json=runs/paper/val.json":
         "tests/test_evaluate.py::test_command_matches_the_classifier_on_the_same_images",
-    "python -m alexnet_jax.evaluate --workdir=runs/paper --config.data.root=/other/copy/of/imagenet --views=center":
+    "python -m alexnet_jax.evaluate --checkpoint=runs/paper --config.data.root=/other/copy/of/imagenet --views=center":
         "tests/test_evaluate.py::test_devkit_layout_gives_the_class_folder_result",
     # docs/inference.md
-    "python -m alexnet_jax.viz --workdir runs/demo --out figures/": "tests/test_viz.py::test_command_line_writes_the_four_figures",
-    "python -m alexnet_jax.viz --workdir runs/demo --out figures/ --images a.jpg b.png":
+    "python -m alexnet_jax.viz --checkpoint runs/demo --out figures/": "tests/test_viz.py::test_command_line_writes_the_four_figures",
+    "python -m alexnet_jax.viz --checkpoint runs/demo --out figures/ --images a.jpg b.png":
         "tests/test_viz.py::test_command_line_writes_the_four_figures",
     # docs/parallelism.md
     "python -m alexnet_jax.costs --config=configs/paper.py --devices=4 --config.mesh.parallelism=hybrid [--json costs.json]":

@@ -47,7 +47,7 @@ def run(tmp_path_factory):
 
 def test_command_matches_the_classifier_on_the_same_images(run, tmp_path):
     out = tmp_path / "val.json"
-    p = evaluate_cli(f"--workdir={run}", f"--json={out}")
+    p = evaluate_cli(f"--checkpoint={run}", f"--json={out}")
     assert p.returncode == 0, p.stderr[-3000:]
     got = json.loads(out.read_text())
     assert "ten crops" in p.stdout and f"{got['top1_error']:.4f}" in p.stdout
@@ -93,7 +93,7 @@ def test_devkit_layout_gives_the_class_folder_result(run, tmp_path):
     write_meta_mat(data / "meta.mat", devkit_ids)
 
     out = tmp_path / "devkit.json"
-    p = evaluate_cli(f"--workdir={run}", f"--json={out}", "--config.data.name=imagenet",
+    p = evaluate_cli(f"--checkpoint={run}", f"--json={out}", "--config.data.name=imagenet",
                      "--config.data.format=folder", f"--config.data.root={flat}", "--views=center")
     assert p.returncode == 0, p.stderr[-3000:]
     devkit = json.loads(out.read_text())
@@ -112,15 +112,15 @@ def test_devkit_layout_gives_the_class_folder_result(run, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     ([], "give --checkpoint=PATH"),
-    (["--workdir=/no/such/run"], "/no/such/run"),
+    (["--checkpoint=/no/such/run"], "/no/such/run"),
     (["--config.data.no_such_key=1"], "no_such_key"),
     (["--json=/proc/no/such/dir/val.json"], "cannot write --json=/proc/no/such/dir/val.json"),
     (["--config.data.name=imagenet", "--config.data.format=folder", "--config.data.root=/no/such/data"],
      "/no/such/data"),
 ])
 def test_bad_command_lines_say_what_is_wrong(run, args, message):
-    if args and not args[0].startswith("--workdir"):
-        args = [f"--workdir={run}", *args]
+    if args and not args[0].startswith("--checkpoint"):
+        args = [f"--checkpoint={run}", *args]
     p = evaluate_cli(*args)
     assert p.returncode != 0
     assert message in p.stderr, p.stderr[-2000:]

@@ -1,11 +1,17 @@
 """Figures: the pure helpers against NumPy loops, and every PNG the command line writes."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
 import _trained
 from alexnet_jax import viz
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.xdist_group("trained_runs")  # one worker trains _trained.runs for all
 
@@ -63,7 +69,11 @@ def test_read_metrics_keeps_the_last_value_of_a_repeated_step(tmp_path):
 def test_command_line_writes_the_four_figures(runs, tmp_path, capsys):
     out = tmp_path / "figures"
     photos = _trained.photo_paths()
-    assert viz.main(["--workdir", str(runs["2x2"]), "--out", str(out), "--gallery-size", "200"]) == 0
+    # As typed (docs/inference.md), in a process of its own.
+    r = subprocess.run([sys.executable, "-m", "alexnet_jax.viz", "--checkpoint", str(runs["2x2"]), "--out", str(out),
+                        "--gallery_size", "200"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "leaked" not in r.stderr
     assert sorted(p.name for p in out.iterdir()) == [
         "conv1_kernels.png", "curves.png", "neighbours.png", "predictions.png"]
     assert_real_png(out / "conv1_kernels.png", (550, 310))  # 6 kernels per tower (width 1/8), two towers
@@ -73,13 +83,13 @@ def test_command_line_writes_the_four_figures(runs, tmp_path, capsys):
     # Own images, from a checkpoint folder: classified and used as queries.
     mine = tmp_path / "mine"
     step_dir = runs["2x2"] / "checkpoints" / str(_trained.STEPS)
-    assert viz.main(["--workdir", str(step_dir), "--out", str(mine), "--images", *photos,
-                     "--gallery-size", "50", "--neighbours", "3"]) == 0
+    assert viz.main(["--checkpoint", str(step_dir), "--out", str(mine), "--images", *photos,
+                     "--gallery_size", "50", "--neighbours", "3"]) == 0
     assert_real_png(mine / "predictions.png", (660, 460))
     assert_real_png(mine / "neighbours.png", (600, 380))
     assert (mine / "curves.png").is_file()  # found metrics.jsonl two levels up
 
-    assert viz.main(["--workdir", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 1
+    assert viz.main(["--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 1
     assert "does not exist" in capsys.readouterr().err
 
 

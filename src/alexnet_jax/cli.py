@@ -101,6 +101,7 @@ def launch(argv: list[str]) -> None:
         from alexnet_jax import ConfigError, train
         from alexnet_jax.checkpoint import CheckpointError
         from alexnet_jax.data import DatasetError, release_shared_memory
+        from alexnet_jax.data.errors import PassInterrupted
         from alexnet_jax.preemption import EXIT_PREEMPTED
         from alexnet_jax.train import EXIT_DIVERGED
 
@@ -112,6 +113,9 @@ def launch(argv: list[str]) -> None:
         except train.Diverged as e:
             print(f"launch.py: {e}", file=sys.stderr)
             sys.exit(EXIT_DIVERGED)  # its own status: a runner (alexnet_jax.ablate) records it as a result
+        except PassInterrupted as e:  # the statistics pass, stopped: its sums are kept, the same command goes on
+            print(f"launch.py: {e}", file=sys.stderr)
+            sys.exit(EXIT_PREEMPTED)
         except (DatasetError, CheckpointError, train.TrainingError) as e:
             sys.exit(f"launch.py: {e}")
         finally:
