@@ -6,6 +6,7 @@ another validation layout (the devkit's ground truth and meta.mat).
 """
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -51,6 +52,8 @@ def test_command_matches_the_classifier_on_the_same_images(run, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     got = json.loads(out.read_text())
     assert "ten crops" in p.stdout and f"{got['top1_error']:.4f}" in p.stdout
+    # stdout is a pipe, as in a log: the pass ends with a plain progress line (count, rate, time taken).
+    assert re.search(r"^evaluating: (\d+)/\1 images \(100%\), [\d,]+ img/s, took ", p.stdout, re.M), p.stdout
 
     # The images the run validated on, decoded, then classified by another code path.
     config = _trained.demo_config(2, 1)

@@ -169,7 +169,6 @@ def evaluate_checkpoint(workdir, config: ml_collections.ConfigDict | None = None
     from alexnet_jax import data as data_lib
     from alexnet_jax import parallel, steps
     from alexnet_jax.inference import load_checkpoint
-    from alexnet_jax.data.pipeline import eval_num_batches
 
     ckpt = load_checkpoint(workdir, step)
     if config is None:
@@ -201,7 +200,7 @@ def evaluate_checkpoint(workdir, config: ml_collections.ConfigDict | None = None
         with _sigint_blocked_in_new_workers():
             eval_step = steps.make_eval_step(model, mesh, param_shardings, steps.make_input_fn(cfg, ckpt.stats))
             start = time.perf_counter()
-            batches = _progress(passes(), eval_num_batches(len(records), batch))
+            batches = _progress(passes(), len(records), batch)
             result = steps.evaluate(eval_step, params, batches, mesh)
             seconds = time.perf_counter() - start
     finally:
@@ -237,11 +236,14 @@ def _sigint_blocked_in_new_workers():
         cls.start = original
 
 
-def _progress(batches, total: int):
-    """``batches`` with a progress bar on a terminal (nothing in a log file)."""
-    from rich.progress import track
+def _progress(batches, num_images: int, batch_size: int):
+    """``batches``, with a bar on a terminal and, in a log, a plain line every 30 s (count, rate, ETA)."""
+    from alexnet_jax.data.passprogress import PassProgress
 
-    return track(batches, total=total, description="evaluating", transient=True)
+    with PassProgress("evaluating", num_images) as progress:
+        for i, batch in enumerate(batches, 1):
+            yield batch
+            progress.update(min(i * batch_size, num_images))
 
 
 def _table(r: dict) -> str:
