@@ -188,6 +188,19 @@ def usage_error(prog: str, message: str) -> NoReturn:
     sys.exit(EXIT_USAGE)
 
 
+def checkpoint_path(prog: str, checkpoint: str | None, workdir: str | None, what: str) -> str:
+    """``--checkpoint``, or its deprecated name ``--workdir`` (with a note); both, differing, or neither: exit 2."""
+    if workdir is not None:
+        if checkpoint is not None and checkpoint != workdir:
+            usage_error(prog, f"--workdir={workdir} and --checkpoint={checkpoint}: give one "
+                        "(--workdir is a deprecated name for --checkpoint)")
+        print(f"{prog}: --workdir is deprecated: use --checkpoint={workdir}", file=sys.stderr)
+    path = checkpoint or workdir
+    if path is None:
+        usage_error(prog, f"give --checkpoint=PATH: {what}")
+    return path
+
+
 def dashes_to_underscores(argv: list[str], fv: flags.FlagValues) -> list[str]:
     """``--num-images=8`` as ``--num_images=8`` where the underscore form is a flag of ``fv``
     (argparse's spelling, kept working); nothing after a ``--``."""

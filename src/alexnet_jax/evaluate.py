@@ -123,15 +123,8 @@ def parse_command_line(argv: list[str]):
         first(cli.dashes_to_underscores(argv, first), known_only=True)
     except _BAD as e:
         cli.usage_error(_PROG, describe(e))
-    if first.workdir is not None:
-        if first.checkpoint is not None and first.checkpoint != first.workdir:
-            cli.usage_error(_PROG, f"--workdir={first.workdir} and --checkpoint={first.checkpoint}: give one "
-                            "(--workdir is a deprecated name for --checkpoint)")
-        print(f"{_PROG}: --workdir is deprecated: use --checkpoint={first.workdir}", file=sys.stderr)
-    path = first.checkpoint or first.workdir
-    if path is None:
-        cli.usage_error(_PROG, "give --checkpoint=PATH: a training run's workdir, or a folder written by "
-                        "python -m alexnet_jax.convert")
+    path = cli.checkpoint_path(_PROG, first.checkpoint, first.workdir,
+                               "a training run's workdir, or a folder written by python -m alexnet_jax.convert")
     try:
         step_dir, _ = find_step_dir(path, first.step)
     except CheckpointError as e:

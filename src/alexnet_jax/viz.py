@@ -365,14 +365,8 @@ def _main(prog: str, argv: list[str]) -> int:
         cli.print_help(prog, "\n\n".join(__doc__.split("\n\n")[:4]), fv)
     after = cli.parse_flags(prog, fv, argv, positional=True)
     images = [*(fv.images or []), *after] or None  # --images FILE first, then the files after the flags
-    if fv.workdir is not None:
-        if fv.checkpoint is not None and fv.checkpoint != fv.workdir:
-            cli.usage_error(prog, f"--workdir={fv.workdir} and --checkpoint={fv.checkpoint}: give one "
-                            "(--workdir is a deprecated name for --checkpoint)")
-        print(f"{prog}: --workdir is deprecated: use --checkpoint={fv.workdir}", file=sys.stderr)
-    checkpoint = fv.checkpoint or fv.workdir
-    if checkpoint is None:
-        cli.usage_error(prog, "give --checkpoint=PATH: a training run's workdir or one of its checkpoints")
+    checkpoint = cli.checkpoint_path(prog, fv.checkpoint, fv.workdir,
+                                     "a training run's workdir or one of its checkpoints")
     from alexnet_jax.inference import CheckpointError, ImageError
 
     try:
