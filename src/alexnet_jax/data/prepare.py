@@ -46,7 +46,6 @@ again to continue.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -604,42 +603,65 @@ def _stats_only(a) -> int:
     return 0
 
 
+_PROG = 'python -m alexnet_jax.data.prepare'
+
+
+def _flags():
+    from absl import flags
+
+    fv = flags.FlagValues()
+    flags.DEFINE_string('src', None, 'ImageNet-layout folder with train/ and val/', flag_values=fv)
+    flags.DEFINE_string('dst', None, 'output folder (created; an unfinished one is resumed)', flag_values=fv)
+    flags.DEFINE_boolean('stats_only', False,
+                         'only compute the training-set statistics of the folder into the cache that training '
+                         'on the folder reads (no shards; --dst not needed)', flag_values=fv)
+    flags.DEFINE_string('cache_dir', None, 'statistics cache (default $ALEXNET_JAX_DATA or ~/.cache/alexnet_jax; '
+                        'training: --config.data.cache_dir)', flag_values=fv)
+    flags.DEFINE_integer('size', 256, 'shorter side and square crop size (paper: 256)', lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer('workers', None, 'processes (default: all cores; 0 = inline)', lower_bound=0,
+                         flag_values=fv)
+    flags.DEFINE_integer('shard_size', 1024, 'images per ArrayRecord shard', lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer('quality', 95, 'JPEG quality of the stored images', lower_bound=1, upper_bound=100,
+                         flag_values=fv)
+    flags.DEFINE_enum('subsampling', '420', ['420', '422', '444'],
+                      'JPEG chroma subsampling of the stored images (420: fastest to decode; 444: full colour)',
+                      flag_values=fv)
+    flags.DEFINE_enum('records', 'jpeg', list(RECORD_FORMATS),
+                      "what each record stores: 'jpeg' (JPEG bytes, small RGB JPEGs kept as they are; "
+                      "the default) or 'raw' (the decoded size x size x 3 uint8 pixels: "
+                      "no decoding in training, and no re-encoding loss; 196,608 bytes an image at 256 px, "
+                      "so full ILSVRC-2012 train+val, 1,331,167 images, holds 261.7 GB = 243.7 GiB of pixels, "
+                      "~262.3 GB on disk with the record framing)", flag_values=fv)
+    flags.DEFINE_string('val_labels', None, "labels file for a flat val/ folder ('<file> <wnid>' lines)",
+                        flag_values=fv)
+    flags.DEFINE_integer('chunk_size', None,
+                         '--stats_only: images per job of the statistics pass (default: up to 512); the sums so '
+                         'far are saved as jobs finish, so a stopped pass continues where it was (a resumed pass '
+                         'keeps the chunk size it started with)', lower_bound=1, flag_values=fv)
+    flags.DEFINE_boolean('quiet', False, 'no progress (default: a bar on a terminal, else a line every 30 s, '
+                         '$ALEXNET_JAX_PROGRESS_EVERY_S)', flag_values=fv)
+    return fv
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog='python -m alexnet_jax.data.prepare', description=__doc__.split('\n\n')[0])
-    p.add_argument('--src', required=True, help='ImageNet-layout folder with train/ and val/')
-    p.add_argument('--dst', help='output folder (created; an unfinished one is resumed)')
-    p.add_argument('--stats-only', action='store_true',
-                   help='only compute the training-set statistics of the folder into the cache that training '
-                        'on the folder reads (no shards; --dst not needed)')
-    p.add_argument('--cache-dir', default=None,
-                   help='statistics cache (default $ALEXNET_JAX_DATA or ~/.cache/alexnet_jax; '
-                        'training: --config.data.cache_dir)')
-    p.add_argument('--size', type=int, default=256, help='shorter side and square crop size (paper: 256)')
-    p.add_argument('--workers', type=int, default=None, help='processes (default: all cores; 0 = inline)')
-    p.add_argument('--shard-size', type=int, default=1024, help='images per ArrayRecord shard')
-    p.add_argument('--quality', type=int, default=95, help='JPEG quality of the stored images')
-    p.add_argument('--subsampling', default='420', choices=['420', '422', '444'],
-                   help='JPEG chroma subsampling of the stored images (420: fastest to decode; 444: full colour)')
-    p.add_argument('--records', default='jpeg', choices=list(RECORD_FORMATS),
-                   help="what each record stores: 'jpeg' (JPEG bytes, small RGB JPEGs kept as they are; "
-                        "the default) or 'raw' (the decoded size x size x 3 uint8 pixels: "
-                        "no decoding in training, and no re-encoding loss; 196,608 bytes an image at 256 px, "
-                        "so full ILSVRC-2012 train+val, 1,331,167 images, holds 261.7 GB = 243.7 GiB of pixels, "
-                        "~262.3 GB on disk with the record framing)")
-    p.add_argument('--val-labels', default=None, help="labels file for a flat val/ folder ('<file> <wnid>' lines)")
-    p.add_argument('--chunk-size', type=int, default=None,
-                   help='--stats-only: images per job of the statistics pass (default: up to 512); the sums so far '
-                        'are saved as jobs finish, so a stopped pass continues where it was (a resumed pass keeps '
-                        'the chunk size it started with)')
-    p.add_argument('--quiet', action='store_true',
-                   help='no progress (default: a bar on a terminal, else a line every 30 s, '
-                        '$ALEXNET_JAX_PROGRESS_EVERY_S)')
-    a = p.parse_args(argv)
+    """``python -m alexnet_jax.data.prepare ARGS`` (and ``alexnet-prepare``); ``argv`` defaults to ``sys.argv[1:]``."""
+    from alexnet_jax import cli
+
+    argv = [_PROG, *(sys.argv[1:] if argv is None else argv)]
+    return cli.run_main(_PROG, lambda: _main(argv, cli))
+
+
+def _main(argv, cli) -> int:
+    a = _flags()
+    if cli.wants_help(argv):
+        cli.print_help(_PROG, __doc__, a)
+    cli.parse_flags(_PROG, a, argv)
+    cli.require(_PROG, a, 'src')
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
     if a.stats_only:
         return _stats_only(a)
     if a.dst is None:
-        p.error('--dst is required (unless --stats-only)')
+        cli.usage_error(_PROG, 'give --dst (unless --stats-only)')
     try:
         dst = prepare(a.src, a.dst, size=a.size, quality=a.quality, subsampling=a.subsampling, shard_size=a.shard_size,
                       workers=a.workers, val_labels=a.val_labels, progress=not a.quiet, records=a.records)
