@@ -16,6 +16,7 @@ from alexnet_jax.data import layout as LA
 from alexnet_jax.data import prepare as P
 from alexnet_jax.data import stats as ST
 from alexnet_jax.data import transforms
+from alexnet_jax.data.atomic import atomic_savez
 from alexnet_jax.data.errors import DatasetError
 from alexnet_jax.data.locate import resolve
 from alexnet_jax.data.passprogress import PassProgress
@@ -179,7 +180,7 @@ def test_stats_field_is_checked(folder, tmp_path):
         resolve(cfg)
     cfg.stats = 'published'
     stats_npz = tmp_path / 'stats.npz'
-    P.atomic_savez(stats_npz, ST.published_stats(SIZE))
+    atomic_savez(stats_npz, ST.published_stats(SIZE))
     cfg.stats_path = str(stats_npz)
     with pytest.raises(DatasetError, match=r"data.stats='published' .* data.stats_path=.* give one or the other"):
         resolve(cfg)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from alexnet_jax.data import embedded, labels, layout, prepare, sources
+from alexnet_jax.data import embedded, labels, layout, packed, packing, sources
 from alexnet_jax.data import stats as stats_lib
 from alexnet_jax.data.errors import DatasetError
 
@@ -82,7 +82,7 @@ def check_config(cfg) -> None:
             raise DatasetError(_NO_IMAGENET if cfg.root is None else
                                "data.format='packed' needs --config.data.packed_dir (the --dst of "
                                "`python -m alexnet_jax.data.prepare`), or use --config.data.format=folder")
-        meta = prepare.read_metadata(cfg.packed_dir)  # a finished preparation, in a format we read
+        meta = packed.read_metadata(cfg.packed_dir)  # a finished preparation, in a format we read
         if meta['size'] != cfg.resize_size:
             raise DatasetError(
                 f"{cfg.packed_dir!r} holds {meta['size']}x{meta['size']} images but data.resize_size is "
@@ -116,14 +116,14 @@ def resolve(cfg, *, progress: bool = True) -> ResolvedData:
         if packed_dir is None:
             packed_dir = root.parent / f'{root.name}_packed{cfg.resize_size}'
             # Full-resolution chroma: at tens of pixels, 4:2:0 would visibly smear the colour halves.
-            prepare.prepare(root, packed_dir, size=cfg.resize_size, subsampling='444', shard_size=512,
+            packing.prepare(root, packed_dir, size=cfg.resize_size, subsampling='444', shard_size=512,
                             workers=cfg.prepare_workers, progress=False)
     published = cfg.stats == 'published'  # no pass and no file: ImageNet's published statistics
     needs_stats = cfg.mean_subtraction or cfg.pca_lighting_std > 0
-    stats_path = cfg.stats_path or (Path(packed_dir) / prepare.STATS if packed_dir is not None else None)
+    stats_path = cfg.stats_path or (Path(packed_dir) / packed.STATS if packed_dir is not None else None)
     if source_form(cfg) == 'packed':
-        meta = prepare.read_metadata(packed_dir)
-        records = {s: prepare.packed_records(packed_dir, s) for s in meta['splits']}  # jpeg or raw, per metadata
+        meta = packed.read_metadata(packed_dir)
+        records = {s: packed.packed_records(packed_dir, s) for s in meta['splits']}  # jpeg or raw, per metadata
         classes, class_names = meta['classes'], meta['class_names']
     else:
         classes = layout.list_classes(root)
@@ -140,7 +140,7 @@ def resolve(cfg, *, progress: bool = True) -> ResolvedData:
     if needs_stats and published:
         stats = stats_lib.published_stats(cfg.resize_size)
     elif needs_stats:
-        stats = prepare.load_stats(stats_path)
+        stats = stats_lib.load_stats(stats_path)
         if stats['mean_image'].shape[:2] != (cfg.resize_size, cfg.resize_size):
             raise DatasetError(f'{stats_path}: mean image is {stats["mean_image"].shape}, but '
                                f'resize_size is {cfg.resize_size}')
@@ -163,13 +163,13 @@ def split_records(cfg, split: str, classes: list[str]):
         if cfg.packed_dir is None:
             raise DatasetError('data.format is packed but data.packed_dir is not set; add '
                                '--config.data.packed_dir=DIR.')
-        meta = prepare.read_metadata(cfg.packed_dir)
+        meta = packed.read_metadata(cfg.packed_dir)
         if split not in meta['splits']:
             raise DatasetError(f'{cfg.packed_dir!r} has no {split!r} split (it has {list(meta["splits"])}).')
         if list(meta['classes']) != list(classes):
             raise DatasetError(f'{cfg.packed_dir!r} was packed with other classes than the model '
                                f'knows ({len(meta["classes"])} vs {len(classes)}, or another order).')
-        return prepare.packed_records(cfg.packed_dir, split)
+        return packed.packed_records(cfg.packed_dir, split)
     if cfg.root is None:
         raise DatasetError(_NO_IMAGENET)
     return _folder_split(cfg.root, split, classes, cfg.val_labels)

@@ -1,21 +1,12 @@
-"""The training set's statistics for a JPEG folder, computed on first use and cached.
+"""The training set's mean image and RGB eigens (paper, Section 4.1): the sums, and a folder's cached pass.
 
-Mean subtraction and PCA lighting (paper, Section 4.1) need the mean image at
-the resize size and the eigenvectors/eigenvalues of the 3x3 RGB covariance.
-The packed form carries them (``stats.npz`` from ``prepare``); for a raw
-folder they are made here, once: every training image is decoded exactly as
-training decodes it, in parallel processes, with progress (a bar on a terminal,
-a plain line every 30 s in a log). The pass is resumable: the sums so far are
-saved beside the final file (``<name>.partial.npz``, same fingerprint) as
-chunks finish, SIGTERM or Ctrl-C stops it cleanly, and the next run continues.
-``data.stats='published'`` skips the pass: :func:`published_stats`.
-
-The result is cached under ``<cache>/stats/`` (``cache`` is ``data.cache_dir``,
-else ``$ALEXNET_JAX_DATA``, else ``~/.cache/alexnet_jax``), keyed by the
-folder's absolute path, the resize size and the list of training files, so a
-changed folder gets new statistics. Several processes starting at once (two
-runs, or the processes of one run on a shared disk) take a file lock: one
-computes, the others wait and read its file.
+Preparation (:mod:`packing`) and the pass over a JPEG folder here add up the
+same exact per-image sums (integers in float64, so any order and any resumed
+pass give the same result) and finish them with :func:`finish_stats`. A
+folder's statistics are computed once, resumably, and cached under a key of
+its path, the resize size and its file list, so a changed folder gets new
+ones; a file lock lets one of several starting processes compute while the
+others wait. ``data.stats='published'`` skips the pass: :func:`published_stats`.
 """
 
 from __future__ import annotations
@@ -30,10 +21,50 @@ from pathlib import Path
 
 import numpy as np
 
-from alexnet_jax.data import layout, prepare, sources
+from alexnet_jax.data import layout, sources
+from alexnet_jax.data.atomic import atomic_savez, atomic_write_json
 from alexnet_jax.data.errors import DatasetError, DecodeError, PassInterrupted
+from alexnet_jax.data.jobs import run_jobs, tick
 
 log = logging.getLogger(__name__)
+
+
+def image_sums(img_HWC: np.ndarray) -> dict:
+    """The sufficient statistics one uint8 image contributes."""
+    x = img_HWC.astype(np.float64)
+    px = x.reshape(-1, 3)
+    return {'sum_image': x, 'sum_rgb': px.sum(0), 'sum_outer': px.T @ px,
+            'n_images': 1, 'n_pixels': px.shape[0]}
+
+
+def add_sums(a: dict | None, b: dict) -> dict:
+    return dict(b) if a is None else {k: a[k] + b[k] for k in a}
+
+
+def finish_stats(sums: dict) -> dict:
+    """Sums -> mean image (0..255) and RGB covariance/eigens (on [0, 1] pixels), eigenvalues descending."""
+    n_img, n_px = sums['n_images'], sums['n_pixels']
+    mean_image = sums['sum_image'] / n_img
+    mu = sums['sum_rgb'] / n_px
+    cov = (sums['sum_outer'] / n_px - np.outer(mu, mu)) / 255.0 ** 2
+    cov = (cov + cov.T) / 2
+    eigval, eigvec = np.linalg.eigh(cov)
+    order = np.argsort(eigval)[::-1]
+    eigval, eigvec = eigval[order], eigvec[:, order]
+    # A fixed sign per eigenvector (largest component positive) keeps runs comparable.
+    eigvec = eigvec * np.sign(eigvec[np.abs(eigvec).argmax(0), np.arange(3)])
+    return {'mean_image': mean_image.astype(np.float32), 'rgb_mean': (mu / 255.0).astype(np.float32),
+            'rgb_cov': cov.astype(np.float32), 'eigval': eigval.astype(np.float32),
+            'eigvec': eigvec.astype(np.float32), 'num_images': np.int64(n_img)}
+
+
+def load_stats(path: str | os.PathLike) -> dict:
+    """stats.npz -> dict of arrays (``mean_image`` HWC float32, ``eigval`` (3,), ``eigvec`` (3, 3) columns)."""
+    if not Path(path).is_file():
+        raise DatasetError(f'no statistics file {str(path)!r}; run `python -m alexnet_jax.data.prepare`')
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -71,7 +102,7 @@ PUBLISHED_EIGVEC = ((-0.5675, 0.7192, 0.4009),
 
 
 def published_stats(size: int) -> dict:
-    """The statistics ``data.stats='published'`` uses, in :func:`prepare.finish_stats`'s form.
+    """The statistics ``data.stats='published'`` uses, in :func:`finish_stats`'s form.
 
     ``mean_image``: the constant ``size x size`` image of the published RGB mean (0..255);
     ``eigval``/``eigvec``: fb.resnet.torch's PCA (columns are eigenvectors, [0, 1] pixel scale).
@@ -102,8 +133,8 @@ def _sums_job(job: dict) -> dict:
         except (OSError, DecodeError) as e:
             skipped.append([path, str(e)])
         else:
-            sums = prepare.add_sums(sums, prepare.image_sums(img))
-        prepare.tick()
+            sums = add_sums(sums, image_sums(img))
+        tick()
     return {'index': job.get('index', 0), 'sums': sums, 'skipped': skipped}
 
 
@@ -138,7 +169,7 @@ def _save_partial(path: Path, state: dict, num_files: int) -> None:
               'done': state['done'], 'skipped': np.asarray(json.dumps(state['skipped']))}
     if state['sums'] is not None:
         arrays.update({k: np.asarray(state['sums'][k]) for k in SUM_KEYS})
-    prepare.atomic_savez(path, arrays)
+    atomic_savez(path, arrays)
 
 
 def default_chunk_size(n: int) -> int:
@@ -150,7 +181,7 @@ def default_chunk_size(n: int) -> int:
 def compute_stats(files: layout.SplitFiles, size: int, *, workers: int | None = None,
                   progress: bool = True, warp: bool = False, partial: str | os.PathLike | None = None,
                   chunk_size: int | None = None) -> dict:
-    """Mean image and RGB eigens of ``files`` decoded at ``size``, as ``prepare`` computes them.
+    """Mean image and RGB eigens of ``files`` decoded at ``size``, as preparation computes them.
 
     With ``partial`` (a file path) the pass is resumable: the sums of the
     finished chunks of ``chunk_size`` files (and which chunks they are) are
@@ -186,14 +217,14 @@ def compute_stats(files: layout.SplitFiles, size: int, *, workers: int | None = 
     def reduce(result):
         state['skipped'].extend(result['skipped'])
         if result['sums'] is not None:
-            state['sums'] = prepare.add_sums(state['sums'], result['sums'])
+            state['sums'] = add_sums(state['sums'], result['sums'])
         state['done'][result['index']] = True
         if saved['t'] is None or time.monotonic() - saved['t'] >= SAVE_EVERY_S:
             save()
 
     if jobs:
         try:
-            prepare.run_jobs(_sums_job, jobs, min(workers, len(jobs)), n - done_before, progress, 'statistics',
+            run_jobs(_sums_job, jobs, min(workers, len(jobs)), n - done_before, progress, 'statistics',
                              on_result=reduce, done_before=done_before)
         except PassInterrupted as e:
             save()
@@ -210,7 +241,7 @@ def compute_stats(files: layout.SplitFiles, size: int, *, workers: int | None = 
         log.warning('statistics: skipped %d unreadable file(s), e.g. %s', len(skipped), skipped[:5])
     if state['sums'] is None:
         raise DatasetError(f'no readable training image under {files.root!r}')
-    return prepare.finish_stats(state['sums'])
+    return finish_stats(state['sums'])
 
 
 def ensure_stats(files: layout.SplitFiles, size: int, *, cache_dir=None, workers: int | None = None,
@@ -245,8 +276,8 @@ def ensure_stats(files: layout.SplitFiles, size: int, *, cache_dir=None, workers
             stale.unlink(missing_ok=True)
         stats = compute_stats(files, size, workers=workers, progress=progress, warp=warp,
                               partial=partial_file(path), chunk_size=chunk_size)
-        prepare.atomic_savez(path, stats)
-        prepare.atomic_write_json(path.with_suffix('.json'), {
+        atomic_savez(path, stats)
+        atomic_write_json(path.with_suffix('.json'), {
             'root': str(Path(files.root).resolve()), 'size': size, 'num_images': int(stats['num_images']),
             'seconds': round(time.time() - t0, 1)})
         partial_file(path).unlink(missing_ok=True)
