@@ -1,44 +1,20 @@
 """The paper's input pipeline on grain: layouts and labels, sources, transforms, preparation, embedded data.
 
-Public entry points::
-
     cfg = default_data_config()                      # every field commented
     it = build_train_iter(cfg, batch_size=128, seed=0)
-    state = it.get_state(); ...; it.set_state(state)
-    for batch in build_eval_iter(cfg, batch_size=128, mode='ten_crop'): ...
-    ensure_embedded_dataset(root)                    # the default dataset, generated once
+    for batch in build_eval_iter(cfg, batch_size=128, mode='whole'): ...
 
-Names are imported on first use, so that ``python -m alexnet_jax.data.prepare``
-does not import its own module twice (and worker processes stay light).
+Batches hold uint8 images; :mod:`alexnet_jax.data.device` normalises them in
+the jitted step. The command ``python -m alexnet_jax.data.prepare`` is not
+imported here, so running it does not load its module twice.
 """
 
-import importlib
+from alexnet_jax.data.embedded import ensure_embedded_dataset
+from alexnet_jax.data.errors import DatasetError
+from alexnet_jax.data.locate import ResolvedData, check_config, resolve, split_records
+from alexnet_jax.data.pipeline import (EvalPasses, build_eval_iter, build_train_iter, default_data_config,
+                                       demo_data_config, release_shared_memory)
 
-_EXPORTS = {
-    'DatasetError': 'errors',
-    'ResolvedData': 'locate',
-    'check_config': 'locate',
-    'resolve': 'locate',
-    'split_records': 'locate',
-    'default_data_config': 'pipeline',
-    'demo_data_config': 'pipeline',
-    'build_train_iter': 'pipeline',
-    'build_eval_iter': 'pipeline',
-    'EvalPasses': 'pipeline',
-    'release_shared_memory': 'pipeline',
-    'ensure_embedded_dataset': 'embedded',
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-    value = getattr(importlib.import_module(f'{__name__}.{_EXPORTS[name]}'), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__all__ = ['DatasetError', 'EvalPasses', 'ResolvedData', 'build_eval_iter', 'build_train_iter', 'check_config',
+           'default_data_config', 'demo_data_config', 'ensure_embedded_dataset', 'release_shared_memory',
+           'resolve', 'split_records']
