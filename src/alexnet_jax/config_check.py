@@ -12,7 +12,9 @@ from collections.abc import Callable
 
 import ml_collections
 
+from alexnet_jax import data as data_lib
 from alexnet_jax.model import AlexNet, ConfigError, from_config
+from alexnet_jax.parallel import LAYOUTS
 
 _Rule = tuple[Callable[[object], bool], str]  # (accepts the value, what it must be)
 
@@ -57,7 +59,7 @@ OPTIM_FIELDS: dict[str, _Rule] = {
 }
 MESH_FIELDS: dict[str, _Rule] = {
     "data": _STEPS,
-    "parallelism": (lambda v: v in ("towers", "data", "hybrid"), "'towers', 'data' or 'hybrid'"),
+    "parallelism": (lambda v: v in LAYOUTS, f"{', '.join(map(repr, [*LAYOUTS][:-1]))} or {[*LAYOUTS][-1]!r}"),
     "tower": (lambda v: isinstance(v, int) and not isinstance(v, bool) and (v == -1 or v >= 1),
               "-1 (one tower per device), 1 (all towers on every device) or model.towers"),
     "cpu_devices": _POSITIVE,
@@ -83,8 +85,6 @@ def validate_config(config: ml_collections.ConfigDict) -> AlexNet:
 
     Raises ``ConfigError`` (or ``DatasetError`` for the data section) naming the field.
     """
-    from alexnet_jax import data as data_lib
-
     top = {k: v for k, v in config.items() if k not in SECTIONS}
     _check_section(ml_collections.ConfigDict(top), RUN_FIELDS, "")
     missing = [s for s in SECTIONS if s not in config]
@@ -98,6 +98,9 @@ def validate_config(config: ml_collections.ConfigDict) -> AlexNet:
     if config.mesh.tower not in (-1, 1, model.towers):
         raise ConfigError(f"mesh.tower={config.mesh.tower}: use -1 or {model.towers} (one tower per device) "
                           "or 1 (all towers on every device).")
+    if config.mesh.parallelism != "towers" and config.mesh.tower not in (-1, 1):
+        raise ConfigError(f"mesh.parallelism={config.mesh.parallelism!r} puts every device on the data axis; "
+                          f"mesh.tower={config.mesh.tower} must be -1 or 1.")
     data_lib.check_config(config.data)
     if config.data.crop_size != model.image_size:
         raise ConfigError(f"data.crop_size={config.data.crop_size} must equal model.image_size="

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from alexnet_jax.model import LAYERS, TOWER_AXIS, AlexNet, ConfigError, tower_widths
+from alexnet_jax.axes import TOWER_AXIS, Axes
+from alexnet_jax.model import FC_LAYERS, LAYERS, AlexNet, ConfigError, tower_widths
 
 DATA_AXIS = "data"
 
@@ -44,11 +45,16 @@ class Layout:
     fc_batch: str | None  # the examples in fc6..fc8 (and the logits)
     fc_units: str | None  # the FC layers' output units: kernel columns, biases, activations, fc8's classes
 
-    def spec(self, leaf_path: tuple[str, ...], ndim: int) -> P:
-        """The PartitionSpec of a parameter (or momentum) leaf ``(..., layer, 'kernel'|'bias')``."""
-        if leaf_path[-2].startswith("fc"):  # kernel (tower, in, out), bias (tower, out)
+    def spec(self, layer: str, ndim: int) -> P:
+        """The PartitionSpec of a layer's parameter (or momentum) leaf: its kernel or its bias."""
+        if layer in FC_LAYERS:  # kernel (tower, in, out), bias (tower, out)
             return P(self.tower, *([None] * (ndim - 2)), self.fc_units)
         return P(self.tower)
+
+    def axes(self, towers_split: bool) -> Axes:
+        """The network's axes in this layout; ``towers_split``: one tower per device along ``tower``."""
+        return Axes(tower=self.tower if towers_split else None, conv_batch=self.conv_batch,
+                    fc_batch=self.fc_batch, fc_units=self.fc_units)
 
 
 # The layouts, as data: the one mesh forward (mesh_forward) and the shardings read them.
@@ -188,7 +194,7 @@ def param_specs(tree: Any, layout: str = DEFAULT_LAYOUT) -> Any:
     def spec(path, leaf):
         names = _key_names(path)
         if len(names) >= 2 and names[-1] in ("kernel", "bias") and names[-2] in LAYERS:
-            return rules.spec(names, leaf.ndim)
+            return rules.spec(names[-2], leaf.ndim)
         return P()
 
     return jax.tree_util.tree_map_with_path(spec, tree)
@@ -235,35 +241,29 @@ def mesh_forward(model: AlexNet, mesh: Mesh, *, train: bool = False, features: b
                  layout: str = DEFAULT_LAYOUT):
     """``f(variables, images_NHWC, dropout_key) -> logits`` in ``layout`` (a name in ``LAYOUTS``).
 
-    In the towers layout each device runs one tower and the logits come back
-    sharded ``P('data', 'tower')``: each tower's share of the classes, as the
-    paper's GPUs each held half of fc8. The softmax over all classes is taken
-    outside, by whoever computes the loss. On a mesh whose ``tower`` axis has
-    size 1, each device runs all towers (data parallelism; on a 1x1 mesh this
-    is ``model.apply``). ``features=True``: ``f`` returns ``(logits, fc7)``,
-    fc7's activations ``(N, towers * units)``, towers in order, the paper's
-    Figure 4 features. The variables must be laid out as ``state_shardings``
-    says for the same layout (``shard_variables``).
+    The logits are ``(N, num_classes)`` as on one device; inside, each device holds
+    the block the layout gives it (in the towers layout, its tower's classes, as
+    the paper's GPUs each held half of fc8). ``features=True``: ``f`` returns
+    ``(logits, fc7)``, fc7's activations ``(N, towers * units)``, the paper's
+    Figure 4 features. The variables must be laid out as ``state_shardings`` says.
     """
     check_layout(model, mesh, layout)
-    rules = layout_named(layout)
-    # The towers' own mesh axis, when there is one tower per device along it.
-    split = rules.tower is not None and mesh.shape[rules.tower] == model.towers
-    gather = rules.conv_batch if rules.conv_batch != rules.fc_batch else None
+    rules = LAYOUTS[layout]
+    axes = rules.axes(towers_split=rules.tower is not None and mesh.shape[rules.tower] == model.towers)
+    towers_here = 1 if axes.tower else model.towers
     # (N, towers, per tower), split as the layout says. The tower axis is named even where the
     # layout does not split it (it has size 1 there): the towers' vmapped axis shares its name.
     out_spec = P(rules.fc_batch, TOWER_AXIS, rules.fc_units)
 
     def per_device(variables, images_nHWC, key):
         rngs = {"dropout": key} if key is not None else {}
-        out = model.apply(variables, images_nHWC, train=train, rngs=rngs, tower_axis_mapped=split,
-                          data_axis=rules.fc_batch, gather_batch_axis=gather, units_axis=rules.fc_units,
-                          keep_tower_axis=True, mutable=["intermediates"] if features else False)
+        logits, state = model.apply(variables, images_nHWC, train, axes, rngs=rngs,
+                                    mutable=["intermediates"] if features else [])
+        logits_nTK = logits.reshape(logits.shape[0], towers_here, -1)
         if not features:
-            return out
-        logits, state = out
+            return logits_nTK
         fc7_TnF = state["intermediates"]["towers"]["fc7_act"][0]  # T: the towers this device runs
-        return logits, jnp.moveaxis(fc7_TnF, 0, 1)
+        return logits_nTK, jnp.moveaxis(fc7_TnF, 0, 1)
 
     def f(variables, images_NHWC, key):
         sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(param_specs(variables, layout), BATCH_SPEC, P()),
@@ -306,20 +306,15 @@ def apply_on_mesh(
 
 
 def mesh_for_config(towers: int, mesh_cfg) -> tuple[Mesh, str | None]:
-    """The mesh a config's ``mesh`` section asks for, and a line to print when the default had to change.
+    """The mesh a (checked, ``config_check``) ``mesh`` section asks for, and a line to print when the default changed.
 
     ``mesh.tower=-1`` asks for one tower per device in the towers layout; with
     fewer devices than towers (one GPU), or a count the towers do not divide,
     every device runs all towers instead (``mesh.tower=1``), which gives the same
     results. The data and hybrid layouts put every device on the data axis.
     """
-    parallelism = mesh_cfg.get("parallelism", DEFAULT_LAYOUT)
-    layout_named(parallelism)
     tower_axis, note = mesh_cfg.tower, None
-    if parallelism != "towers":
-        if tower_axis not in (-1, 1):
-            raise ConfigError(f"mesh.parallelism={parallelism!r} puts every device on the data axis; "
-                              f"mesh.tower={tower_axis} must be -1 or 1.")
+    if mesh_cfg.get("parallelism", DEFAULT_LAYOUT) != "towers":
         tower_axis = 1
     if tower_axis == -1:
         tower_axis = towers
@@ -328,9 +323,6 @@ def mesh_for_config(towers: int, mesh_cfg) -> tuple[Mesh, str | None]:
             tower_axis = 1
             note = (f"{n} {jax.devices()[0].platform} device(s) for {towers} towers: every device runs all "
                     f"towers (--config.mesh.tower=1; same results, no exchanges between devices).")
-    if tower_axis not in (1, towers):
-        raise ConfigError(f"mesh.tower={tower_axis}: use -1 or {towers} (one tower per device) "
-                          "or 1 (all towers on every device).")
     try:
         return make_mesh(towers=tower_axis, data=None if mesh_cfg.data == -1 else mesh_cfg.data), note
     except ConfigError as e:
