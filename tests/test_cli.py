@@ -73,7 +73,86 @@ def test_path_fields_are_typed_placeholders(field):
 def test_a_wrong_type_is_refused_with_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         cli.parse_command_line(["launch.py", "--config=configs/paper.py", "--config.model.towers=two"])
-    assert "invalid literal for int()" in str(e.value)
+    assert "invalid literal for int()" in _usage_line(capsys, e)
+
+
+# A config file with a bug in its own code: get_config() misspells a field of the config it builds.
+BROKEN_CONFIG = """
+from configs import paper
+
+
+def get_config():
+    c = paper.get_config()
+    c.modle.towers = 1
+    return c
+"""
+
+
+def _usage_line(capsys, e) -> str:
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, (e.value.code, err)
+    return err
+
+
+def _passes_through(error: BaseException, path: Path) -> bool:
+    import traceback
+
+    return any(Path(f.filename) == path for f in traceback.extract_tb(error.__traceback__))
+
+
+def test_a_bug_in_a_config_file_keeps_its_traceback(tmp_path, capsys):
+    """An AttributeError raised by get_config() itself is the config's bug: raised as it is, through the
+    line that raised it, not reported as a bad command line; a misspelt override of the same field is."""
+    broken = tmp_path / "broken.py"
+    broken.write_text(BROKEN_CONFIG)
+    with pytest.raises(AttributeError) as e:
+        cli.parse_command_line(["launch.py", f"--config={broken}"])
+    assert _passes_through(e.value, broken) and "modle" in str(e.value)
+    assert "bad command line" not in capsys.readouterr().err
+
+    with pytest.raises(SystemExit) as e:
+        cli.parse_command_line(["launch.py", "--config=configs/paper.py", "--config.modle.towers=1"])
+    assert "launch.py: bad command line: no such config key: 'modle'" in _usage_line(capsys, e)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/paper.py", "--config.model.lrm=False"], "no such config key: 'lrm'"),
+    (["--config=configs/paper.py", "--config.model.towers=two"], "--config.model.towers=two: invalid literal"),
+    (["--config=configs/paper.py", "--nosuchflag=1"], "Unknown command line flag 'nosuchflag'"),
+    (["--config=configs/missing.py"], "cannot read the config file: [Errno 2] No such file or directory"),
+    (["--config=configs/missing.py", "--config.model.towers=1"], "No such file or directory: 'configs/missing.py'"),
+    (["--config=configs/paper.py:extra"], "get_config() takes 0 positional arguments but 1 was given"),
+])
+def test_command_line_mistakes_are_one_line_and_status_2(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.parse_command_line(["launch.py", *args])
+    assert message in _usage_line(capsys, e)
+
+
+def test_costs_and_evaluate_tell_a_config_bug_from_a_mistake(tmp_path, capsys):
+    """costs' --config is launch.py's; evaluate's config is the one a checkpoint saved."""
+    import numpy as np
+
+    from alexnet_jax import checkpoint, costs, evaluate
+
+    broken = tmp_path / "broken.py"
+    broken.write_text(BROKEN_CONFIG)
+    with pytest.raises(AttributeError) as e:
+        costs.main([f"--config={broken}"])
+    assert _passes_through(e.value, broken)
+    assert "bad command line" not in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        costs.main(["--config=configs/paper.py", "--config.modle.towers=1"])
+    assert "bad command line: no such config key: 'modle'" in _usage_line(capsys, e)
+
+    base, _ = cli.parse_command_line(["launch.py", "--config=configs/demo.py"])
+    step_dir = checkpoint.write_weights_only(tmp_path / "ckpt", 0, {"w": np.zeros(2, np.float32)},
+                                             config=base.to_dict(), dataset={"classes": ["a", "b"],
+                                                                             "class_names": ["a", "b"], "stats": None})
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([f"--checkpoint={step_dir}", "--config.data.rooot=/x"])
+    err = _usage_line(capsys, e)
+    assert "bad command line: no such config key: 'rooot'" in err and "keys are those the run saved" in err
 
 
 # ---------------------------------------------------------------------------

@@ -1,34 +1,31 @@
-"""The command line of ``launch.py``: a config file, its overrides, a workdir.
+"""The command line of every entry point: ``launch.py``'s config file and overrides, and what all share.
 
-``launch.py`` is only ``cli.launch(sys.argv)``. The flags are defined by
-:func:`define_flags` on a ``FlagValues`` the caller chooses, so the tests
-parse exactly what a user types through exactly this code
-(:func:`parse_command_line`), without starting a run.
+``launch.py`` is only ``cli.launch(sys.argv)``. Flags are defined on a
+``FlagValues`` the caller chooses, so the tests parse exactly what a user types
+through exactly this code (:func:`parse_command_line`) without starting a run.
+A mistake on the command line ends in one line and exit status 2; an exception
+raised by a config file's own code is a bug and keeps its traceback
+(:func:`command_line_mistake` tells the two apart).
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
+from collections.abc import Sequence
 from typing import Callable, NoReturn
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-# What a bad command line raises, from ml_collections, absl or the config file itself (ImportError: a config
-# file importing a module that is not there).
-BAD_COMMAND_LINE = (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError, ImportError)
-_BAD = BAD_COMMAND_LINE
+LAUNCH_DEFAULT_CONFIG = "configs/demo.py"
+_KEY_HINT = "; the keys are those of the --config file, e.g. --config.model.lrn=False"
 
 
-def describe(e: Exception) -> str:
-    """One line for what is wrong with a command line (config_flags reports a missing key as a bare name)."""
-    return f"no such config key: {str(e).strip(chr(34))}" if isinstance(e, (KeyError, AttributeError)) else str(e)
-
-
-def _explain(e: Exception):
-    what = describe(e)
-    sys.exit(f"launch.py: bad command line: {what}\n"
-             "Config keys are those of the --config file, e.g. --config.model.lrn=False.")
+def _launch_prog(argv: list[str]) -> str:
+    return "launch.py" if argv and argv[0].endswith("launch.py") else "alexnet-train"
 
 
 def define_flags(flag_values: flags.FlagValues, argv: list[str]):
@@ -38,21 +35,27 @@ def define_flags(flag_values: flags.FlagValues, argv: list[str]):
     it as soon as the flag is defined.
     """
     try:
-        config = config_flags.DEFINE_config_file("config", "configs/demo.py", "Run config (a get_config() file).",
+        config = config_flags.DEFINE_config_file("config", LAUNCH_DEFAULT_CONFIG, "Run config (a get_config() file).",
                                                  flag_values=flag_values, sys_argv=list(argv))
-    except _BAD as e:
-        _explain(e)
+    except Exception as e:
+        _exit_on_mistake(e, argv)
+        raise
     workdir = flags.DEFINE_string("workdir", "runs/demo", "Directory for checkpoints and metrics.",
                                   flag_values=flag_values)
     return config, workdir
 
 
-def _config_value(config_flag):
+def _exit_on_mistake(e: Exception, argv: list[str]) -> None:
+    exit_on_command_line_mistake(_launch_prog(argv), e, config_files(argv, LAUNCH_DEFAULT_CONFIG), _KEY_HINT)
+
+
+def _config_value(config_flag, argv: list[str]):
     try:
         config = config_flag.value
-        config.get("model")  # a config file that failed to load raises only when first touched
-    except _BAD as e:  # e.g. a --config file that does not exist
-        _explain(e)
+        config.get("model")  # a config file that could not be read raises only when first touched
+    except Exception as e:  # e.g. a --config file that does not exist
+        _exit_on_mistake(e, argv)
+        raise
     return config
 
 
@@ -62,11 +65,12 @@ def parse_command_line(argv: list[str]):
     config_flag, workdir_flag = define_flags(fv, argv)
     try:
         rest = fv(list(argv))
-    except _BAD as e:
-        _explain(e)
+    except Exception as e:
+        _exit_on_mistake(e, argv)
+        raise
     if len(rest) > 1:
-        sys.exit(f"launch.py: bad command line: unexpected arguments {rest[1:]}")
-    return _config_value(config_flag), workdir_flag.value
+        usage_error(_launch_prog(argv), f"unexpected arguments {rest[1:]}")
+    return _config_value(config_flag, argv), workdir_flag.value
 
 
 def lr_on_command_line(argv: list[str]) -> bool:
@@ -89,7 +93,7 @@ def launch(argv: list[str]) -> None:
     if wants_help(argv):
         fv = flags.FlagValues()
         define_flags(fv, argv)
-        prog = "launch.py" if argv and argv[0].endswith("launch.py") else "alexnet-train"
+        prog = _launch_prog(argv)
         print_help(prog, TRAIN_USAGE.format(prog=prog), fv, CONFIG_HELP)
     config_flag, workdir_flag = define_flags(flags.FLAGS, argv)
 
@@ -97,11 +101,12 @@ def launch(argv: list[str]) -> None:
         if len(rest) > 1:
             raise app.UsageError(f"Unexpected arguments: {rest[1:]}")
         logging.set_verbosity(logging.WARNING)
-        config = _config_value(config_flag)
-        from alexnet_jax import ConfigError, train
+        config = _config_value(config_flag, argv)
+        from alexnet_jax import train
         from alexnet_jax.checkpoint import CheckpointError
         from alexnet_jax.data import DatasetError, release_shared_memory
         from alexnet_jax.data.errors import PassInterrupted
+        from alexnet_jax.model import ConfigError
         from alexnet_jax.preemption import EXIT_PREEMPTED
         from alexnet_jax.train import EXIT_DIVERGED
 
@@ -126,8 +131,9 @@ def launch(argv: list[str]) -> None:
     def parse(args):
         try:
             return flags.FLAGS(args)
-        except _BAD as e:
-            _explain(e)
+        except Exception as e:
+            _exit_on_mistake(e, argv)
+            raise
 
     app.run(main, argv=list(argv), flags_parser=parse)
 
@@ -143,8 +149,6 @@ HELP_ARGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")
 def program(module: str) -> str:
     """The name messages start with: the console script's (``alexnet-evaluate``) when run as one,
     else ``python -m alexnet_jax.<module>``."""
-    import os
-
     name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     return name if name.startswith("alexnet-") else f"python -m alexnet_jax.{module}"
 
@@ -217,16 +221,103 @@ def dashes_to_underscores(argv: list[str], fv: flags.FlagValues) -> list[str]:
     return out
 
 
-def parse_flags(prog: str, fv: flags.FlagValues, argv: list[str], *, positional: bool = False) -> list[str]:
+def parse_flags(prog: str, fv: flags.FlagValues, argv: list[str], *, positional: bool = False,
+                config_files: Sequence[str] = ()) -> list[str]:
     """Parse ``argv`` into ``fv``; returns the positional arguments (refused unless ``positional``).
-    Any error is a usage error (one line, exit 2)."""
+    A command-line mistake is a usage error (one line, exit 2); ``config_files``: those a config flag
+    of ``fv`` loads while parsing, whose own exceptions are bugs (see :func:`command_line_mistake`)."""
     try:
         rest = fv(dashes_to_underscores(list(argv), fv))
-    except BAD_COMMAND_LINE as e:
-        usage_error(prog, describe(e))
+    except Exception as e:
+        exit_on_command_line_mistake(prog, e, config_files)
+        raise
     if rest[1:] and not positional:
         usage_error(prog, f"unexpected arguments {rest[1:]}")
     return rest[1:]
+
+
+# ---------------------------------------------------------------------------
+# A mistake on the command line, or a bug?
+#
+# What absl and ml_collections (1.1) raise for a command line they refuse:
+# * ``flags.Error``: an unknown flag, a value of the wrong type (``IllegalFlagValueError``), an override
+#   before ``--config`` or one overwriting another (``FlagOrderError``), a field type that cannot be
+#   overridden (``UnsupportedOperationError``);
+# * ``KeyError`` or ``AttributeError`` from ml_collections' own code: an override key the config lacks;
+# * ``OSError`` from ml_collections' own code, when the config is first used: a config file it could
+#   not read (it keeps the error until then).
+# A config file's code runs inside the same calls: what it raises (an ``AttributeError`` from a typo in
+# ``get_config()``; a ``TypeError`` or ``ValueError``, which absl wraps in an ``IllegalFlagValueError``)
+# is told apart by the frames it passed through, which include that file's.
+
+_ML_COLLECTIONS = os.path.dirname(os.path.abspath(ml_collections.__file__))
+
+
+def _chain(e: BaseException):
+    """``e`` and the exceptions it was raised from or while handling."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _ran_in(e: BaseException, files: Sequence[str]) -> bool:
+    """Whether ``e`` (or an exception it came from) passed through the code of one of ``files``."""
+    wanted = {os.path.realpath(f) for f in files}
+    return any(os.path.realpath(frame.f_code.co_filename) in wanted
+               for x in _chain(e) for frame, _ in traceback.walk_tb(x.__traceback__))
+
+
+def _raised_by_ml_collections(e: BaseException) -> bool:
+    frames = list(traceback.walk_tb(e.__traceback__))
+    return bool(frames) and os.path.abspath(frames[-1][0].f_code.co_filename).startswith(_ML_COLLECTIONS + os.sep)
+
+
+def _message(e: BaseException) -> str:
+    while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError('lrm'))
+        e = e.args[0]
+    return e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+
+
+def command_line_mistake(e: BaseException, config_files: Sequence[str] = ()) -> str | None:
+    """What is wrong with the command line, in one line, if ``e`` is how absl or ml_collections refuse
+    it (see above); None for anything else, such as an exception from the code of one of
+    ``config_files``: a bug, to be raised with its traceback."""
+    if _ran_in(e, config_files):
+        return None
+    if isinstance(e, flags.Error):
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        return lines[0] if len(lines) == 1 else f"{lines[0].rstrip(':')}: {lines[-1].strip()}"
+    if not _raised_by_ml_collections(e):
+        return None
+    if isinstance(e, (KeyError, AttributeError)):
+        return "no such config key: " + "; ".join(_message(e).strip('"').splitlines())
+    if isinstance(e, OSError):
+        root = [x for x in _chain(e) if isinstance(x, OSError)][-1]
+        return f"cannot read the config file: {str(root).strip().splitlines()[-1].strip()}"
+    return None
+
+
+def exit_on_command_line_mistake(prog: str, e: BaseException, config_files: Sequence[str] = (),
+                                 key_hint: str = "") -> None:
+    """A usage error (one line, exit 2) if ``e`` is a command-line mistake; else nothing: the caller
+    re-raises. ``key_hint`` follows a 'no such config key' message."""
+    what = command_line_mistake(e, config_files)
+    if what is not None:
+        usage_error(prog, what + (key_hint if what.startswith("no such config key") else ""))
+
+
+def config_files(argv: list[str], default: str | None = None) -> list[str]:
+    """The files ``--config`` names on ``argv`` (an ``:argument`` after the path dropped), and ``default``."""
+    args, found = own_args(argv), []
+    for i, a in enumerate(args):
+        name, eq, value = a.lstrip("-").partition("=")
+        if a.startswith("-") and name == "config":
+            value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+            if value:
+                found.append(value.split(":", 1)[0])
+    return found + ([default] if default else [])
 
 
 def run_main(prog: str, body: Callable[[], int | None]) -> int | None:
@@ -264,16 +355,12 @@ def configs_importable(argv: list[str]) -> None:
     """The working directory first on ``sys.path``, as under ``python -m`` or ``python launch.py`` from the
     checkout: config files import ``configs.paper``. (A console script has its own folder there instead.)
     A ``--config`` file in a ``configs/`` folder elsewhere: the folder above that one too."""
-    import os
     from pathlib import Path
 
     folders = [os.getcwd()]
-    args = own_args(argv)
-    for i, a in enumerate(args):
-        path = a.split("=", 1)[1] if a.startswith("--config=") else (
-            args[i + 1] if a == "--config" and i + 1 < len(args) else None)
-        if path and Path(path.split(":", 1)[0]).absolute().parent.name == "configs":
-            folders.append(str(Path(path.split(":", 1)[0]).absolute().parent.parent))
+    for path in config_files(argv):
+        if Path(path).absolute().parent.name == "configs":
+            folders.append(str(Path(path).absolute().parent.parent))
     for folder in reversed(folders):
         if folder not in sys.path:
             sys.path.insert(0, folder)

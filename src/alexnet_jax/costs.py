@@ -32,16 +32,13 @@ import json
 import sys
 from fractions import Fraction
 
-from alexnet_jax.model import LAYERS, AlexNet, from_config
+from alexnet_jax import cli
+from alexnet_jax.model import LAYERS, AlexNet, ConfigError, from_config
 from alexnet_jax.parallel import LAYOUTS, indivisible_units, layout_named
 
-def _program() -> str:
-    from alexnet_jax.cli import program
 
-    return program("costs")
-
-
-_PROG = _program()
+_PROG = cli.program("costs")
+_DEFAULT_CONFIG = "configs/paper.py"
 
 
 def mesh_shape(model: AlexNet, layout: str, devices: int) -> tuple[int, int]:
@@ -129,8 +126,6 @@ def table(costs: dict):
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m alexnet_jax.costs ARGS`` (and ``alexnet-costs``); ``argv`` defaults to ``sys.argv[1:]``."""
-    from alexnet_jax import cli
-
     argv = [_PROG, *(sys.argv[1:] if argv is None else argv)]
     cli.configs_importable(argv)  # the config files import configs.paper
     cli.run_main(_PROG, lambda: _main(argv))
@@ -141,34 +136,37 @@ def _main(argv: list[str]) -> None:
     from ml_collections import config_flags
     from rich.console import Console
 
-    from alexnet_jax import cli
-    from alexnet_jax.cli import BAD_COMMAND_LINE, describe
-
     fv = flags.FlagValues()
+    files = cli.config_files(argv, _DEFAULT_CONFIG)  # their own exceptions are bugs, shown as such
     try:
-        config_flag = config_flags.DEFINE_config_file("config", "configs/paper.py", "Run config (a get_config() file).",
+        config_flag = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Run config (a get_config() file).",
                                                       flag_values=fv, sys_argv=cli.dashes_to_underscores(argv, fv))
-    except BAD_COMMAND_LINE as e:
-        cli.usage_error(_PROG, describe(e))
+    except Exception as e:
+        cli.exit_on_command_line_mistake(_PROG, e, files)
+        raise
     devices = flags.DEFINE_integer("devices", 2, "How many devices (the paper: 2 GPUs).", flag_values=fv)
     out = flags.DEFINE_string("json", None, "Also write the table to this JSON file.", flag_values=fv)
     if cli.wants_help(argv):
         cli.print_help(_PROG, "\n\n".join(__doc__.split("\n\n")[:2]), fv,
                        "--config.FIELD=VALUE: any field of the --config file, e.g. --config.mesh.parallelism=hybrid, "
                        "--config.batch_size=256.")
-    cli.parse_flags(_PROG, fv, argv)
+    cli.parse_flags(_PROG, fv, argv, config_files=files)
     try:
         config = config_flag.value
-        model = from_config(config.model)
-        layout = config.mesh.get("parallelism", "towers")
-        if layout not in LAYOUTS:
-            raise ValueError(f"mesh.parallelism={layout!r}: choose one of {', '.join(LAYOUTS)}")
-        if devices.value < 1:
-            raise ValueError(f"--devices={devices.value} must be at least 1")
-    except BAD_COMMAND_LINE as e:
-        cli.usage_error(_PROG, describe(e))
+        model_config, layout, batch_size = config.model, config.mesh.get("parallelism", "towers"), config.batch_size
+    except Exception as e:  # a config file that could not be read, or one without these fields
+        cli.exit_on_command_line_mistake(_PROG, e, files)
+        raise
+    if layout not in LAYOUTS:
+        cli.usage_error(_PROG, f"mesh.parallelism={layout!r}: choose one of {', '.join(LAYOUTS)}")
+    if devices.value < 1:
+        cli.usage_error(_PROG, f"--devices={devices.value} must be at least 1")
     try:
-        costs = layer_costs(model, layout, devices.value, config.batch_size)
+        model = from_config(model_config)
+    except ConfigError as e:  # e.g. --config.model.towers=0
+        cli.usage_error(_PROG, str(e))
+    try:
+        costs = layer_costs(model, layout, devices.value, batch_size)
         if layout == "hybrid":  # the layout's own requirement, checked as the run would
             bad = indivisible_units(model, devices.value)
             if bad:

@@ -43,8 +43,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from alexnet_jax import cli
-from alexnet_jax.cli import BAD_COMMAND_LINE as _BAD
-from alexnet_jax.cli import describe
+
 _PROG = cli.program("evaluate")
 _CONFIG_HELP = """--config.FIELD=VALUE: any field of the config the run saved, e.g. --config.data.root=/path/to/imagenet,
   --config.data.num_workers=4 (ml_collections syntax, as on launch.py)."""
@@ -121,8 +120,9 @@ def parse_command_line(argv: list[str]):
     _define_run_flags(first)
     try:
         first(cli.dashes_to_underscores(argv, first), known_only=True)
-    except _BAD as e:
-        cli.usage_error(_PROG, describe(e))
+    except Exception as e:
+        cli.exit_on_command_line_mistake(_PROG, e)
+        raise
     path = cli.checkpoint_path(_PROG, first.checkpoint, first.workdir,
                                "a training run's workdir, or a folder written by python -m alexnet_jax.convert")
     try:
@@ -140,9 +140,10 @@ def parse_command_line(argv: list[str]):
                                                       sys_argv=argv)
         rest = fv(argv)
         config = config_flag.value
-    except _BAD as e:
-        cli.usage_error(_PROG, f"{describe(e)}; config keys are those the run saved, "
-                        "e.g. --config.data.root=/path/to/imagenet")
+    except Exception as e:
+        cli.exit_on_command_line_mistake(_PROG, e, key_hint="; config keys are those the run saved, "
+                                         "e.g. --config.data.root=/path/to/imagenet")
+        raise
     if len(rest) > 1:
         cli.usage_error(_PROG, f"unexpected arguments {rest[1:]}")
     split = fv.split
@@ -268,9 +269,9 @@ def _main(argv: list[str]) -> None:
         except OSError as e:
             sys.exit(f"{_PROG}: cannot write --json={out}: {e}")
     logging.set_verbosity(logging.WARNING)
-    from alexnet_jax import ConfigError
     from alexnet_jax.checkpoint import CheckpointError
     from alexnet_jax.data import DatasetError
+    from alexnet_jax.model import ConfigError
 
     try:
         r = evaluate_checkpoint(opts["workdir"], config, step=opts["step"], views=opts["views"],
