@@ -1,5 +1,11 @@
-"""alexnet_jax: AlexNet (Krizhevsky, Sutskever & Hinton, 2012) in JAX/Flax, two towers and all."""
+"""alexnet_jax: AlexNet (Krizhevsky, Sutskever & Hinton, 2012) in JAX/Flax, two towers and all.
 
+The names a notebook needs, imported plainly so that go-to-definition finds them. Inference
+(Orbax, Pillow) adds about a quarter to the import of JAX and Flax that the model costs anyway.
+"""
+
+from alexnet_jax.inference import (Checkpoint, CheckpointError, Classifier, ImageError, Prediction, load_checkpoint,
+                                   predict)
 from alexnet_jax.model import AlexNet, ConfigError, LRN, count_params, default_config, from_config
 from alexnet_jax.parallel import apply_on_mesh, make_mesh, use_virtual_cpu_devices
 
@@ -8,15 +14,3 @@ __all__ = [
     "apply_on_mesh", "make_mesh", "use_virtual_cpu_devices",
     "Checkpoint", "CheckpointError", "Classifier", "ImageError", "Prediction", "load_checkpoint", "predict",
 ]
-
-# Inference pulls in Orbax and Pillow: imported on first use, so `import alexnet_jax` stays light.
-_INFERENCE = ("Checkpoint", "CheckpointError", "Classifier", "ImageError", "Prediction", "load_checkpoint",
-              "predict")
-
-
-def __getattr__(name):
-    if name in _INFERENCE:
-        from alexnet_jax import inference
-
-        return getattr(inference, name)
-    raise AttributeError(f"module 'alexnet_jax' has no attribute {name!r}")
