@@ -20,7 +20,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.init_std = 0.05  # weights ~ N(0, 0.05^2)
     c.model.init_bias = 0.1  # bias of conv2, conv4, conv5, fc6, fc7 (Caffe's choice)
     c.data = demo_data_config()  # embedded dataset, resized to 72, cropped to 64
-    c.data.output = "uint8"  # as in the paper config: normalised in the jitted step
     c.data.num_workers = 1  # one decoding process beside the training process
     c.batch_size = 64  # smaller batches, more steps per epoch on 3,000 images
     c.num_epochs = 15  # epochs over the embedded training set

@@ -44,7 +44,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.root = ml_collections.config_dict.placeholder(str)  # set --config.data.root=/path/to/imagenet
     c.data.format = "auto"  # 'auto': the packed shards when packed_dir is set, else the JPEG folder; or 'folder' / 'packed'
     c.data.num_workers = 8  # grain worker processes decoding and augmenting
-    c.data.output = "uint8"  # raw crops to the devices; mean image and PCA lighting applied in the jitted step
     c.data.stats = "computed"  # Section 4.1: the training set's own mean image and RGB eigens (one cached pass over a folder, ~50 min); 'published': ImageNet's published RGB mean and fb.resnet.torch's PCA, no pass
 
     c.optim = ml_collections.ConfigDict()

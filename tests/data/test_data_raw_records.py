@@ -180,7 +180,7 @@ def test_training_batches_equal_for_both_formats(kept_only):
         data = LO.resolve(cfg)
         assert {s: rec.record_format for s, rec in data.records.items()} == {'train': r, 'val': r}
         ev = list(PL.build_eval_iter(cfg, batch_size=5, num_workers=0, data=data))
-        tc = list(PL.build_eval_iter(cfg, batch_size=6, mode='ten_crop', num_workers=0, data=data))
+        tc = list(PL.build_eval_iter(cfg, batch_size=6, mode='whole', num_workers=0, data=data))
         it = PL.build_train_iter(cfg, batch_size=8, seed=3, num_workers=0, data=data)
         tr = [next(it) for _ in range(3)]
         it.close()

@@ -15,7 +15,7 @@ import pytest
 from alexnet_jax.data import layout as LA
 from alexnet_jax.data import prepare as P
 from alexnet_jax.data import stats as ST
-from alexnet_jax.data import transforms
+from alexnet_jax.data import device
 from alexnet_jax.data.atomic import atomic_savez
 from alexnet_jax.data.errors import DatasetError
 from alexnet_jax.data.locate import resolve
@@ -164,7 +164,9 @@ def test_published_stats_need_no_pass(folder, tmp_path):
                                                            [-0.5836, -0.6948, 0.4203]]))
     # The first principal component (the largest eigenvalue) is brightness: alpha on it alone moves R, G and B
     # alike (a transposed matrix would give -0.57, 0.72, 0.40: a colour shift).
-    offset = transforms.lighting_offset(np.array([[1.0, 0, 0]]), s['eigval'], s['eigvec'])[0]
+    one = {'image': np.zeros((1, 1, 1, 3), np.uint8), 'crop_yx': np.zeros((1, 2), np.int32),
+           'flip': np.zeros(1, bool), 'alpha': np.float32([[1.0, 0, 0]])}
+    offset = np.asarray(device.normalize(one, None, s['eigval'], s['eigvec']))[0, 0, 0]
     np.testing.assert_allclose(offset, -255 * 0.2175 * np.array([0.5675, 0.5808, 0.5836]), rtol=1e-6)
     assert np.ptp(offset) < 0.03 * np.abs(offset).max()
     it = build_train_iter(cfg, batch_size=4, seed=0, num_workers=0, data=data)

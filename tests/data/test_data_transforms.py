@@ -1,4 +1,4 @@
-"""Crops, flips, mean subtraction and PCA lighting against NumPy written here."""
+"""Crops, flips and the ten test views against NumPy written here (their normalisation: test_data_device)."""
 
 import numpy as np
 import pytest
@@ -75,73 +75,6 @@ def test_ten_crop_views_are_the_slices():
         ref = ref[:, ::-1] if k >= 5 else ref
         np.testing.assert_array_equal(out['image'][k], ref)
     np.testing.assert_array_equal(out['crop_yx'][5:], out['crop_yx'][:5])
-
-
-def random_stats(rng, size):
-    a = rng.normal(size=(3, 3))
-    cov = a @ a.T / 30
-    lam, vec = np.linalg.eigh(cov)
-    return rng.uniform(0, 255, (size, size, 3)).astype(np.float32), lam[::-1].copy(), vec[:, ::-1].copy()
-
-
-def test_normalize_matches_numpy():
-    rng = np.random.default_rng(0)
-    size, crop, n = 8, 5, 6
-    mean, lam, vec = random_stats(rng, size)
-    imgs = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
-    tf = T.RandomCropFlip(crop, flip=True, lighting_std=0.1)
-    els = [tf.random_map(element(imgs[i], i), np.random.default_rng(100 + i)) for i in range(n)]
-    batch = {k: np.stack([e[k] for e in els]) for k in els[0]}
-    out = T.Normalize(mean, lam, vec, lighting=True).map(batch)
-    assert out['image'].dtype == np.float32
-    for i, e in enumerate(els):
-        y, x = e['crop_yx']
-        # Independent: the paper's order -- subtract the mean from the whole image, then crop/flip, then lighting.
-        centred = imgs[i].astype(np.float64) - mean
-        view = centred[y:y + crop, x:x + crop]
-        if e['flip']:
-            view = np.fliplr(view)
-        shift = np.zeros(3)
-        for j in range(3):
-            shift += vec[:, j] * e['alpha'][j] * lam[j]
-        np.testing.assert_allclose(out['image'][i], view + 255 * shift, rtol=1e-5, atol=1e-3)
-    np.testing.assert_array_equal(out['label'], np.arange(n))
-
-
-def test_normalize_ten_crop_uses_matching_mean_views():
-    rng = np.random.default_rng(1)
-    mean, lam, vec = random_stats(rng, 9)
-    img = rng.integers(0, 256, (9, 9, 3), dtype=np.uint8)
-    el = T.TenCrop(6).map(element(img))
-    batch = {k: v[None] for k, v in el.items()}
-    out = T.Normalize(mean, lam, vec, lighting=False).map(batch)['image'][0]
-    ref = img.astype(np.float64) - mean
-    for k, (y, x, f) in enumerate(T.ten_crop_params((9, 9), 6)):
-        v = ref[y:y + 6, x:x + 6]
-        np.testing.assert_allclose(out[k], v[:, ::-1] if f else v, atol=1e-3)
-
-
-def test_pca_lighting_noise_statistics():
-    """Offsets projected on the eigenvectors, divided by 255*lambda_i, are N(0, 0.1) and independent."""
-    rng = np.random.default_rng(2)
-    _, lam, vec = random_stats(rng, 4)
-    zero = np.zeros((4, 4, 3), np.uint8)
-    tf = T.RandomCropFlip(crop=4, flip=False, lighting_std=0.1)
-    n = 4000
-    els = [tf.random_map(element(zero), np.random.default_rng(i)) for i in range(n)]
-    batch = {k: np.stack([e[k] for e in els]) for k in els[0]}
-    out = T.Normalize(None, lam, vec, lighting=True).map(batch)['image']
-    offsets = out[:, 0, 0, :].astype(np.float64)  # the same offset on every pixel of an image
-    assert np.allclose(out, offsets[:, None, None, :], atol=1e-4)
-    alpha_hat = (offsets @ vec) / (255 * lam)  # coordinates along the eigenvectors
-    std = alpha_hat.std(0)
-    # Standard error of a std estimate with n=4000 is about 0.1/sqrt(2n) = 0.0011.
-    np.testing.assert_allclose(std, 0.1, atol=0.006)
-    np.testing.assert_allclose(alpha_hat.mean(0), 0.0, atol=0.006)
-    corr = np.corrcoef(alpha_hat.T)
-    assert np.all(np.abs(corr[np.triu_indices(3, 1)]) < 0.06)
-    # Each use draws anew: two different rngs for the same image give different offsets.
-    assert len({tuple(np.round(o, 6)) for o in offsets[:50]}) == 50
 
 
 @pytest.mark.parametrize('flip', [False, True])

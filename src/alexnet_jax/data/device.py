@@ -1,10 +1,15 @@
-"""The last pipeline step on the accelerator: uint8 batches in, float32 model inputs out.
+"""The last pipeline step, on the accelerator: uint8 batches in, float32 model inputs out.
 
-With ``data_cfg.output = 'uint8'`` the loader hands over raw uint8 crops plus
-each view's ``crop_yx``, ``flip`` and ``alpha``; calling :func:`normalize`
-inside the jitted step does what :class:`transforms.Normalize` does on the
-host, with a quarter of the host-to-device traffic and no float work on the
-CPU. Both give the same numbers (tested).
+The loader sends uint8 crops with each view's ``crop_yx``, ``flip`` and
+``alpha`` (a quarter of the bytes of float32, and no float work on the host);
+:func:`normalize`, inside the jitted step, subtracts the mean image's matching
+window and adds the PCA lighting. tests/data/_reference.py does the same in
+float64 NumPy, in the paper's order, and the tests compare the two.
+
+Lighting units: the RGB covariance's eigenvalues ``eigval`` are on [0, 1]
+pixels (the convention under which ``alpha ~ N(0, 0.1)`` moves a pixel a few
+grey levels, as in Caffe and fb.resnet.torch), so the offset
+``eigvec @ (alpha * eigval)`` is multiplied by 255 for 0..255 pixels.
 """
 
 from __future__ import annotations
@@ -44,7 +49,6 @@ def eval_views(image_BSSC: jax.Array, mean_image, crop: int) -> jax.Array:
     The loader sends each validation image once (1.3x the bytes of a centre
     crop, not 10x); the views are static slices here, in
     :func:`transforms.ten_crop_params` order, so view 4 is the centre crop.
-    Same numbers as :class:`transforms.TenCrop` then :func:`normalize`.
     """
     from alexnet_jax.data.transforms import ten_crop_params
 

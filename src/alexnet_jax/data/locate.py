@@ -54,11 +54,30 @@ def source_form(cfg) -> str:
     return 'packed' if cfg.packed_dir is not None or cfg.name == 'embedded' else 'folder'
 
 
+# Fields that older versions wrote into a run's data config, with every value they could hold. `output`
+# chose where images were normalised ('float32': on the host, 'uint8': in the jitted step); both gave the
+# same numbers, and the loader now always sends uint8. A config.json or checkpoint saved with it must still
+# load (evaluate, predict, resume), so the field is accepted with one of its old values and then ignored.
+LEGACY_FIELDS = {'output': ('float32', 'uint8')}
+
+
+def _check_legacy_fields(cfg) -> None:
+    for field, allowed in LEGACY_FIELDS.items():
+        if field in cfg:
+            _choice(cfg, field, allowed)
+
+
+def drop_legacy_fields(data: dict) -> dict:
+    """A saved data section (a dict, from config.json or a checkpoint) without its :data:`LEGACY_FIELDS`."""
+    _check_legacy_fields(data)
+    return {k: v for k, v in data.items() if k not in LEGACY_FIELDS}
+
+
 def check_config(cfg) -> None:
     """Every config and path error that can be seen without scanning the data, raised at once."""
     _choice(cfg, 'name', ('embedded', 'imagenet'))
     _choice(cfg, 'format', ('auto', 'packed', 'folder'))
-    _choice(cfg, 'output', ('float32', 'uint8'))
+    _check_legacy_fields(cfg)  # an older run's saved config: checked, then ignored
     _choice(cfg, 'resize_mode', ('shorter_side', 'warp'))
     if cfg.resize_mode == 'warp' and (cfg.name == 'embedded' or source_form(cfg) == 'packed'):
         raise DatasetError("data.resize_mode='warp' needs the JPEG folder (--config.data.format=folder): packed "

@@ -9,7 +9,12 @@ gives the same batches and an iterator's state is just a position)::
 
     decoded source -> shuffle(seed) -> repeat -> random crop/flip/alpha(seed)
         -> blocks of batch_size // shard_count -> this host's blocks [shard_index::shard_count]
-        -> Normalize -> worker processes (mp_prefetch)
+        -> worker processes (mp_prefetch)
+
+Batches stay uint8, with each view's ``crop_yx``, ``flip`` and ``alpha``: the
+jitted step subtracts the mean image and adds the lighting
+(:mod:`alexnet_jax.data.device`), so the host sends a quarter of the bytes and
+does no float work.
 
 The shuffle and the augmentation happen on the *global* stream before the
 host slice, and host h's batch t is the h-th contiguous block of global batch
@@ -20,7 +25,9 @@ shard_count`` examples per step; ``batch_size`` is the global batch.
 
 Evaluation covers the split exactly once: the stream is padded to a whole
 number of global batches and padding (and any unreadable image) has
-``mask=False``.
+``mask=False``. Mode 'center' sends the centre crop; mode 'whole' sends the
+whole ``resize_size`` image once, and the device cuts the paper's ten views
+from it (:func:`alexnet_jax.data.device.eval_views`).
 """
 
 from __future__ import annotations
@@ -57,7 +64,6 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.worker_buffer_size = 2     # batches each worker keeps ready
     c.num_threads = 2            # threads reading/decoding inside each process (Pillow releases the GIL)
     c.prefetch_buffer_size = 4   # elements read ahead per process
-    c.output = 'float32'         # 'float32': normalised on the host | 'uint8': raw crops + crop_yx/flip/alpha, normalise with data.device.normalize in the jitted step
     c.prepare_workers = placeholder(int)  # processes for automatic preparation (embedded set, folder statistics); None = all cores
     c.cache_dir = placeholder(str)  # where folder statistics are cached; None = $ALEXNET_JAX_DATA or ~/.cache/alexnet_jax
     # Embedded dataset only.
@@ -83,20 +89,12 @@ def _host_shard(shard_index, shard_count) -> tuple[int, int]:
     return int(shard_index), int(shard_count)
 
 
-def _finish(cfg, ds: grain.MapDataset, stats, lighting: bool) -> grain.MapDataset:
-    """Last step on the host: float32 normalisation, or leave uint8 for the device."""
-    if cfg.output == 'uint8':
-        return ds
-    if cfg.output != 'float32':
-        raise ValueError(f"output must be 'float32' or 'uint8', got {cfg.output!r}")
-    return ds.map(_normalize(cfg, stats, lighting))
-
-
-def _normalize(cfg, stats, lighting: bool) -> transforms.Normalize:
-    if stats is None:
-        return transforms.Normalize(None, None, None, False)
-    return transforms.Normalize(stats['mean_image'] if cfg.mean_subtraction else None,
-                                stats['eigval'], stats['eigvec'], lighting)
+def _host_batches(ds: grain.MapDataset, batch_size: int, shard_index, shard_count) -> grain.MapDataset:
+    """The last step on the host: the stream in blocks of ``batch_size // shard_count``, this host's blocks."""
+    shard_index, shard_count = _host_shard(shard_index, shard_count)
+    if batch_size % shard_count:
+        raise ValueError(f'global batch {batch_size} is not divisible by {shard_count} hosts')
+    return ds.batch(batch_size // shard_count, drop_remainder=True)[shard_index::shard_count]
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -199,16 +197,12 @@ def build_train_dataset(cfg, *, batch_size: int, seed: int, image_size: int | No
                         data: ResolvedData | None = None) -> grain.MapDataset:
     """The infinite training stream as a ``MapDataset`` of this host's batches (before workers)."""
     data = data or resolve(cfg)
-    shard_index, shard_count = _host_shard(shard_index, shard_count)
-    if batch_size % shard_count:
-        raise ValueError(f'global batch {batch_size} is not divisible by {shard_count} hosts')
     crop = image_size or cfg.crop_size
     src = sources.DecodedSource(data.records['train'], cfg.resize_size, on_error='substitute',
                                 warp=cfg.resize_mode == 'warp')
     ds = EpochShuffle(grain.MapDataset.source(src), seed=seed)
     ds = ds.random_map(transforms.RandomCropFlip(crop, cfg.flip, cfg.pca_lighting_std), seed=seed + 1)
-    ds = ds.batch(batch_size // shard_count, drop_remainder=True)[shard_index::shard_count]
-    return _finish(cfg, ds, data.stats, lighting=cfg.pca_lighting_std > 0)
+    return _host_batches(ds, batch_size, shard_index, shard_count)
 
 
 class TrainIterator(grain.DatasetIterator):
@@ -265,10 +259,9 @@ class TrainIterator(grain.DatasetIterator):
 def build_train_iter(cfg, *, batch_size: int, seed: int, image_size: int | None = None,
                      shard_index: int | None = 0, shard_count: int | None = 1,
                      num_workers: int | None = None, data: ResolvedData | None = None) -> TrainIterator:
-    """Endless iterator of ``{'image': float32 (B, crop, crop, 3), 'label': int32 (B,), 'mask': bool (B,)}``.
+    """Endless iterator of ``{'image': uint8 (B, crop, crop, 3), 'label': int32 (B,), 'mask': bool (B,),
+    'crop_yx', 'flip', 'alpha'}``, the last three for :func:`alexnet_jax.data.device.normalize`.
 
-    With ``cfg.output = 'uint8'`` the image stays uint8 and ``crop_yx``, ``flip``,
-    ``alpha`` come along for :func:`alexnet_jax.data.device.normalize`.
     ``batch_size`` is global; this host gets ``batch_size // shard_count``.
     ``shard_index``/``shard_count`` None means ``jax.process_index()/process_count()``.
     Save with ``it.get_state()`` (a small JSON-able dict) and continue with
@@ -309,30 +302,28 @@ def eval_num_batches(num_examples: int, batch_size: int) -> int:
 def build_eval_dataset(cfg, *, batch_size: int, mode: str = 'center', split: str = 'val',
                        image_size: int | None = None, shard_index: int | None = 0,
                        shard_count: int | None = 1, data: ResolvedData | None = None) -> grain.MapDataset:
+    if mode == 'center':
+        view = transforms.CenterCrop(image_size or cfg.crop_size)
+    elif mode == 'whole':
+        view = transforms.Whole()
+    else:  # 'ten_crop', the host's ten views, is gone: 'whole' gives the same views, cut on the device
+        raise ValueError(f"mode must be 'center' (the centre crop) or 'whole' (whole images, cut into the ten "
+                         f"views on the device by data.device.eval_views), got {mode!r}")
     data = data or resolve(cfg)
     if split not in data.records:
         raise DatasetError(f'no {split!r} split in the data ({sorted(data.records)})')
-    shard_index, shard_count = _host_shard(shard_index, shard_count)
-    if batch_size % shard_count:
-        raise ValueError(f'global batch {batch_size} is not divisible by {shard_count} hosts')
-    crop = image_size or cfg.crop_size
-    view = {'center': transforms.CenterCrop, 'ten_crop': transforms.TenCrop, 'whole': lambda crop: transforms.Whole()}
-    if mode not in view:
-        raise ValueError(f"mode must be 'center', 'ten_crop' or 'whole', got {mode!r}")
-    if mode == 'whole' and cfg.output != 'uint8':
-        raise ValueError("mode 'whole' sends uint8 images for views cut on the device: it needs output='uint8'")
     src = sources.DecodedSource(data.records[split], cfg.resize_size, on_error='mask', warp=cfg.resize_mode == 'warp')
     total = eval_num_batches(len(src), batch_size) * batch_size
-    ds = grain.MapDataset.source(_Padded(src, total)).map(view[mode](crop))
-    ds = ds.batch(batch_size // shard_count, drop_remainder=True)[shard_index::shard_count]
-    return _finish(cfg, ds, data.stats, lighting=False)
+    ds = grain.MapDataset.source(_Padded(src, total)).map(view)
+    return _host_batches(ds, batch_size, shard_index, shard_count)
 
 
 def build_eval_iter(cfg, *, batch_size: int, mode: str = 'center', split: str = 'val',
                     image_size: int | None = None, shard_index: int | None = 0, shard_count: int | None = 1,
                     num_workers: int | None = None, data: ResolvedData | None = None):
-    """One pass over ``split``: ``{'image': float32 (B, crop, crop, 3) or (B, 10, crop, crop, 3),
-    'label': int32 (B,), 'mask': bool (B,)}``; count only ``mask`` rows.
+    """One pass over ``split``: ``{'image': uint8 (B, crop, crop, 3) ('center', with ``crop_yx``, ``flip``,
+    ``alpha``) or (B, resize, resize, 3) ('whole'), 'label': int32 (B,), 'mask': bool (B,)}``; count only
+    ``mask`` rows.
 
     Every host yields the same number of batches (padding included), so a
     collective eval step never waits on a host that has run out.

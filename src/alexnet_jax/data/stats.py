@@ -91,7 +91,7 @@ PUBLISHED_RGB_MEAN = (0.485, 0.456, 0.406)
 # PCA lighting: fb.resnet.torch datasets/imagenet.lua `pca` (used by later reproductions, e.g. PyTorch
 # ports of its Lighting transform). Its Lighting adds eigvec * (alpha * eigval) to [0, 1] pixels
 # (rgb[i] = sum_j eigvec[i][j] * alpha[j] * eigval[j]), so the COLUMNS are the eigenvectors and eigval is on
-# the [0, 1] pixel scale: our convention (transforms.lighting_offset, device.normalize: 255 * eigvec @
+# the [0, 1] pixel scale: our convention (device.normalize: 255 * eigvec @
 # (alpha * eigval)), and the scale of the computed eigval (finish_stats divides the covariance by 255^2).
 # The first column is the luminance direction (all three components about -0.58; the sign does not
 # matter, alpha is symmetric about 0).

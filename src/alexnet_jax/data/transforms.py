@@ -1,16 +1,9 @@
-"""The paper's augmentation (Section 4.1) as pure NumPy functions and grain transforms.
+"""The paper's augmentation (Section 4.1) on the host: uint8 crops and mirrors, and what they were.
 
-Images stay uint8 through cropping and flipping; each example carries the
-crop's position (``crop_yx``), whether it was mirrored (``flip``) and its
-lighting coefficients (``alpha``). Only the last step, :class:`Normalize`,
-turns a whole batch into float32: ``flip(crop(img)) - flip(crop(mean))`` plus
-the PCA lighting offset, i.e. exactly ``flip(crop(img - mean)) + offset``.
-
-Lighting units: the 3x3 RGB covariance and its eigenvalues ``eigval`` are
-computed on pixel values scaled to [0, 1] (the convention under which
-``alpha ~ N(0, 0.1)`` gives offsets of a few grey levels, as in Caffe and
-fb.resnet.torch); the offset ``eigvec @ (alpha * eigval)`` is multiplied by
-255 before being added to 0..255 pixels.
+Each example carries its crop's position (``crop_yx``), whether it was
+mirrored (``flip``) and its lighting coefficients (``alpha``), so the jitted
+step can subtract the same window of the mean image and add the lighting
+(:mod:`alexnet_jax.data.device`): the host never touches a float.
 """
 
 from __future__ import annotations
@@ -64,37 +57,6 @@ def ten_crop_params(size_hw: tuple[int, int], crop: int) -> list[tuple[int, int,
     return [(y, x, False) for y, x in five] + [(y, x, True) for y, x in five]
 
 
-def lighting_offset(alpha_N3: np.ndarray, eigval_3: np.ndarray, eigvec_33: np.ndarray) -> np.ndarray:
-    """Per-image RGB offsets in 0..255 units: ``255 * P @ (alpha * lambda)``; columns of P are eigenvectors."""
-    return 255.0 * (np.asarray(alpha_N3, np.float64) * eigval_3) @ np.asarray(eigvec_33, np.float64).T
-
-
-def normalize_views(img_NHWC: np.ndarray, mean_HWC: np.ndarray | None, crop_yx_N2: np.ndarray,
-                    flip_N: np.ndarray, offset_N3: np.ndarray | None,
-                    mean_mirrored_HWC: np.ndarray | None = None) -> np.ndarray:
-    """uint8 crops -> float32: subtract the matching (cropped, mirrored) mean image, add lighting.
-
-    ``mean_mirrored_HWC`` (``mean_HWC[:, ::-1]`` made contiguous) is only a speed-up:
-    a mirrored crop at x of the mean is the plain crop at ``W - crop - x`` of it.
-    """
-    n, crop = img_NHWC.shape[0], img_NHWC.shape[1]
-    out = np.empty(img_NHWC.shape, np.float32)
-    offsets = np.zeros((n, 3), np.float32) if offset_N3 is None else offset_N3.astype(np.float32)
-    if mean_HWC is None:
-        np.add(img_NHWC, offsets[:, None, None, :], out=out)
-        return out
-    width = mean_HWC.shape[1]
-    for i in range(n):
-        y, x = int(crop_yx_N2[i, 0]), int(crop_yx_N2[i, 1])
-        if flip_N[i] and mean_mirrored_HWC is not None:
-            m = mean_mirrored_HWC[y:y + crop, width - crop - x:width - x]
-        else:
-            m = crop_HWC(mean_HWC, y, x, crop, bool(flip_N[i]))
-        # img - (mean - offset): one float pass over the image instead of three.
-        np.subtract(img_NHWC[i], m - offsets[i], out=out[i])
-    return out
-
-
 # ---------------------------------------------------------------------------
 # grain transforms (per example unless said otherwise)
 
@@ -139,7 +101,8 @@ class CenterCrop(grain.transforms.Map):
 
 
 class TenCrop(grain.transforms.Map):
-    """Ten views ``(10, crop, crop, 3)`` in :func:`ten_crop_params` order."""
+    """Ten views ``(10, crop, crop, 3)`` in :func:`ten_crop_params` order, for images classified one by one
+    (:class:`alexnet_jax.inference.Classifier`); the evaluation loader sends :class:`Whole` images instead."""
 
     def __init__(self, crop: int):
         self.crop = crop
@@ -159,28 +122,3 @@ class Whole(grain.transforms.Map):
 
     def map(self, element):
         return {'image': element['image'], 'label': element['label'], 'mask': element['mask']}
-
-
-class Normalize(grain.transforms.Map):
-    """Batch-level last step: float32 images, mean-subtracted, lighting added; drops bookkeeping fields.
-
-    Works for ``(B, H, W, 3)`` and ten-crop ``(B, 10, H, W, 3)`` batches.
-    """
-
-    def __init__(self, mean_HWC: np.ndarray | None, eigval: np.ndarray | None,
-                 eigvec: np.ndarray | None, lighting: bool):
-        self.mean_HWC = None if mean_HWC is None else np.asarray(mean_HWC, np.float32)
-        self.mean_mirrored_HWC = None if mean_HWC is None else np.ascontiguousarray(self.mean_HWC[:, ::-1])
-        self.eigval, self.eigvec, self.lighting = eigval, eigvec, lighting
-
-    def map(self, batch):
-        img = batch['image']
-        lead, hwc = img.shape[:-3], img.shape[-3:]
-        flat = img.reshape((-1,) + hwc)
-        alpha = batch['alpha'].reshape(-1, 3)
-        offset = (lighting_offset(alpha, self.eigval, self.eigvec)
-                  if self.lighting and self.eigval is not None else None)
-        out = normalize_views(flat, self.mean_HWC, batch['crop_yx'].reshape(-1, 2),
-                              batch['flip'].reshape(-1), offset, self.mean_mirrored_HWC)
-        return {'image': out.reshape(lead + hwc), 'label': batch['label'].astype(np.int32),
-                'mask': batch['mask']}
