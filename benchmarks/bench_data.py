@@ -205,7 +205,7 @@ def main(argv=None) -> None:
     cfgs = {}
     for form in ('folder', 'packed'):
         cfg = pipeline.default_data_config()
-        cfg.name, cfg.root, cfg.format, cfg.output = 'imagenet', str(src), form, 'uint8'
+        cfg.name, cfg.root, cfg.format = 'imagenet', str(src), form
         cfg.packed_dir = str(packed) if form == 'packed' else None
         cfg.stats_path = str(packed / 'stats.npz')
         cfg.num_threads = 1

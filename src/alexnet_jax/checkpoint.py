@@ -51,6 +51,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint directory cannot be used (see the message for what to do)."""
 
 
+class ConvertError(ValueError):
+    """Weights from elsewhere (Caffe's, torchvision's) cannot become a checkpoint: the message says which file
+    and why. Here, beside ``write_weights_only``, for both converters (``alexnet_jax.convert`` and
+    ``convert_torchvision``) and for ``python -m alexnet_jax.convert``, whose ``__main__`` is a second copy."""
+
+
 class CheckpointWriteError(CheckpointError):
     """A checkpoint could not be written; ``step`` is the one lost, ``last_good`` the newest on disk."""
 
@@ -263,8 +269,8 @@ class Checkpointer:
 # ---------------------------------------------------------------------------
 # Reading one step folder without a manager: what inference and evaluation need.
 
-_LAYOUT = ("a run's workdir (holding checkpoints/<step>/), its checkpoints/ folder, "
-           "or one checkpoints/<step>/ folder")
+_WHAT_TO_GIVE = ("a run's workdir (holding checkpoints/<step>/), its checkpoints/ folder, "  # where to point it
+                 "or one checkpoints/<step>/ folder")
 
 
 def _is_step_dir(p: epath.Path) -> bool:
@@ -278,7 +284,7 @@ def find_step_dir(path: str | os.PathLike, step: int | None = None) -> tuple[epa
     """
     root = epath.Path(path)
     if not root.exists():
-        raise CheckpointError(f"No checkpoint at {str(path)!r}: the path does not exist. Give {_LAYOUT}.")
+        raise CheckpointError(f"No checkpoint at {str(path)!r}: the path does not exist. Give {_WHAT_TO_GIVE}.")
     if _is_step_dir(root):
         number = int(root.name) if root.name.isdigit() else None
         if step is not None and number is not None and step != number:
@@ -289,7 +295,7 @@ def find_step_dir(path: str | os.PathLike, step: int | None = None) -> tuple[epa
     steps = sorted(int(c.name) for c in ckpt_dir.iterdir() if c.name.isdigit() and c.is_dir()
                    and _is_step_dir(c) and ocp.utils.is_checkpoint_finalized(c))
     if not steps:
-        raise CheckpointError(f"No finished checkpoint under {str(path)!r}. Give {_LAYOUT}. "
+        raise CheckpointError(f"No finished checkpoint under {str(path)!r}. Give {_WHAT_TO_GIVE}. "
                               "A run writes its first checkpoint after checkpoint_every steps (or an epoch).")
     if step is None:
         step = steps[-1]

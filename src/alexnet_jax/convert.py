@@ -44,9 +44,10 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
+from alexnet_jax.checkpoint import CheckpointError, ConvertError, write_weights_only
 from alexnet_jax.data.labels import imagenet_classes
+from alexnet_jax.model import LAYERS  # bvlc_alexnet's layers have our names
 
-LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 GROUPS = {"conv1": 1, "conv2": 2, "conv3": 1, "conv4": 2, "conv5": 2}
 # Caffe's layout of bvlc_alexnet: weights (out, in / groups, kh, kw) or (out, in), biases (out,).
 CAFFE_SHAPES = {"conv1": (96, 3, 11, 11), "conv2": (256, 48, 5, 5), "conv3": (384, 256, 3, 3),
@@ -56,10 +57,6 @@ POOL5_CHW = (256, 6, 6)
 # models/bvlc_alexnet's test-time mean, per channel, BGR (Caffe's ilsvrc_2012_mean averaged over pixels).
 CAFFE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
 RESIZE, CROP = 256, 227
-
-
-class ConvertError(ValueError):
-    """A weights or mean file cannot be converted (the message says which and why)."""
 
 
 # ---------------------------------------------------------------------------
@@ -255,7 +252,6 @@ def caffe_config() -> ml_collections.ConfigDict:
     c.data.resize_size, c.data.crop_size = RESIZE, CROP  # centre crop at (256 - 227) // 2 = 14
     c.data.mean_subtraction = True
     c.data.format = "folder"
-    c.data.output = "uint8"
     c.eval_ten_crop = False  # the published 57.1% top-1 is the centre crop
     return c
 
@@ -266,8 +262,6 @@ def caffe_config() -> ml_collections.ConfigDict:
 
 def convert(caffe: dict, out: str | Path, *, mean_bgr: np.ndarray | None = None, origin: dict) -> Path:
     """Write the checkpoint folder ``out`` (weights only, step 0); returns its step folder."""
-    from alexnet_jax.checkpoint import CheckpointError, write_weights_only
-
     params = to_towers(caffe)
     classes, names = imagenet_classes()
     mean = mean_image_rgb(mean_bgr)
@@ -280,14 +274,6 @@ def convert(caffe: dict, out: str | Path, *, mean_bgr: np.ndarray | None = None,
                                   dataset={"classes": classes, "class_names": names, "stats": {"mean_image": mean}})
     except CheckpointError as e:
         raise ConvertError(str(e)) from None
-
-
-def _imported_convert_error() -> type:
-    """``ConvertError`` as other modules import it: under ``python -m`` this module runs as ``__main__``,
-    a second copy whose class is another."""
-    from alexnet_jax.convert import ConvertError as imported
-
-    return imported
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -344,7 +330,7 @@ def _main(prog: str, argv: list[str]) -> None:
                     raise ConvertError(f"No mean file at {a.mean}.")
                 mean = read_mean(a.mean)
             step_dir = convert(caffe, a.out, mean_bgr=mean, origin=origin)
-    except (ConvertError, _imported_convert_error()) as e:
+    except ConvertError as e:
         sys.exit(f"{prog}: {e}")
     print(f"Wrote {step_dir} ({origin['format']}): load it with alexnet_jax.load_checkpoint({str(a.out)!r}), "
           f"or evaluate it with python -m alexnet_jax.evaluate --checkpoint={a.out} --data=DIR")

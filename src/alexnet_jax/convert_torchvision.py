@@ -37,7 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from alexnet_jax.convert import ConvertError, LAYERS
+from alexnet_jax.checkpoint import CheckpointError, ConvertError, write_weights_only
+from alexnet_jax.data.labels import imagenet_classes
+from alexnet_jax.model import LAYERS
 
 MEAN_RGB = (0.485, 0.456, 0.406)
 STD_RGB = (0.229, 0.224, 0.225)
@@ -113,16 +115,12 @@ def owt_config():
         sys.path.remove(str(root))
     c = module.get_config()
     c.data.format = "folder"
-    c.data.output = "uint8"
     c.eval_ten_crop = False  # torchvision's published error is the centre crop's
     return c
 
 
 def convert(path: str | Path, out: str | Path) -> Path:
     """Write the checkpoint folder ``out`` (weights only, step 0); returns its step folder."""
-    from alexnet_jax.checkpoint import CheckpointError, write_weights_only
-    from alexnet_jax.data.labels import imagenet_classes
-
     params = to_params(read_state_dict(path))
     classes, names = imagenet_classes()
     mean = np.broadcast_to(255.0 * np.asarray(MEAN_RGB, np.float32), (RESIZE, RESIZE, 3)).astype(np.float32)
