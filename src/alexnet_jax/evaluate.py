@@ -187,7 +187,7 @@ def evaluate_checkpoint(workdir, config: ml_collections.ConfigDict | None = None
     if batch % mesh.shape[parallel.DATA_AXIS]:
         raise data_lib.DatasetError(f"--batch_size={batch} must be a multiple of the {mesh.shape[parallel.DATA_AXIS]} "
                                     "devices it is split over.")
-    mode = "center" if views == "center" else ("whole" if cfg.output == "uint8" else "ten_crop")
+    mode = "center" if views == "center" else "whole"  # whole images to the device, cut into ten views there
     passes = data_lib.EvalPasses(cfg, batch_size=batch, mode=mode, split=split, image_size=model.image_size,
                                  data=data)
     try:
