@@ -36,7 +36,7 @@ class WorkdirLock:
             holder = _read(fd)
             os.close(fd)
             raise WorkdirBusy(
-                f"Another run is using --workdir={self.path.parent}: {describe(holder)}. Two runs on one "
+                f"Another run is using --workdir={self.path.parent}: {describe_holder(holder)}. Two runs on one "
                 "workdir would overwrite each other's checkpoints. Wait for it to end or stop it, or give "
                 "another --workdir.") from None
         self.stale = _read(fd) or None  # the kernel freed it: its holder is gone
@@ -56,10 +56,14 @@ class WorkdirLock:
             self._fd = None
 
 
-def describe(holder: dict | None) -> str:
+def describe_holder(holder: dict | None) -> str:
+    """The run a lock file names, for a message: its pid, host and start time."""
     if not holder:
         return "a run that has not written its name yet"
     return f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}"
+
+
+describe = describe_holder  # the old name, still imported by train.py: remove once it imports describe_holder
 
 
 def _read(fd: int) -> dict:
