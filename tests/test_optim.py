@@ -83,17 +83,55 @@ def test_scheduled_drops():
 
 def test_plateau_rule():
     cfg = optim_cfg(plateau_patience=2, plateau_min_delta=0.01, plateau_max_drops=1)
-    ctl = optim.LRControl()
+    history = optim.DropHistory()
     errs = [0.9, 0.8, 0.795, 0.799, 0.7, 0.75, 0.76, 0.77, 0.78]
     decisions = []
     for i, e in enumerate(errs):
-        decisions.append(optim.plateau_drop(cfg, ctl, e))
+        decisions.append(history.plateau(cfg, e))
         if decisions[-1]:
-            optim.record_drop(ctl, step=i, epoch=i, old=1.0, new=0.1, reason="plateau")
+            history.drops.append({"step": i, "epoch": i, "from": 1.0, "to": 0.1, "reason": "plateau"})
     # 0.795 and 0.799 do not beat 0.8 by 0.01: drop on the second; later stalls exceed max_drops.
     assert decisions == [False, False, False, True, False, False, False, False, False]
-    assert ctl.num_plateau_drops == 1
-    assert optim.LRControl.from_json(ctl.to_json()) == ctl
+    assert history.num_plateau_drops == 1
+    assert optim.DropHistory.from_json(history.to_json()) == history
+
+
+class _State:
+    """What LearningRate needs of a train state: ``opt_state`` and ``replace``."""
+
+    def __init__(self, opt_state):
+        self.opt_state = opt_state
+
+    def replace(self, opt_state):
+        return _State(opt_state)
+
+
+def test_learning_rate_owns_every_drop_and_applies_it():
+    """Hand-worked: 10 steps an epoch, a drop scheduled at epoch 2, a DROP_LR request read at step 15,
+    a manual LR at resume; each applied to the optimizer state, recorded once, in precedence order."""
+    cfg = optim_cfg(lr=0.01, drop_epochs=[2])
+    params = {"kernel": jnp.ones((2, 2))}
+    state = _State(optim.make_optimizer(cfg).init(params))
+    requests = {15: 4.0}
+    step_now = [0]
+    seen = []
+    lr = optim.LearningRate(cfg, optim.DropHistory(), lr=0.01, step=0, steps_per_epoch=10, request_every=5,
+                            read_request=lambda: requests.pop(step_now[0], None), manual_lr=0.02,
+                            on_drop=seen.append)
+    for step in range(0, 26):
+        step_now[0] = step
+        state = lr(state, step)
+    assert [(d["step"], d["to"], d["reason"]) for d in seen] == [
+        (0, 0.02, optim.MANUAL_LR_REASON),
+        (15, pytest.approx(0.005), "requested (DROP_LR)"),
+        (20, pytest.approx(0.0005), "scheduled (optim.drop_epochs)"),
+    ]
+    assert lr.history.drops == seen
+    assert optim.get_lr(state.opt_state) == pytest.approx(0.0005)
+    # Resumed with the same --config.optim.lr again: no new drop (a requeue keeping the flag).
+    again = optim.LearningRate(cfg, lr.history, lr=0.0005, step=25, steps_per_epoch=10, request_every=5,
+                               read_request=lambda: None, manual_lr=0.02)
+    assert again(state, 26) is state
 
 
 def test_requested_drop_file(tmp_path):

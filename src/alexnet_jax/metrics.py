@@ -121,58 +121,19 @@ def _move_rows_after(path: Path, step: int) -> str | None:
             f"to {aside.name}.")
 
 
-class StepMetrics:
-    """Each step's metrics, still on the devices until ``process`` fetches them (one sync for many).
+class DivergenceGuard:
+    """Stops the run on a non-finite loss, or on more than ``max_bad`` input batches with NaN/Inf values.
 
-    The loop adds a step's metrics after dispatching it and processes the earlier
-    ones then, so fetching never waits for the step just queued. ``process``
-    writes every ``log_every``-th row (and the last one fetched), updates the
-    progress line, reports batches with NaN/Inf inputs (the step skipped them)
-    and raises ``TrainingError`` on a non-finite loss or more than ``max_bad``
-    bad batches. ``resume_hint()`` says where the run can resume from.
-
-    With ``batch_size``, the newest row written gets ``perf/images_per_s``: the
-    global batches per second between this fetch and the last one (each fetch
-    waits for the steps it reads, so the first interval starts after
-    compilation); :meth:`restart_clock` leaves an evaluation out of it.
+    The train step skips a batch with bad inputs (the parameters stay as they were);
+    the guard reports it and counts. ``resume_hint()`` says where the run can resume from.
     """
 
-    def __init__(self, writer: MetricWriter, progress, *, log_every: int, max_bad: int,
-                 resume_hint: Callable[[], str], batch_size: int | None = None):
-        self.writer, self.progress, self.log_every, self.max_bad = writer, progress, log_every, max_bad
-        self.resume_hint, self.batch_size = resume_hint, batch_size
-        self.pending: list[tuple[int, dict]] = []
+    def __init__(self, writer: MetricWriter, progress, *, max_bad: int, resume_hint: Callable[[], str]):
+        self.writer, self.progress, self.max_bad, self.resume_hint = writer, progress, max_bad, resume_hint
         self.bad_batches = 0
-        self._clock: tuple[float, int] | None = None  # (time, step) of the last fetch
 
-    def add(self, step: int, metrics: dict) -> None:
-        self.pending.append((step, metrics))
-
-    def process(self, *, keep_newest: int = 0) -> None:
-        """Fetch and act on all pending steps but the ``keep_newest`` most recent."""
-        cut = len(self.pending) - keep_newest
-        if cut <= 0:
-            return
-        rows, self.pending = jax.device_get(self.pending[:cut]), self.pending[cut:]
-        now, newest = time.perf_counter(), rows[-1][0]
-        rate = None
-        if self.batch_size and self._clock is not None and newest > self._clock[1]:
-            rate = (newest - self._clock[1]) * self.batch_size / max(now - self._clock[0], 1e-9)
-        self._clock = (now, newest)
-        good = [(s, m) for s, m in rows if self._check(s, m)]
-        for s, m in good:
-            if s % self.log_every == 0 or s == newest:
-                self.writer.write(s, {**m, "perf/images_per_s": rate} if s == newest and rate else m)
-        if good:
-            s, m = good[-1]
-            self.progress.update(s, loss=float(m["train/loss"]), lr=float(m["train/lr"]))
-
-    def restart_clock(self) -> None:
-        """The next interval starts now (after an evaluation or a checkpoint, which are not training)."""
-        if self._clock is not None:
-            self._clock = (time.perf_counter(), self._clock[1])
-
-    def _check(self, s: int, m: dict) -> bool:
+    def passes(self, s: int, m: dict) -> bool:
+        """False for a skipped step (bad inputs); raises when the run must stop."""
         bad = int(m["train/nonfinite_inputs"])
         if bad:
             self.bad_batches += 1
@@ -191,3 +152,49 @@ class StepMetrics:
                 f"The training loss became {float(m['train/loss'])} at step {s}; stopping. "
                 f"{self.resume_hint()}. Lower --config.optim.lr, or check the data for NaN/Inf inputs.")
         return True
+
+
+class PendingMetrics:
+    """Each step's metrics, left on the devices until fetched, many steps with one sync.
+
+    ``add`` queues a step's metrics once it is dispatched; every ``log_every`` steps it
+    first fetches the ones queued before, so a fetch never waits for the step just
+    queued. ``fetch`` takes all (the loop calls it before reading the state, so a
+    NaN loss stops the run before it is saved). Each row goes through ``guard``;
+    every ``log_every``-th is written, the newest with ``perf/images_per_s``: global
+    images per second since the last fetch (the first interval starts after
+    compilation; ``restart_clock`` leaves evaluations and checkpoints out).
+    """
+
+    def __init__(self, writer: MetricWriter, progress, guard: DivergenceGuard, *, log_every: int, batch_size: int):
+        self.writer, self.progress, self.guard = writer, progress, guard
+        self.log_every, self.batch_size = log_every, batch_size
+        self.pending: list[tuple[int, dict]] = []
+        self._clock: tuple[float, int] | None = None  # (time, step) of the last fetch
+
+    def add(self, step: int, metrics: dict) -> None:
+        if (step - 1) % self.log_every == 0:
+            self.fetch()
+        self.pending.append((step, metrics))
+
+    def fetch(self) -> None:
+        if not self.pending:
+            return
+        rows, self.pending = jax.device_get(self.pending), []
+        now, newest = time.perf_counter(), rows[-1][0]
+        rate = None
+        if self._clock is not None and newest > self._clock[1]:
+            rate = (newest - self._clock[1]) * self.batch_size / max(now - self._clock[0], 1e-9)
+        self._clock = (now, newest)
+        good = [(s, m) for s, m in rows if self.guard.passes(s, m)]
+        for s, m in good:
+            if s % self.log_every == 0 or s == newest:
+                self.writer.write(s, {**m, "perf/images_per_s": rate} if s == newest and rate else m)
+        if good:
+            s, m = good[-1]
+            self.progress.update(s, loss=float(m["train/loss"]), lr=float(m["train/lr"]))
+
+    def restart_clock(self) -> None:
+        """The next interval starts now."""
+        if self._clock is not None:
+            self._clock = (time.perf_counter(), self._clock[1])

@@ -62,14 +62,15 @@ def set_lr(opt_state, lr: float):
 
 # ---------------------------------------------------------------------------
 # Learning-rate drops: the paper divided by 10 by hand when validation error
-# stopped improving. Three ways to ask for it; all are logged and saved.
+# stopped improving. Four ways to ask for one; all are logged and saved.
 
 DROP_FILE = "DROP_LR"  # touch <workdir>/DROP_LR during a run to divide the LR once
+MANUAL_LR_REASON = "resume with --config.optim.lr"
 
 
 @dataclasses.dataclass
-class LRControl:
-    """What decides drops, saved with every checkpoint so it survives restarts."""
+class DropHistory:
+    """The drops so far and the plateau counter: saved with every checkpoint, so decisions survive restarts."""
 
     drops: list[dict] = dataclasses.field(default_factory=list)  # {step, epoch, from, to, reason}
     best_val: float | None = None  # best validation top-1 error seen
@@ -79,40 +80,34 @@ class LRControl:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> "LRControl":
+    def from_json(cls, d: dict) -> DropHistory:
         return cls(**d)
 
     @property
     def num_plateau_drops(self) -> int:
         return sum(d["reason"].startswith("plateau") for d in self.drops)
 
+    def plateau(self, cfg: ml_collections.ConfigDict, val_error: float) -> bool:
+        """After ``plateau_patience`` evaluations without an improvement of ``plateau_min_delta``
+        (at most ``plateau_max_drops`` times); counts this evaluation."""
+        if self.best_val is None or val_error < self.best_val - cfg.plateau_min_delta:
+            self.best_val, self.evals_since_best = val_error, 0
+            return False
+        self.evals_since_best += 1
+        if (cfg.plateau_patience > 0 and self.evals_since_best >= cfg.plateau_patience
+                and self.num_plateau_drops < cfg.plateau_max_drops):
+            self.evals_since_best = 0
+            return True
+        return False
+
 
 def scheduled_drop(cfg: ml_collections.ConfigDict, epoch_before: float, epoch_after: float) -> bool:
-    """Mode (a): a fixed list of epochs, ``optim.drop_epochs``; a drop when a step crosses one."""
+    """A step crossed one of ``optim.drop_epochs``."""
     return any(epoch_before < e <= epoch_after for e in cfg.drop_epochs)
 
 
-def plateau_drop(cfg: ml_collections.ConfigDict, ctl: LRControl, val_error: float) -> bool:
-    """Mode (b): after ``patience`` evaluations without an improvement of ``min_delta``.
-
-    Updates ``ctl`` in place. At most ``plateau_max_drops`` drops.
-    """
-    if ctl.best_val is None or val_error < ctl.best_val - cfg.plateau_min_delta:
-        ctl.best_val, ctl.evals_since_best = val_error, 0
-        return False
-    ctl.evals_since_best += 1
-    if (cfg.plateau_patience > 0 and ctl.evals_since_best >= cfg.plateau_patience
-            and ctl.num_plateau_drops < cfg.plateau_max_drops):
-        ctl.evals_since_best = 0
-        return True
-    return False
-
-
 def requested_drop(workdir: str | os.PathLike) -> float | None:
-    """Mode (c): the researcher creates ``<workdir>/DROP_LR`` (empty: divide by 10; or a factor).
-
-    Returns the factor and removes the file, or None when there is no request.
-    """
+    """The factor in ``<workdir>/DROP_LR`` (empty: 10), removing the file; None when there is none."""
     path = Path(workdir) / DROP_FILE
     if not path.exists():
         return None
@@ -127,62 +122,49 @@ def requested_drop(workdir: str | os.PathLike) -> float | None:
     return factor
 
 
-def record_drop(ctl: LRControl, *, step: int, epoch: float, old: float, new: float, reason: str) -> dict:
-    entry = {"step": int(step), "epoch": round(float(epoch), 4), "from": old, "to": new, "reason": reason}
-    ctl.drops.append(entry)
-    return entry
+class LearningRate:
+    """The one owner of the learning rate: decides each drop, records it, applies it to the train state.
 
-
-MANUAL_LR_REASON = "resume with --config.optim.lr"
-
-
-def manual_lr_to_apply(manual_lr: float | None, drops: list[dict]) -> float | None:
-    """The LR to set on resume, or None. An LR asked for at resume is a manual drop, once: the same
-    request again (a requeue script that keeps the flag) changes nothing, and no request (a requeue
-    without the flag) changes nothing either."""
-    if manual_lr is None:
-        return None
-    asked = [d["to"] for d in drops if d["reason"] == MANUAL_LR_REASON]
-    if asked and math.isclose(asked[-1], manual_lr, rel_tol=1e-9):
-        return None
-    return float(manual_lr)
-
-
-class LRPolicy:
-    """Every way the learning rate changes, in one place; the loop asks it once per step.
-
-    ``policy(step, val_error)`` (``step``: steps taken; ``val_error``: the validation
-    top-1 error when the run evaluated at this step) returns the drop to apply, as
-    the entry recorded in ``control.drops``, or None. In order of precedence: the
-    LR given on the command line at resume (the first ask only), a request in the
-    ``DROP_LR`` file (read every ``request_every`` steps), a scheduled epoch
-    (``optim.drop_epochs``), a plateau of validation error. At most one per step.
-    ``read_request`` is ``requested_drop`` (or its multi-process form) bound to the workdir.
+    ``lr(state, step, val_error)`` (``step``: steps taken; ``val_error``: the validation
+    top-1 error if the run evaluated at this step) returns the state with the new
+    rate, or the same state. At most one drop a step, in this order: the LR given on
+    the command line at resume (first call only; the same value again is no new
+    drop), a ``DROP_LR`` request (read every ``request_every`` steps through
+    ``read_request``), a scheduled epoch, a plateau. ``on_drop(entry)`` reports each.
     """
 
-    def __init__(self, cfg: ml_collections.ConfigDict, control: LRControl, *, lr: float, step: int,
+    def __init__(self, cfg: ml_collections.ConfigDict, history: DropHistory, *, lr: float, step: int,
                  steps_per_epoch: int, request_every: int, read_request: Callable[[], float | None],
-                 manual_lr: float | None = None):
-        self.cfg, self.control, self.lr = cfg, control, float(lr)
+                 manual_lr: float | None = None, on_drop: Callable[[dict], None] = lambda entry: None):
+        self.cfg, self.history, self.value = cfg, history, float(lr)
         self.steps_per_epoch, self.request_every, self.read_request = steps_per_epoch, request_every, read_request
-        self._manual = manual_lr_to_apply(manual_lr, control.drops)
-        self._last_step = step  # drops between here and the first ask were decided before the checkpoint
+        self.on_drop = on_drop
+        asked = [d["to"] for d in history.drops if d["reason"] == MANUAL_LR_REASON]
+        repeated = manual_lr is not None and asked and math.isclose(asked[-1], manual_lr, rel_tol=1e-9)
+        self._manual = None if manual_lr is None or repeated else float(manual_lr)
+        self._last_step = step  # drops between here and the first call were decided before the checkpoint
 
-    def __call__(self, step: int, val_error: float | None = None) -> dict | None:
+    def __call__(self, state, step: int, val_error: float | None = None):
+        new, reason = self._decide(step, val_error)
+        if new is None:
+            return state
+        entry = {"step": int(step), "epoch": round(step / self.steps_per_epoch, 4), "from": self.value, "to": new,
+                 "reason": reason}
+        self.history.drops.append(entry)
+        self.value = new
+        self.on_drop(entry)
+        return state.replace(opt_state=set_lr(state.opt_state, new))
+
+    def _decide(self, step: int, val_error: float | None) -> tuple[float | None, str | None]:
         last, self._last_step = self._last_step, step
         new, reason = None, None
         if self._manual is not None:
             new, reason, self._manual = self._manual, MANUAL_LR_REASON, None
         elif step > last and step % self.request_every == 0 and (factor := self.read_request()) is not None:
-            new, reason = self.lr / factor, f"requested ({DROP_FILE})"
+            new, reason = self.value / factor, f"requested ({DROP_FILE})"
         elif scheduled_drop(self.cfg, last / self.steps_per_epoch, step / self.steps_per_epoch):
-            new, reason = self.lr / 10, "scheduled (optim.drop_epochs)"
-        plateau = val_error is not None and plateau_drop(self.cfg, self.control, val_error)
+            new, reason = self.value / 10, "scheduled (optim.drop_epochs)"
+        plateau = val_error is not None and self.history.plateau(self.cfg, val_error)  # counted even if not used
         if plateau and new is None:
-            new, reason = self.lr / 10, "plateau (optim.plateau_*)"
-        if new is None:
-            return None
-        entry = record_drop(self.control, step=step, epoch=step / self.steps_per_epoch, old=self.lr, new=new,
-                            reason=reason)
-        self.lr = new
-        return entry
+            new, reason = self.value / 10, "plateau (optim.plateau_*)"
+        return new, reason

@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from alexnet_jax import parallel
+from alexnet_jax.data.device import eval_views, normalize
 from alexnet_jax.model import AlexNet
 from alexnet_jax.parallel import mesh_forward
 
@@ -69,17 +70,13 @@ def average_views(probs_NVK: jax.Array) -> jax.Array:
 
 
 def make_input_fn(data_cfg, stats):
-    """``inputs(batch, train) -> float32 images``.
+    """``inputs(batch, train) -> float32 images``: the loader's uint8 crops, normalised here in the step.
 
-    With ``data.output='uint8'`` the loader sends raw crops (a quarter of the bytes)
-    and the mean image and PCA lighting are applied here, inside the jitted step.
-    Evaluation batches of whole ``resize_size`` images (mode 'whole') become the
-    ten test views here: ``(B, 10, crop, crop, 3)``.
+    The loader sends raw crops (a quarter of the bytes of float32) with their crop
+    offsets, flips and lighting draws; the mean image and PCA lighting are applied
+    on the device. Whole ``resize_size`` evaluation images become the ten test
+    views, ``(B, 10, crop, crop, 3)``.
     """
-    if data_cfg.output != "uint8":
-        return lambda batch, train: batch["image"]
-    from alexnet_jax.data.device import eval_views, normalize
-
     mean = stats["mean_image"] if (stats is not None and data_cfg.mean_subtraction) else None
     eigval = None if stats is None else stats.get("eigval")  # imported weights carry only the mean
     eigvec = None if stats is None else stats.get("eigvec")
@@ -93,7 +90,8 @@ def make_input_fn(data_cfg, stats):
     return inputs
 
 
-def _plain_images(batch, train):
+def _images_as_given(batch, train):
+    """No ``inputs``: the batch's images are already what the network takes (float, normalised)."""
     return batch["image"]
 
 
@@ -105,7 +103,7 @@ def make_train_step(model: AlexNet, tx, mesh, shardings: TrainState, inputs=None
     (``train/nonfinite_inputs`` says how many values were bad).
     """
     forward = mesh_forward(model, mesh, train=True, layout=layout)
-    inputs = inputs or _plain_images
+    inputs = inputs or _images_as_given
 
     def train_step(state: TrainState, batch: dict):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -145,7 +143,7 @@ def make_eval_step(model: AlexNet, mesh, param_shardings, inputs=None, layout: s
     protocol): both protocols from one pass over the data.
     """
     forward = mesh_forward(model, mesh, train=False, layout=layout)
-    inputs = inputs or _plain_images
+    inputs = inputs or _images_as_given
     k = min(5, model.num_classes)
 
     def eval_step(params, batch):

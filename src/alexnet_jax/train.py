@@ -1,6 +1,4 @@
-"""Training as the paper did it, read top to bottom in ``train_and_evaluate``: a jitted, sharded
-``train_step`` (``alexnet_jax.steps``), evaluation, learning-rate drops (``optim.LRPolicy``),
-Orbax checkpoints and exact resume.
+"""Training as the paper did it, read top to bottom in ``train_and_evaluate``.
 
 Everything a resumed run needs is in the checkpoint: parameters, optimizer state
 (with the learning rate), step, the dropout RNG, the data iterator's position,
@@ -10,22 +8,28 @@ the LR-drop history and the config.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
+from rich.console import Console
+from rich.markup import escape
 
 from alexnet_jax import data as data_lib
 from alexnet_jax import distributed, optim, steps
 from alexnet_jax.checkpoint import Checkpointer, CheckpointError, CheckpointWriteError
 from alexnet_jax.config_check import validate_config
-from alexnet_jax.metrics import Diverged, MetricWriter, StepMetrics, TrainingError
+from alexnet_jax.metrics import DivergenceGuard, Diverged, MetricWriter, PendingMetrics, TrainingError
 from alexnet_jax.model import AlexNet, ConfigError, count_params
 from alexnet_jax.parallel import DATA_AXIS, check_layout, devices_note, mesh_for_config, prepare_devices
 from alexnet_jax.preemption import StopOnSignal
+from alexnet_jax.progress import TrainProgress
 from alexnet_jax.workdir_lock import WorkdirBusy, WorkdirLock, describe
 
 __all__ = ["Diverged", "TrainingError", "train_and_evaluate"]
@@ -39,135 +43,170 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     ``manual_lr``: on resume, set the LR to this (logged as a manual drop), once per distinct
     value; ``launch.py`` passes it when ``--config.optim.lr`` is on the command line. Without
-    it the checkpoint's LR carries on, whatever ``config.optim.lr`` says.
-    ``after_checkpoint(step, checkpointer)`` runs after each checkpoint is started (tests use
-    it to kill the process at a known point).
+    it the checkpoint's LR carries on. ``after_checkpoint(step, checkpointer)`` runs after
+    each checkpoint is started (tests kill the process there).
     """
-    try:
-        return _train_and_evaluate(config, workdir, manual_lr, after_checkpoint)
-    finally:
-        data_lib.release_shared_memory()  # a notebook or a second run: the loader's batches are freed now
+    with contextlib.ExitStack() as stack:
+        stack.callback(data_lib.release_shared_memory)  # a notebook or a second run: the loader's batches freed
+        run = _open_run(config, workdir, manual_lr, stack)
+        state, step, stopped_by = run.state, run.start_step, None
+        while step < run.total_steps and stopped_by is None:
+            batch, data_position = next(run.batches)
+            state, metrics = run.train_step(state, batch)
+            step += 1
+            run.metrics.add(step, metrics)  # fetches the earlier steps' rows every log_every steps
+            stopped_by = run.stop.due(step)  # SIGTERM / Ctrl-C: save this step and stop
+            evaluate, save = run.due(step, stopped_by)
+            if evaluate or save:
+                run.metrics.fetch()  # the state is read next: a NaN loss stops the run before it is saved
+            val = run.evaluate(step, state) if evaluate else None
+            state = run.lr(state, step, val and val["val/top1_error"])
+            if save:
+                run.save(step, state, data_position, val)
+                if after_checkpoint is not None:
+                    after_checkpoint(step, run.ckpt)
+            if evaluate or save:
+                run.metrics.restart_clock()  # images/s counts training only
+        run.metrics.fetch()
+        result = run.finish(step, state)
+    return run.report(result, stopped_by)
 
 
-def _train_and_evaluate(config, workdir, manual_lr, after_checkpoint) -> dict:
-    from rich.console import Console
-    from rich.markup import escape
+@dataclasses.dataclass
+class _Run:
+    """One run's parts, opened by ``_open_run`` and closed by its ExitStack; the loop's named steps."""
 
-    from alexnet_jax.progress import TrainProgress
+    config: ml_collections.ConfigDict
+    console: Console
+    model: AlexNet
+    ckpt: Checkpointer
+    writer: MetricWriter
+    progress: TrainProgress
+    metrics: PendingMetrics
+    lr: optim.LearningRate
+    evaluator: _Evaluator
+    train_step: Callable
+    batches: steps.DeviceBatches
+    stop: StopOnSignal
+    state: steps.TrainState  # after an LR given at resume
+    start_step: int
+    steps_per_epoch: int
+    total_steps: int
+    dataset: dict  # the checkpoints' dataset item: class ids and names, the mean image
+    last_val: dict = dataclasses.field(default_factory=dict)
+    ckpt_error: CheckpointWriteError | None = None
 
+    def due(self, step: int, stopped_by: str | None) -> tuple[bool, bool]:
+        """(evaluate now, save now): every eval_every / checkpoint_every steps (<= 0: an epoch), at the end,
+        and a save when a signal stops the run."""
+        every = [n if n > 0 else self.steps_per_epoch for n in (self.config.eval_every, self.config.checkpoint_every)]
+        last = step == self.total_steps
+        return step % every[0] == 0 or last, step % every[1] == 0 or last or stopped_by is not None
+
+    def evaluate(self, step: int, state) -> dict:
+        val = self.last_val = self.evaluator(state.params)
+        epoch = step / self.steps_per_epoch
+        self.writer.write(step, {**val, "epoch": epoch})
+        self.progress.note(f"step {step} (epoch {epoch:.2f}): val top-1 error {val['val/top1_error']:.4f}, "
+                           f"top-5 {val['val/top5_error']:.4f}")
+        return val
+
+    def save(self, step: int, state, data_position: dict, val: dict | None) -> None:
+        """Start writing a checkpoint; a full or read-only disk is reported and training goes on."""
+        self.writer.flush()  # the curves are kept as far as the checkpoint is
+        try:
+            self.ckpt.save(step, state, data_state=data_position, config=json.loads(self.config.to_json()),
+                           control=self.lr.history.to_json(), dataset=self.dataset,
+                           metrics={"val/top1_error": val["val/top1_error"]} if val else None)
+        except CheckpointWriteError as e:
+            self.ckpt_error = e
+            self.progress.note(escape(f"{e} Training goes on; the next checkpoint tries again."))
+            self.writer.write(step, {"checkpoint/error": str(e)})
+
+    def finish(self, step: int, state) -> dict:
+        """Success only once the final checkpoint is on disk; a run resumed at its end reports where it stands."""
+        _final_checkpoint_written(self.ckpt, step, self.ckpt_error)
+        if not self.last_val and self.start_step > 0 and step == self.total_steps:  # resumed at the end
+            self.last_val = self.evaluator(state.params)
+        return {"step": step, **self.last_val, "lr": optim.get_lr(state.opt_state), "lr_drops": self.lr.history.drops}
+
+    def report(self, result: dict, stopped_by: str | None) -> dict:
+        step, val = result["step"], self.last_val
+        if stopped_by is not None:
+            self.console.quiet = False  # every process says why it ends: each has its own log under a scheduler
+            who = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
+            self.console.print(f"{who}[bold]Stopped by {stopped_by} at step {step}[/bold]; saved "
+                               f"{self.ckpt.directory / str(step)}. Run the same command to resume from there.")
+            return {**result, "stopped_by": stopped_by}
+        if jax.process_index() == 0 and val:
+            self.console.print(f"[bold]Done at step {step}:[/bold] validation top-1 error "
+                               f"{val['val/top1_error']:.4f}, top-5 {val['val/top5_error']:.4f} "
+                               f"(chance: top-1 {1 - 1 / self.model.num_classes:.2f}).")
+        return result
+
+
+def _open_run(config, workdir, manual_lr, stack: contextlib.ExitStack) -> _Run:
+    """Check the config, find the devices and the data, restore the newest checkpoint, build the steps."""
     console = Console(soft_wrap=True)  # logs keep whole lines; a terminal wraps them itself
     model, mesh, data, workdir = _start(config, workdir, console)
     is_main = jax.process_index() == 0
     host_shard = distributed.process_batch_shard(mesh)  # (block, blocks) of each global batch this process reads
     steps_per_epoch, total_steps = _schedule(config, len(data.records["train"]))
-    eval_every, ckpt_every = (_every(n, steps_per_epoch) for n in (config.eval_every, config.checkpoint_every))
     tx = optim.make_optimizer(config.optim)
     state, shardings = steps.create_train_state(model, tx, config.seed, mesh, config.mesh.parallelism)
+    _hold_workdir(workdir, stack, console)  # before anything touches the checkpoints
+    ckpt = stack.enter_context(contextlib.closing(Checkpointer(workdir, keep=config.keep_checkpoints)))
+    state, data_state, history = _restore(ckpt, state, shardings, config, console)
+    step = int(state.step)
+    writer = stack.enter_context(contextlib.closing(MetricWriter(workdir, enabled=is_main, resume_step=step)))
+    if writer.note:
+        console.print(writer.note)
+    train_iter = data_lib.build_train_iter(
+        config.data, batch_size=config.batch_size, seed=config.seed, image_size=model.image_size,
+        shard_index=host_shard[0], shard_count=host_shard[1], data=data)
+    stack.callback(train_iter.close)
+    if data_state is not None:
+        train_iter.set_state(data_state)
+    inputs = steps.make_input_fn(config.data, data.stats)
+    train_step = steps.make_train_step(model, tx, mesh, shardings, inputs, config.mesh.parallelism)
+    evaluator = stack.enter_context(contextlib.closing(
+        _Evaluator(config, model, mesh, shardings.params, inputs, data, host_shard)))
+    if is_main:
+        _announce(console, config, model, mesh, state, data, (steps_per_epoch, total_steps), workdir)
+    progress = stack.enter_context(contextlib.closing(
+        TrainProgress(total_steps, step, config.batch_size, enabled=is_main, console=console)))
+    guard = DivergenceGuard(writer, progress, max_bad=config.max_bad_batches, resume_hint=lambda: _last_good_text(ckpt))
+    lr = optim.LearningRate(
+        config.optim, history, lr=optim.get_lr(state.opt_state), step=step, steps_per_epoch=steps_per_epoch,
+        request_every=config.log_every, manual_lr=manual_lr, on_drop=functools.partial(_log_drop, console, writer),
+        read_request=lambda: distributed.requested_drop_everywhere(workdir))
+    batches = steps.device_batches(train_iter, mesh)  # read and copied on a thread, two batches ahead
+    stack.callback(batches.close)  # runs before train_iter.close: the thread stops reading first
+    return _Run(config=config, console=console, model=model, ckpt=ckpt, writer=writer, progress=progress,
+                metrics=PendingMetrics(writer, progress, guard, log_every=config.log_every,
+                                       batch_size=config.batch_size),
+                lr=lr, evaluator=evaluator, train_step=train_step, batches=batches,
+                stop=stack.enter_context(StopOnSignal(ckpt.reached_preemption if jax.process_count() > 1 else None)),
+                state=lr(state, step), start_step=step, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                dataset={"classes": data.classes, "class_names": data.class_names, "stats": data.stats})
 
-    with contextlib.ExitStack() as stack:
-        _hold_workdir(workdir, stack, console)  # before anything touches the checkpoints
-        ckpt = stack.enter_context(contextlib.closing(Checkpointer(workdir, keep=config.keep_checkpoints)))
-        restored = ckpt.restore_latest(steps.abstract_state(state, shardings))
-        writer = stack.enter_context(contextlib.closing(
-            MetricWriter(workdir, enabled=is_main, resume_step=restored["step"] if restored else 0)))
-        if writer.note:
-            console.print(writer.note)
-        control, data_state = optim.LRControl(), None
-        if restored is not None:
-            _check_compatible(restored["config"], config)
-            state, data_state = restored["state"], restored["data"]
-            control = optim.LRControl.from_json(restored["control"])
-            console.print(f"Resumed from {ckpt.directory / str(restored['step'])} (step {restored['step']}, "
-                          f"lr {optim.get_lr(state.opt_state):.3g}).")
-        policy = optim.LRPolicy(
-            config.optim, control, lr=optim.get_lr(state.opt_state), step=int(state.step),
-            steps_per_epoch=steps_per_epoch, request_every=config.log_every, manual_lr=manual_lr,
-            read_request=lambda: distributed.requested_drop_everywhere(workdir))
 
-        train_iter = data_lib.build_train_iter(
-            config.data, batch_size=config.batch_size, seed=config.seed, image_size=model.image_size,
-            shard_index=host_shard[0], shard_count=host_shard[1], data=data)
-        stack.callback(train_iter.close)
-        if data_state is not None:
-            train_iter.set_state(data_state)
-        inputs = steps.make_input_fn(config.data, data.stats)
-        train_step = steps.make_train_step(model, tx, mesh, shardings, inputs, config.mesh.parallelism)
-        evaluator = stack.enter_context(contextlib.closing(
-            _Evaluator(config, model, mesh, shardings.params, inputs, data, host_shard)))
-        if is_main:
-            _announce(console, config, model, mesh, state, data, steps_per_epoch, total_steps, workdir)
+def _log_drop(console: Console, writer: MetricWriter, drop: dict) -> None:
+    console.print(f"[yellow]LR {drop['from']:.3g} -> {drop['to']:.3g} at step {drop['step']} "
+                  f"(epoch {drop['epoch']:.2f}): {drop['reason']}[/yellow]")
+    writer.write(drop["step"], {"lr_drop/from": drop["from"], "lr_drop/to": drop["to"],
+                                "lr_drop/reason": drop["reason"]})
 
-        step, val, ckpt_error = int(state.step), {}, None
-        dataset_item = {"classes": data.classes, "class_names": data.class_names, "stats": data.stats}
-        progress = stack.enter_context(contextlib.closing(
-            TrainProgress(total_steps, step, config.batch_size, enabled=is_main, console=console)))
-        monitor = StepMetrics(writer, progress, log_every=config.log_every, max_bad=config.max_bad_batches,
-                              resume_hint=lambda: _last_good_text(ckpt), batch_size=config.batch_size)
 
-        def change_lr(state, drop):
-            if drop is None:
-                return state
-            console.print(f"[yellow]LR {drop['from']:.3g} -> {drop['to']:.3g} at step {drop['step']} "
-                          f"(epoch {drop['epoch']:.2f}): {drop['reason']}[/yellow]")
-            writer.write(drop["step"], {"lr_drop/from": drop["from"], "lr_drop/to": drop["to"],
-                                        "lr_drop/reason": drop["reason"]})
-            return state.replace(opt_state=optim.set_lr(state.opt_state, drop["to"]))
-
-        state = change_lr(state, policy(step))  # an LR given at resume
-        batches = steps.device_batches(train_iter, mesh)  # read and copied on a thread, two batches ahead
-        stack.callback(batches.close)  # runs before train_iter.close: the thread stops reading first
-        stop = stack.enter_context(StopOnSignal(ckpt.manager.reached_preemption if jax.process_count() > 1 else None))
-        stopped_by = None
-        while step < total_steps and stopped_by is None:
-            batch, data_position = next(batches)
-            state, metrics = train_step(state, batch)
-            step += 1
-            if (step - 1) % config.log_every == 0:
-                monitor.process()  # the earlier steps' metrics, fetched while this step runs
-            monitor.add(step, metrics)
-            stopped_by = stop.due(step)  # SIGTERM / Ctrl-C: save this step and stop
-            do_eval = step % eval_every == 0 or step == total_steps
-            do_ckpt = step % ckpt_every == 0 or step == total_steps or stopped_by is not None
-            if do_eval or do_ckpt:
-                monitor.process()  # the state is read next anyway: a NaN loss stops before it is saved
-
-            evaluated = evaluator(state.params) if do_eval else None
-            if evaluated is not None:
-                val = evaluated
-                writer.write(step, {**val, "epoch": step / steps_per_epoch})
-                progress.note(f"step {step} (epoch {step / steps_per_epoch:.2f}): val top-1 error "
-                              f"{val['val/top1_error']:.4f}, top-5 {val['val/top5_error']:.4f}")
-            state = change_lr(state, policy(step, evaluated and evaluated["val/top1_error"]))
-            if do_ckpt:
-                writer.flush()  # the curves are kept as far as the checkpoint is
-                try:  # a full or read-only disk: say so, keep training, try again next time
-                    ckpt.save(step, state, data_state=data_position, config=json.loads(config.to_json()),
-                              control=control.to_json(), dataset=dataset_item,
-                              metrics={"val/top1_error": evaluated["val/top1_error"]} if evaluated else None)
-                except CheckpointWriteError as e:
-                    ckpt_error = e
-                    progress.note(escape(f"{e} Training goes on; the next checkpoint tries again."))
-                    writer.write(step, {"checkpoint/error": str(e)})
-                if after_checkpoint is not None:
-                    after_checkpoint(step, ckpt)
-            if do_eval or do_ckpt:
-                monitor.restart_clock()  # images/s counts training only
-        monitor.process()
-        _final_checkpoint_written(ckpt, step, ckpt_error)
-        if not val and restored is not None and step == total_steps:
-            val = evaluator(state.params)  # resumed at the very end: report where it stands
-
-    result = {"step": step, **val, "lr": optim.get_lr(state.opt_state), "lr_drops": control.drops}
-    if stopped_by is not None:
-        console.quiet = False  # every process says why it ends: each has its own log under a scheduler
-        who = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
-        console.print(f"{who}[bold]Stopped by {stopped_by} at step {step}[/bold]; saved "
-                      f"{ckpt.directory / str(step)}. Run the same command to resume from there.")
-        return {**result, "stopped_by": stopped_by}
-    if is_main and val:
-        console.print(f"[bold]Done at step {step}:[/bold] validation top-1 error {val['val/top1_error']:.4f}, "
-                      f"top-5 {val['val/top5_error']:.4f} (chance: top-1 {1 - 1 / model.num_classes:.2f}).")
-    return result
+def _restore(ckpt: Checkpointer, state, shardings, config, console) -> tuple[Any, dict | None, optim.DropHistory]:
+    """The newest good checkpoint's state, data position and drop history; the fresh state if there is none."""
+    restored = ckpt.restore_latest(steps.abstract_state(state, shardings))
+    if restored is None:
+        return state, None, optim.DropHistory()
+    _check_compatible(restored["config"], config)
+    console.print(f"Resumed from {ckpt.directory / str(restored['step'])} (step {restored['step']}, "
+                  f"lr {optim.get_lr(restored['state'].opt_state):.3g}).")
+    return restored["state"], restored["data"], optim.DropHistory.from_json(restored["control"])
 
 
 def _start(config, workdir, console) -> tuple[AlexNet, jax.sharding.Mesh, data_lib.ResolvedData, Path]:
@@ -213,9 +252,10 @@ def _hold_workdir(workdir: Path, stack: contextlib.ExitStack, console) -> None:
         console.print(f"Took over the lock of a run that is no longer alive ({describe(lock.stale)}).")
 
 
-def _announce(console, config, model, mesh, state, data, steps_per_epoch, total_steps, workdir) -> None:
+def _announce(console, config, model, mesh, state, data, schedule: tuple[int, int], workdir) -> None:
     from alexnet_jax.summary import summary_table
 
+    steps_per_epoch, total_steps = schedule
     devices = jax.devices()
     console.print(f"[bold]alexnet_jax[/bold]: {len(devices)} x {devices[0].device_kind} "
                   f"({devices[0].platform}), mesh {dict(mesh.shape)}, "
@@ -242,7 +282,7 @@ class _Evaluator:
     def __call__(self, params) -> dict:
         if self.passes is None:
             c = self.config
-            mode = ("whole" if c.data.output == "uint8" else "ten_crop") if c.eval_ten_crop else "center"
+            mode = "whole" if c.eval_ten_crop else "center"  # whole images: the ten views are cut on the device
             self.passes = data_lib.EvalPasses(
                 c.data, batch_size=c.eval_batch_size, mode=mode, image_size=self.model.image_size,
                 data=self.data, shard_index=self.host_shard[0], shard_count=self.host_shard[1])
@@ -254,9 +294,10 @@ class _Evaluator:
             self.passes.close()
 
 
-# Data fields that change only speed, never which pixels a step sees: free to change on resume.
+# Data fields that change only speed, never which pixels a step sees: free to change on resume. `output`
+# is gone (the crops always go to the device as uint8); checkpoints of older runs still have it.
 _DATA_SPEED_FIELDS = {"num_workers", "worker_buffer_size", "num_threads", "prefetch_buffer_size",
-                      "prepare_workers", "cache_dir"}
+                      "prepare_workers", "cache_dir", "output"}
 
 
 def _check_compatible(saved: dict, config: ml_collections.ConfigDict) -> None:
@@ -275,10 +316,6 @@ def _schedule(config, num_train: int) -> tuple[int, int]:
     steps_per_epoch = max(1, num_train // config.batch_size)
     total = config.total_steps if config.total_steps > 0 else int(config.num_epochs * steps_per_epoch)
     return steps_per_epoch, total
-
-
-def _every(n: int, steps_per_epoch: int) -> int:
-    return steps_per_epoch if n <= 0 else n
 
 
 def _last_good_text(ckpt: Checkpointer) -> str:
