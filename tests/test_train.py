@@ -223,17 +223,6 @@ def test_resume_refuses_another_network_but_allows_speed_knobs(tmp_path):
     assert r["step"] == 4
 
 
-@pytest.mark.slow
-def test_uint8_batches_normalised_on_device_train_like_float32_ones(tmp_path):
-    # The same data stream normalised on the host (float32) or in the jitted step (uint8).
-    a = train.train_and_evaluate(tiny_config(**{"total_steps": 3, "data.output": "float32"}), tmp_path / "f32")
-    b = train.train_and_evaluate(tiny_config(**{"total_steps": 3, "data.output": "uint8"}), tmp_path / "u8")
-    la = [m["train/loss"] for m in metrics(tmp_path / "f32") if "train/loss" in m]
-    lb = [m["train/loss"] for m in metrics(tmp_path / "u8") if "train/loss" in m]
-    assert len(la) == 3 and la == pytest.approx(lb, rel=1e-5)
-    assert a["val/top1_error"] == b["val/top1_error"]
-
-
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     wd = tmp_path / "run"
     train.train_and_evaluate(tiny_config(total_steps=2, checkpoint_every=2), wd)

@@ -30,7 +30,7 @@ from alexnet_jax.model import AlexNet, ConfigError, count_params
 from alexnet_jax.parallel import DATA_AXIS, check_layout, devices_note, mesh_for_config, prepare_devices
 from alexnet_jax.preemption import StopOnSignal
 from alexnet_jax.progress import TrainProgress
-from alexnet_jax.workdir_lock import WorkdirBusy, WorkdirLock, describe
+from alexnet_jax.workdir_lock import WorkdirBusy, WorkdirLock, describe_holder
 
 __all__ = ["Diverged", "TrainingError", "train_and_evaluate"]
 EXIT_DIVERGED = 3  # launch.py's exit status when the loss became NaN/Inf
@@ -249,7 +249,7 @@ def _hold_workdir(workdir: Path, stack: contextlib.ExitStack, console) -> None:
     if distributed.on_any_process(busy is not None):
         raise TrainingError(str(busy or "Process 0 could not lock the workdir; see its message."))
     if lock.stale:
-        console.print(f"Took over the lock of a run that is no longer alive ({describe(lock.stale)}).")
+        console.print(f"Took over the lock of a run that is no longer alive ({describe_holder(lock.stale)}).")
 
 
 def _announce(console, config, model, mesh, state, data, schedule: tuple[int, int], workdir) -> None:
