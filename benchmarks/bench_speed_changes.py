@@ -16,12 +16,36 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+
+def autodiff_tower_dense(x_NI, kernel_IO):
+    """``tower_ops.tower_dense`` without its custom gradient: the row before 'its gradients as plain matmuls'.
+
+    The same vmap rule (the shared input broadcast to every tower, one batched
+    matmul); the batched matmul is a plain einsum, whose kernel gradient autodiff
+    computes transposed and transposes back.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    @jax.custom_batching.custom_vmap
+    def dense(x, kernel):
+        return x @ kernel
+
+    @dense.def_vmap
+    def per_tower(axis_size, in_batched, x, kernel):
+        x_batched, kernel_batched = in_batched
+        if not kernel_batched:
+            return x @ kernel, x_batched
+        xs = x if x_batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
+        return jnp.einsum("tni,tio->tno", xs, kernel), True
+
+    return dense(x_NI, kernel_IO)
 
 
 def main() -> None:
@@ -43,11 +67,13 @@ def main() -> None:
     def on(base, **pieces):
         return dataclasses.replace(base, **pieces)
 
-    autodiff_dense = functools.partial(TowerDense, custom_grad=False)  # tower_dense, gradient by autodiff
+    class AutodiffDense(TowerDense):  # tower_dense's batched matmul, its gradient left to autodiff
+        matmul = staticmethod(autodiff_tower_dense)
+
     steps = [
         ("plain: vmap of conv (grouped) and matmul, select-and-scatter pooling, pow LRN", PLAIN),
         ("+ dense convolution per tower (tower_conv)", on(PLAIN, conv=TowerConv)),
-        ("+ batched matmul per tower (tower_dense)", on(PLAIN, conv=TowerConv, dense=autodiff_dense)),
+        ("+ batched matmul per tower (tower_dense)", on(PLAIN, conv=TowerConv, dense=AutodiffDense)),
         ("+ its gradients as plain matmuls, no kernel transposes", on(PLAIN, conv=TowerConv, dense=TowerDense)),
         ("+ max-pool gradient without select-and-scatter", on(FAST, lrn_divide=PLAIN.lrn_divide)),
         ("+ LRN power as rsqrt products (all changes: the code as it is)", FAST),

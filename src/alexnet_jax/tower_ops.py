@@ -106,15 +106,14 @@ def _varying_alike(*arrays):
     return tuple(jax.lax.pcast(a, tuple(sorted(axes - vma(a))), to="varying") for a in arrays)
 
 
-def tower_dense(x_NI: jax.Array, kernel_IO: jax.Array, custom_grad: bool = True) -> jax.Array:
+def tower_dense(x_NI: jax.Array, kernel_IO: jax.Array) -> jax.Array:
     """One tower's ``x @ kernel`` that stays a batched matmul over towers when vmapped.
 
     Vmapped over stacked kernels with an input the towers share (after an
     exchange), XLA:CPU merges the towers into one matmul and transposes the
     whole kernel to do so, forwards and backwards: for fc6, 150 MB copied twice
-    per step. Broadcasting the input keeps the kernel where it is.
-    ``custom_grad=False`` leaves the gradient to autodiff (see ``_towers_matmul``);
-    it exists so that the benchmark can time that change on its own.
+    per step. Broadcasting the input keeps the kernel where it is; the batched
+    matmul's gradients are ``_towers_matmul``'s.
     """
 
     @jax.custom_batching.custom_vmap
@@ -127,8 +126,6 @@ def tower_dense(x_NI: jax.Array, kernel_IO: jax.Array, custom_grad: bool = True)
         if not kernel_batched:
             return x @ kernel, x_batched
         xs = x if x_batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
-        if not custom_grad:
-            return jnp.einsum("tni,tio->tno", xs, kernel), True
         return _towers_matmul(*_varying_alike(xs, kernel)), True
 
     return dense(x_NI, kernel_IO)
@@ -162,13 +159,12 @@ class TowerDense(nn.Module):
     kernel_init: Any = nn.initializers.lecun_normal()
     bias_init: Any = nn.initializers.zeros_init()
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
-    custom_grad: bool = True  # see tower_dense
 
     @nn.compact
     def __call__(self, x_NI: jax.Array) -> jax.Array:
         kernel = self.param("kernel", self.kernel_init, (x_NI.shape[-1], self.features))
         bias = self.param("bias", self.bias_init, (self.features,))
-        y = self.matmul(x_NI.astype(self.dtype), kernel.astype(self.dtype), self.custom_grad)
+        y = self.matmul(x_NI.astype(self.dtype), kernel.astype(self.dtype))
         return y + bias.astype(self.dtype)
 
     matmul = staticmethod(tower_dense)
@@ -248,9 +244,9 @@ def auto_conv(x_NHWC, kernel_HWIO, strides, padding):
                         lambda x, k: _conv_nhwc(x, k, strides, padding), x_NHWC, kernel_HWIO)
 
 
-def auto_dense(x_NI, kernel_IO, custom_grad: bool = True):
+def auto_dense(x_NI, kernel_IO):
     """``tower_dense`` on CPU; elsewhere ``x @ kernel``."""
-    return _by_platform(lambda x, k: tower_dense(x, k, custom_grad), lambda x, k: x @ k, x_NI, kernel_IO)
+    return _by_platform(tower_dense, lambda x, k: x @ k, x_NI, kernel_IO)
 
 
 def auto_max_pool(x_NHWC, window: int, stride: int):
