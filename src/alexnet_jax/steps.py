@@ -3,8 +3,8 @@ and ``eval_step(params, batch) -> error counts``, each compiled once with its sh
 
 Dropout keys come from ``(state.rng, state.step)``, so a resumed run draws the
 masks it would have drawn. The batch arrives as the loader made it (uint8 crops
-with their crop offsets, flips and lighting draws, or float32 images); the mean
-image and PCA lighting are applied inside the step (``make_input_fn``).
+with their crop offsets, flips and lighting draws); the mean image and PCA
+lighting are applied inside the step (``make_input_fn``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from alexnet_jax.model import AlexNet
 from alexnet_jax.parallel import mesh_forward
 
 CENTER_VIEW = 4  # the centre crop's place among the ten views (transforms.ten_crop_params)
-BATCH_KEYS = ("image", "label", "mask", "crop_yx", "flip", "alpha")  # the last three: uint8 output
+BATCH_KEYS = ("image", "label", "mask", "crop_yx", "flip", "alpha")  # the last three: what the step normalises with
 
 
 @flax.struct.dataclass

@@ -269,9 +269,9 @@ def _announce(console, config, model, mesh, state, data, schedule: tuple[int, in
 class _Evaluator:
     """``evaluator(params) -> {'val/top1_error', ...}``: one pass over the validation split.
 
-    One pass gives both protocols: the ten views hold the centre crop. With uint8
-    output each image travels once, whole, and the views are cut on the device. The
-    loader's worker processes start at the first evaluation and live until ``close``.
+    One pass gives both protocols: the ten views hold the centre crop. Each image
+    travels once, whole, and the views are cut on the device. The loader's worker
+    processes start at the first evaluation and live until ``close``.
     """
 
     def __init__(self, config, model, mesh, param_shardings, inputs, data, host_shard):
@@ -294,17 +294,16 @@ class _Evaluator:
             self.passes.close()
 
 
-# Data fields that change only speed, never which pixels a step sees: free to change on resume. `output`
-# is gone (the crops always go to the device as uint8); checkpoints of older runs still have it.
+# Data fields that change only speed, never which pixels a step sees: free to change on resume.
 _DATA_SPEED_FIELDS = {"num_workers", "worker_buffer_size", "num_threads", "prefetch_buffer_size",
-                      "prepare_workers", "cache_dir", "output"}
+                      "prepare_workers", "cache_dir"}
 
 
 def _check_compatible(saved: dict, config: ml_collections.ConfigDict) -> None:
     """A checkpoint can only continue the same network on the same data stream."""
     for section, free in (("model", {"dtype", "ops"}), ("data", _DATA_SPEED_FIELDS)):  # dtype, ops: speed only
         now = json.loads(config[section].to_json())
-        then = saved.get(section, {})
+        then = saved.get(section, {}) if section == "model" else data_lib.drop_legacy_fields(saved.get(section, {}))
         diff = sorted(k for k in (set(now) | set(then)) - free if now.get(k) != then.get(k))
         if diff:
             raise TrainingError(
