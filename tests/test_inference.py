@@ -56,10 +56,9 @@ def test_load_checkpoint_takes_workdir_checkpoints_folder_or_step_folder(runs):
     b = load_checkpoint(wd / "checkpoints")
     c = load_checkpoint(wd / "checkpoints" / str(_trained.STEPS), step=_trained.STEPS)
     assert a.step == b.step == c.step == _trained.STEPS
-    params, config = c  # the parameters and the saved config
-    assert config.model.width == 0.125 and config.model.num_classes == 10
+    assert c.config.model.width == 0.125 and c.config.model.num_classes == 10  # the saved config
     np.testing.assert_array_equal(np.asarray(a.params["towers"]["fc8"]["kernel"]),
-                                  np.asarray(params["towers"]["fc8"]["kernel"]))
+                                  np.asarray(c.params["towers"]["fc8"]["kernel"]))
     # What inference needs travels with the checkpoint.
     assert a.classes[0] == "c00_disk_red_over_blue" and a.class_names[0] == "disk, red over blue"
     assert a.stats["mean_image"].shape == (72, 72, 3)

@@ -58,9 +58,6 @@ class Checkpoint:
     class_names: list[str] | None  # readable names, where the dataset has them
     stats: dict | None  # mean_image (HWC float32), eigval, eigvec
 
-    def __iter__(self):  # params, config = load_checkpoint(...)
-        return iter((self.params, self.config))
-
 
 # ---------------------------------------------------------------------------
 # Finding and reading a checkpoint
