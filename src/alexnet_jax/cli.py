@@ -248,7 +248,9 @@ def parse_flags(prog: str, fv: flags.FlagValues, argv: list[str], *, positional:
 #   not read (it keeps the error until then).
 # A config file's code runs inside the same calls: what it raises (an ``AttributeError`` from a typo in
 # ``get_config()``; a ``TypeError`` or ``ValueError``, which absl wraps in an ``IllegalFlagValueError``)
-# is told apart by the frames it passed through, which include that file's.
+# is told apart by the frames it passed through, which include that file's. One case cannot be: a
+# FileNotFoundError from a config file's top-level code, which ml_collections reports as the file not
+# found, without its frames (the one-line message then names the file that is missing).
 
 _ML_COLLECTIONS = os.path.dirname(os.path.abspath(ml_collections.__file__))
 
@@ -270,7 +272,7 @@ def _ran_in(e: BaseException, files: Sequence[str]) -> bool:
 
 
 def _raised_by_ml_collections(e: BaseException) -> bool:
-    frames = list(traceback.walk_tb(e.__traceback__))
+    frames = list(traceback.walk_tb(e.__traceback__))  # the last: where it was raised
     return bool(frames) and os.path.abspath(frames[-1][0].f_code.co_filename).startswith(_ML_COLLECTIONS + os.sep)
 
 
@@ -341,12 +343,7 @@ def release_loader_memory() -> None:
 
 
 def main() -> None:
-    """The ``alexnet-train`` console script: ``launch.py`` as an installed command.
-
-    ``python launch.py`` has the checkout on ``sys.path`` (the config files import
-    ``configs.paper``); a console script has its own folder there instead, so the
-    working directory is put first, as ``python -m`` does.
-    """
+    """The ``alexnet-train`` console script: ``launch.py`` as an installed command."""
     configs_importable(sys.argv)
     launch(sys.argv)
 

@@ -1,21 +1,11 @@
 """Load a checkpoint on whatever devices this process has, and classify images with it.
 
-A checkpoint folder is self-contained: the run's config rebuilds the network,
-and the ``dataset`` / ``dataset_stats`` items carry the class names and the
-mean image, so a notebook needs neither ``configs/`` nor the training data::
-
-    from alexnet_jax import load_checkpoint, Classifier
-    ckpt = load_checkpoint("runs/demo")          # newest step; or a checkpoints/<step> folder, gs://...
-    clf = Classifier(ckpt)
-    pred = clf.predict(["cat.jpg", pil_image, uint8_array])
-    print(pred)                                   # top-5 names and probabilities per image
-
-The parameters were saved from whatever mesh trained them (2 devices, 2xN, one
-device); here they are placed on this process's devices: split by tower over
-a ``('data', 'tower')`` mesh when the device count allows it, else on one
-device. Evaluation preprocessing is the one the run used: shorter side to
-``data.resize_size``, the central square, a centre crop or the paper's ten
-crops of ``data.crop_size``, minus the same window of the training mean image.
+A checkpoint folder is self-contained: its config rebuilds the network, and its
+``dataset`` / ``dataset_stats`` items carry the class names and the mean image,
+so a notebook needs neither ``configs/`` nor the training data. The parameters
+are placed on this process's devices whatever mesh saved them (split by tower
+when the device count allows, else on one device), and images get the run's
+own evaluation preprocessing. How to use it: ``docs/inference.md``.
 """
 
 from __future__ import annotations
