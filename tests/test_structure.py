@@ -1,0 +1,313 @@
+"""The shape of the code in ``src/alexnet_jax``, kept so it stays easy to read and to change.
+
+Modules short enough to read whole, functions short enough to see at once, no
+module-level ``__getattr__`` (names that go-to-definition cannot find), and no
+import cycle (not even through imports inside functions: a cycle means two
+modules that cannot be understood, or changed, apart). Pure ``ast``: nothing
+here imports the package or JAX. Each check takes a package folder, so the last
+test can show on a small planted tree that each one fails when it should.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "alexnet_jax"
+MODULE_LINES = 400  # any module
+MODULE_LIMITS = {"model.py": 300}  # the network: the file a reader of the paper opens first
+FUNCTION_LINES = 80  # def line to the last line of the body
+ENTRY_POINT = ("train.py", "train_and_evaluate", 60)  # the training loop, read top to bottom
+
+
+def _modules(package: Path) -> dict[str, Path]:
+    """Dotted module name -> file, for every ``.py`` file under ``package`` (``__init__.py``: the package)."""
+    out = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def _tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+
+
+def _rel(package: Path, path: Path) -> str:
+    return path.relative_to(package).as_posix()
+
+
+# ---------------------------------------------------------------------------
+# The checks: each returns its offenders, empty when the code is as it should be.
+
+
+def long_modules(package: Path, default: int = MODULE_LINES, limits: dict | None = None) -> list[tuple[str, int, int]]:
+    """``(file, lines, limit)`` of every module longer than its limit."""
+    limits = MODULE_LIMITS if limits is None else limits
+    out = []
+    for path in _modules(package).values():
+        rel = _rel(package, path)
+        n, limit = len(path.read_text(encoding="utf-8").splitlines()), limits.get(rel, default)
+        if n > limit:
+            out.append((rel, n, limit))
+    return out
+
+
+def _functions(tree: ast.AST, prefix: str = ""):
+    """``(qualified name, node)`` of every function and method, nested ones too."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield f"{prefix}{node.name}", node
+            yield from _functions(node, f"{prefix}{node.name}.")
+        elif isinstance(node, ast.ClassDef):
+            yield from _functions(node, f"{prefix}{node.name}.")
+        else:
+            yield from _functions(node, prefix)
+
+
+def _length(node: ast.AST) -> int:
+    return node.end_lineno - node.lineno + 1  # the def line (decorators not counted) to the body's last line
+
+
+def long_functions(package: Path, limit: int = FUNCTION_LINES) -> list[tuple[str, int]]:
+    """``(file:function, lines)`` of every function or method longer than ``limit`` lines."""
+    return [(f"{_rel(package, path)}:{name}", _length(node))
+            for path in _modules(package).values() for name, node in _functions(_tree(path))
+            if _length(node) > limit]
+
+
+def function_lines(package: Path, file: str, name: str) -> int | None:
+    """The length of the function ``name`` in ``file`` (None: there is no such function)."""
+    path = package / file
+    if not path.is_file():
+        return None
+    return next((_length(node) for qual, node in _functions(_tree(path)) if qual == name), None)
+
+
+def _module_level(body: list[ast.stmt]):
+    """The statements that run at import: the module's own, and those in its top-level if/try/with blocks."""
+    for stmt in body:
+        yield stmt
+        if isinstance(stmt, (ast.If, ast.Try, ast.With, getattr(ast, "TryStar", ast.Try))):
+            for block in ("body", "orelse", "finalbody"):
+                yield from _module_level(getattr(stmt, block, []))
+            for handler in getattr(stmt, "handlers", []):
+                yield from _module_level(handler.body)
+
+
+def module_getattrs(package: Path) -> list[tuple[str, int]]:
+    """``(file, line)`` of every module-level ``__getattr__`` (a def or an assignment)."""
+    out = []
+    for path in _modules(package).values():
+        for stmt in _module_level(_tree(path).body):
+            targets = ([stmt.name] if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)) else
+                       [t.id for t in getattr(stmt, "targets", [getattr(stmt, "target", None)])
+                        if isinstance(t, ast.Name)])
+            if "__getattr__" in targets:
+                out.append((_rel(package, path), stmt.lineno))
+    return out
+
+
+def _type_checking_only(tree: ast.Module) -> set[int]:
+    """Ids of the import nodes under ``if TYPE_CHECKING:``: never run, so no edge."""
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    return skip
+
+
+def import_edges(package: Path) -> dict[str, dict[str, int]]:
+    """``{module: {imported module: line}}`` among the package's modules, from every ``import`` and
+    ``from ... import`` in the module, at the top or inside a function.
+
+    ``from P import x`` is an edge to the submodule ``P.x`` when there is one, else to ``P`` itself
+    (``P/__init__.py``, where the name ``x`` comes from). Importing ``P.x`` runs ``P/__init__.py``
+    first, but that is no edge from the importer to ``P``: a package whose ``__init__`` imports its
+    submodules is no cycle with a submodule importing a sibling as ``from P import sibling``. A
+    submodule that takes a *name* from its package (``from alexnet_jax import ConfigError``) does
+    depend on ``__init__``, and is an edge to it.
+    """
+    modules = _modules(package)
+    edges: dict[str, dict[str, int]] = {m: {} for m in modules}
+    for name, path in modules.items():
+        tree = _tree(path)
+        skip = _type_checking_only(tree)
+        is_package = path.name == "__init__.py"
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the module's own package, up level - 1 more
+                    parts = name.split(".") if is_package else name.split(".")[:-1]
+                    parts = parts[:len(parts) - (node.level - 1)]
+                    base = ".".join(parts + ([node.module] if node.module else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            for target in targets:
+                if target in modules:  # the first line importing it, for the message
+                    edges[name][target] = min(edges[name].get(target, node.lineno), node.lineno)
+    return edges
+
+
+def import_cycles(package: Path) -> list[list[str]]:
+    """Every import cycle: one closed path ``[a, b, ..., a]`` per group of modules that import each other
+    (a strongly connected component of the import graph), and ``[a, a]`` for a module importing itself."""
+    edges = import_edges(package)
+    index, low, stack, on_stack, groups = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan's algorithm
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return sorted([_cycle_through(group, edges) for group in groups] + [[v, v] for v in edges if v in edges[v]])
+
+
+def _cycle_through(group: list[str], edges: dict) -> list[str]:
+    """A shortest closed path from the group's first module back to it, inside the group."""
+    start, members = group[0], set(group)
+    paths = {start: [start]}
+    frontier = [start]
+    while frontier:
+        nxt = []
+        for v in frontier:
+            for w in sorted(edges[v]):
+                if w == start and v != start:
+                    return paths[v] + [start]
+                if w in members and w not in paths:
+                    paths[w] = paths[v] + [w]
+                    nxt.append(w)
+        frontier = nxt
+    raise AssertionError(f"no cycle in {group}")  # not reached: the group is strongly connected
+
+
+def _describe_cycle(cycle: list[str], edges: dict) -> str:
+    return " -> ".join(cycle) + "  (" + ", ".join(
+        f"{a} line {edges[a][b]}" for a, b in zip(cycle, cycle[1:])) + ")"
+
+
+def _listing(what: str, rows: list[str]) -> str:
+    return f"{len(rows)} {what}:\n  " + "\n  ".join(rows)
+
+
+# ---------------------------------------------------------------------------
+# The checks on the package
+
+
+def test_modules_are_short():
+    found = long_modules(PACKAGE)
+    assert not found, _listing("modules over their limit (lines > limit)",
+                               [f"{f}: {n} > {limit}" for f, n, limit in found])
+
+
+def test_functions_are_short():
+    found = long_functions(PACKAGE)
+    assert not found, _listing(f"functions over {FUNCTION_LINES} lines", [f"{f}: {n}" for f, n in found])
+
+
+def test_the_training_loop_reads_on_one_screen():
+    file, name, limit = ENTRY_POINT
+    n = function_lines(PACKAGE, file, name)
+    assert n is not None, f"no function {name} in {file}: update ENTRY_POINT in {Path(__file__).name}"
+    assert n <= limit, _listing(f"function over {limit} lines", [f"{file}:{name}: {n}"])
+
+
+def test_no_module_level_getattr():
+    found = module_getattrs(PACKAGE)
+    assert not found, _listing("module-level __getattr__ (import the names plainly)",
+                               [f"{f} line {line}" for f, line in found])
+
+
+def test_no_import_cycles():
+    cycles = import_cycles(PACKAGE)
+    edges = import_edges(PACKAGE)
+    assert not cycles, _listing("import cycles", [_describe_cycle(c, edges) for c in cycles])
+
+
+def test_the_import_graph_is_read_as_python_imports():
+    """Spot checks on the real package: what import_edges must see for the checks above to mean anything."""
+    edges = import_edges(PACKAGE)
+    assert "alexnet_jax.model" in edges["alexnet_jax"]  # __init__'s own imports
+    assert "alexnet_jax.inference" in edges["alexnet_jax"]
+    assert "alexnet_jax.cli" in edges["alexnet_jax.evaluate"]  # from alexnet_jax import cli: the submodule
+    assert "alexnet_jax" not in edges["alexnet_jax.evaluate"]
+
+
+# ---------------------------------------------------------------------------
+# Each check, shown failing on a planted mistake
+
+
+def _write(root: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+def _function(name: str, lines: int) -> str:
+    """A function of exactly ``lines`` lines, def line included."""
+    return f"def {name}():\n" + "".join(f"    x{i} = {i}\n" for i in range(lines - 2)) + "    return 0\n"
+
+
+def test_each_check_catches_its_planted_mistake(tmp_path):
+    pkg = _write(tmp_path / "src", {
+        "pkg/__init__.py": "from pkg.a import A\n",
+        "pkg/a.py": "A = 1\n\ndef f():\n    from pkg.b import g\n    return g\n",  # a -> b inside a function
+        "pkg/b.py": "from . import c\n\ndef g():\n    pass\n",  # b -> c, relative
+        "pkg/c.py": "from pkg import a\n",  # c -> a: the cycle a -> b -> c -> a
+        "pkg/sub/__init__.py": "from pkg.sub.leaf import LEAF\n",
+        "pkg/sub/leaf.py": "from pkg.sub import other\nLEAF = 0\n",  # a sibling via the package: no cycle
+        "pkg/sub/other.py": "from pkg import A\n",  # a name from pkg/__init__: an edge to it, no cycle
+        "pkg/ring/__init__.py": "from pkg.ring.one import ONE\n",  # a cycle through a package's __init__:
+        "pkg/ring/one.py": "from pkg.ring import two\nONE = 1\n",  # two needs ONE before one has defined it
+        "pkg/ring/two.py": "from pkg.ring import ONE\n",
+        "pkg/self.py": "def h():\n    from pkg.self import h as again\n    return again\n",  # a module importing itself
+        "pkg/typed.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import typed2\n",
+        "pkg/typed2.py": "from pkg import typed\n",  # typed -> typed2 only for type checkers: no cycle
+        "pkg/lazy.py": "import importlib\n\ndef __getattr__(name):\n    return importlib.import_module(name)\n",
+        "pkg/lazy2.py": "try:\n    pass\nexcept ImportError:\n    __getattr__ = None\n",
+        "pkg/long.py": _function("eighty", 80) + "\n\nclass K:\n    " + _function("method", 81).replace("\n", "\n    "),
+        "pkg/big.py": "x = 1\n" * 401,
+        "pkg/model.py": "x = 1\n" * 301,
+        "pkg/train.py": _function("train_and_evaluate", 61),
+    }) / "pkg"
+
+    edges = import_edges(pkg)
+    assert edges["pkg.a"] == {"pkg.b": 4} and edges["pkg.b"] == {"pkg.c": 1} and edges["pkg.c"] == {"pkg.a": 1}
+    assert edges["pkg.sub.leaf"] == {"pkg.sub.other": 1} and edges["pkg.sub.other"] == {"pkg": 1}
+    assert edges["pkg"] == {"pkg.a": 1} and edges["pkg.sub"] == {"pkg.sub.leaf": 1} and edges["pkg.typed"] == {}
+
+    cycles = import_cycles(pkg)
+    assert cycles == [["pkg.a", "pkg.b", "pkg.c", "pkg.a"], ["pkg.ring", "pkg.ring.one", "pkg.ring.two", "pkg.ring"],
+                      ["pkg.self", "pkg.self"]], cycles
+    assert _describe_cycle(cycles[0], edges) == ("pkg.a -> pkg.b -> pkg.c -> pkg.a  "
+                                                 "(pkg.a line 4, pkg.b line 1, pkg.c line 1)")
+
+    assert long_functions(pkg) == [("long.py:K.method", 81)]  # eighty: 80 lines, at the limit
+    assert function_lines(pkg, "train.py", "train_and_evaluate") == 61
+    assert function_lines(pkg, "train.py", "missing") is None
+    assert module_getattrs(pkg) == [("lazy.py", 3), ("lazy2.py", 4)]
+    assert long_modules(pkg, limits={"model.py": 300}) == [("big.py", 401, 400), ("model.py", 301, 300)]
