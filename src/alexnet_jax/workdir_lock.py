@@ -63,9 +63,6 @@ def describe_holder(holder: dict | None) -> str:
     return f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}"
 
 
-describe = describe_holder  # the old name, still imported by train.py: remove once it imports describe_holder
-
-
 def _read(fd: int) -> dict:
     raw = os.pread(fd, 4096, 0)
     try:
