@@ -207,6 +207,10 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
+    def reached_preemption(self, step: int) -> bool:
+        """True on every process at the same step once any of them was told to stop (several hosts)."""
+        return self.manager.reached_preemption(step)
+
     def restore_latest(self, abstract_state: Any) -> dict | None:
         """The newest readable checkpoint as a dict, or None when there is none.
 
