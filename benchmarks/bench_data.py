@@ -27,8 +27,8 @@ Numbers depend on whatever else runs on the machine; run it on an idle one.
 from __future__ import annotations
 
 import argparse
-import json
 import io
+import json
 import logging
 import multiprocessing
 import os
@@ -40,9 +40,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'src'))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from alexnet_jax.data import embedded, locate, pipeline, prepare, sources  # noqa: E402
+from alexnet_jax.data import embedded, locate, pipeline, prepare, sources
 
 
 def make_folder(root: Path, num_images: int, num_classes: int = 10) -> Path:
@@ -53,9 +53,9 @@ def make_folder(root: Path, num_images: int, num_classes: int = 10) -> Path:
         small = embedded.draw_example(c, np.random.default_rng([1, c, i]), 96)
         big = np.asarray(Image.fromarray(small).resize((500, 375), Image.Resampling.BICUBIC), np.float32)
         big += rng.normal(0, 10, big.shape)
-        d = root / 'train' / f'n{c:08d}'
+        d = root / "train" / f"n{c:08d}"
         d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.clip(big, 0, 255).astype(np.uint8)).save(d / f'img_{i:05d}.JPEG', quality=90)
+        Image.fromarray(np.clip(big, 0, 255).astype(np.uint8)).save(d / f"img_{i:05d}.JPEG", quality=90)
     return root
 
 
@@ -65,7 +65,7 @@ def pil_loop(paths: list[Path], mean_HWC: np.ndarray, crop: int = 224, size: int
     t, c = time.perf_counter(), time.process_time()
     for p in paths:
         with Image.open(p) as im:
-            im = im.convert('RGB')
+            im = im.convert("RGB")
             w, h = im.size
             s = size / min(w, h)
             im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.Resampling.BILINEAR)
@@ -80,13 +80,13 @@ def pil_loop(paths: list[Path], mean_HWC: np.ndarray, crop: int = 224, size: int
 
 def _pillow_rgb(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert('RGB'))
+        return np.asarray(im.convert("RGB"))
 
 
 def _turbo_rgb(data: bytes) -> np.ndarray:
     import simplejpeg
 
-    return simplejpeg.decode_jpeg(data, colorspace='RGB')
+    return simplejpeg.decode_jpeg(data, colorspace="RGB")
 
 
 def plain_packed_loop(jpegs: list[bytes], crop: int = 224, rounds: int = 3, decode=_pillow_rgb) -> float:
@@ -112,10 +112,10 @@ def plain_packed_loop(jpegs: list[bytes], crop: int = 224, rounds: int = 3, deco
 def in_process_ab(cfg, data, *, batch_size: int, batches: int) -> dict:
     """The packed pipeline in this process (no workers), with the fast JPEG path and with Pillow alone."""
     fast = sources._decode_square_jpeg
-    rates = {'fast': pipeline_rate(cfg, data, batch_size=batch_size, batches=batches, workers=0)[0]}
+    rates = {"fast": pipeline_rate(cfg, data, batch_size=batch_size, batches=batches, workers=0)[0]}
     sources._decode_square_jpeg = lambda data, size: None  # every image through Pillow, as before
     try:
-        rates['pillow'] = pipeline_rate(cfg, data, batch_size=batch_size, batches=batches, workers=0)[0]
+        rates["pillow"] = pipeline_rate(cfg, data, batch_size=batch_size, batches=batches, workers=0)[0]
     finally:
         sources._decode_square_jpeg = fast
     return rates
@@ -126,13 +126,13 @@ def reencode_change(src: Path, records) -> dict:
     diffs = []
     for i in range(min(len(records), 128)):
         name, _, data = records[i]
-        a = sources.decode_image((src / 'train' / name).read_bytes(), 256).astype(np.int16)
+        a = sources.decode_image((src / "train" / name).read_bytes(), 256).astype(np.int16)
         b = sources.decode_image(data, 256).astype(np.int16)
         diffs.append(a - b)
     d = np.stack(diffs).astype(np.float64)
     mse = np.mean(d ** 2)
-    return {'mean_abs_diff': float(np.abs(d).mean()), 'max_abs_diff': float(np.abs(d).max()),
-            'psnr_db': float(10 * np.log10(255 ** 2 / mse)) if mse else float('inf'), 'images': len(diffs)}
+    return {"mean_abs_diff": float(np.abs(d).mean()), "max_abs_diff": float(np.abs(d).max()),
+            "psnr_db": float(10 * np.log10(255 ** 2 / mse)) if mse else float("inf"), "images": len(diffs)}
 
 
 def cpu_seconds() -> float:
@@ -142,11 +142,11 @@ def cpu_seconds() -> float:
     change when other programs share the machine.
     """
     total = time.process_time()
-    tick = os.sysconf('SC_CLK_TCK')
+    tick = os.sysconf("SC_CLK_TCK")
     for child in multiprocessing.active_children():
         try:
-            with open(f'/proc/{child.pid}/stat') as f:
-                fields = f.read().rsplit(')', 1)[1].split()
+            with open(f"/proc/{child.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
         except OSError:
             pass
@@ -163,90 +163,90 @@ def pipeline_rate(cfg, data, *, batch_size: int, batches: int, workers: int) -> 
         b = next(it)
     n = batches * batch_size
     rate, cpu_rate = n / (time.perf_counter() - t), n / (cpu_seconds() - c)
-    assert b['image'].shape == (batch_size, cfg.crop_size, cfg.crop_size, 3)
+    assert b["image"].shape == (batch_size, cfg.crop_size, cfg.crop_size, 3)
     it.close()
     return rate, cpu_rate
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    ap.add_argument('--num-images', type=int, default=512)
-    ap.add_argument('--batch-size', type=int, default=32)
-    ap.add_argument('--batches', type=int, default=30, help='timed batches per configuration (few batches overweight the ones in flight)')
-    ap.add_argument('--workers', default=None, help='worker counts, e.g. 1,2,4 (default: 1 .. the cores available)')
-    ap.add_argument('--dir', default=None, help='reuse/keep the benchmark data here')
-    ap.add_argument('--json', default=None, help='write the measurements to this file')
-    ap.add_argument('--repeats', type=int, default=3, help='rounds over all measurements; the best of each is kept')
-    ap.add_argument('--subsampling', default='420', help='chroma subsampling of the packed JPEGs (prepare --subsampling)')
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--num-images", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batches", type=int, default=30, help="timed batches per configuration (few batches overweight the ones in flight)")
+    ap.add_argument("--workers", default=None, help="worker counts, e.g. 1,2,4 (default: 1 .. the cores available)")
+    ap.add_argument("--dir", default=None, help="reuse/keep the benchmark data here")
+    ap.add_argument("--json", default=None, help="write the measurements to this file")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds over all measurements; the best of each is kept")
+    ap.add_argument("--subsampling", default="420", help="chroma subsampling of the packed JPEGs (prepare --subsampling)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     cores = len(os.sched_getaffinity(0))
-    workers = [int(x) for x in a.workers.split(',')] if a.workers else list(range(1, cores + 1))
-    work = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix='bench_data_'))
-    src = work / 'folder'
-    if not (src / 'train').is_dir():
+    workers = [int(x) for x in a.workers.split(",")] if a.workers else list(range(1, cores + 1))
+    work = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="bench_data_"))
+    src = work / "folder"
+    if not (src / "train").is_dir():
         make_folder(src, a.num_images)
-    files = sorted((src / 'train').rglob('*.JPEG'))
+    files = sorted((src / "train").rglob("*.JPEG"))
     avg_kb = np.mean([f.stat().st_size for f in files]) / 1024
     t = time.perf_counter()
-    packed = prepare.prepare(src, work / f'packed{a.subsampling}', size=256, subsampling=a.subsampling,
+    packed = prepare.prepare(src, work / f"packed{a.subsampling}", size=256, subsampling=a.subsampling,
                              workers=cores, progress=False)
     prep_s = time.perf_counter() - t
-    stats = prepare.load_stats(packed / 'stats.npz')
-    records = sources.PackedRecords(prepare.shard_paths(packed, 'train'))
+    stats = prepare.load_stats(packed / "stats.npz")
+    records = sources.PackedRecords(prepare.shard_paths(packed, "train"))
     jpegs = [records[i][2] for i in range(len(records))]
-    print(f'{len(files)} images, folder JPEGs {avg_kb:.0f} KiB avg (500x375), packed 256x256 JPEGs '
-          f'{np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB avg ({a.subsampling}); prepare took {prep_s:.1f}s '
-          f'on {cores} cores\n')
+    print(f"{len(files)} images, folder JPEGs {avg_kb:.0f} KiB avg (500x375), packed 256x256 JPEGs "
+          f"{np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB avg ({a.subsampling}); prepare took {prep_s:.1f}s "
+          f"on {cores} cores\n")
 
-    out = {'cores': cores, 'num_images': len(files), 'batch_size': a.batch_size, 'subsampling': a.subsampling,
-           'repeats': a.repeats, 'plain_img_s': 0.0, 'plain_turbo_img_s': 0.0, 'plain_folder_img_s': 0.0,
-           'packed': {}, 'folder': {}, 'in_process_packed': {'fast': 0.0, 'pillow': 0.0}}
+    out = {"cores": cores, "num_images": len(files), "batch_size": a.batch_size, "subsampling": a.subsampling,
+           "repeats": a.repeats, "plain_img_s": 0.0, "plain_turbo_img_s": 0.0, "plain_folder_img_s": 0.0,
+           "packed": {}, "folder": {}, "in_process_packed": {"fast": 0.0, "pillow": 0.0}}
     cfgs = {}
-    for form in ('folder', 'packed'):
+    for form in ("folder", "packed"):
         cfg = pipeline.default_data_config()
-        cfg.name, cfg.root, cfg.format = 'imagenet', str(src), form
-        cfg.packed_dir = str(packed) if form == 'packed' else None
-        cfg.stats_path = str(packed / 'stats.npz')
+        cfg.name, cfg.root, cfg.format = "imagenet", str(src), form
+        cfg.packed_dir = str(packed) if form == "packed" else None
+        cfg.stats_path = str(packed / "stats.npz")
         cfg.num_threads = 1
         cfgs[form] = (cfg, locate.resolve(cfg))
     # Best of `repeats` rounds, every measurement once per round: other programs on a shared machine
     # only ever slow a measurement down, and interleaving spreads their effect over all of them.
     for _ in range(a.repeats):
-        out['plain_img_s'] = max(out['plain_img_s'], plain_packed_loop(jpegs, rounds=1))
-        out['plain_turbo_img_s'] = max(out['plain_turbo_img_s'], plain_packed_loop(jpegs, rounds=1, decode=_turbo_rgb))
-        out['plain_folder_img_s'] = max(out['plain_folder_img_s'], pil_loop(files, stats['mean_image'])[0])
-        for k, r in in_process_ab(*cfgs['packed'], batch_size=a.batch_size, batches=a.batches).items():
-            out['in_process_packed'][k] = max(out['in_process_packed'][k], r)
+        out["plain_img_s"] = max(out["plain_img_s"], plain_packed_loop(jpegs, rounds=1))
+        out["plain_turbo_img_s"] = max(out["plain_turbo_img_s"], plain_packed_loop(jpegs, rounds=1, decode=_turbo_rgb))
+        out["plain_folder_img_s"] = max(out["plain_folder_img_s"], pil_loop(files, stats["mean_image"])[0])
+        for k, r in in_process_ab(*cfgs["packed"], batch_size=a.batch_size, batches=a.batches).items():
+            out["in_process_packed"][k] = max(out["in_process_packed"][k], r)
         for form, (cfg, data) in cfgs.items():
             for w in workers:
                 r = pipeline_rate(cfg, data, batch_size=a.batch_size, batches=a.batches, workers=w)[0]
                 out[form][str(w)] = max(out[form].get(str(w), 0.0), r)
-    plain, plain_folder = out['plain_img_s'], out['plain_folder_img_s']
-    out['reencode'] = reencode_change(src, records)
+    plain, plain_folder = out["plain_img_s"], out["plain_folder_img_s"]
+    out["reencode"] = reencode_change(src, records)
 
-    print(f'plain PIL loop, one core: packed 256x256 JPEGs {plain:.0f} img/s; original files {plain_folder:.0f} img/s')
-    ab = out['in_process_packed']
+    print(f"plain PIL loop, one core: packed 256x256 JPEGs {plain:.0f} img/s; original files {plain_folder:.0f} img/s")
+    ab = out["in_process_packed"]
     print(f"plain libjpeg-turbo loop (simplejpeg), packed JPEGs: {out['plain_turbo_img_s']:.0f} img/s "
           f"({out['plain_turbo_img_s'] / plain:.2f}x the PIL loop)")
     print(f"packed pipeline in one process: fast JPEG path {ab['fast']:.0f} img/s, Pillow alone {ab['pillow']:.0f} "
           f"img/s ({ab['fast'] / ab['pillow']:.2f}x)\n")
-    print('| form | workers | images/s | per worker | vs plain loop (1 worker) | scaling efficiency |')
-    print('|---|---|---|---|---|---|')
-    for form, base in (('folder', plain_folder), ('packed', plain)):
-        one = out[form].get('1')
+    print("| form | workers | images/s | per worker | vs plain loop (1 worker) | scaling efficiency |")
+    print("|---|---|---|---|---|---|")
+    for form, base in (("folder", plain_folder), ("packed", plain)):
+        one = out[form].get("1")
         for w in workers:
             r = out[form][str(w)]
-            eff = f'{r / (w * one):.0%}' if one else '-'
-            print(f'| {form} | {w} | {r:.0f} | {r / w:.0f} | {r / w / base:.0%} | {eff} |')
-    rc = out['reencode']
+            eff = f"{r / (w * one):.0%}" if one else "-"
+            print(f"| {form} | {w} | {r:.0f} | {r / w:.0f} | {r / w / base:.0%} | {eff} |")
+    rc = out["reencode"]
     print(f"\nre-encoding ({a.subsampling}, q95) vs the folder's own decode, {rc['images']} images: mean |diff| "
           f"{rc['mean_abs_diff']:.2f} grey levels, max {rc['max_abs_diff']:.0f}, PSNR {rc['psnr_db']:.1f} dB")
     print(f'packed / folder at {workers[-1]} worker(s): {out["packed"][str(workers[-1])] / out["folder"][str(workers[-1])]:.2f}x')
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
-        print(f'wrote {a.json}')
+        print(f"wrote {a.json}")
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main()

@@ -206,7 +206,6 @@ def torch_rates(size: dict, batches, dtypes, num_classes: int, compile_too: bool
                 dt = (time.perf_counter() - t) / n
                 rows.append({"torch": mode, "device": dev, "batch": batch, "dtype": dtype, "img_s": batch / dt,
                              "step_ms": dt * 1e3, "warmup_s": warm_s})
-                del net, opt
     return rows
 
 

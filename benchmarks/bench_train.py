@@ -74,7 +74,8 @@ def jax_case(name: str, batch: int, dtype: str = "float32"):
         "label": jax.random.randint(rng, (batch,), 0, model.num_classes),
         "mask": jnp.ones((batch,), bool),
     }
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     batch_ = jax.device_put(batch_, NamedSharding(mesh, P("data")))
     t0 = time.perf_counter()
@@ -122,7 +123,6 @@ def torch_available() -> bool:
 def torch_case(name: str, batch: int, compiled: bool):
     import torch
     import torch.nn.functional as F
-
     from torch_alexnet import TorchAlexNet
 
     torch.set_num_threads(_threads())
@@ -164,7 +164,6 @@ def check_same_architecture(model, params, name: str) -> float:
     import jax
     import numpy as np
     import torch
-
     from torch_alexnet import TorchAlexNet, load_from_jax
 
     kwargs, _ = CASES[name]
@@ -330,7 +329,7 @@ def main() -> None:
 
 def _print_table(head, rows) -> None:
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
     print(line(head))
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/, as launch.py sees it
 
-from alexnet_jax import cli, train  # noqa: E402
+from alexnet_jax import cli, train
 
 
 def main() -> None:

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_train import TINY
 
 ROOT = Path(__file__).resolve().parents[1]

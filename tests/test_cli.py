@@ -305,6 +305,7 @@ def demo_run(tmp_path_factory):
 def _small_val_root(tmp_path: Path, per_class: int = 3) -> Path:
     """``per_class`` validation images of every class of the demo run's data, as ``<root>/val/<class>/``."""
     import _trained
+
     from alexnet_jax.data import embedded
 
     e = _trained.demo_config(2, 1).data.embedded

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from alexnet_jax import Classifier, load_checkpoint
-from alexnet_jax.convert import CAFFE_MEAN_BGR, CAFFE_SHAPES, GROUPS, LAYERS
+from alexnet_jax.convert import CAFFE_MEAN_BGR, CAFFE_SHAPES, LAYERS
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 import jax
-from etils import epath
 import numpy as np
 import pytest
+from etils import epath
 from PIL import Image
 
 torch = pytest.importorskip("torch")  # a test extra; never imported by the package except by the converter

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-
 from _hlo import hlo_collectives_typed
+
 from alexnet_jax import AlexNet, make_mesh
 from alexnet_jax.costs import layer_costs, mesh_shape, rounded
 from alexnet_jax.model import LAYERS

@@ -6,17 +6,17 @@ another validation layout (the devkit's ground truth and meta.mat).
 """
 
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import _trained
 import numpy as np
 import pytest
 
-import _trained
 from alexnet_jax import Classifier
 from alexnet_jax.data import embedded, sources
 from alexnet_jax.data.labels import devkit_file_name

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from test_train import tiny_config
 
 from alexnet_jax import Classifier, load_checkpoint, train
-from test_train import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,7 +25,7 @@ from alexnet_jax import optim, parallel, steps
 from alexnet_jax.model import from_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from configs import owt, paper  # noqa: E402
+from configs import owt, paper
 
 B = 16  # a global batch that divides over 8 devices; shapes, not speed, matter here
 

@@ -10,11 +10,11 @@ import hashlib
 import json
 import shutil
 
+import _trained
 import numpy as np
 import pytest
 from PIL import Image
 
-import _trained
 from alexnet_jax import CheckpointError, Classifier, ImageError, load_checkpoint, predict
 
 pytestmark = pytest.mark.xdist_group("trained_runs")  # one worker trains _trained.runs for all

@@ -90,9 +90,9 @@ def test_hybrid_layout_from_the_command_line(tmp_path):
     stored split by units and read back whole."""
     import jax
     import numpy as np
+    from test_train import TINY
 
     from alexnet_jax import load_checkpoint
-    from test_train import TINY
 
     params = {}
     for layout in ("hybrid", "data"):

@@ -12,7 +12,7 @@ import pytest
 from alexnet_jax.data import layout, prepare, sources
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "data"))
-from _folders import write_imagenet_folder  # noqa: E402
+from _folders import write_imagenet_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_ON_FOLDER = ["--config=configs/demo.py", "--config.data.name=imagenet", "--config.model.num_classes=4"]

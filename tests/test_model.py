@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alexnet_jax import AlexNet, ConfigError, LRN, count_params, default_config, from_config
+from alexnet_jax import LRN, AlexNet, ConfigError, count_params, default_config, from_config
 from alexnet_jax.model import conv1_padding, layer_param_counts
 
 # The paper, Section 3; per-layer counts summed over towers.

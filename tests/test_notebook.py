@@ -4,13 +4,12 @@ import os
 import re
 from pathlib import Path
 
+import _trained
 import nbformat
 import numpy as np
 import pytest
 from nbclient import NotebookClient
 from PIL import Image
-
-import _trained
 
 pytestmark = pytest.mark.xdist_group("trained_runs")  # one worker trains _trained.runs for all
 

@@ -118,7 +118,7 @@ def test_learning_rate_owns_every_drop_and_applies_it():
     lr = optim.LearningRate(cfg, optim.DropHistory(), lr=0.01, step=0, steps_per_epoch=10, request_every=5,
                             read_request=lambda: requests.pop(step_now[0], None), manual_lr=0.02,
                             on_drop=seen.append)
-    for step in range(0, 26):
+    for step in range(26):
         step_now[0] = step
         state = lr(state, step)
     assert [(d["step"], d["to"], d["reason"]) for d in seen] == [

@@ -58,8 +58,8 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-
 from _hlo import hlo_collectives, hlo_replica_groups
+
 from alexnet_jax import optim
 from alexnet_jax.model import LAYERS, from_config, tower_widths
 from alexnet_jax.parallel import DATA_AXIS, TOWER_AXIS, mesh_for_config, state_shardings

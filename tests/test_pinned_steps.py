@@ -16,10 +16,9 @@ the update moves these numbers by percent, not parts per million.
 
 import numpy as np
 import pytest
-import jax
+from test_train import metrics, read_state, tiny_config
 
 from alexnet_jax import train
-from test_train import metrics, read_state, tiny_config
 
 LOSSES = [2.732506275177002, 2.6209824085235596, 2.5737357139587402]
 DIGEST = {

@@ -15,7 +15,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
 from test_train import TINY, launch, metrics, read_state, tensorboard_steps
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,12 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-from test_parallel import assert_same  # noqa: E402  (one relative-difference check for both files)
+from test_parallel import assert_same
 
 from alexnet_jax import AlexNet
 from alexnet_jax.parallel import batch_sharding, make_mesh, mesh_forward, shard_variables
-from alexnet_jax.tower_ops import AUTO, FAST, PLAIN, TowerOps, resolve, max_pool, tower_conv, tower_dense
+from alexnet_jax.tower_ops import AUTO, FAST, PLAIN, TowerOps, max_pool, resolve, tower_conv, tower_dense
 
 NARROW = dict(width=0.125, image_size=64, num_classes=10, init_std=0.03)
 

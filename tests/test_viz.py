@@ -4,11 +4,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _trained
 import numpy as np
 import pytest
 from PIL import Image
 
-import _trained
 from alexnet_jax import viz
 
 ROOT = Path(__file__).resolve().parents[1]

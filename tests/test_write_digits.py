@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
 from test_train import TINY
 
 sklearn_datasets = pytest.importorskip("sklearn.datasets")  # in the test extra

@@ -137,7 +137,7 @@ class Checkpointer:
             self._barrier.step = step
         try:
             self._start_save(step, state, **items)
-        except Exception as e:  # noqa: BLE001 - Orbax and the OS raise many kinds; all mean "not written"
+        except Exception as e:
             if self._barrier is not None:  # the others may already wait for this write in the background
                 self._barrier.abort(step)
             self.manager.reload()  # forget what the failed attempt registered; the disk is the truth
@@ -186,7 +186,7 @@ class Checkpointer:
         step, self._pending = self._pending, None
         try:
             self.manager.wait_until_finished()
-        except Exception as e:  # noqa: BLE001 - raised in Orbax's background thread, surfaced here
+        except Exception as e:
             if self._barrier is not None and step is not None:  # release the processes waiting for us
                 self._barrier.abort(step)
             self.manager.reload()
@@ -228,7 +228,7 @@ class Checkpointer:
                         control=ocp.args.JsonRestore(),
                     ),
                 )
-            except Exception as e:  # noqa: BLE001 - any failure to read means "damaged"
+            except Exception as e:
                 restored = e
                 if jax.process_index() != 0:  # process 0 moves it aside; only this process knows why
                     log.warning("Process %d cannot read the checkpoint at step %d: %s: %s", jax.process_index(),
@@ -263,7 +263,7 @@ class Checkpointer:
         try:
             self._reader.close()
             self.manager.close()
-        except Exception as e:  # noqa: BLE001 - after a failed write Orbax may fail to shut down;
+        except Exception as e:
             # that must not hide the error the run is already reporting.
             log.warning("Closing the checkpoint manager failed after an earlier error: %s", _first_line(e))
         if error is not None:
@@ -318,7 +318,7 @@ def saved_params(step_dir: epath.Path) -> Any:
     state_dir = step_dir / "state"
     try:
         saved = ocp.StandardCheckpointHandler().metadata(state_dir).tree
-    except Exception as e:  # noqa: BLE001 - any unreadable metadata: say which folder, and why
+    except Exception as e:
         raise CheckpointError(f"Cannot read the checkpoint in {str(state_dir)!r} "
                               f"({type(e).__name__}: {_first_line(e)}).") from e
     if saved is None or "params" not in saved:
@@ -334,7 +334,7 @@ def read_params(step_dir: epath.Path, sharding) -> Any:
         return ocp.PyTreeCheckpointer().restore(step_dir / "state", args=ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
             partial_restore=True))["params"]
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise CheckpointError(f"Cannot read the parameters in {str(step_dir / 'state')!r} "
                               f"({type(e).__name__}: {_first_line(e)}); the checkpoint may be damaged.") from e
 

@@ -60,7 +60,7 @@ def read_state_dict(path: str | Path) -> dict:
         raise ConvertError("reading a .pth file needs PyTorch: pip install torch (CPU build is enough).") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001  torch raises many kinds for a file that is not a state_dict
+    except Exception as e:
         raise ConvertError(f"{path}: not a readable PyTorch state_dict ({type(e).__name__}: {e}).") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]

@@ -36,7 +36,6 @@ from alexnet_jax import cli
 from alexnet_jax.model import LAYERS, AlexNet, ConfigError, from_config
 from alexnet_jax.parallel import LAYOUTS, indivisible_units, layout_named
 
-
 _PROG = cli.program("costs")
 _DEFAULT_CONFIG = "configs/paper.py"
 
@@ -112,7 +111,7 @@ def table(costs: dict):
     from rich.table import Table
 
     c = rounded(costs)
-    mb = lambda v: f"{v / 1e6:,.2f}" if v else "-"  # noqa: E731
+    mb = lambda v: f"{v / 1e6:,.2f}" if v else "-"
     t = Table(title=f"{c['layout']} layout on {c['devices']} devices (mesh data={c['mesh']['data']} x "
                     f"tower={c['mesh']['tower']}), batch {c['batch_size']}: MB each device sends per step")
     for col in ("layer", "parameters", "MACs/image", "exchange fwd", "exchange bwd", "gradient all-reduce"):

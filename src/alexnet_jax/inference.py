@@ -30,6 +30,7 @@ from alexnet_jax.model import AlexNet, from_config
 from alexnet_jax.parallel import DATA_AXIS, batch_sharding, make_mesh, mesh_forward, param_sharding
 from alexnet_jax.steps import average_views
 
+
 class ImageError(ValueError):
     """An input image cannot be used (the message names it and says what would work)."""
 

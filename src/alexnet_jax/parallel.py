@@ -28,7 +28,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from alexnet_jax.axes import TOWER_AXIS, Axes
 from alexnet_jax.model import FC_LAYERS, LAYERS, AlexNet, ConfigError, tower_widths

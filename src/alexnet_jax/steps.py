@@ -203,7 +203,7 @@ class DeviceBatches:
                 self._put(item)
         except StopIteration:
             self._put(self._END)
-        except BaseException as e:  # noqa: BLE001 -- handed to the training thread, raised there
+        except BaseException as e:
             self._put(e)
 
     def _put(self, item) -> None:

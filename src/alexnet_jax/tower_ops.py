@@ -287,6 +287,6 @@ AUTO = TowerOps(conv=AutoConv, dense=AutoDense, max_pool=auto_max_pool, lrn_divi
 OPS = {"auto": AUTO, "fast": FAST, "plain": PLAIN}  # the choices of model.ops
 
 
-def resolve(ops: "str | TowerOps") -> TowerOps:
+def resolve(ops: str | TowerOps) -> TowerOps:
     """A ``model.ops`` name (or a bundle, returned as it is) -> the bundle."""
     return OPS[ops] if isinstance(ops, str) else ops

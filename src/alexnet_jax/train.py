@@ -25,7 +25,7 @@ from alexnet_jax import data as data_lib
 from alexnet_jax import distributed, optim, steps
 from alexnet_jax.checkpoint import Checkpointer, CheckpointError, CheckpointWriteError
 from alexnet_jax.config_check import validate_config
-from alexnet_jax.metrics import DivergenceGuard, Diverged, MetricWriter, PendingMetrics, TrainingError
+from alexnet_jax.metrics import Diverged, DivergenceGuard, MetricWriter, PendingMetrics, TrainingError
 from alexnet_jax.model import AlexNet, ConfigError, count_params
 from alexnet_jax.parallel import DATA_AXIS, check_layout, devices_note, mesh_for_config, prepare_devices
 from alexnet_jax.preemption import StopOnSignal

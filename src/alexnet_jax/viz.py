@@ -280,8 +280,8 @@ def write_all(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int |
     Figures whose inputs are missing (no metrics file, no images and no
     dataset on this machine) are skipped with a note saying what to give.
     """
-    from alexnet_jax.data import DatasetError
     from alexnet_jax.checkpoint import find_step_dir
+    from alexnet_jax.data import DatasetError
     from alexnet_jax.inference import Classifier, load_checkpoint
 
     out = Path(out)

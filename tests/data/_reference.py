@@ -49,12 +49,12 @@ def ten_views(image_HWC, mean_HWC, crop: int) -> np.ndarray:
 
 def normalize_batch(batch: dict, mean_HWC, eigval_3=None, eigvec_33=None, *, with_lighting: bool) -> np.ndarray:
     """A loader batch of uint8 crops ``(..., crop, crop, 3)`` -> the float64 model inputs."""
-    image = np.asarray(batch['image'])
+    image = np.asarray(batch["image"])
     lead, (crop, _, _) = image.shape[:-3], image.shape[-3:]
     images = image.reshape((-1,) + image.shape[-3:]).astype(np.float64)
-    yx = np.asarray(batch['crop_yx']).reshape(-1, 2)
-    flips = np.asarray(batch['flip']).reshape(-1)
-    alphas = np.asarray(batch['alpha']).reshape(-1, 3)
+    yx = np.asarray(batch["crop_yx"]).reshape(-1, 2)
+    flips = np.asarray(batch["flip"]).reshape(-1)
+    alphas = np.asarray(batch["alpha"]).reshape(-1, 3)
     out = np.empty_like(images)
     for i in range(len(images)):
         y, x = int(yx[i, 0]), int(yx[i, 1])

@@ -1,5 +1,6 @@
 """Normalisation in the jitted step (data.device) against the float64 reference in _reference.py."""
 
+import _reference as R
 import jax
 import numpy as np
 import pytest
@@ -7,11 +8,9 @@ import pytest
 from alexnet_jax.data import device
 from alexnet_jax.data import transforms as T
 
-import _reference as R
-
 
 def element(img, label=3):
-    return {'image': img, 'label': np.int32(label), 'mask': np.bool_(True)}
+    return {"image": img, "label": np.int32(label), "mask": np.bool_(True)}
 
 
 def random_stats(rng, size):
@@ -34,11 +33,11 @@ def test_training_views_equal_the_papers_order():
     imgs = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
     tf = T.RandomCropFlip(crop, flip=True, lighting_std=0.1)
     els = [tf.random_map(element(imgs[i], i), np.random.default_rng(100 + i)) for i in range(n)]
-    assert 0 < sum(bool(e['flip']) for e in els) < n  # both kinds of view are checked
+    assert 0 < sum(bool(e["flip"]) for e in els) < n  # both kinds of view are checked
     batch = stack(els)
     out = np.asarray(jax.jit(lambda b: device.normalize(b, mean, lam, vec, lighting=True))(batch))
     assert out.dtype == np.float32
-    paper = np.stack([R.paper_view(imgs[i], mean, *map(int, e['crop_yx']), crop, bool(e['flip']), e['alpha'],
+    paper = np.stack([R.paper_view(imgs[i], mean, *map(int, e["crop_yx"]), crop, bool(e["flip"]), e["alpha"],
                                    lam, vec) for i, e in enumerate(els)])
     np.testing.assert_allclose(out, paper, rtol=1e-5, atol=1e-3)
     # The reference's two forms agree: windows of the mean on the crops = the paper's order on whole images.
@@ -52,7 +51,7 @@ def test_no_mean_and_no_lighting():
     tf = T.RandomCropFlip(4, flip=True, lighting_std=0.1)
     batch = stack([tf.random_map(element(im), np.random.default_rng(i)) for i, im in enumerate(imgs)])
     out = np.asarray(device.normalize(batch, None, lam, vec, lighting=False))
-    np.testing.assert_array_equal(out, batch['image'].astype(np.float32))
+    np.testing.assert_array_equal(out, batch["image"].astype(np.float32))
     out = np.asarray(device.normalize(batch, None, lam, vec, lighting=True))
     np.testing.assert_allclose(out, R.normalize_batch(batch, None, lam, vec, with_lighting=True), atol=1e-3)
 
@@ -93,7 +92,7 @@ def test_pca_lighting_noise_statistics():
     assert len({tuple(np.round(o, 6)) for o in offsets[:50]}) == 50
 
 
-@pytest.mark.parametrize('flip', [False, True])
+@pytest.mark.parametrize("flip", [False, True])
 def test_reference_subtracts_the_mirrored_window(flip):
     """The reference itself, on numbers small enough to check by eye."""
     mean = np.arange(4 * 4 * 3, dtype=np.float64).reshape(4, 4, 3)

@@ -10,7 +10,7 @@ from alexnet_jax.data import embedded as E
 
 def tree_digest(root):
     h = hashlib.sha256()
-    for p in sorted(root.rglob('*')):
+    for p in sorted(root.rglob("*")):
         if p.is_file():
             h.update(str(p.relative_to(root)).encode())
             h.update(p.read_bytes())
@@ -18,24 +18,24 @@ def tree_digest(root):
 
 
 def test_layout_and_determinism(tmp_path):
-    a = E.ensure_embedded_dataset(tmp_path / 'a', num_train_per_class=3, num_val_per_class=2, image_size=32)
-    b = E.ensure_embedded_dataset(tmp_path / 'b', num_train_per_class=3, num_val_per_class=2, image_size=32)
+    a = E.ensure_embedded_dataset(tmp_path / "a", num_train_per_class=3, num_val_per_class=2, image_size=32)
+    b = E.ensure_embedded_dataset(tmp_path / "b", num_train_per_class=3, num_val_per_class=2, image_size=32)
     assert tree_digest(a) == tree_digest(b)
-    assert E.ensure_embedded_dataset(tmp_path / 'a', num_train_per_class=3, num_val_per_class=2,
+    assert E.ensure_embedded_dataset(tmp_path / "a", num_train_per_class=3, num_val_per_class=2,
                                      image_size=32) == a  # second call reuses it
-    classes = sorted(p.name for p in (a / 'train').iterdir())
+    classes = sorted(p.name for p in (a / "train").iterdir())
     assert len(classes) == 10 and len(classes) % 2 == 0
-    assert classes == sorted(p.name for p in (a / 'val').iterdir())
-    files = sorted((a / 'train' / classes[0]).iterdir())
-    assert len(files) == 3 and all(f.suffix == '.JPEG' for f in files)
+    assert classes == sorted(p.name for p in (a / "val").iterdir())
+    files = sorted((a / "train" / classes[0]).iterdir())
+    assert len(files) == 3 and all(f.suffix == ".JPEG" for f in files)
     with Image.open(files[0]) as im:
-        assert im.format == 'JPEG' and im.size == (32, 32) and im.mode == 'RGB'
-    names = (a / 'class_names.txt').read_text().splitlines()
-    assert names[0].split(' ', 1) == [classes[0], 'disk, red over blue']
+        assert im.format == "JPEG" and im.size == (32, 32) and im.mode == "RGB"
+    names = (a / "class_names.txt").read_text().splitlines()
+    assert names[0].split(" ", 1) == [classes[0], "disk, red over blue"]
     # Validation images are other draws than the training ones.
-    tr = {f.read_bytes() for f in (a / 'train').rglob('*.JPEG')}
-    assert not tr & {f.read_bytes() for f in (a / 'val').rglob('*.JPEG')}
-    assert not list(tmp_path.glob('*/.tmp_images_*'))
+    tr = {f.read_bytes() for f in (a / "train").rglob("*.JPEG")}
+    assert not tr & {f.read_bytes() for f in (a / "val").rglob("*.JPEG")}
+    assert not list(tmp_path.glob("*/.tmp_images_*"))
 
 
 def _draw(split_id, n, size=48):

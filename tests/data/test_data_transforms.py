@@ -13,7 +13,7 @@ def coded_image(h, w):
 
 
 def element(img, label=3):
-    return {'image': img, 'label': np.int32(label), 'mask': np.bool_(True)}
+    return {"image": img, "label": np.int32(label), "mask": np.bool_(True)}
 
 
 def test_random_crop_flip_matches_slicing_and_covers_all_positions():
@@ -22,16 +22,16 @@ def test_random_crop_flip_matches_slicing_and_covers_all_positions():
     seen_y, seen_x, flips = set(), set(), []
     for i in range(400):
         out = tf.random_map(element(img), np.random.default_rng(i))
-        y, x = out['crop_yx']
+        y, x = out["crop_yx"]
         expected = img[y:y + 7, x:x + 7]
-        if out['flip']:
+        if out["flip"]:
             expected = expected[:, ::-1]
-        np.testing.assert_array_equal(out['image'], expected)
-        assert out['image'].dtype == np.uint8 and out['label'] == 3
+        np.testing.assert_array_equal(out["image"], expected)
+        assert out["image"].dtype == np.uint8 and out["label"] == 3
         # The crop really is where the coded pixels say it is.
-        col0 = x + 6 if out['flip'] else x
-        assert out['image'][0, 0, 0] == y and out['image'][0, 0, 1] == col0
-        seen_y.add(int(y)), seen_x.add(int(x)), flips.append(bool(out['flip']))
+        col0 = x + 6 if out["flip"] else x
+        assert out["image"][0, 0, 0] == y and out["image"][0, 0, 1] == col0
+        seen_y.add(int(y)), seen_x.add(int(x)), flips.append(bool(out["flip"]))
     assert seen_y == set(range(12 - 7 + 1)) and seen_x == set(range(10 - 7 + 1))
     assert 0.4 < np.mean(flips) < 0.6
 
@@ -40,19 +40,19 @@ def test_no_flip_when_disabled_and_same_rng_same_view():
     img = coded_image(9, 9)
     tf = T.RandomCropFlip(crop=5, flip=False, lighting_std=0.0)
     outs = [tf.random_map(element(img), np.random.default_rng(i)) for i in range(50)]
-    assert not any(o['flip'] for o in outs)
-    assert all(np.all(o['alpha'] == 0) for o in outs)
+    assert not any(o["flip"] for o in outs)
+    assert all(np.all(o["alpha"] == 0) for o in outs)
     a = tf.random_map(element(img), np.random.default_rng(7))
     b = tf.random_map(element(img), np.random.default_rng(7))
-    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a["image"], b["image"])
 
 
 def test_center_crop():
     img = coded_image(256, 256)
     out = T.CenterCrop(224).map(element(img))
-    np.testing.assert_array_equal(out['image'], img[16:240, 16:240])
+    np.testing.assert_array_equal(out["image"], img[16:240, 16:240])
     out = T.CenterCrop(4).map(element(coded_image(9, 7)))
-    assert tuple(out['crop_yx']) == (2, 1)
+    assert tuple(out["crop_yx"]) == (2, 1)
 
 
 def test_ten_crop_positions_paper_size():
@@ -65,19 +65,19 @@ def test_ten_crop_positions_paper_size():
 def test_ten_crop_views_are_the_slices():
     img = coded_image(11, 13)
     out = T.TenCrop(6).map(element(img))
-    assert out['image'].shape == (10, 6, 6, 3)
+    assert out["image"].shape == (10, 6, 6, 3)
     corners = {(0, 0), (0, 7), (5, 0), (5, 7)}
-    got = {tuple(map(int, yx)) for yx in out['crop_yx'][:4]}
+    got = {tuple(map(int, yx)) for yx in out["crop_yx"][:4]}
     assert got == corners
     for k in range(10):
-        y, x = out['crop_yx'][k]
+        y, x = out["crop_yx"][k]
         ref = img[y:y + 6, x:x + 6]
         ref = ref[:, ::-1] if k >= 5 else ref
-        np.testing.assert_array_equal(out['image'][k], ref)
-    np.testing.assert_array_equal(out['crop_yx'][5:], out['crop_yx'][:5])
+        np.testing.assert_array_equal(out["image"][k], ref)
+    np.testing.assert_array_equal(out["crop_yx"][5:], out["crop_yx"][:5])
 
 
-@pytest.mark.parametrize('flip', [False, True])
+@pytest.mark.parametrize("flip", [False, True])
 def test_crop_hwc(flip):
     img = coded_image(5, 6)
     out = T.crop_HWC(img, 1, 2, 3, flip)

@@ -23,7 +23,7 @@ def normalize(batch: dict, mean_image, eigval, eigvec, *, lighting: bool = True)
 
     ``mean_image`` None skips mean subtraction; ``lighting`` False (evaluation) skips the PCA noise.
     """
-    image = batch['image']
+    image = batch["image"]
     hwc = image.shape[-3:]
     lead = image.shape[:-3]
     img = image.reshape((-1,) + hwc).astype(jnp.float32)
@@ -35,9 +35,9 @@ def normalize(batch: dict, mean_image, eigval, eigvec, *, lighting: bool = True)
             m = jax.lax.dynamic_slice(mean, (yx[0], yx[1], 0), hwc)
             return jnp.where(flip, m[:, ::-1], m)
 
-        out = out - jax.vmap(view)(batch['crop_yx'].reshape(-1, 2), batch['flip'].reshape(-1))
+        out = out - jax.vmap(view)(batch["crop_yx"].reshape(-1, 2), batch["flip"].reshape(-1))
     if lighting:
-        alpha = batch['alpha'].reshape(-1, 3).astype(jnp.float32)
+        alpha = batch["alpha"].reshape(-1, 3).astype(jnp.float32)
         offset = 255.0 * (alpha * jnp.asarray(eigval, jnp.float32)) @ jnp.asarray(eigvec, jnp.float32).T
         out = out + offset[:, None, None, :]
     return out.reshape(lead + hwc)

@@ -26,20 +26,20 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-SHAPES = ('disk', 'square', 'triangle', 'cross', 'ring')
-ARRANGEMENTS = ('red_over_blue', 'blue_over_red')
-CLASSES = tuple(f'{s}_{a}' for s in SHAPES for a in ARRANGEMENTS)  # 10, even: towers split them
+SHAPES = ("disk", "square", "triangle", "cross", "ring")
+ARRANGEMENTS = ("red_over_blue", "blue_over_red")
+CLASSES = tuple(f"{s}_{a}" for s in SHAPES for a in ARRANGEMENTS)  # 10, even: towers split them
 VERSION = 1
 # Hue (0..1) of the two colours; both arrangements use both.
 _RED, _BLUE = 0.0, 0.62
 # Scale per shape that makes its area about that of the unit disk (pi).
-_AREA_SCALE = {'disk': 1.0, 'square': 0.886, 'triangle': 1.55, 'cross': 1.19, 'ring': 1.25}
+_AREA_SCALE = {"disk": 1.0, "square": 0.886, "triangle": 1.55, "cross": 1.19, "ring": 1.25}
 
 
 def default_root() -> Path:
     """``$ALEXNET_JAX_DATA/embedded`` or ``~/.cache/alexnet_jax/embedded``."""
-    base = os.environ.get('ALEXNET_JAX_DATA') or os.path.join(os.path.expanduser('~'), '.cache', 'alexnet_jax')
-    return Path(base) / 'embedded'
+    base = os.environ.get("ALEXNET_JAX_DATA") or os.path.join(os.path.expanduser("~"), ".cache", "alexnet_jax")
+    return Path(base) / "embedded"
 
 
 def _hsv(rng: np.random.Generator, hue: float, hue_jitter: float = 0.05) -> np.ndarray:
@@ -51,16 +51,16 @@ def _hsv(rng: np.random.Generator, hue: float, hue_jitter: float = 0.05) -> np.n
 def shape_mask(shape: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
     """Boolean mask of ``shape`` of radius ``r`` in centred, rotated coordinates (v points down)."""
     r = r * _AREA_SCALE[shape]
-    if shape == 'disk':
+    if shape == "disk":
         return u ** 2 + v ** 2 <= r ** 2
-    if shape == 'square':
+    if shape == "square":
         return np.maximum(np.abs(u), np.abs(v)) <= r
-    if shape == 'triangle':  # apex up at v = -r, base at v = r / 2
+    if shape == "triangle":  # apex up at v = -r, base at v = r / 2
         return (v <= r / 2) & (v >= -r + np.sqrt(3) * np.abs(u))
-    if shape == 'cross':
+    if shape == "cross":
         w = r / 3
         return ((np.abs(u) <= w) & (np.abs(v) <= r)) | ((np.abs(v) <= w) & (np.abs(u) <= r))
-    if shape == 'ring':
+    if shape == "ring":
         d2 = u ** 2 + v ** 2
         return (d2 <= r ** 2) & (d2 >= (0.6 * r) ** 2)
     raise ValueError(shape)
@@ -73,7 +73,7 @@ def draw_example(class_index: int, rng: np.random.Generator, size: int = 96) -> 
 
     # Background: any colour, low-ish saturation, with clutter in any colour.
     bg = np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0, 0.5), rng.uniform(0.2, 0.9))) * 255
-    canvas = Image.new('RGB', (size, size), tuple(int(c) for c in bg))
+    canvas = Image.new("RGB", (size, size), tuple(int(c) for c in bg))
     draw = ImageDraw.Draw(canvas)
     for _ in range(rng.integers(4, 10)):
         col = tuple(int(c) for c in rng.uniform(0, 255, 3))
@@ -109,24 +109,24 @@ def _class_names() -> list[str]:
 
 def folder_name(class_index: int) -> str:
     """Folder names sort in class order, like ImageNet wnids."""
-    return f'c{class_index:02d}_{CLASSES[class_index]}'
+    return f"c{class_index:02d}_{CLASSES[class_index]}"
 
 
 def generate(dst: str | os.PathLike, *, num_train_per_class: int = 300, num_val_per_class: int = 50,
              image_size: int = 96, seed: int = 0, quality: int = 90) -> Path:
     """Write the dataset as JPEG files under ``dst`` (ImageNet layout). Deterministic in ``seed``."""
     dst = Path(dst)
-    for split_id, (split, n) in enumerate((('train', num_train_per_class), ('val', num_val_per_class))):
+    for split_id, (split, n) in enumerate((("train", num_train_per_class), ("val", num_val_per_class))):
         for c in range(len(CLASSES)):
             d = dst / split / folder_name(c)
             d.mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 rng = np.random.default_rng([seed, split_id, c, i])
                 Image.fromarray(draw_example(c, rng, image_size)).save(
-                    d / f'{split}_{c:02d}_{i:05d}.JPEG', format='JPEG', quality=quality)
-    with open(dst / 'class_names.txt', 'w') as f:
+                    d / f"{split}_{c:02d}_{i:05d}.JPEG", format="JPEG", quality=quality)
+    with open(dst / "class_names.txt", "w") as f:
         for c, name in enumerate(_class_names()):
-            f.write(f'{folder_name(c)} {name}\n')
+            f.write(f"{folder_name(c)} {name}\n")
     return dst
 
 
@@ -140,20 +140,20 @@ def ensure_embedded_dataset(root: str | os.PathLike | None = None, *, num_train_
     root = Path(root) if root is not None else default_root()
     params = dict(version=VERSION, num_train_per_class=num_train_per_class,
                   num_val_per_class=num_val_per_class, image_size=image_size, seed=seed)
-    tag = f'v{VERSION}_n{num_train_per_class}-{num_val_per_class}_s{image_size}_seed{seed}'
-    path = root / f'images_{tag}'
-    if (path / 'embedded.json').is_file():
+    tag = f"v{VERSION}_n{num_train_per_class}-{num_val_per_class}_s{image_size}_seed{seed}"
+    path = root / f"images_{tag}"
+    if (path / "embedded.json").is_file():
         return path
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix='.tmp_images_', dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp_images_", dir=root))
     try:
         generate(tmp, num_train_per_class=num_train_per_class, num_val_per_class=num_val_per_class,
                  image_size=image_size, seed=seed)
-        (tmp / 'embedded.json').write_text(json.dumps(params, indent=1))
+        (tmp / "embedded.json").write_text(json.dumps(params, indent=1))
         try:
             os.rename(tmp, path)
         except OSError:
-            if not (path / 'embedded.json').is_file():
+            if not (path / "embedded.json").is_file():
                 raise
     finally:
         if tmp.exists():

@@ -17,6 +17,6 @@ class PassInterrupted(DatasetError):
 
     exit_code = 75
 
-    def __init__(self, message: str, signal_name: str = 'SIGTERM', done: int = 0):
+    def __init__(self, message: str, signal_name: str = "SIGTERM", done: int = 0):
         super().__init__(message)
         self.signal_name, self.done = signal_name, done

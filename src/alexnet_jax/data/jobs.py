@@ -34,7 +34,7 @@ def tick() -> None:
         _inline_stop.check()
 
 
-def run_jobs(fn, jobs: list, workers: int, total: int, progress: bool, label: str = 'preparing',
+def run_jobs(fn, jobs: list, workers: int, total: int, progress: bool, label: str = "preparing",
              on_result=None, done_before: int = 0) -> None:
     """``on_result(fn(job))`` for every job, on ``workers`` processes, with progress over ``total`` images.
 
@@ -100,7 +100,7 @@ class _StopRequest:
 
     def check(self) -> None:
         if self.name:
-            raise PassInterrupted(f'stopped by {self.name}', self.name)
+            raise PassInterrupted(f"stopped by {self.name}", self.name)
 
     def __enter__(self):
         import signal
@@ -144,12 +144,12 @@ def _worker_main(fn, conn, counts, index: int) -> None:
         if job is None:
             return
         try:
-            conn.send(('ok', fn(job)))
-        except BaseException as e:  # noqa: BLE001 - handed to the main process, which raises it
+            conn.send(("ok", fn(job)))
+        except BaseException as e:
             try:
-                conn.send(('error', e))
+                conn.send(("error", e))
             except Exception:
-                conn.send(('error', RuntimeError(traceback.format_exc())))
+                conn.send(("error", RuntimeError(traceback.format_exc())))
 
 
 def _start_workers(ctx, fn, counts, workers: int) -> tuple[list, list]:
@@ -171,7 +171,7 @@ def _start_workers(ctx, fn, counts, workers: int) -> tuple[list, list]:
         for i in range(workers):
             here, there = ctx.Pipe()
             p = ctx.Process(target=_worker_main, args=(fn, there, counts, i), daemon=True,
-                            name=f'alexnet_jax-pass-{i}')
+                            name=f"alexnet_jax-pass-{i}")
             p.start()
             there.close()
             procs.append(p)
@@ -201,9 +201,9 @@ def _run_in_workers(fn, jobs: list, workers: int, on_result, report, stop: _Stop
     from multiprocessing.connection import wait
 
     # spawn: safe even when the caller already runs JAX threads.
-    ctx = mp.get_context('spawn')
+    ctx = mp.get_context("spawn")
     workers = max(1, min(workers, len(jobs)))
-    counts = ctx.RawArray('q', workers)  # images done, one slot per worker (no lock to be left held)
+    counts = ctx.RawArray("q", workers)  # images done, one slot per worker (no lock to be left held)
     procs, conns = _start_workers(ctx, fn, counts, workers)
     clean = False
     try:
@@ -224,21 +224,21 @@ def _run_in_workers(fn, jobs: list, workers: int, on_result, report, stop: _Stop
                     try:
                         kind, value = conns[i].recv()
                     except EOFError:
-                        kind, value = 'died', None
-                    if kind == 'ok':
+                        kind, value = "died", None
+                    if kind == "ok":
                         busy[i] = False
                         on_result(value)
                         if todo and not stop.name:
                             conns[i].send(todo.pop())
                             busy[i] = True
                         continue
-                    if kind == 'error':
+                    if kind == "error":
                         raise value
                 if not procs[i].is_alive():
                     time.sleep(0.2)  # killed along with us by a signal to the group: that is a stop
                     stop.check()
-                    raise DatasetError(f'a worker process died (exit code {procs[i].exitcode}), e.g. killed '
-                                       'for lack of memory; run again with fewer workers')
+                    raise DatasetError(f"a worker process died (exit code {procs[i].exitcode}), e.g. killed "
+                                       "for lack of memory; run again with fewer workers")
             report(sum(counts))
         stop.check()  # asked while the last jobs ran: the jobs not started are not done
         report(sum(counts))

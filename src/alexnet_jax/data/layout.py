@@ -10,15 +10,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from alexnet_jax.data.errors import DatasetError
 from alexnet_jax.data.labels import DEVKIT_GROUND_TRUTH, find_labels_file, read_labels_file
 
-IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 EXPECTED_LAYOUT = (
     "expected the ImageNet layout:\n"
@@ -47,22 +47,22 @@ class SplitFiles:
 
 
 def _is_image_file(name: str) -> bool:
-    return not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS)
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def _require_dir(path: Path, what: str) -> None:
     if not path.is_dir():
-        raise DatasetError(f'{what} {str(path)!r} does not exist or is not a folder; {EXPECTED_LAYOUT}')
+        raise DatasetError(f"{what} {str(path)!r} does not exist or is not a folder; {EXPECTED_LAYOUT}")
 
 
 def list_classes(root: str | os.PathLike) -> list[str]:
     """Sorted class folder names of ``root/train``: label i is the i-th wnid."""
-    train = Path(root) / 'train'
-    _require_dir(Path(root), 'data folder')
-    _require_dir(train, 'training folder')
-    classes = sorted(d.name for d in train.iterdir() if d.is_dir() and not d.name.startswith('.'))
+    train = Path(root) / "train"
+    _require_dir(Path(root), "data folder")
+    _require_dir(train, "training folder")
+    classes = sorted(d.name for d in train.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
-        raise DatasetError(f'no class folders in {str(train)!r}; {EXPECTED_LAYOUT}')
+        raise DatasetError(f"no class folders in {str(train)!r}; {EXPECTED_LAYOUT}")
     return classes
 
 
@@ -73,21 +73,21 @@ def scan_class_folders(split_dir: str | os.PathLike, classes: Sequence[str]) -> 
     would be a wrong label) and empty class folders are reported.
     """
     split_dir = Path(split_dir)
-    _require_dir(split_dir, 'split folder')
+    _require_dir(split_dir, "split folder")
     index = {c: i for i, c in enumerate(classes)}
     rel_paths, labels, skipped = [], [], []
     empty, unknown = [], []
-    for d in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith('.')):
+    for d in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if d.name not in index:
             unknown.append(d.name)
-            skipped.extend((str(f), f'class folder {d.name!r} is not a training class') for f in sorted(d.iterdir()))
+            skipped.extend((str(f), f"class folder {d.name!r} is not a training class") for f in sorted(d.iterdir()))
             continue
         files = sorted(f.name for f in d.iterdir() if f.is_file() and _is_image_file(f.name))
         others = sorted(f.name for f in d.iterdir() if f.is_file() and not _is_image_file(f.name))
-        skipped.extend((str(d / f), 'not an image file name') for f in others)
+        skipped.extend((str(d / f), "not an image file name") for f in others)
         if not files:
             empty.append(d.name)
-        rel_paths.extend(f'{d.name}/{f}' for f in files)
+        rel_paths.extend(f"{d.name}/{f}" for f in files)
         labels.extend([index[d.name]] * len(files))
     if empty:
         warnings.warn(f'{split_dir}: {len(empty)} empty class folder(s): {", ".join(empty[:20])}', stacklevel=2)
@@ -99,7 +99,7 @@ def scan_class_folders(split_dir: str | os.PathLike, classes: Sequence[str]) -> 
         warnings.warn(f'{split_dir}: skipping {len(unknown)} folder(s) that are not training classes: '
                       f'{", ".join(unknown[:20])}', stacklevel=2)
     if not rel_paths:
-        raise DatasetError(f'no images found under {str(split_dir)!r}; {EXPECTED_LAYOUT}')
+        raise DatasetError(f"no images found under {str(split_dir)!r}; {EXPECTED_LAYOUT}")
     return SplitFiles(str(split_dir), rel_paths, np.asarray(labels, np.int32), skipped)
 
 
@@ -113,28 +113,28 @@ def scan_flat_folder(split_dir: str | os.PathLike, labels_file: str | os.PathLik
     split_dir = Path(split_dir)
     files = sorted(f.name for f in split_dir.iterdir() if f.is_file() and _is_image_file(f.name))
     if not files:
-        raise DatasetError(f'no images found in {str(split_dir)!r}; {EXPECTED_LAYOUT}')
+        raise DatasetError(f"no images found in {str(split_dir)!r}; {EXPECTED_LAYOUT}")
     mapping = read_labels_file(labels_file, files, search)
     index = {c: i for i, c in enumerate(classes)}
     rel_paths, labels, skipped = [], [], []
     for f in files:
         wnid = mapping.get(f)
         if wnid is None:
-            skipped.append((str(split_dir / f), 'no entry in labels file'))
+            skipped.append((str(split_dir / f), "no entry in labels file"))
         elif wnid not in index:
-            skipped.append((str(split_dir / f), f'label {wnid!r} is not a training class'))
+            skipped.append((str(split_dir / f), f"label {wnid!r} is not a training class"))
         else:
             rel_paths.append(f)
             labels.append(index[wnid])
     present = set(files)
     missing = [k for k in mapping if k not in present]
     for k in missing:
-        skipped.append((str(split_dir / k), 'in labels file but no such image'))
+        skipped.append((str(split_dir / k), "in labels file but no such image"))
     if skipped:
-        warnings.warn(f'{split_dir}: {len(skipped)} file(s)/label(s) left out while matching '
-                      f'{labels_file}, e.g. {skipped[:5]}', stacklevel=2)
+        warnings.warn(f"{split_dir}: {len(skipped)} file(s)/label(s) left out while matching "
+                      f"{labels_file}, e.g. {skipped[:5]}", stacklevel=2)
     if not rel_paths:
-        raise DatasetError(f'no image in {str(split_dir)!r} matched a label in {str(labels_file)!r}')
+        raise DatasetError(f"no image in {str(split_dir)!r} matched a label in {str(labels_file)!r}")
     return SplitFiles(str(split_dir), rel_paths, np.asarray(labels, np.int32), skipped)
 
 
@@ -144,13 +144,13 @@ def scan_split(root: str | os.PathLike, split: str, classes: Sequence[str] | Non
     root = Path(root)
     classes = list(classes) if classes is not None else list_classes(root)
     split_dir = root / split
-    _require_dir(root, 'data folder')
-    _require_dir(split_dir, f'{split} folder')
-    has_subdirs = any(p.is_dir() and not p.name.startswith('.') for p in split_dir.iterdir())
-    if has_subdirs or split == 'train':
+    _require_dir(root, "data folder")
+    _require_dir(split_dir, f"{split} folder")
+    has_subdirs = any(p.is_dir() and not p.name.startswith(".") for p in split_dir.iterdir())
+    if has_subdirs or split == "train":
         return scan_class_folders(split_dir, classes)
     labels_file = labels_file or find_labels_file(root, split_dir)
     if labels_file is None:
-        raise DatasetError(f'{str(split_dir)!r} is a flat folder but no labels file was given or found; '
-                           f'{EXPECTED_LAYOUT}')
+        raise DatasetError(f"{str(split_dir)!r} is a flat folder but no labels file was given or found; "
+                           f"{EXPECTED_LAYOUT}")
     return scan_flat_folder(split_dir, labels_file, classes, search=(split_dir, root))

@@ -19,27 +19,27 @@ EVERY_S = 30.0
 
 def duration(seconds: float) -> str:
     """``45s``, ``5m30s``, ``51m``, ``2h05m``."""
-    if seconds != seconds or seconds == float('inf'):
-        return '?'
+    if seconds != seconds or seconds == float("inf"):
+        return "?"
     s = int(max(seconds, 0) + 0.5)
     h, rest = divmod(s, 3600)
     m, s = divmod(rest, 60)
     if h:
-        return f'{h}h{m:02d}m'
+        return f"{h}h{m:02d}m"
     if m >= 10:
-        return f'{m}m'
-    return f'{m}m{s:02d}s' if m else f'{s}s'
+        return f"{m}m"
+    return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 class PassProgress:
     """``update(done)`` with the images done so far (``start`` of them before this run, if resumed)."""
 
     def __init__(self, label: str, total: int, *, enabled: bool = True, start: int = 0,
-                 every_s: float | None = None, unit: str = 'images', stream=None):
+                 every_s: float | None = None, unit: str = "images", stream=None):
         self.label, self.total, self.enabled, self.unit = label, int(total), enabled, unit
         self.start = self.done = int(start)
         self._t0 = self._last = time.perf_counter()
-        self.every_s = float(os.environ.get('ALEXNET_JAX_PROGRESS_EVERY_S', EVERY_S)) if every_s is None else every_s
+        self.every_s = float(os.environ.get("ALEXNET_JAX_PROGRESS_EVERY_S", EVERY_S)) if every_s is None else every_s
         self.stream = stream or sys.stdout
         self.bar = None
         if not enabled:
@@ -55,11 +55,11 @@ class PassProgress:
             self._task = self.bar.add_task(label, total=self.total, completed=self.start)
             self.bar.start()
         elif self.start:
-            self._print(f'{label}: resuming at {self.start:,}/{self.total:,} {unit} '
-                        f'({self._percent(self.start)}), done by an earlier run')
+            self._print(f"{label}: resuming at {self.start:,}/{self.total:,} {unit} "
+                        f"({self._percent(self.start)}), done by an earlier run")
 
     def _percent(self, n: int) -> str:
-        return f'{100 * n // max(self.total, 1)}%'
+        return f"{100 * n // max(self.total, 1)}%"
 
     def _print(self, line: str) -> None:
         print(line, file=self.stream, flush=True)
@@ -68,9 +68,9 @@ class PassProgress:
         """The plain progress line for ``done`` images, now."""
         elapsed = time.perf_counter() - self._t0
         rate = (done - self.start) / elapsed if elapsed > 0 else 0.0
-        head = f'{self.label}: {done:,}/{self.total:,} {self.unit} ({self._percent(done)}), {rate:,.0f} img/s'
+        head = f"{self.label}: {done:,}/{self.total:,} {self.unit} ({self._percent(done)}), {rate:,.0f} img/s"
         if final:
-            return f'{head}, took {duration(elapsed)}'
+            return f"{head}, took {duration(elapsed)}"
         return f'{head}, ETA {duration((self.total - done) / rate) if rate > 0 else "?"}'
 
     def update(self, done: int) -> None:

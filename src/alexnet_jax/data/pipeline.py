@@ -36,8 +36,8 @@ import sys
 
 import grain
 import ml_collections
-from ml_collections.config_dict import placeholder
 import numpy as np
+from ml_collections.config_dict import placeholder
 
 from alexnet_jax.data import sources, transforms
 from alexnet_jax.data.errors import DatasetError
@@ -47,15 +47,15 @@ from alexnet_jax.data.locate import ResolvedData, resolve
 def default_data_config() -> ml_collections.ConfigDict:
     """Every field of the input pipeline, with the paper's values where it has one."""
     c = ml_collections.ConfigDict()
-    c.name = 'embedded'          # 'embedded' (generated on first use, no download) | 'imagenet'
+    c.name = "embedded"          # 'embedded' (generated on first use, no download) | 'imagenet'
     c.root = placeholder(str)    # ImageNet-layout folder (train/<wnid>/, val/...); embedded: None = ~/.cache/alexnet_jax/embedded (or $ALEXNET_JAX_DATA/embedded)
-    c.format = 'auto'            # 'auto': packed if packed_dir is set (or the embedded set), else folder | 'packed' (ArrayRecord shards from prepare) | 'folder' (decode the JPEG folder directly)
+    c.format = "auto"            # 'auto': packed if packed_dir is set (or the embedded set), else folder | 'packed' (ArrayRecord shards from prepare) | 'folder' (decode the JPEG folder directly)
     c.packed_dir = placeholder(str)  # output of `python -m alexnet_jax.data.prepare`; embedded: None = prepared automatically under root
     c.stats_path = placeholder(str)  # stats.npz (mean image, RGB eigens); None = <packed_dir>/stats.npz, or computed once for a folder and cached
-    c.stats = 'computed'         # 'computed': the training set's own mean image and RGB eigens (the paper; one pass over a folder, cached) | 'published': no pass: ImageNet's published RGB mean (0.485, 0.456, 0.406)x255 as a constant image and fb.resnet.torch's PCA eigens; not with stats_path
+    c.stats = "computed"         # 'computed': the training set's own mean image and RGB eigens (the paper; one pass over a folder, cached) | 'published': no pass: ImageNet's published RGB mean (0.485, 0.456, 0.406)x255 as a constant image and fb.resnet.torch's PCA eigens; not with stats_path
     c.val_labels = placeholder(str)  # labels file for a flat val/ folder; None = look for val_labels.txt / LOC_val_solution.csv
     c.resize_size = 256          # shorter side rescaled to this, then the central square kept (paper: 256)
-    c.resize_mode = 'shorter_side'  # 'shorter_side' (the paper) | 'warp': whole image to resize_size^2, aspect ignored (Caffe's bvlc_alexnet)
+    c.resize_mode = "shorter_side"  # 'shorter_side' (the paper) | 'warp': whole image to resize_size^2, aspect ignored (Caffe's bvlc_alexnet)
     c.crop_size = 224            # training crops and evaluation views (paper: 224)
     c.flip = True                # random horizontal reflections in training (paper: yes)
     c.pca_lighting_std = 0.1     # std of alpha in the PCA lighting noise (paper: 0.1); 0 turns it off
@@ -93,7 +93,7 @@ def _host_batches(ds: grain.MapDataset, batch_size: int, shard_index, shard_coun
     """The last step on the host: the stream in blocks of ``batch_size // shard_count``, this host's blocks."""
     shard_index, shard_count = _host_shard(shard_index, shard_count)
     if batch_size % shard_count:
-        raise ValueError(f'global batch {batch_size} is not divisible by {shard_count} hosts')
+        raise ValueError(f"global batch {batch_size} is not divisible by {shard_count} hosts")
     return ds.batch(batch_size // shard_count, drop_remainder=True)[shard_index::shard_count]
 
 
@@ -139,7 +139,7 @@ def _worker_init(worker_index: int, worker_count: int) -> None:
             time.sleep(1.0)
         os._exit(0)
 
-    threading.Thread(target=end_with_parent, daemon=True, name='end-with-parent').start()
+    threading.Thread(target=end_with_parent, daemon=True, name="end-with-parent").start()
 
 
 def release_shared_memory() -> None:
@@ -156,7 +156,7 @@ def release_shared_memory() -> None:
     from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
 
     gc.collect()
-    pool = getattr(SharedMemoryArray, '_del_thread_pool', None)
+    pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
     if pool is not None:
         SharedMemoryArray._del_thread_pool = None  # later arrays are freed at once
         pool.close()
@@ -180,7 +180,7 @@ class EpochShuffle(grain.MapDataset):
         return sys.maxsize
 
     def __str__(self) -> str:
-        return f'EpochShuffle(seed={self._seed})'
+        return f"EpochShuffle(seed={self._seed})"
 
     def __getitem__(self, index):
         if isinstance(index, slice):
@@ -198,8 +198,8 @@ def build_train_dataset(cfg, *, batch_size: int, seed: int, image_size: int | No
     """The infinite training stream as a ``MapDataset`` of this host's batches (before workers)."""
     data = data or resolve(cfg)
     crop = image_size or cfg.crop_size
-    src = sources.DecodedSource(data.records['train'], cfg.resize_size, on_error='substitute',
-                                warp=cfg.resize_mode == 'warp')
+    src = sources.DecodedSource(data.records["train"], cfg.resize_size, on_error="substitute",
+                                warp=cfg.resize_mode == "warp")
     ds = EpochShuffle(grain.MapDataset.source(src), seed=seed)
     ds = ds.random_map(transforms.RandomCropFlip(crop, cfg.flip, cfg.pca_lighting_std), seed=seed + 1)
     return _host_batches(ds, batch_size, shard_index, shard_count)
@@ -235,16 +235,16 @@ class TrainIterator(grain.DatasetIterator):
         return batch
 
     def get_state(self) -> dict:
-        return {'next_batch': self._next_batch, **self._fingerprint}
+        return {"next_batch": self._next_batch, **self._fingerprint}
 
     def set_state(self, state: dict) -> None:
-        theirs = {k: v for k, v in state.items() if k != 'next_batch'}
+        theirs = {k: v for k, v in state.items() if k != "next_batch"}
         if theirs != self._fingerprint:
-            raise ValueError(f'iterator state was saved for {theirs}, this iterator is {self._fingerprint}')
+            raise ValueError(f"iterator state was saved for {theirs}, this iterator is {self._fingerprint}")
         if self._it is not None:
             self._it.close()
             self._it = None
-        self._next_batch = int(state['next_batch'])
+        self._next_batch = int(state["next_batch"])
 
     def close(self) -> None:
         if self._it is not None:
@@ -253,7 +253,7 @@ class TrainIterator(grain.DatasetIterator):
         super().close()
 
     def __str__(self) -> str:
-        return f'TrainIterator(next_batch={self._next_batch}, {self._fingerprint})'
+        return f"TrainIterator(next_batch={self._next_batch}, {self._fingerprint})"
 
 
 def build_train_iter(cfg, *, batch_size: int, seed: int, image_size: int | None = None,
@@ -272,9 +272,9 @@ def build_train_iter(cfg, *, batch_size: int, seed: int, image_size: int | None 
     data = data or resolve(cfg)
     ds = build_train_dataset(cfg, batch_size=batch_size, seed=seed, image_size=image_size,
                              shard_index=shard_index, shard_count=shard_count, data=data)
-    fingerprint = {'seed': seed, 'global_batch_size': batch_size,
-                   'crop_size': image_size or cfg.crop_size, 'resize_size': cfg.resize_size,
-                   'num_train_examples': len(data.records['train'])}
+    fingerprint = {"seed": seed, "global_batch_size": batch_size,
+                   "crop_size": image_size or cfg.crop_size, "resize_size": cfg.resize_size,
+                   "num_train_examples": len(data.records["train"])}
     return TrainIterator(ds, lambda d: iter(_to_iter(cfg, d, num_workers)), fingerprint)
 
 
@@ -290,8 +290,8 @@ class _Padded:
     def __getitem__(self, i: int) -> dict:
         if i < len(self.src):
             return self.src[i]
-        return {'image': np.zeros((self.src.size, self.src.size, 3), np.uint8),
-                'label': np.int32(0), 'mask': np.bool_(False)}
+        return {"image": np.zeros((self.src.size, self.src.size, 3), np.uint8),
+                "label": np.int32(0), "mask": np.bool_(False)}
 
 
 def eval_num_batches(num_examples: int, batch_size: int) -> int:
@@ -299,26 +299,26 @@ def eval_num_batches(num_examples: int, batch_size: int) -> int:
     return -(-num_examples // batch_size)
 
 
-def build_eval_dataset(cfg, *, batch_size: int, mode: str = 'center', split: str = 'val',
+def build_eval_dataset(cfg, *, batch_size: int, mode: str = "center", split: str = "val",
                        image_size: int | None = None, shard_index: int | None = 0,
                        shard_count: int | None = 1, data: ResolvedData | None = None) -> grain.MapDataset:
-    if mode == 'center':
+    if mode == "center":
         view = transforms.CenterCrop(image_size or cfg.crop_size)
-    elif mode == 'whole':
+    elif mode == "whole":
         view = transforms.Whole()
     else:  # 'ten_crop', the host's ten views, is gone: 'whole' gives the same views, cut on the device
         raise ValueError(f"mode must be 'center' (the centre crop) or 'whole' (whole images, cut into the ten "
                          f"views on the device by data.device.eval_views), got {mode!r}")
     data = data or resolve(cfg)
     if split not in data.records:
-        raise DatasetError(f'no {split!r} split in the data ({sorted(data.records)})')
-    src = sources.DecodedSource(data.records[split], cfg.resize_size, on_error='mask', warp=cfg.resize_mode == 'warp')
+        raise DatasetError(f"no {split!r} split in the data ({sorted(data.records)})")
+    src = sources.DecodedSource(data.records[split], cfg.resize_size, on_error="mask", warp=cfg.resize_mode == "warp")
     total = eval_num_batches(len(src), batch_size) * batch_size
     ds = grain.MapDataset.source(_Padded(src, total)).map(view)
     return _host_batches(ds, batch_size, shard_index, shard_count)
 
 
-def build_eval_iter(cfg, *, batch_size: int, mode: str = 'center', split: str = 'val',
+def build_eval_iter(cfg, *, batch_size: int, mode: str = "center", split: str = "val",
                     image_size: int | None = None, shard_index: int | None = 0, shard_count: int | None = 1,
                     num_workers: int | None = None, data: ResolvedData | None = None):
     """One pass over ``split``: ``{'image': uint8 (B, crop, crop, 3) ('center', with ``crop_yx``, ``flip``,
@@ -342,7 +342,7 @@ class EvalPasses:
     each), and they decode the next pass's first batches while training runs.
     """
 
-    def __init__(self, cfg, *, batch_size: int, mode: str = 'center', split: str = 'val',
+    def __init__(self, cfg, *, batch_size: int, mode: str = "center", split: str = "val",
                  image_size: int | None = None, shard_index: int | None = 0, shard_count: int | None = 1,
                  num_workers: int | None = None, data: ResolvedData | None = None):
         ds = build_eval_dataset(cfg, batch_size=batch_size, mode=mode, split=split, image_size=image_size,
@@ -363,6 +363,6 @@ class EvalPasses:
             yield batch
 
     def close(self) -> None:
-        if self._it is not None and hasattr(self._it, 'close'):
+        if self._it is not None and hasattr(self._it, "close"):
             self._it.close()
         self._it = None

@@ -33,8 +33,8 @@ def image_sums(img_HWC: np.ndarray) -> dict:
     """The sufficient statistics one uint8 image contributes."""
     x = img_HWC.astype(np.float64)
     px = x.reshape(-1, 3)
-    return {'sum_image': x, 'sum_rgb': px.sum(0), 'sum_outer': px.T @ px,
-            'n_images': 1, 'n_pixels': px.shape[0]}
+    return {"sum_image": x, "sum_rgb": px.sum(0), "sum_outer": px.T @ px,
+            "n_images": 1, "n_pixels": px.shape[0]}
 
 
 def add_sums(a: dict | None, b: dict) -> dict:
@@ -43,25 +43,25 @@ def add_sums(a: dict | None, b: dict) -> dict:
 
 def finish_stats(sums: dict) -> dict:
     """Sums -> mean image (0..255) and RGB covariance/eigens (on [0, 1] pixels), eigenvalues descending."""
-    n_img, n_px = sums['n_images'], sums['n_pixels']
-    mean_image = sums['sum_image'] / n_img
-    mu = sums['sum_rgb'] / n_px
-    cov = (sums['sum_outer'] / n_px - np.outer(mu, mu)) / 255.0 ** 2
+    n_img, n_px = sums["n_images"], sums["n_pixels"]
+    mean_image = sums["sum_image"] / n_img
+    mu = sums["sum_rgb"] / n_px
+    cov = (sums["sum_outer"] / n_px - np.outer(mu, mu)) / 255.0 ** 2
     cov = (cov + cov.T) / 2
     eigval, eigvec = np.linalg.eigh(cov)
     order = np.argsort(eigval)[::-1]
     eigval, eigvec = eigval[order], eigvec[:, order]
     # A fixed sign per eigenvector (largest component positive) keeps runs comparable.
     eigvec = eigvec * np.sign(eigvec[np.abs(eigvec).argmax(0), np.arange(3)])
-    return {'mean_image': mean_image.astype(np.float32), 'rgb_mean': (mu / 255.0).astype(np.float32),
-            'rgb_cov': cov.astype(np.float32), 'eigval': eigval.astype(np.float32),
-            'eigvec': eigvec.astype(np.float32), 'num_images': np.int64(n_img)}
+    return {"mean_image": mean_image.astype(np.float32), "rgb_mean": (mu / 255.0).astype(np.float32),
+            "rgb_cov": cov.astype(np.float32), "eigval": eigval.astype(np.float32),
+            "eigvec": eigvec.astype(np.float32), "num_images": np.int64(n_img)}
 
 
 def load_stats(path: str | os.PathLike) -> dict:
     """stats.npz -> dict of arrays (``mean_image`` HWC float32, ``eigval`` (3,), ``eigvec`` (3, 3) columns)."""
     if not Path(path).is_file():
-        raise DatasetError(f'no statistics file {str(path)!r}; run `python -m alexnet_jax.data.prepare`')
+        raise DatasetError(f"no statistics file {str(path)!r}; run `python -m alexnet_jax.data.prepare`")
     with np.load(path) as z:
         return {k: z[k] for k in z.files}
 
@@ -71,16 +71,16 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """``cache_dir``, else ``$ALEXNET_JAX_DATA``, else ``~/.cache/alexnet_jax``."""
     if cache_dir:
         return Path(cache_dir)
-    return Path(os.environ.get('ALEXNET_JAX_DATA') or Path.home() / '.cache' / 'alexnet_jax')
+    return Path(os.environ.get("ALEXNET_JAX_DATA") or Path.home() / ".cache" / "alexnet_jax")
 
 
 def stats_file(files: layout.SplitFiles, size: int, cache_dir=None, warp: bool = False) -> Path:
     """Where the statistics of these training files at this size (and resize mode) live in the cache."""
     root = Path(files.root).resolve()
-    what = {'root': str(root), 'size': size, 'files': files.rel_paths, **({'warp': True} if warp else {})}
+    what = {"root": str(root), "size": size, "files": files.rel_paths, **({"warp": True} if warp else {})}
     key = hashlib.sha256(json.dumps(what).encode())
-    name = root.parent.name or 'data'  # the dataset folder (root is its train/ folder)
-    return cache_root(cache_dir) / 'stats' / f'{name}-{size}px{"-warp" if warp else ""}-{key.hexdigest()[:16]}.npz'
+    name = root.parent.name or "data"  # the dataset folder (root is its train/ folder)
+    return cache_root(cache_dir) / "stats" / f'{name}-{size}px{"-warp" if warp else ""}-{key.hexdigest()[:16]}.npz'
 
 
 # ImageNet's published statistics (data.stats='published'): no pass over the training set.
@@ -110,35 +110,35 @@ def published_stats(size: int) -> dict:
     mean = np.asarray(PUBLISHED_RGB_MEAN, np.float64)
     eigval = np.asarray(PUBLISHED_EIGVAL, np.float64)
     eigvec = np.asarray(PUBLISHED_EIGVEC, np.float64)
-    return {'mean_image': np.broadcast_to(255.0 * mean, (size, size, 3)).astype(np.float32),
-            'rgb_mean': mean.astype(np.float32),
-            'rgb_cov': (eigvec @ np.diag(eigval) @ eigvec.T).astype(np.float32),
-            'eigval': eigval.astype(np.float32), 'eigvec': eigvec.astype(np.float32),
-            'num_images': np.int64(0)}
+    return {"mean_image": np.broadcast_to(255.0 * mean, (size, size, 3)).astype(np.float32),
+            "rgb_mean": mean.astype(np.float32),
+            "rgb_cov": (eigvec @ np.diag(eigval) @ eigvec.T).astype(np.float32),
+            "eigval": eigval.astype(np.float32), "eigvec": eigvec.astype(np.float32),
+            "num_images": np.int64(0)}
 
 
 def partial_file(stats_path: Path) -> Path:
     """Where an unfinished pass keeps its sums: beside the stats file, under the same fingerprint."""
-    return stats_path.with_name(stats_path.stem + '.partial.npz')
+    return stats_path.with_name(stats_path.stem + ".partial.npz")
 
 
 def _sums_job(job: dict) -> dict:
     """Sums over one chunk of images (runs in a worker process)."""
     sums, skipped = None, []
-    for rel in job['rel_paths']:
-        path = os.path.join(job['root'], rel)
+    for rel in job["rel_paths"]:
+        path = os.path.join(job["root"], rel)
         try:
-            with open(path, 'rb') as f:
-                img = sources.decode_image(f.read(), job['size'], job.get('warp', False))
+            with open(path, "rb") as f:
+                img = sources.decode_image(f.read(), job["size"], job.get("warp", False))
         except (OSError, DecodeError) as e:
             skipped.append([path, str(e)])
         else:
             sums = add_sums(sums, image_sums(img))
         tick()
-    return {'index': job.get('index', 0), 'sums': sums, 'skipped': skipped}
+    return {"index": job.get("index", 0), "sums": sums, "skipped": skipped}
 
 
-SUM_KEYS = ('sum_image', 'sum_rgb', 'sum_outer', 'n_images', 'n_pixels')
+SUM_KEYS = ("sum_image", "sum_rgb", "sum_outer", "n_images", "n_pixels")
 SAVE_EVERY_S = 10.0  # the sums so far are saved when a chunk finishes this long after the last save
 
 
@@ -149,26 +149,26 @@ def _read_partial(path: Path, num_files: int) -> dict | None:
     try:
         with np.load(path) as z:
             state = {k: z[k] for k in z.files}
-        if int(state['num_files']) != num_files:
+        if int(state["num_files"]) != num_files:
             raise ValueError(f'{int(state["num_files"])} files, not {num_files}')
-        done = state['done'].astype(bool)
-        if len(done) != -(-num_files // int(state['chunk_size'])):
-            raise ValueError('chunk count')
-    except Exception as e:  # noqa: BLE001 - a damaged partial file costs a fresh start, nothing else
-        log.warning('statistics: ignoring the unusable partial sums %s (%s); starting over', path, e)
+        done = state["done"].astype(bool)
+        if len(done) != -(-num_files // int(state["chunk_size"])):
+            raise ValueError("chunk count")
+    except Exception as e:
+        log.warning("statistics: ignoring the unusable partial sums %s (%s); starting over", path, e)
         return None
     sums = {k: state[k] for k in SUM_KEYS} if done.any() else None
     if sums is not None:
-        sums['n_images'], sums['n_pixels'] = int(sums['n_images']), int(sums['n_pixels'])
-    return {'chunk_size': int(state['chunk_size']), 'done': done, 'sums': sums,
-            'skipped': json.loads(str(state['skipped']))}
+        sums["n_images"], sums["n_pixels"] = int(sums["n_images"]), int(sums["n_pixels"])
+    return {"chunk_size": int(state["chunk_size"]), "done": done, "sums": sums,
+            "skipped": json.loads(str(state["skipped"]))}
 
 
 def _save_partial(path: Path, state: dict, num_files: int) -> None:
-    arrays = {'num_files': np.int64(num_files), 'chunk_size': np.int64(state['chunk_size']),
-              'done': state['done'], 'skipped': np.asarray(json.dumps(state['skipped']))}
-    if state['sums'] is not None:
-        arrays.update({k: np.asarray(state['sums'][k]) for k in SUM_KEYS})
+    arrays = {"num_files": np.int64(num_files), "chunk_size": np.int64(state["chunk_size"]),
+              "done": state["done"], "skipped": np.asarray(json.dumps(state["skipped"]))}
+    if state["sums"] is not None:
+        arrays.update({k: np.asarray(state["sums"][k]) for k in SUM_KEYS})
     atomic_savez(path, arrays)
 
 
@@ -196,52 +196,52 @@ def compute_stats(files: layout.SplitFiles, size: int, *, workers: int | None = 
     partial = Path(partial) if partial is not None else None
     state = _read_partial(partial, n) if partial is not None else None
     if state is not None:
-        if chunk_size and chunk_size != state['chunk_size']:
-            log.warning('statistics: resuming with the chunk size the pass started with, %d', state['chunk_size'])
-        chunk = state['chunk_size']
+        if chunk_size and chunk_size != state["chunk_size"]:
+            log.warning("statistics: resuming with the chunk size the pass started with, %d", state["chunk_size"])
+        chunk = state["chunk_size"]
     else:
         chunk = chunk_size or default_chunk_size(n)
-        state = {'chunk_size': chunk, 'done': np.zeros(-(-n // chunk), bool), 'sums': None, 'skipped': []}
-    jobs = [{'index': k, 'root': files.root, 'rel_paths': files.rel_paths[i:i + chunk], 'size': size,
-             'warp': warp} for k, i in enumerate(range(0, n, chunk)) if not state['done'][k]]
-    done_before = n - sum(len(j['rel_paths']) for j in jobs)
+        state = {"chunk_size": chunk, "done": np.zeros(-(-n // chunk), bool), "sums": None, "skipped": []}
+    jobs = [{"index": k, "root": files.root, "rel_paths": files.rel_paths[i:i + chunk], "size": size,
+             "warp": warp} for k, i in enumerate(range(0, n, chunk)) if not state["done"][k]]
+    done_before = n - sum(len(j["rel_paths"]) for j in jobs)
     if done_before:
-        log.warning('statistics: resuming: %d of %d images already summed (%s)', done_before, n, partial)
-    saved = {'t': None}
+        log.warning("statistics: resuming: %d of %d images already summed (%s)", done_before, n, partial)
+    saved = {"t": None}
 
     def save() -> None:
         if partial is not None:
             _save_partial(partial, state, n)
-            saved['t'] = time.monotonic()
+            saved["t"] = time.monotonic()
 
     def reduce(result):
-        state['skipped'].extend(result['skipped'])
-        if result['sums'] is not None:
-            state['sums'] = add_sums(state['sums'], result['sums'])
-        state['done'][result['index']] = True
-        if saved['t'] is None or time.monotonic() - saved['t'] >= SAVE_EVERY_S:
+        state["skipped"].extend(result["skipped"])
+        if result["sums"] is not None:
+            state["sums"] = add_sums(state["sums"], result["sums"])
+        state["done"][result["index"]] = True
+        if saved["t"] is None or time.monotonic() - saved["t"] >= SAVE_EVERY_S:
             save()
 
     if jobs:
         try:
-            run_jobs(_sums_job, jobs, min(workers, len(jobs)), n - done_before, progress, 'statistics',
+            run_jobs(_sums_job, jobs, min(workers, len(jobs)), n - done_before, progress, "statistics",
                              on_result=reduce, done_before=done_before)
         except PassInterrupted as e:
             save()
-            summed = int(sum(min(chunk, n - k * chunk) for k in np.flatnonzero(state['done'])))
+            summed = int(sum(min(chunk, n - k * chunk) for k in np.flatnonzero(state["done"])))
             raise PassInterrupted(
-                f'statistics pass stopped by {e.signal_name} at {summed:,}/{n:,} images; the sums so far are '
-                f'saved in {str(partial)!r} and the same command continues from them.'
-                if partial is not None else f'statistics pass stopped by {e.signal_name}',
+                f"statistics pass stopped by {e.signal_name} at {summed:,}/{n:,} images; the sums so far are "
+                f"saved in {str(partial)!r} and the same command continues from them."
+                if partial is not None else f"statistics pass stopped by {e.signal_name}",
                 e.signal_name, summed) from None
-    if not state['done'].all():  # run_jobs returns only when every job is done; never finish on a part
+    if not state["done"].all():  # run_jobs returns only when every job is done; never finish on a part
         raise DatasetError(f'statistics: {int((~state["done"]).sum())} chunk(s) of images were not summed')
-    skipped = state['skipped']
+    skipped = state["skipped"]
     if skipped:
-        log.warning('statistics: skipped %d unreadable file(s), e.g. %s', len(skipped), skipped[:5])
-    if state['sums'] is None:
-        raise DatasetError(f'no readable training image under {files.root!r}')
-    return finish_stats(state['sums'])
+        log.warning("statistics: skipped %d unreadable file(s), e.g. %s", len(skipped), skipped[:5])
+    if state["sums"] is None:
+        raise DatasetError(f"no readable training image under {files.root!r}")
+    return finish_stats(state["sums"])
 
 
 def ensure_stats(files: layout.SplitFiles, size: int, *, cache_dir=None, workers: int | None = None,
@@ -256,29 +256,29 @@ def ensure_stats(files: layout.SplitFiles, size: int, *, cache_dir=None, workers
         return path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(path.with_suffix('.lock'), 'w')
+        lock = open(path.with_suffix(".lock"), "w")
     except OSError as e:
         raise DatasetError(
-            f'cannot write the statistics cache {str(path.parent)!r}: {e}. Set --config.data.cache_dir to a '
-            'writable folder, or give a ready stats.npz with --config.data.stats_path.') from None
+            f"cannot write the statistics cache {str(path.parent)!r}: {e}. Set --config.data.cache_dir to a "
+            "writable folder, or give a ready stats.npz with --config.data.stats_path.") from None
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.warning('waiting for another process that is computing %s', path)
+            log.warning("waiting for another process that is computing %s", path)
             fcntl.flock(lock, fcntl.LOCK_EX)
         if path.is_file():  # made by the process we waited for
             return path
         t0 = time.time()
-        log.warning('computing the mean image (%dx%d) and RGB eigens over %d training images into %s; '
-                    'done once, later runs reuse it', size, size, len(files), path)
-        for stale in path.parent.glob(f'.{partial_file(path).name}.tmp*'):  # a save cut short by SIGKILL
+        log.warning("computing the mean image (%dx%d) and RGB eigens over %d training images into %s; "
+                    "done once, later runs reuse it", size, size, len(files), path)
+        for stale in path.parent.glob(f".{partial_file(path).name}.tmp*"):  # a save cut short by SIGKILL
             stale.unlink(missing_ok=True)
         stats = compute_stats(files, size, workers=workers, progress=progress, warp=warp,
                               partial=partial_file(path), chunk_size=chunk_size)
         atomic_savez(path, stats)
-        atomic_write_json(path.with_suffix('.json'), {
-            'root': str(Path(files.root).resolve()), 'size': size, 'num_images': int(stats['num_images']),
-            'seconds': round(time.time() - t0, 1)})
+        atomic_write_json(path.with_suffix(".json"), {
+            "root": str(Path(files.root).resolve()), "size": size, "num_images": int(stats["num_images"]),
+            "seconds": round(time.time() - t0, 1)})
         partial_file(path).unlink(missing_ok=True)
     return path

@@ -72,16 +72,16 @@ class RandomCropFlip(grain.transforms.RandomMap):
         self.crop, self.flip, self.lighting_std = crop, flip, lighting_std
 
     def random_map(self, element, rng: np.random.Generator):
-        img = element['image']
+        img = element["image"]
         y, x, flip = random_crop_params(rng, img.shape[:2], self.crop, self.flip)
         alpha = rng.normal(0.0, self.lighting_std, size=3) if self.lighting_std > 0 else np.zeros(3)
         return {
-            'image': crop_HWC(img, y, x, self.crop, flip),  # a view unless mirrored: batching copies it once
-            'label': element['label'],
-            'mask': element['mask'],
-            'crop_yx': np.array([y, x], np.int32),
-            'flip': np.bool_(flip),
-            'alpha': alpha.astype(np.float32),
+            "image": crop_HWC(img, y, x, self.crop, flip),  # a view unless mirrored: batching copies it once
+            "label": element["label"],
+            "mask": element["mask"],
+            "crop_yx": np.array([y, x], np.int32),
+            "flip": np.bool_(flip),
+            "alpha": alpha.astype(np.float32),
         }
 
 
@@ -92,12 +92,12 @@ class CenterCrop(grain.transforms.Map):
         self.crop = crop
 
     def map(self, element):
-        img = element['image']
+        img = element["image"]
         y, x = center_offset(img.shape[:2], self.crop)
-        return {'image': np.ascontiguousarray(crop_HWC(img, y, x, self.crop)),
-                'label': element['label'], 'mask': element['mask'],
-                'crop_yx': np.array([y, x], np.int32), 'flip': np.bool_(False),
-                'alpha': np.zeros(3, np.float32)}
+        return {"image": np.ascontiguousarray(crop_HWC(img, y, x, self.crop)),
+                "label": element["label"], "mask": element["mask"],
+                "crop_yx": np.array([y, x], np.int32), "flip": np.bool_(False),
+                "alpha": np.zeros(3, np.float32)}
 
 
 class TenCrop(grain.transforms.Map):
@@ -108,17 +108,17 @@ class TenCrop(grain.transforms.Map):
         self.crop = crop
 
     def map(self, element):
-        img = element['image']
+        img = element["image"]
         params = ten_crop_params(img.shape[:2], self.crop)
         views = np.stack([crop_HWC(img, y, x, self.crop, f) for y, x, f in params])
-        return {'image': views, 'label': element['label'], 'mask': element['mask'],
-                'crop_yx': np.array([[y, x] for y, x, _ in params], np.int32),
-                'flip': np.array([f for _, _, f in params]),
-                'alpha': np.zeros((10, 3), np.float32)}
+        return {"image": views, "label": element["label"], "mask": element["mask"],
+                "crop_yx": np.array([[y, x] for y, x, _ in params], np.int32),
+                "flip": np.array([f for _, _, f in params]),
+                "alpha": np.zeros((10, 3), np.float32)}
 
 
 class Whole(grain.transforms.Map):
     """The whole resized image, for evaluation views cut on the device (:func:`device.eval_views`)."""
 
     def map(self, element):
-        return {'image': element['image'], 'label': element['label'], 'mask': element['mask']}
+        return {"image": element["image"], "label": element["label"], "mask": element["mask"]}
