@@ -1,4 +1,7 @@
-"""The data package's shape: no import circles, the command imported by nothing, modules of readable size."""
+"""The data package's shape: the command module imported by nothing, the package's names imported plainly.
+
+Import cycles and module and function sizes are checked for the whole package in tests/test_structure.py.
+"""
 
 import ast
 import subprocess
@@ -26,24 +29,6 @@ def imported_modules(path: Path) -> set[str]:
     return out
 
 
-def test_no_import_cycle_inside_the_package():
-    graph = {name: imported_modules(path) - {name} for name, path in MODULES.items()}
-    assert graph["stats"] and graph["locate"] >= {"packed", "packing", "stats"}  # the parser sees imports
-    state = {}  # name -> 'open' while on the path, 'done' after
-
-    def visit(name, path):
-        state[name] = "open"
-        for dep in sorted(graph.get(name, ())):
-            assert state.get(dep) != "open", f'import cycle: {" -> ".join(path + [dep])}'
-            if dep not in state:
-                visit(dep, path + [dep])
-        state[name] = "done"
-
-    for name in graph:
-        if name not in state:
-            visit(name, [name])
-
-
 def test_the_command_module_is_imported_by_nothing_in_the_package():
     """``python -m`` runs prepare.py as __main__; imported from the package as well, it would run twice."""
     assert [name for name, path in MODULES.items() if "prepare" in imported_modules(path)] == []
@@ -51,16 +36,6 @@ def test_the_command_module_is_imported_by_nothing_in_the_package():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "Warning" not in r.stderr, r.stderr[-2000:]
     assert "--src" in r.stdout and "--stats_only" in r.stdout
-
-
-def test_modules_and_functions_stay_readable():
-    for name, path in MODULES.items():
-        text = path.read_text()
-        assert len(text.splitlines()) <= 400, f"{name}.py: {len(text.splitlines())} lines"
-        for node in ast.walk(ast.parse(text)):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                length = node.end_lineno - node.lineno + 1
-                assert length <= 80, f"{name}.{node.name}: {length} lines"
 
 
 def test_the_package_names_import_plainly():
