@@ -172,12 +172,14 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--num-images", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--batches", type=int, default=30, help="timed batches per configuration (few batches overweight the ones in flight)")
+    ap.add_argument("--batches", type=int, default=30,
+                    help="timed batches per configuration (few batches overweight the ones in flight)")
     ap.add_argument("--workers", default=None, help="worker counts, e.g. 1,2,4 (default: 1 .. the cores available)")
     ap.add_argument("--dir", default=None, help="reuse/keep the benchmark data here")
     ap.add_argument("--json", default=None, help="write the measurements to this file")
     ap.add_argument("--repeats", type=int, default=3, help="rounds over all measurements; the best of each is kept")
-    ap.add_argument("--subsampling", default="420", help="chroma subsampling of the packed JPEGs (prepare --subsampling)")
+    ap.add_argument("--subsampling", default="420",
+                    help="chroma subsampling of the packed JPEGs (prepare --subsampling)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     cores = len(os.sched_getaffinity(0))
@@ -242,7 +244,8 @@ def main(argv=None) -> None:
     rc = out["reencode"]
     print(f"\nre-encoding ({a.subsampling}, q95) vs the folder's own decode, {rc['images']} images: mean |diff| "
           f"{rc['mean_abs_diff']:.2f} grey levels, max {rc['max_abs_diff']:.0f}, PSNR {rc['psnr_db']:.1f} dB")
-    print(f'packed / folder at {workers[-1]} worker(s): {out["packed"][str(workers[-1])] / out["folder"][str(workers[-1])]:.2f}x')
+    print(f'packed / folder at {workers[-1]} worker(s): '
+          f'{out["packed"][str(workers[-1])] / out["folder"][str(workers[-1])]:.2f}x')
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
         print(f"wrote {a.json}")

@@ -84,7 +84,8 @@ def _table(title: str, rows: list[dict], cols: list[str]) -> None:
 def _stats(resize: int) -> dict:
     r = np.random.default_rng(0)
     return {"mean_image": r.uniform(0, 255, (resize, resize, 3)).astype(np.float32),
-            "eigval": np.float32([0.2, 0.02, 0.005]), "eigvec": np.linalg.qr(r.normal(size=(3, 3)))[0].astype(np.float32)}
+            "eigval": np.float32([0.2, 0.02, 0.005]),
+            "eigvec": np.linalg.qr(r.normal(size=(3, 3)))[0].astype(np.float32)}
 
 
 def _config(size: dict, dtype: str, ops: str, num_classes: int):
@@ -366,7 +367,8 @@ def main(argv=None) -> dict:
                                  compile_too=not (a.quick or a.no_torch_compile))
     for r in rows:
         for mode in ("eager", "compile"):
-            ref = [t for t in torch_rows if t["torch"] == mode and t["batch"] == r["batch"] and t["dtype"] == r["dtype"]]
+            ref = [t for t in torch_rows
+                   if t["torch"] == mode and t["batch"] == r["batch"] and t["dtype"] == r["dtype"]]
             r[f"vs_torch_{mode}"] = r["img_s"] / ref[0]["img_s"] if ref and r["layout"] == "one device" else None
     out["step"], out["torch"] = rows, torch_rows
     if rows:

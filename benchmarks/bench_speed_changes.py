@@ -98,7 +98,7 @@ def main() -> None:
             compiled[(label, layout)] = jax.jit(jax.grad(loss)).lower(params, x, y).compile()
 
     best = {k: float("inf") for k in compiled}
-    for k, f in compiled.items():
+    for _k, f in compiled.items():
         jax.block_until_ready(f(params, x, y))
     for _ in range(args.rounds):
         for k, f in compiled.items():

@@ -203,7 +203,8 @@ def memory_probe(case: str, impl: str, batch: int, dtype: str) -> None:
     train()
     train()
     # VmHWM belongs to this process image; ru_maxrss would carry the parent's peak across fork+exec.
-    hwm_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    with open("/proc/self/status") as status:
+        hwm_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
     print(json.dumps({"peak_rss_mb": hwm_kb / 1024}))
 
 

@@ -19,8 +19,10 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
     c.model = ml_collections.ConfigDict()
-    c.model.towers = 2  # 2: the two-GPU net; 1: the paper's one-GPU net (conv 48-128-192-192-256); K: the widths split K ways
-    c.model.conv_widths = ()  # conv1..conv5 maps of the whole net; (): the paper's (96-256-384-384-256; one tower: footnote 2's)
+    # 2: the two-GPU net; 1: the paper's one-GPU net (conv 48-128-192-192-256)
+    c.model.towers = 2  # K: the widths split K ways
+    # conv1..conv5 maps of the whole net
+    c.model.conv_widths = ()  # (): the paper's (96-256-384-384-256; one tower: footnote 2's)
     c.model.fc_widths = ()  # fc6, fc7 units of the whole net; (): 4096, 4096
     c.model.conv1_pad = -1  # conv1 zero padding: -1 as cuda-convnet (far edge, 224 -> 55x55); 2: torchvision's
     c.model.lrn = True  # local response normalisation after conv1 and conv2 (Section 3.3)
@@ -37,14 +39,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.init_std = 0.01  # weights ~ N(0, 0.01^2) (Section 5)
     c.model.init_bias = 1.0  # bias of conv2, conv4, conv5, fc6, fc7; the others start at 0
     c.model.dtype = "float32"  # compute dtype; 'bfloat16' for accelerators (parameters, optimizer stay float32)
-    c.model.ops = "auto"  # how convs/pooling/LRN are computed: 'auto' = 'fast' forms on CPU, 'plain' (grouped convs, select-and-scatter) elsewhere
+    # how convs/pooling/LRN are computed: 'auto' = 'fast' forms on CPU,
+    c.model.ops = "auto"  # 'plain' (grouped convs, select-and-scatter) elsewhere
 
     c.data = default_data_config()  # every field is commented in alexnet_jax/data/pipeline.py
     c.data.name = "imagenet"  # ILSVRC-2012 in its folder layout: train/<wnid>/*.JPEG, val/...
     c.data.root = ml_collections.config_dict.placeholder(str)  # set --config.data.root=/path/to/imagenet
-    c.data.format = "auto"  # 'auto': the packed shards when packed_dir is set, else the JPEG folder; or 'folder' / 'packed'
+    c.data.format = "auto"  # 'auto': the packed shards if packed_dir is set, else the JPEG folder; or 'folder'/'packed'
     c.data.num_workers = 8  # grain worker processes decoding and augmenting
-    c.data.stats = "computed"  # Section 4.1: the training set's own mean image and RGB eigens (one cached pass over a folder, ~50 min); 'published': ImageNet's published RGB mean and fb.resnet.torch's PCA, no pass
+    # Section 4.1: the training set's own mean image and RGB eigens (one cached pass over a folder, ~50 min);
+    # 'published': ImageNet's published RGB mean and fb.resnet.torch's PCA, no pass
+    c.data.stats = "computed"
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 0.01  # initial learning rate epsilon (Section 5); on resume, a new value is a manual drop
@@ -67,9 +72,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.log_every = 50  # steps between metric lines (metrics.jsonl, TensorBoard)
 
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.parallelism = "towers"  # 'towers' (the paper's split), 'data' (every device all towers) or 'hybrid' (conv data-parallel, FC units split: "one weird trick")
+    # 'towers' (the paper's split), 'data' (every device all towers)
+    c.mesh.parallelism = "towers"  # or 'hybrid' (conv data-parallel, FC units split: "one weird trick")
     c.mesh.data = -1  # devices along the 'data' axis; -1: all devices / mesh.tower
-    c.mesh.tower = -1  # devices along the 'tower' axis; -1: model.towers (one tower per device), 1: all towers on every device
+    # devices along the 'tower' axis
+    c.mesh.tower = -1  # -1: model.towers (one tower per device), 1: all towers on every device
     c.mesh.cpu_devices = 2  # virtual CPU devices to create (in each process) when there is no accelerator
 
     c.seed = 0  # parameter initialisation, dropout, data order and augmentation
@@ -77,9 +84,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Several processes (hosts) as one run; see README "Several hosts". Unset: one process.
     c.distributed = ml_collections.ConfigDict()
-    c.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)  # process 0's host:port; None: $JAX_COORDINATOR_ADDRESS
+    # process 0's host:port
+    c.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)  # None: $JAX_COORDINATOR_ADDRESS
     c.distributed.num_processes = ml_collections.config_dict.placeholder(int)  # None: $JAX_NUM_PROCESSES
-    c.distributed.process_id = ml_collections.config_dict.placeholder(int)  # this process, 0..n-1; None: $JAX_PROCESS_ID
+    # this process, 0..n-1
+    c.distributed.process_id = ml_collections.config_dict.placeholder(int)  # None: $JAX_PROCESS_ID
     c.distributed.auto = False  # True: JAX finds all three on SLURM, Open MPI, Cloud TPU or Kubernetes
     c.distributed.timeout_s = 300  # how long to wait for all processes to join
     c.lock()  # a misspelt field is an error, not a new field nothing reads

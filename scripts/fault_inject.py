@@ -22,6 +22,7 @@ same as JSON to ``<workdir>/fault_inject.json``. Exit status 0 means equal.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -86,10 +87,8 @@ def resumed_step(log: Path) -> int | None:
 
 
 def kill_group(p: subprocess.Popen) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(p.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     p.wait()
 
 

@@ -9,11 +9,12 @@ import pytest
 from alexnet_jax import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG_FILES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").glob("*.py") if p.name != "__init__.py")
+CONFIG_FILES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").glob("*.py")
+                      if p.name != "__init__.py")
 
 
 def _leaves(cfg: ml_collections.ConfigDict, prefix=""):
-    for key in cfg.keys():
+    for key in cfg:
         value = cfg[key]
         if isinstance(value, ml_collections.ConfigDict):
             yield from _leaves(value, f"{prefix}{key}.")

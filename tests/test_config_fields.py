@@ -121,7 +121,7 @@ def test_configs_pass_validation_and_every_field_has_a_rule(make):
         c.data.eval_ten_crop = True
     c.data.name = "embedded"  # no ImageNet folder here; the data section's checks have their own tests
     assert isinstance(config_check.validate_config(c), model.AlexNet)
-    top = {k for k in c.keys() if k not in config_check.SECTIONS}
+    top = {k for k in c if k not in config_check.SECTIONS}
     assert top == set(config_check.RUN_FIELDS)
     assert set(c.optim.keys()) == set(config_check.OPTIM_FIELDS)
     assert set(c.mesh.keys()) == set(config_check.MESH_FIELDS)
@@ -132,7 +132,8 @@ def test_configs_pass_validation_and_every_field_has_a_rule(make):
     ("optim.momentum", 1.5, r"optim.momentum must be a number in \[0, 1\)"),
     ("optim.drop_epochs", (30, -1), r"optim.drop_epochs must be a tuple of epochs > 0"),
     ("mesh.tower", 3, r"mesh.tower=3: use -1 or 2 \(one tower per device\) or 1"),
-    ("mesh.tower", 0, r"mesh.tower must be -1 \(one tower per device\), 1 \(all towers on every device\) or model.towers"),
+    ("mesh.tower", 0, r"mesh.tower must be -1 \(one tower per device\), 1 \(all towers on every device\)"
+                      r" or model.towers"),
     ("mesh.parallelism", "model", r"mesh.parallelism must be .towers., .data. or .hybrid."),
     ("batch_size", 0, r"batch_size must be an integer >= 1"),
 ])

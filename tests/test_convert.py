@@ -123,7 +123,7 @@ def conv(x_NHWC, w_OIHW, b, stride=1, pad=0, groups=1):
     kh = w_OIHW.shape[2]
     win = np.lib.stride_tricks.sliding_window_view(x, (kh, kh), axis=(1, 2))[:, ::stride, ::stride]  # N,H,W,C,kh,kw
     outs = []
-    for g, (wg, xg) in enumerate(zip(np.split(w_OIHW, groups), np.split(win, groups, axis=3))):
+    for _g, (wg, xg) in enumerate(zip(np.split(w_OIHW, groups), np.split(win, groups, axis=3))):
         outs.append(np.tensordot(xg, wg, axes=([3, 4, 5], [1, 2, 3])))
     return np.concatenate(outs, -1) + b
 
@@ -307,13 +307,15 @@ def test_bad_files_get_one_line_errors(tmp_path):
         assert message in line and "\n" not in line, (name, line)
         assert not (tmp_path / f"out-{name}").exists()
     np.save(tmp_path / "list.npy", np.arange(5))
-    assert "not the dict {layer: [weights, bias]}" in convert_cli("--npy", tmp_path / "list.npy", "--out", tmp_path / "o")
+    assert "not the dict {layer: [weights, bias]}" in convert_cli("--npy", tmp_path / "list.npy",
+                                                                  "--out", tmp_path / "o")
     (tmp_path / "garbage.npy").write_bytes(b"\x93NUMPY garbage")
     assert "not a readable .npy" in convert_cli("--npy", tmp_path / "garbage.npy", "--out", tmp_path / "o")
     assert "No file at" in convert_cli("--npy", tmp_path / "missing.npy", "--out", tmp_path / "o")
     (tmp_path / "o2" / "checkpoints" / "0").mkdir(parents=True)  # an earlier conversion is never overwritten
     (tmp_path / "ok.caffemodel").write_bytes(good)
-    assert "already holds checkpoints" in convert_cli("--caffemodel", tmp_path / "ok.caffemodel", "--out", tmp_path / "o2")
+    assert "already holds checkpoints" in convert_cli("--caffemodel", tmp_path / "ok.caffemodel",
+                                                      "--out", tmp_path / "o2")
 
 
 def val_folder(root, images, labels, classes):

@@ -88,7 +88,8 @@ def test_costs_equal_the_compiled_programs_collectives(case):
     model = AlexNet(**kwargs)
     table = {r["name"]: r for r in rounded(layer_costs(model, layout, devices, BATCH))["layers"]}
     hlo = from_hlo(compiled_collectives(model, layout, devices), model.num_classes)
-    want = {layer: {k: v for k, v in (("forward", r["exchange_bytes_forward"]), ("backward", r["exchange_bytes_backward"]),
+    want = {layer: {k: v for k, v in (("forward", r["exchange_bytes_forward"]),
+                                      ("backward", r["exchange_bytes_backward"]),
                                       ("gradient", r["gradient_bytes_per_step"])) if v}
             for layer, r in table.items()}
     assert {layer: {k: v for k, v in d.items() if v} for layer, d in hlo.items()} == want
@@ -138,7 +139,8 @@ def test_the_docs_layout_table_is_what_the_command_computes():
     sys.path.insert(0, str(ROOT))
     from configs import owt, paper
 
-    rows = re.findall(r"^\| (paper|OWT) \| (\w+) \| (\d) \| (\d) × (\d) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (\d+)% \|$",
+    rows = re.findall(r"^\| (paper|OWT) \| (\w+) \| (\d) \| (\d) × (\d) "
+                      r"\| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (\d+)% \|$",
                       (ROOT / "docs" / "parallelism.md").read_text(), re.M)
     assert len(rows) == 10
     for net, layout, n, data, tower, ex, grad, total, fc in rows:
@@ -150,4 +152,5 @@ def test_the_docs_layout_table_is_what_the_command_computes():
         all_bytes = t["exchange_bytes_per_step"] + t["gradient_bytes_per_step"]
         assert (c["mesh"]["data"], c["mesh"]["tower"]) == (int(data), int(tower))
         assert [f"{t['exchange_bytes_per_step'] / 1e6:.1f}", f"{t['gradient_bytes_per_step'] / 1e6:.1f}",
-                f"{all_bytes / 1e6:.1f}", f"{100 * fc_bytes / all_bytes:.0f}"] == [ex, grad, total, fc], (net, layout, n)
+                f"{all_bytes / 1e6:.1f}",
+                f"{100 * fc_bytes / all_bytes:.0f}"] == [ex, grad, total, fc], (net, layout, n)

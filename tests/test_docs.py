@@ -118,17 +118,20 @@ COMMANDS = {
     "python -m alexnet_jax.evaluate --checkpoint=runs/paper --config.data.root=/other/copy/of/imagenet --views=center":
         "tests/test_evaluate.py::test_devkit_layout_gives_the_class_folder_result",
     # docs/inference.md
-    "python -m alexnet_jax.viz --checkpoint runs/demo --out figures/": "tests/test_viz.py::test_command_line_writes_the_four_figures",
+    "python -m alexnet_jax.viz --checkpoint runs/demo --out figures/":
+        "tests/test_viz.py::test_command_line_writes_the_four_figures",
     "python -m alexnet_jax.viz --checkpoint runs/demo --out figures/ --images a.jpg b.png":
         "tests/test_viz.py::test_command_line_writes_the_four_figures",
     # docs/parallelism.md
-    "python -m alexnet_jax.costs --config=configs/paper.py --devices=4 --config.mesh.parallelism=hybrid [--json costs.json]":
+    "python -m alexnet_jax.costs --config=configs/paper.py --devices=4 --config.mesh.parallelism=hybrid "
+    "[--json costs.json]":
         "tests/test_costs.py::test_command_line_prints_the_table_and_writes_json",
     # docs/pretrained.md
     "python -m alexnet_jax.convert --caffemodel bvlc_alexnet.caffemodel --out runs/bvlc_alexnet":
         "tests/test_convert.py::test_bad_files_get_one_line_errors",
     "python -m alexnet_jax.evaluate --checkpoint=runs/bvlc_alexnet --data=/path/to/imagenet "
-    "[--views=center|ten_crop] [--json=val.json]": "tests/test_convert.py::test_evaluate_command_on_a_converted_checkpoint",
+    "[--views=center|ten_crop] [--json=val.json]":
+        "tests/test_convert.py::test_evaluate_command_on_a_converted_checkpoint",
     "python -m alexnet_jax.predict --checkpoint runs/bvlc_alexnet cat.jpg dog.png [--json out.json]":
         "tests/test_convert.py::test_predict_command_prints_caffes_top5",
     "pip install torch": "not run: installs a package (the test extra has torch)",

@@ -90,7 +90,8 @@ def ops_named(text, name):
                        if lines[j].startswith(" " * indent + "})") and _TYPES.search(lines[j]))
         m = _TYPES.search(lines[end]) or re.search(r": \((?P<ins>.*)\) -> (?P<outs>.*)$", lines[end])
         assert m, f"types of {name} not found: {lines[end][:300]}"
-        found.append((line.strip(), re.findall(r"tensor<([^>]*)>", m["ins"]), re.findall(r"tensor<([^>]*)>", m["outs"])))
+        found.append((line.strip(), re.findall(r"tensor<([^>]*)>", m["ins"]),
+                      re.findall(r"tensor<([^>]*)>", m["outs"])))
     return found
 
 
@@ -216,7 +217,8 @@ def test_gpu_programs(layout, net, devices, dtype):
         compute = {"float32": "f32", "bfloat16": "bf16"}[dtype]
         for first, ins, outs in convs + dots:
             assert element_types(ins) == element_types(outs) == {compute}, (name, first[:120], ins, outs)
-        lrn = [op for op in ops_named(text, "reduce_window") if "window_dimensions = array<i64: 1, 1, 1, 1, 5>" in op[0]]
+        lrn = [op for op in ops_named(text, "reduce_window")
+               if "window_dimensions = array<i64: 1, 1, 1, 1, 5>" in op[0]]
         if config.model.lrn:  # LRN's window over 5 channels, forward (and its gradient), in float32
             assert len(lrn) == (4 if name == "train" else 2), (name, len(lrn))
             assert all(element_types(ins) == {"f32"} for _, ins, _ in lrn), name

@@ -43,7 +43,8 @@ def test_demo_main_job_trains_and_reports(tmp_path):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
-@pytest.mark.slow  # three runs; every override parses in test_configs, and each ablation's effect is in test_model_ablations
+# three runs; every override parses in test_configs, and each ablation's effect is in test_model_ablations
+@pytest.mark.slow
 @pytest.mark.parametrize("ablation", [
     ["--config.model.lrn=False"],
     ["--config.model.pool_window=2", "--config.model.pool_stride=2"],

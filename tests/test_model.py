@@ -270,7 +270,7 @@ def test_config_roundtrip_and_errors():
         "size": ("too small", {"image_size": 40}),
         "width": ("width must be > 0", {"width": 0.0}),
     }
-    for what, (msg, override) in bad.items():
+    for _what, (msg, override) in bad.items():
         with pytest.raises(ConfigError, match=msg):
             from_config({**paper, **override})
     from_config({**paper, "image_size": 67})  # the smallest input whose maps survive 3 pools

@@ -159,8 +159,10 @@ def collectives(text, pattern):
     return [line for line in text.splitlines() if re.search(pattern, line)]
 
 
-STABLEHLO_COLLECTIVE = r"stablehlo\.(all_gather|all_reduce|all_to_all|reduce_scatter|collective_permute|collective_broadcast)"
-HLO_COLLECTIVE = r"= \S+ (all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute|collective-broadcast)(-start)?\("
+STABLEHLO_COLLECTIVE = (r"stablehlo\.(all_gather|all_reduce|all_to_all|reduce_scatter|"
+                        r"collective_permute|collective_broadcast)")
+HLO_COLLECTIVE = (r"= \S+ (all-gather|all-reduce|all-to-all|reduce-scatter|"
+                  r"collective-permute|collective-broadcast)(-start)?\(")
 
 
 def lowered_forward(model, mesh, batch=4):

@@ -2,7 +2,8 @@
 
 Losses and a per-parameter digest (sum of |w| in float64) after three steps of the tiny demo
 run, from seed 0, on a 1x2 and a 2x2 mesh. The numbers were recorded from the code as it was
-before ``train.run`` was split up (into ``train.train_and_evaluate``, ``steps``, ``metrics``, ``optim.LearningRate``); any refactor must reproduce them. conv1, conv3 and fc8
+before ``train.run`` was split up (into ``train.train_and_evaluate``, ``steps``, ``metrics``,
+``optim.LearningRate``); any refactor must reproduce them. conv1, conv3 and fc8
 biases start at 0, so their digests are made by training alone and move with any change in
 data order, augmentation, dropout or the update.
 

@@ -128,7 +128,8 @@ def fast_and_plain():
     x = jnp.zeros((1, 64, 64, 3))
     v = jax.jit(fast.init)(jax.random.key(0), x)
     # The ops do not take part in initialisation (Tower._layer does): the same tree, the same draws.
-    assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(jax.eval_shape(plain.init, jax.random.key(0), x))
+    assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(
+        jax.eval_shape(plain.init, jax.random.key(0), x))
     return fast, plain, v
 
 

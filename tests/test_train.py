@@ -138,11 +138,13 @@ def lr_by_step(workdir):
 def test_scheduled_requested_and_resume_drops_survive_restarts(tmp_path):
     wd = tmp_path / "run"
     # 3000 images / 32 = 93 steps per epoch: epoch 0.03 is crossed at step 3.
-    r1 = train.train_and_evaluate(tiny_config(**{"total_steps": 4, "optim.drop_epochs": (0.03,), "checkpoint_every": 4}), wd)
+    r1 = train.train_and_evaluate(tiny_config(**{"total_steps": 4, "optim.drop_epochs": (0.03,),
+                                  "checkpoint_every": 4}), wd)
     assert [d["reason"].split()[0] for d in r1["lr_drops"]] == ["scheduled"]
     assert r1["lr"] == pytest.approx(0.001)
     (wd / "DROP_LR").write_text("2")  # the researcher asks for a drop by 2 while it runs
-    r2 = train.train_and_evaluate(tiny_config(**{"total_steps": 6, "optim.drop_epochs": (0.03,), "checkpoint_every": 2}), wd)
+    r2 = train.train_and_evaluate(tiny_config(**{"total_steps": 6, "optim.drop_epochs": (0.03,),
+                                  "checkpoint_every": 2}), wd)
     assert not (wd / "DROP_LR").exists()
     assert r2["lr"] == pytest.approx(0.0005)
     r3 = train.train_and_evaluate(tiny_config(**{"total_steps": 8, "optim.drop_epochs": (0.03,), "optim.lr": 1e-4,
@@ -151,7 +153,8 @@ def test_scheduled_requested_and_resume_drops_survive_restarts(tmp_path):
     assert [d["reason"].split()[0] for d in r3["lr_drops"]] == ["scheduled", "requested", "resume"]
     # A requeue without the manual LR keeps it (the config's 0.01 is not a request), and one that
     # repeats the same request does not drop again.
-    r4 = train.train_and_evaluate(tiny_config(**{"total_steps": 9, "optim.drop_epochs": (0.03,), "checkpoint_every": 1}), wd)
+    r4 = train.train_and_evaluate(tiny_config(**{"total_steps": 9, "optim.drop_epochs": (0.03,),
+                                  "checkpoint_every": 1}), wd)
     r5 = train.train_and_evaluate(tiny_config(**{"total_steps": 10, "optim.drop_epochs": (0.03,), "optim.lr": 1e-4,
                                   "checkpoint_every": 1}), wd, manual_lr=1e-4)
     assert r4["lr"] == r5["lr"] == pytest.approx(1e-4)
@@ -227,7 +230,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     wd = tmp_path / "run"
     train.train_and_evaluate(tiny_config(total_steps=2, checkpoint_every=2), wd)
     with pytest.raises(train.TrainingError, match=r"loss became (nan|inf).*last good checkpoint, step 2"):
-        train.train_and_evaluate(tiny_config(**{"total_steps": 8, "checkpoint_every": 2, "optim.lr": 1e30}), wd, manual_lr=1e30)
+        train.train_and_evaluate(tiny_config(**{"total_steps": 8, "checkpoint_every": 2, "optim.lr": 1e30}), wd,
+                                 manual_lr=1e30)
     assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit()) == [2]
     state = read_state(wd, 2)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state["params"]))

@@ -137,7 +137,8 @@ def summary(results: list[dict], names: list[str], paper: dict) -> str:
         t1, t5, tc = (errs(name, k) for k in ("top1_error", "top5_error", "top1_error_ten_crop"))
         fmt = lambda a: f"{a.mean():.1f} ± {a.std(ddof=1) if len(a) > 1 else 0:.1f}" if len(a) else "-"
         # The design choice's effect, as the paper states it: the variant's error minus the baseline's.
-        effect = (f"{t1.mean() - base.mean():+.1f} ± {np.sqrt(t1.var(ddof=1) / len(t1) + base.var(ddof=1) / len(base)):.1f}"
+        effect = (f"{t1.mean() - base.mean():+.1f} ± "
+                  f"{np.sqrt(t1.var(ddof=1) / len(t1) + base.var(ddof=1) / len(base)):.1f}"
                   if name != "baseline" and len(t1) > 1 and len(base) > 1 else "-")
         ref = f"+{paper[name][0]} / +{paper[name][1]}" if name in paper else "-"
         diverged = sum(1 for r in results if r["variant"] == name and r.get("diverged"))

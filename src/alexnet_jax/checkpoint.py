@@ -247,7 +247,8 @@ class Checkpointer:
             self.damaged_dir.mkdir(parents=True, exist_ok=True)
             dst = self.damaged_dir / f"{step}-{int(time.time())}"
             shutil.move(str(src), str(dst))
-            why = f"{type(error).__name__}: {_first_line(error)}" if error is not None else "unreadable on another process"
+            why = (f"{type(error).__name__}: {_first_line(error)}" if error is not None
+                   else "unreadable on another process")
             log.warning("Checkpoint at step %d is damaged (%s); moved it to %s and falling back to "
                         "the previous one.", step, why, dst)
         if jax.process_count() > 1:
@@ -343,7 +344,8 @@ def read_step(step_dir: epath.Path) -> int:
     """The step a state holds (for a step folder copied under another name)."""
     meta = ocp.StandardCheckpointHandler().metadata(step_dir / "state").tree["step"]
     return int(ocp.PyTreeCheckpointer().restore(step_dir / "state", args=ocp.args.PyTreeRestore(
-        item={"step": jax.ShapeDtypeStruct(meta.shape, meta.dtype)}, restore_args={"step": ocp.RestoreArgs(restore_type=np.ndarray)},
+        item={"step": jax.ShapeDtypeStruct(meta.shape, meta.dtype)},
+        restore_args={"step": ocp.RestoreArgs(restore_type=np.ndarray)},
         partial_restore=True))["step"])
 
 

@@ -76,8 +76,8 @@ def initialize(cfg=None, environ: Mapping[str, str] = os.environ) -> bool:
     from alexnet_jax._jax_internals import backends_are_initialized  # no public query for this
 
     if backends_are_initialized():
-        raise RuntimeError("A multi-process run must join the distributed runtime before JAX starts its "
-                           "backend; call alexnet_jax.train.train_and_evaluate (or distributed.initialize) first thing.")
+        raise RuntimeError("A multi-process run must join the distributed runtime before JAX starts its backend; "
+                           "call alexnet_jax.train.train_and_evaluate (or distributed.initialize) first thing.")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes exchange over TCP
     timeout = int((cfg or {}).get("timeout_s") or 300)
     if explicit is None:

@@ -45,8 +45,9 @@ from ml_collections import config_flags
 from alexnet_jax import cli
 
 _PROG = cli.program("evaluate")
-_CONFIG_HELP = """--config.FIELD=VALUE: any field of the config the run saved, e.g. --config.data.root=/path/to/imagenet,
-  --config.data.num_workers=4 (ml_collections syntax, as on launch.py)."""
+_CONFIG_HELP = ("--config.FIELD=VALUE: any field of the config the run saved, e.g. "
+                "--config.data.root=/path/to/imagenet,\n"
+                "  --config.data.num_workers=4 (ml_collections syntax, as on launch.py).")
 
 
 def _define_run_flags(fv: flags.FlagValues) -> None:

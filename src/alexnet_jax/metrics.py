@@ -38,7 +38,7 @@ class MetricWriter:
             return
         path = workdir / "metrics.jsonl"
         self.note = _move_rows_after(path, resume_step)
-        self.jsonl = open(path, "a")
+        self.jsonl = open(path, "a")  # noqa: SIM115  kept open until close()
         tb_dir = workdir / "tensorboard"
         earlier = tb_dir.is_dir() and any(tb_dir.iterdir())
         try:

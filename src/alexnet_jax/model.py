@@ -105,7 +105,7 @@ class _Fields(nn.Module):
     lrn: bool = True  # local response normalisation after conv1 and conv2
     lrn_convention: str = "paper"  # 'paper' (alpha as printed) or 'alpha_over_n'
     lrn_k: float = 2.0  # LRN's additive constant k (the paper: 2; Caffe's bvlc_alexnet: 1)
-    lrn_scope: str = "tower"  # LRN's channel window: within each 'tower' (the paper's GPUs) or the whole 'layer' (Caffe)
+    lrn_scope: str = "tower"  # LRN's channel window within each 'tower' (the paper's GPUs) or the whole 'layer' (Caffe)
     pool_window: int = 3  # max-pool window z (3: overlapping; 2 with stride 2: not)
     pool_stride: int = 2  # max-pool stride s
     dropout: float = 0.5  # dropout rate in fc6 and fc7
@@ -116,7 +116,8 @@ class _Fields(nn.Module):
     init_std: float = 0.01  # weights ~ N(0, init_std^2)
     init_bias: float = 1.0  # bias of conv2, conv4, conv5, fc6, fc7 (others 0)
     dtype: str = "float32"  # compute dtype: 'float32', or 'bfloat16' (parameters stay float32)
-    ops: str | TowerOps = "auto"  # how each op is computed (tower_ops.OPS): 'auto' (per backend), 'fast', 'plain'; or a bundle
+    # how each op is computed (tower_ops.OPS)
+    ops: str | TowerOps = "auto"  # 'auto' (per backend), 'fast', 'plain'; or a bundle
 
 
 # The `model` section of a run config: AlexNet's fields.

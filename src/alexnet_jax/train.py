@@ -319,10 +319,8 @@ def _schedule(config, num_train: int) -> tuple[int, int]:
 
 def _last_good_text(ckpt: Checkpointer) -> str:
     """Where a stopped run can resume from (after letting a running write finish)."""
-    try:
+    with contextlib.suppress(CheckpointError):
         ckpt.wait()
-    except CheckpointError:
-        pass
     if ckpt.last_good is None:
         return "No checkpoint had been written yet"
     return f"The last good checkpoint, step {ckpt.last_good}, is kept in {ckpt.directory}"

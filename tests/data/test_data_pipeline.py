@@ -130,12 +130,12 @@ def test_first_epoch_visits_every_image_once(cfg, data):
     plain.crop_size, plain.flip, plain.pca_lighting_std, plain.mean_subtraction = 36, False, 0.0, False
     n = 10 * N_TRAIN
     batches = take(PL.build_train_iter(plain, batch_size=20, seed=0, num_workers=0, data=data), n // 20)
-    stream = [(digest(i.astype(np.uint8)), int(l)) for b in batches for i, l in zip(b["image"], b["label"])]
+    stream = [(digest(i.astype(np.uint8)), int(label)) for b in batches for i, label in zip(b["image"], b["label"])]
     everything = []
     for b in PL.build_eval_iter(plain, batch_size=n, split="train", image_size=36, num_workers=0, data=data):
-        everything += [(digest(i.astype(np.uint8)), int(l)) for i, l in zip(b["image"], b["label"])]
+        everything += [(digest(i.astype(np.uint8)), int(label)) for i, label in zip(b["image"], b["label"])]
     assert sorted(stream) == sorted(everything)
-    assert [l for _, l in stream] != sorted(l for _, l in stream)  # and shuffled
+    assert [label for _, label in stream] != sorted(label for _, label in stream)  # and shuffled
 
 
 def test_host_shards_union_is_the_global_batch(cfg, data):

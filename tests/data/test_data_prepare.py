@@ -144,7 +144,7 @@ def test_flat_val_folder_with_labels_file(tmp_path):
     (tmp_path / "src" / "val_labels.txt").write_text("".join(f"{n} {w}\n" for n, w in names))
     files = LA.scan_split(tmp_path / "src", "val")
     assert len(files) == 6
-    assert [LA.list_classes(tmp_path / "src")[l] for l in files.labels] == [w for _, w in names]
+    assert [LA.list_classes(tmp_path / "src")[label] for label in files.labels] == [w for _, w in names]
     dst = P.prepare(tmp_path / "src", tmp_path / "dst", size=SIZE, workers=0, progress=False)
     assert P.read_metadata(dst)["splits"]["val"]["per_class"] == [2, 2, 2]
 

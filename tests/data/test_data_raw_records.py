@@ -95,7 +95,7 @@ def test_same_statistics_and_format_recorded(both):
     assert json.loads((raw / "metadata.json").read_text())["records"] == "raw"
     assert json.loads((raw / "plan.json").read_text())["digest"] != json.loads(
         (jpeg / "plan.json").read_text())["digest"]
-    assert {k: v for k, v in mj["splits"].items()} == {k: v for k, v in mr["splits"].items()}
+    assert dict(mj["splits"].items()) == dict(mr["splits"].items())
 
 
 def test_folder_without_records_key_reads_as_jpeg(both, tmp_path):

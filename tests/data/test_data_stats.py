@@ -86,7 +86,8 @@ def test_two_processes_at_once_compute_once(tmp_path):
     logs = [tmp_path / f"log{i}" for i in range(2)]
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # both start while "someone else" computes
-        procs = [subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT) for log in logs]
+        procs = [subprocess.Popen(cmd, stdout=open(log, "w"),  # noqa: SIM115  the child process writes it
+                                  stderr=subprocess.STDOUT) for log in logs]
         deadline = time.time() + 120
         while not all("waiting for another process" in log.read_text() for log in logs):
             assert time.time() < deadline and all(p.poll() is None for p in procs), [x.read_text() for x in logs]
@@ -95,7 +96,8 @@ def test_two_processes_at_once_compute_once(tmp_path):
     assert [p.wait(timeout=120) for p in procs] == [0, 0], [x.read_text() for x in logs]
     text = "".join(log.read_text() for log in logs)
     assert text.count("computing the mean image") == 1, text
-    paths = {ln.rsplit(": ", 1)[1] for log in logs for ln in log.read_text().splitlines() if ln.startswith("statistics")}
+    paths = {ln.rsplit(": ", 1)[1] for log in logs for ln in log.read_text().splitlines()
+             if ln.startswith("statistics")}
     assert len(paths) == 1 and int(P.load_stats(paths.pop())["num_images"]) == 300
     assert not [f for f in os.listdir(cache / "stats") if ".tmp" in f]
 

@@ -48,14 +48,24 @@ def default_data_config() -> ml_collections.ConfigDict:
     """Every field of the input pipeline, with the paper's values where it has one."""
     c = ml_collections.ConfigDict()
     c.name = "embedded"          # 'embedded' (generated on first use, no download) | 'imagenet'
-    c.root = placeholder(str)    # ImageNet-layout folder (train/<wnid>/, val/...); embedded: None = ~/.cache/alexnet_jax/embedded (or $ALEXNET_JAX_DATA/embedded)
-    c.format = "auto"            # 'auto': packed if packed_dir is set (or the embedded set), else folder | 'packed' (ArrayRecord shards from prepare) | 'folder' (decode the JPEG folder directly)
-    c.packed_dir = placeholder(str)  # output of `python -m alexnet_jax.data.prepare`; embedded: None = prepared automatically under root
-    c.stats_path = placeholder(str)  # stats.npz (mean image, RGB eigens); None = <packed_dir>/stats.npz, or computed once for a folder and cached
-    c.stats = "computed"         # 'computed': the training set's own mean image and RGB eigens (the paper; one pass over a folder, cached) | 'published': no pass: ImageNet's published RGB mean (0.485, 0.456, 0.406)x255 as a constant image and fb.resnet.torch's PCA eigens; not with stats_path
-    c.val_labels = placeholder(str)  # labels file for a flat val/ folder; None = look for val_labels.txt / LOC_val_solution.csv
+    # ImageNet-layout folder (train/<wnid>/, val/...)
+    c.root = placeholder(str)    # embedded: None = ~/.cache/alexnet_jax/embedded (or $ALEXNET_JAX_DATA/embedded)
+    # 'auto': packed if packed_dir is set (or the embedded set), else folder
+    # | 'packed' (ArrayRecord shards from prepare) | 'folder' (decode the JPEG folder directly)
+    c.format = "auto"
+    # output of `python -m alexnet_jax.data.prepare`
+    c.packed_dir = placeholder(str)  # embedded: None = prepared automatically under root
+    # stats.npz (mean image, RGB eigens)
+    c.stats_path = placeholder(str)  # None = <packed_dir>/stats.npz, or computed once for a folder and cached
+    # 'computed': the training set's own mean image and RGB eigens (the paper; one pass over a folder, cached)
+    # | 'published': no pass: ImageNet's published RGB mean (0.485, 0.456, 0.406)x255 as a constant image
+    # and fb.resnet.torch's PCA eigens; not with stats_path
+    c.stats = "computed"
+    # labels file for a flat val/ folder
+    c.val_labels = placeholder(str)  # None = look for val_labels.txt / LOC_val_solution.csv
     c.resize_size = 256          # shorter side rescaled to this, then the central square kept (paper: 256)
-    c.resize_mode = "shorter_side"  # 'shorter_side' (the paper) | 'warp': whole image to resize_size^2, aspect ignored (Caffe's bvlc_alexnet)
+    # 'shorter_side' (the paper) | 'warp': whole image to resize_size^2, aspect ignored (Caffe's bvlc_alexnet)
+    c.resize_mode = "shorter_side"
     c.crop_size = 224            # training crops and evaluation views (paper: 224)
     c.flip = True                # random horizontal reflections in training (paper: yes)
     c.pca_lighting_std = 0.1     # std of alpha in the PCA lighting noise (paper: 0.1); 0 turns it off
@@ -64,8 +74,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.worker_buffer_size = 2     # batches each worker keeps ready
     c.num_threads = 2            # threads reading/decoding inside each process (Pillow releases the GIL)
     c.prefetch_buffer_size = 4   # elements read ahead per process
-    c.prepare_workers = placeholder(int)  # processes for automatic preparation (embedded set, folder statistics); None = all cores
-    c.cache_dir = placeholder(str)  # where folder statistics are cached; None = $ALEXNET_JAX_DATA or ~/.cache/alexnet_jax
+    # processes for automatic preparation (embedded set, folder statistics)
+    c.prepare_workers = placeholder(int)  # None = all cores
+    # where folder statistics are cached
+    c.cache_dir = placeholder(str)  # None = $ALEXNET_JAX_DATA or ~/.cache/alexnet_jax
     # Embedded dataset only.
     c.embedded = ml_collections.ConfigDict()
     c.embedded.num_train_per_class = 300  # 10 classes

@@ -256,7 +256,7 @@ def ensure_stats(files: layout.SplitFiles, size: int, *, cache_dir=None, workers
         return path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(path.with_suffix(".lock"), "w")
+        lock = open(path.with_suffix(".lock"), "w")  # noqa: SIM115  entered by the with below
     except OSError as e:
         raise DatasetError(
             f"cannot write the statistics cache {str(path.parent)!r}: {e}. Set --config.data.cache_dir to a "
