@@ -29,7 +29,7 @@ from alexnet_jax.data.errors import DatasetError, PassInterrupted
 
 # This module is the command (run as __main__ by `python -m`, so nothing in the package imports it); the
 # preparation API it has always offered lives in packed/packing/stats and is re-exported here for callers.
-from alexnet_jax.data.packed import (  # noqa: F401  # noqa: F401
+from alexnet_jax.data.packed import (  # noqa: F401  re-exported
     FORMAT,
     FORMAT_RAW,
     METADATA,
