@@ -86,18 +86,22 @@ def check_layouts(kwargs, batch, meshes=None, layout="towers"):
             assert_same(g_ref, g, f"grad {jax.tree_util.keystr(path)} {where}", rtol=1e-4)
 
 
-# The default run keeps the one-tower net; the paper net's layouts after training are also in
+# The default run keeps the one-tower net and LRN over the whole layer (caffe_lrn: the one exchange between
+# neighbouring towers, here with a tower per device); the paper net's layouts after training are also in
 # test_parallel_train_step, its first steps pinned in test_pinned_steps.
 @pytest.mark.parametrize("name", [n if n in ("one_tower", "caffe_lrn") else pytest.param(n, marks=pytest.mark.slow)
                                   for n in ABLATIONS])
 def test_layouts_agree_narrow(name):
     # Every layout for the paper net; for the ablations, one of each kind (they change
     # the layers, not how the layouts split them).
-    meshes = None if name == "paper" else ([(4, 1)] if name == "one_tower" else [(2, 2), (2, 1)])
+    meshes = {"paper": None, "one_tower": [(4, 1)], "caffe_lrn": [(1, 2)]}.get(name, [(2, 2), (2, 1)])
     check_layouts({**NARROW, **ABLATIONS[name]}, batch=8, meshes=meshes)
 
 
-@pytest.mark.parametrize("K, meshes", [(4, [(2, 4)]), pytest.param(4, [(1, 4), (2, 1)], marks=pytest.mark.slow),
+# K towers' exchanges are pinned in the default run (test_towers_exchange_only_at_conv3_and_fc_layers);
+# their values against one device are slow.
+@pytest.mark.parametrize("K, meshes", [pytest.param(4, [(2, 4)], marks=pytest.mark.slow),
+                                       pytest.param(4, [(1, 4), (2, 1)], marks=pytest.mark.slow),
                                        pytest.param(8, [(1, 8)], marks=pytest.mark.slow)])
 def test_k_towers_agree_across_layouts(K, meshes):
     """K towers, one per device (4 and 8 virtual devices) or all on each, against one device."""
@@ -109,7 +113,9 @@ OWT_NARROW = dict(NARROW, towers=1, conv_widths=(64, 192, 384, 256, 256), lrn=Fa
 
 
 @pytest.mark.parametrize("kwargs, meshes", [
-    (dict(NARROW, num_classes=16), [(4, 1)]),  # the paper's two towers: 8 classes per tower, 2 per device
+    # the paper's two towers: 8 classes per tower, 2 per device. The default run trains hybrid against one device
+    # in test_parallel_train_step; these forward-and-gradient checks are slow.
+    pytest.param(dict(NARROW, num_classes=16), [(4, 1)], marks=pytest.mark.slow),
     pytest.param(dict(NARROW, num_classes=16), [(2, 1)], marks=pytest.mark.slow),
     pytest.param(OWT_NARROW, [(2, 1), (4, 1), (8, 1)], marks=pytest.mark.slow),  # also in test_costs, on 8
 ], ids=["paper-4", "paper-2", "owt"])

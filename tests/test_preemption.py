@@ -40,7 +40,8 @@ def train_rows(workdir):
     return [r for r in metrics(workdir) if "train/loss" in r] if path.exists() else []
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+# SIGINT's save-and-exit from a terminal is also in test_clean_exits_with_loader_workers; its exact resume is slow.
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_signal_mid_epoch_saves_that_step_and_the_same_command_resumes_exactly(tmp_path, sig):
     n = 60
     args = (f"--config.total_steps={n}", "--config.checkpoint_every=1000")  # no checkpoint but the signal's
