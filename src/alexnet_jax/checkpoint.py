@@ -1,28 +1,12 @@
-"""Orbax checkpoints: train state, data-iterator state, config and LR history, together.
+"""Orbax checkpoints: train state, data-iterator state, config and LR history, saved together.
 
-Layout: ``<workdir>/checkpoints/<step>/{state,data,config,control,dataset,dataset_stats}``.
-``state`` is an ordinary Orbax PyTree (``step``, ``params``, ``opt_state``, ``rng``),
-so two plain Orbax calls read it anywhere; ``config`` is the run's config as JSON, so a
-checkpoint alone rebuilds the model. ``dataset`` (class ids and names, JSON) and
-``dataset_stats`` (mean image, RGB eigens) are what inference needs on a machine
-without the training data. Saving is asynchronous; the last K checkpoints and the
-best by validation top-1 error are kept.
-
-A checkpoint that cannot be read (truncated or missing files) is moved aside
-to ``<workdir>/checkpoints_damaged/`` with a warning, never deleted, and the
-previous one is used.
-
-A checkpoint that cannot be written (full disk, read-only folder) raises
-``CheckpointError`` naming the step, the reason and the newest good
-checkpoint; nothing in memory and no earlier checkpoint is touched, so the
-caller may go on and try again later. A folder that cannot be written at all
-is refused at start-up. With several processes, every process calls every
-method (saving and restoring are collective); only process 0 moves files.
-
-Failures that only some processes see are agreed on, never waited out: a
-folder one host cannot write stops every process at start; a checkpoint one
-host cannot read is set aside by all; a write whose part on one host fails
-is reported as lost by all, at the next save (see ``distributed.WriteBarrier``).
+``<workdir>/checkpoints/<step>/`` holds ``state`` (a plain Orbax PyTree, readable without this package),
+``data``, ``config`` (JSON, so a checkpoint alone rebuilds the model), ``control`` (the LR drops) and
+``dataset``/``dataset_stats`` (classes, mean image, eigens: inference needs no training data). No failure
+touches the state in memory or an earlier checkpoint: an unreadable one is moved to ``checkpoints_damaged/``,
+a failed write raises ``CheckpointError`` and the caller may go on. With several processes every method is
+collective and only process 0 moves files; a failure one host alone sees is agreed on by all, never waited
+out (``distributed.WriteBarrier``).
 """
 
 from __future__ import annotations

@@ -1,33 +1,11 @@
 """torchvision's trained ``alexnet`` as an alexnet_jax checkpoint (``python -m alexnet_jax.convert --torchvision``).
 
-    python -m alexnet_jax.convert --torchvision alexnet-owt-7be5be79.pth --out runs/torchvision_alexnet
-
-torchvision's AlexNet is the net of "One weird trick for parallelizing
-convolutional neural networks" (Krizhevsky 2014), not the 2012 paper's: one
-tower, conv widths 64-192-384-256-256, FC 4096-4096-1000, no LRN, conv1 padded
-by 2 on every side, 224x224 input (published: 56.5% / 79.1% top-1 / top-5, centre
-crop). ``configs/owt.py`` is that network; the checkpoint's config is it.
-
-============================  =======================  =============================
-torchvision key               PyTorch layout           ours (tower axis of size 1)
-============================  =======================  =============================
-``features.0`` (conv1)        (64, 3, 11, 11) OIHW     HWIO; input channel c divided
-                                                       by 255 * std[c] (see below)
-``features.3/6/8/10``         OIHW                     HWIO (conv2..conv5)
-``classifier.1`` (fc6)        (4096, 9216), inputs     (9216, 4096), inputs in our
-                              in C,H,W order           H,W,C order
-``classifier.4/6`` (fc7/fc8)  (out, in)                (in, out)
-============================  =======================  =============================
-
-Preprocessing. torchvision feeds ``(x / 255 - mean) / std`` per RGB channel
-(mean 0.485, 0.456, 0.406; std 0.229, 0.224, 0.225) of the shorter side
-resized to 256, centre 224 crop. Our pipeline subtracts a mean image from 0..255
-pixels, so the checkpoint's mean image is ``255 * mean`` and conv1's kernel
-takes the division by ``255 * std`` (exact: conv1 is linear, and its zero
-padding is zero in both forms). The checkpoint's ``origin`` records both.
-At evaluation the two nets are the same function; torchvision applies dropout
-before fc6 and fc7 where ours sits after them, which matters only when
-training from these weights.
+torchvision's net is "one weird trick"'s (Krizhevsky 2014, ``configs/owt.py``), not the 2012 paper's
+(docs/pretrained.md). Kernels go from OIHW to HWIO and FC weights from (out, in) to (in, out), on a
+tower axis of size 1; fc6's inputs from PyTorch's C,H,W flatten to our H,W,C. torchvision's input
+``(x / 255 - mean) / std`` becomes a ``255 * mean`` mean image and conv1's input channel c divided by
+``255 * std[c]``: exact, since conv1 is linear and its zero padding is zero in both forms (``origin``
+records both). torchvision's dropout sits before fc6 and fc7, ours after: it matters only for training.
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
-"""Several processes (hosts) as one run, on JAX's distributed runtime.
+"""Several processes (hosts) as one run, on JAX's distributed runtime (gloo on CPU).
 
-Every process runs the same command. They find each other through a
-coordinator (process 0's ``host:port``), named in the config's ``distributed``
-section or, field by field, in the environment::
-
-    JAX_COORDINATOR_ADDRESS=10.0.0.1:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=0 python launch.py ...
-
-or found by JAX itself on SLURM, Open MPI, Cloud TPU and Kubernetes with
-``--config.distributed.auto=True``. With none of these the run is one process.
-The ``('data', 'tower')`` mesh then spans every process's devices; each
-process feeds its own rows of each global batch (:func:`process_batch_shard`).
-On CPU the processes exchange through gloo.
-
-Anything decided on one process (reading the ``DROP_LR`` file) is broadcast
-from process 0, so all processes take the same steps.
+Every process runs the same command and finds the others through process 0's ``host:port``, from the
+``distributed`` config section, the ``JAX_*`` environment (``ENV``) or JAX's own detection (``auto``);
+the how-to is docs/fault-tolerance.md. The mesh spans every process's devices, each process feeds its
+own rows of each global batch (:func:`process_batch_shard`), and anything decided on one process
+(``DROP_LR``) is broadcast from process 0, so all take the same steps.
 """
 
 from __future__ import annotations
@@ -91,9 +82,8 @@ def process_batch_shard(mesh) -> tuple[int, int]:
     """``(shard_index, shard_count)``: this process feeds block ``shard_index`` of ``shard_count``
     equal, contiguous blocks of rows of every global batch.
 
-    It follows the mesh: the rows are those of the ``data`` positions this
-    process's devices hold. Processes that share data positions (a tower
-    pair split across hosts) read the same block.
+    The rows are those of the ``data`` positions this process's devices hold, so processes that share
+    positions (a tower pair split across hosts) read the same block.
     """
     from alexnet_jax.parallel import DATA_AXIS
 
@@ -170,12 +160,9 @@ def on_any_process(flag: bool) -> bool:
 class WriteBarrier:
     """Orbax's end-of-write barrier for checkpoints (run in its background save thread), made abortable.
 
-    Orbax's own barrier waits (up to 20 minutes) for every process to finish its part of
-    the write. A process whose part failed (its disk is full, its mount went read-only)
-    never arrives, so the others would wait, then fall out of step with it. Here each
-    arrival is a key in JAX's distributed key-value store, and a process that learns its
-    write failed posts an abort for that step (``abort``): the waiting processes then
-    fail the same write too, and every process reports the same lost step.
+    Orbax's own barrier waits up to 20 minutes for a process whose part of the write failed, then leaves
+    the processes out of step. Here each arrival is a key in JAX's key-value store, and a failed process
+    posts an abort for the step (``abort``): the others fail the same write, and all report the same step.
     """
 
     PREFIX = "alexnet_jax/checkpoint_write"

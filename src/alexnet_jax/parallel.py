@@ -1,23 +1,10 @@
 """Device layouts: the ``('data', 'tower')`` mesh and the network under ``shard_map``.
 
-One parameter tree, every layout. Each parameter has a leading ``tower`` axis.
-A layout is a row of ``LAYOUTS``: which mesh axis each logical axis of the
-network (the towers, the examples in the conv and in the FC layers, the FC
-layers' units) is split over. The one mesh forward reads it:
-
-* ``towers`` (the paper): parameters ``P('tower')``, each device holds its own
-  tower, as the paper's two GPUs did; the batch is split over ``data``; the
-  towers exchange activations through ``all_gather`` over ``'tower'`` (see
-  ``model.py``). On a mesh whose tower axis is 1 every device runs all towers.
-* ``data``: every device holds every tower and its slice of the batch.
-* ``hybrid`` ("one weird trick", Krizhevsky 2014): the conv layers are
-  data-parallel over all devices; before fc6 the batch is gathered, and every FC
-  layer's units (kernel columns, fc8's classes) are split over the devices, so
-  FC gradients need no reduction.
-
-On a machine with no accelerators, ``prepare_devices(n)`` (what training calls) or
-``use_virtual_cpu_devices(n)`` before anything touches a JAX device (or
-``XLA_FLAGS=--xla_force_host_platform_device_count=n``) gives ``n`` CPU devices.
+One parameter tree (a leading ``tower`` axis), every layout. A layout is a row of ``LAYOUTS``, data
+rather than code: which mesh axis splits the towers, the conv and FC layers' examples and the FC units.
+One mesh forward and the state shardings read it: ``towers`` (the paper: a tower per device), ``data``
+(all towers everywhere) or ``hybrid`` (OWT 2014: conv data-parallel, FC units split, so FC gradients
+need no reduction). Virtual CPU devices must be asked for before JAX starts (:func:`prepare_devices`).
 """
 
 from __future__ import annotations
@@ -99,9 +86,8 @@ def use_virtual_cpu_devices(n: int) -> None:
 def accelerator_plugins() -> list[str]:
     """The accelerator plugins JAX will load when it starts (CUDA, ROCm, TPU), found without starting it.
 
-    ``JAX_PLATFORMS`` (``jax.config.jax_platforms``) decides when set; otherwise the
-    installed PJRT plugins do, found where JAX looks (the ``jax_plugins`` entry points
-    and namespace package), and ``libtpu``.
+    ``JAX_PLATFORMS`` decides when set; otherwise the installed PJRT plugins, found where JAX looks
+    (``jax_plugins`` entry points and namespace package), and ``libtpu``.
     """
     import importlib.metadata
     import importlib.util
@@ -125,10 +111,9 @@ def accelerator_plugins() -> list[str]:
 def prepare_devices(cpu_devices: int) -> str | None:
     """Before JAX starts, on a machine with no accelerator: split the CPU into ``cpu_devices`` devices.
 
-    Returns why it did not (None if it did): JAX had already started (a notebook
-    after any JAX call, a second run in one process), or an accelerator plugin is
-    installed (a GPU or TPU machine, Colab), whose devices are then used as they
-    are. Starts nothing itself: a multi-process run joins its peers after this.
+    Returns why it did not (None if it did): JAX had already started, or an accelerator plugin is
+    installed, whose devices are then used as they are. Starts nothing, so a multi-process run can
+    join its peers after this.
     """
     from alexnet_jax._jax_internals import backends_are_initialized  # no public query for this
 
@@ -240,13 +225,11 @@ def check_layout(model: AlexNet, mesh: Mesh, layout: str = DEFAULT_LAYOUT) -> No
 
 def mesh_forward(model: AlexNet, mesh: Mesh, *, train: bool = False, features: bool = False,
                  layout: str = DEFAULT_LAYOUT):
-    """``f(variables, images_NHWC, dropout_key) -> logits`` in ``layout`` (a name in ``LAYOUTS``).
+    """``f(variables, images_NHWC, dropout_key) -> logits`` ``(N, num_classes)`` as on one device, in ``layout``.
 
-    The logits are ``(N, num_classes)`` as on one device; inside, each device holds
-    the block the layout gives it (in the towers layout, its tower's classes, as
-    the paper's GPUs each held half of fc8). ``features=True``: ``f`` returns
-    ``(logits, fc7)``, fc7's activations ``(N, towers * units)``, the paper's
-    Figure 4 features. The variables must be laid out as ``state_shardings`` says.
+    Inside, each device holds the layout's block (towers: its tower's classes, as each paper GPU held half
+    of fc8). ``features=True``: ``(logits, fc7)``, fc7's activations ``(N, towers * units)`` (the paper's
+    Figure 4 features). The variables must be laid out as ``state_shardings`` says.
     """
     check_layout(model, mesh, layout)
     rules = LAYOUTS[layout]
@@ -288,9 +271,7 @@ def apply_on_mesh(
 ) -> jax.Array:
     """``model.apply`` on a mesh: same parameters, same logits, one tower per device.
 
-    ``variables`` may live anywhere (e.g. fresh from ``model.init`` on one
-    device); they are placed on the mesh first. The batch size must divide by
-    the mesh's ``data`` axis.
+    ``variables`` may live anywhere (they are placed on the mesh first); the batch must divide by ``data``.
     """
     n = images_NHWC.shape[0]
     if n % mesh.shape[DATA_AXIS]:
@@ -309,10 +290,8 @@ def apply_on_mesh(
 def mesh_for_config(towers: int, mesh_cfg) -> tuple[Mesh, str | None]:
     """The mesh a (checked, ``config_check``) ``mesh`` section asks for, and a line to print when the default changed.
 
-    ``mesh.tower=-1`` asks for one tower per device in the towers layout; with
-    fewer devices than towers (one GPU), or a count the towers do not divide,
-    every device runs all towers instead (``mesh.tower=1``), which gives the same
-    results. The data and hybrid layouts put every device on the data axis.
+    ``mesh.tower=-1``: one tower per device, or, when the towers do not divide the device count (one GPU),
+    all towers on every device (``mesh.tower=1``, the same results). Data and hybrid: every device on data.
     """
     tower_axis, note = mesh_cfg.tower, None
     if mesh_cfg.get("parallelism", DEFAULT_LAYOUT) != "towers":

@@ -1,14 +1,10 @@
 """Stopping when the cluster asks: on SIGTERM or Ctrl-C the run finishes the step in flight,
 saves a checkpoint at that step and exits with ``EXIT_PREEMPTED``; the same command resumes.
 
-Schedulers stop jobs with SIGTERM and, a grace period later, SIGKILL (preemption,
-time limits, ``scancel``, spot instances). One process catches the signal itself.
-Several processes must agree on the step to save at, so there the signal goes
-through JAX's preemption service: ``jax.distributed.initialize`` installs a
-SIGTERM notifier, and Orbax's ``CheckpointManager.reached_preemption(step)``
-(JAX's ``reached_preemption_sync_point``) answers True on every process at the
-same step, however many of them got the signal. A Ctrl-C in a multi-process
-run is handed to that notifier as a SIGTERM. A second Ctrl-C exits at once.
+One process catches the signal itself. Several must agree on the step, however many got the signal,
+so there it goes through JAX's preemption service (the SIGTERM notifier ``jax.distributed.initialize``
+installs; Orbax's ``reached_preemption``): a Ctrl-C is handed to it as a SIGTERM. A second Ctrl-C
+exits at once.
 """
 
 from __future__ import annotations
@@ -24,11 +20,10 @@ EXIT_PREEMPTED = 75
 
 
 class StopOnSignal:
-    """Context manager for the training loop; ``due(step)`` is asked once per step.
+    """Context manager for the training loop; ``due(step)``, asked once per step, names the signal.
 
-    ``due`` returns the signal's name (``'SIGTERM'``, ``'SIGINT'``) at the step
-    where the run should save and stop, else None. ``reached_sync_point(step)``
-    is the multi-process agreement (Orbax's ``reached_preemption``); None for one
+    ``due`` returns ``'SIGTERM'`` or ``'SIGINT'`` at the step to save and stop at, else None.
+    ``reached_sync_point``: the multi-process agreement (Orbax's ``reached_preemption``), None for one
     process. Handlers are installed only in the main thread and restored on exit.
     """
 

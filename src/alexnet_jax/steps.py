@@ -177,14 +177,10 @@ def to_global(batch: dict, mesh) -> dict:
 class DeviceBatches:
     """Yields ``(global batch on the devices, iterator state after that batch)``, ``depth`` ahead.
 
-    A background thread reads the loader and copies each batch to the devices
-    while the training thread dispatches steps, so neither the host-side
-    collation nor the copy sits between two steps. The iterator runs ahead, so
-    the state to checkpoint with a step is the one that came with the step's
-    batch, not ``train_iter.get_state()``. A loader error is raised by the
-    ``next`` that would have returned that batch. Call :meth:`close` before
-    closing ``train_iter``: it stops the thread (the iterator is not
-    thread-safe, so nothing else may read it meanwhile).
+    A thread reads the loader and copies to the devices while steps dispatch, so neither sits between two
+    steps. It runs ahead: checkpoint a step with the state that came with its batch, not
+    ``train_iter.get_state()``. A loader error is raised by the ``next`` that would have returned that
+    batch. :meth:`close` before closing ``train_iter`` (not thread-safe: nothing else may read it meanwhile).
     """
 
     _END = object()

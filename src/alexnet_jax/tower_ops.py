@@ -1,26 +1,12 @@
-"""How the towers' operations are computed: ``AUTO`` (per backend), ``FAST`` or ``PLAIN``.
+"""How the towers' operations are computed (``model.ops``): ``AUTO`` (per backend), ``FAST`` or ``PLAIN``.
 
-The network (``model.py``) says *what* each layer computes; this module says
-*how*. The bundles compute the same maths with the same parameters (``kernel``
-HWIO or (in, out), ``bias``, as ``nn.Conv`` and ``nn.Dense`` name them), so one
-parameter tree serves them all:
-
-* ``PLAIN``: ``nn.Conv``, ``nn.Dense``, ``lax.reduce_window`` max-pooling and
-  ``x * base ** -beta`` in LRN: the network written the textbook way. Vmapped
-  over the towers, a convolution becomes one grouped convolution, which cuDNN
-  runs natively, and the pooling gradient is XLA's select-and-scatter.
-* ``FAST``: the same operations rewritten so that XLA:CPU does not take its
-  slow paths when the towers are vmapped (grouped convolutions, kernel
-  transposes, select-and-scatter, exp/log powers). Each change and what it buys
-  on CPU is measured in ``benchmarks/bench_speed_changes.py``.
-* ``AUTO`` (the default, ``model.ops='auto'``): each operation is
-  ``jax.lax.platform_dependent``: ``FAST``'s form when the program is lowered
-  for the CPU, ``PLAIN``'s for anything else (CUDA, ROCm, TPU). The choice is
-  made at lowering, so a step exported or lowered for CUDA on a CPU-only
-  machine holds the GPU's form.
-
-``model.ops`` names one of ``OPS``; ``AlexNet(ops=...)`` also takes a bundle,
-e.g. ``dataclasses.replace(FAST, max_pool=PLAIN.max_pool)``.
+``model.py`` says *what* each layer computes, this module *how*; every bundle computes the same maths
+with the same parameters (``nn.Conv``/``nn.Dense``'s ``kernel`` and ``bias``), so one tree serves all.
+``PLAIN`` is the textbook form (vmapped: grouped convolutions, which cuDNN runs natively, and
+select-and-scatter). ``FAST`` rewrites it to avoid XLA:CPU's slow paths under the tower vmap (each change
+measured in ``benchmarks/bench_speed_changes.py``). ``AUTO`` is ``platform_dependent``: ``FAST`` when
+lowered for the CPU, ``PLAIN`` elsewhere, chosen at lowering, so a step lowered for CUDA on a CPU-only
+machine holds the GPU's form. ``AlexNet(ops=...)`` also takes a bundle (:class:`TowerOps`).
 """
 
 from __future__ import annotations
@@ -45,12 +31,9 @@ def _conv_nhwc(x, kernel, strides, padding):
 def tower_conv(x_NHWC: jax.Array, kernel_HWIO: jax.Array, strides, padding) -> jax.Array:
     """One tower's convolution that stays dense when vmapped over the towers.
 
-    Plain ``jax.vmap`` of a convolution over stacked kernels becomes one grouped
-    convolution (``feature_group_count=towers``), which XLA:CPU runs 5-7x slower
-    than the same work as dense convolutions. Under vmap this runs one dense
-    convolution per tower instead (or, when the towers share the input, as
-    conv1 does, one convolution with the towers' kernels side by side). The
-    maths is the same; only the program XLA sees differs.
+    A plain vmap over stacked kernels is one grouped convolution, which XLA:CPU runs 5-7x slower than
+    the same work as dense ones. Under vmap this is one dense convolution per tower (with a shared input,
+    as conv1's, one convolution over the kernels side by side): the same maths, another program.
     """
 
     @jax.custom_batching.custom_vmap
@@ -76,9 +59,8 @@ def tower_conv(x_NHWC: jax.Array, kernel_HWIO: jax.Array, strides, padding) -> j
 def _towers_matmul(x_TNI: jax.Array, kernel_TIO: jax.Array) -> jax.Array:
     """``x[t] @ kernel[t]`` for every tower t, with gradients written as plain matmuls.
 
-    Autodiff of the einsum computes the kernel gradient transposed and then
-    transposes it back (a copy of the whole kernel per step, 0.1-0.3 s for fc6
-    on CPU); asking for ``x^T g`` directly gives it in the kernel's own layout.
+    Autodiff of the einsum computes the kernel gradient transposed, then transposes it back (a copy of
+    the whole kernel, 0.1-0.3 s for fc6 on CPU); ``x^T g`` directly is already in the kernel's layout.
     """
     return jnp.einsum("tni,tio->tno", x_TNI, kernel_TIO)
 
@@ -109,11 +91,9 @@ def _varying_alike(*arrays):
 def tower_dense(x_NI: jax.Array, kernel_IO: jax.Array) -> jax.Array:
     """One tower's ``x @ kernel`` that stays a batched matmul over towers when vmapped.
 
-    Vmapped over stacked kernels with an input the towers share (after an
-    exchange), XLA:CPU merges the towers into one matmul and transposes the
-    whole kernel to do so, forwards and backwards: for fc6, 150 MB copied twice
-    per step. Broadcasting the input keeps the kernel where it is; the batched
-    matmul's gradients are ``_towers_matmul``'s.
+    With an input the towers share (after an exchange), XLA:CPU merges the towers into one matmul by
+    transposing the whole kernel, forwards and backwards (fc6: 150 MB copied twice a step). Broadcasting
+    the input keeps the kernel in place; the gradients are ``_towers_matmul``'s.
     """
 
     @jax.custom_batching.custom_vmap
@@ -180,10 +160,9 @@ def plain_max_pool(x_NHWC: jax.Array, window: int, stride: int) -> jax.Array:
 def max_pool(x_NHWC: jax.Array, window: int, stride: int) -> jax.Array:
     """Max-pooling (no padding) whose gradient is computed without XLA's select-and-scatter.
 
-    The gradient is the usual one: each window sends its output gradient to its
-    first maximum in row-major order (as ``jax.lax.reduce_window``'s gradient
-    does, ties included). XLA:CPU lowers select-and-scatter to index arrays and
-    a scatter; here it is ``window**2`` strided compares and pads, fused.
+    The usual gradient, ties included: each window's goes to its first maximum in row-major order, as
+    ``reduce_window``'s does. XLA:CPU lowers select-and-scatter to index arrays and a scatter; here it is
+    ``window**2`` strided compares and pads, fused.
     """
     return plain_max_pool(x_NHWC, window, stride)
 

@@ -1,15 +1,10 @@
 """The last pipeline step, on the accelerator: uint8 batches in, float32 model inputs out.
 
-The loader sends uint8 crops with each view's ``crop_yx``, ``flip`` and
-``alpha`` (a quarter of the bytes of float32, and no float work on the host);
-:func:`normalize`, inside the jitted step, subtracts the mean image's matching
-window and adds the PCA lighting. tests/data/_reference.py does the same in
-float64 NumPy, in the paper's order, and the tests compare the two.
-
-Lighting units: the RGB covariance's eigenvalues ``eigval`` are on [0, 1]
-pixels (the convention under which ``alpha ~ N(0, 0.1)`` moves a pixel a few
-grey levels, as in Caffe and fb.resnet.torch), so the offset
-``eigvec @ (alpha * eigval)`` is multiplied by 255 for 0..255 pixels.
+The loader sends uint8 crops with each view's ``crop_yx``, ``flip`` and ``alpha`` (a quarter of the
+bytes, no float work on the host); :func:`normalize`, in the jitted step, subtracts the mean image's
+matching window and adds the PCA lighting (tests/data/_reference.py: the same in float64, paper order).
+Units: ``eigval`` is on [0, 1] pixels (where ``alpha ~ N(0, 0.1)`` moves a pixel a few grey levels, as
+in Caffe and fb.resnet.torch), so ``eigvec @ (alpha * eigval)`` is scaled by 255 for 0..255 pixels.
 """
 
 from __future__ import annotations
@@ -46,8 +41,7 @@ def normalize(batch: dict, mean_image, eigval, eigvec, *, lighting: bool = True)
 def eval_views(image_BSSC: jax.Array, mean_image, crop: int) -> jax.Array:
     """Whole ``resize x resize`` uint8 images -> the paper's ten test views, float32 ``(B, 10, crop, crop, 3)``.
 
-    The loader sends each validation image once (1.3x the bytes of a centre
-    crop, not 10x); the views are static slices here, in
+    Each image crosses once (1.3x a centre crop's bytes, not 10x); the views are static slices in
     :func:`transforms.ten_crop_params` order, so view 4 is the centre crop.
     """
     from alexnet_jax.data.transforms import ten_crop_params

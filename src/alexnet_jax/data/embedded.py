@@ -1,17 +1,10 @@
-"""The embedded default dataset: 10 classes the package draws itself, no download.
+"""The embedded default dataset: 10 classes the package draws itself, no download (docs/training.md).
 
-Each class is a (shape, colour arrangement) pair: five shapes (disk, square,
-triangle, cross, ring) whose upper half is reddish and lower half bluish, or
-the reverse. Shapes have (roughly) equal area and both arrangements use the
-same two colours, so the mean colour of an image says almost nothing about its
-class: a model must see *where* each colour is and *what outline* it fills.
-Random hue/saturation/brightness jitter, position, scale, rotation, a random
-background colour with clutter (lines and blobs in any colour, reds and blues
-included) and pixel noise make it a real, if small, learning problem.
-
-Images are written as real JPEG files in the ImageNet folder layout
-(``train/<class>/*.JPEG``, ``val/<class>/*.JPEG``) so the default run goes
-through every step a real ImageNet run does, preparation included.
+A class is a shape (disk, square, triangle, cross, ring) with red over blue or blue over red. Shapes of
+about equal area and the same two colours in both arrangements make the mean colour useless: a model must
+see *where* each colour is and *what outline* it fills; jitter, pose, clutter in the same colours and
+noise make it a real, if small, problem. Images are real JPEGs in the ImageNet folder layout, so the
+default run takes every step an ImageNet run does, preparation included.
 """
 
 from __future__ import annotations

@@ -38,18 +38,10 @@ def run_jobs(fn, jobs: list, workers: int, total: int, progress: bool, label: st
              on_result=None, done_before: int = 0) -> None:
     """``on_result(fn(job))`` for every job, on ``workers`` processes, with progress over ``total`` images.
 
-    ``fn`` calls :func:`tick` once per image; ``done_before`` images were done by
-    an earlier run (resumed). Progress is a bar on a terminal and a plain line
-    every 30 s in a log (:mod:`alexnet_jax.data.passprogress`). Each worker has
-    one job at a time, so results are reduced as they come (memory stays flat);
-    their order is not the jobs' order. A worker's exception is raised here.
-
-    SIGTERM or Ctrl-C (handled in the main thread while this runs) stops the
-    pass at a clean point: results already received have gone through
-    ``on_result``, the workers are killed (they ignore both signals, so a
-    signal sent to the whole process group does not kill them half-way), and
-    :class:`PassInterrupted` is raised: no traceback from the workers and
-    nothing left for the resource tracker to report.
+    ``fn`` calls :func:`tick` once per image; ``done_before`` images were done by an earlier (resumed) run.
+    One job per worker at a time, so results are reduced as they come; their order is not the jobs'. A
+    worker's exception is raised here. SIGTERM or Ctrl-C: results received have gone through
+    ``on_result``, the workers (which ignore both) are killed, and :class:`PassInterrupted` is raised.
     """
     global _inline_stop
     on_result = on_result or (lambda result: None)

@@ -1,33 +1,12 @@
-"""The data config's fields, and the training and evaluation iterators built from them.
+"""The data config's fields (:func:`default_data_config`), and the grain iterators built from them.
 
-:func:`default_data_config` lists every field; :mod:`alexnet_jax.data.locate`
-checks a config and finds its data; this module streams that data through
-grain, from either source form.
-
-Training stream (all index-based ``MapDataset`` steps, so any worker count
-gives the same batches and an iterator's state is just a position)::
-
-    decoded source -> shuffle(seed) -> repeat -> random crop/flip/alpha(seed)
-        -> blocks of batch_size // shard_count -> this host's blocks [shard_index::shard_count]
-        -> worker processes (mp_prefetch)
-
-Batches stay uint8, with each view's ``crop_yx``, ``flip`` and ``alpha``: the
-jitted step subtracts the mean image and adds the lighting
-(:mod:`alexnet_jax.data.device`), so the host sends a quarter of the bytes and
-does no float work.
-
-The shuffle and the augmentation happen on the *global* stream before the
-host slice, and host h's batch t is the h-th contiguous block of global batch
-t: the hosts' batches, concatenated in host order, are the one-host batch,
-in the same order, whatever the number of hosts (dropout masks depend on an
-example's row, so the order matters). Each host yields ``batch_size //
-shard_count`` examples per step; ``batch_size`` is the global batch.
-
-Evaluation covers the split exactly once: the stream is padded to a whole
-number of global batches and padding (and any unreadable image) has
-``mask=False``. Mode 'center' sends the centre crop; mode 'whole' sends the
-whole ``resize_size`` image once, and the device cuts the paper's ten views
-from it (:func:`alexnet_jax.data.device.eval_views`).
+Every step is an index-based ``MapDataset``, so any worker count gives the same batches and a state is a
+position: source -> epoch shuffle -> crop/flip/alpha -> blocks of ``batch_size // shard_count`` (the
+batch is global) -> this host's blocks -> workers. Shuffle and augmentation run before the host slice,
+so the hosts' batches, concatenated in host order, are the one-host batch in its order (dropout masks
+follow an example's row). Batches stay uint8 (a quarter of the bytes, no float work on the host); the
+jitted step applies mean and lighting (:mod:`alexnet_jax.data.device`). Evaluation covers the split
+once, padded to whole global batches with ``mask=False``; 'whole' mode sends each image once.
 """
 
 from __future__ import annotations
@@ -129,13 +108,10 @@ def _to_iter(cfg, ds: grain.MapDataset, num_workers: int | None):
 
 
 def _worker_init(worker_index: int, worker_count: int) -> None:
-    """In each loader worker process: leave SIGINT and SIGTERM to the main process.
+    """In each loader worker: ignore SIGINT/SIGTERM (they reach every process of the job), and end with the parent.
 
-    A terminal's Ctrl-C and SLURM's SIGTERM reach every process of the job. A
-    worker killed by them would take with it the batch the main process needs to
-    finish its step and save. The main process stops its workers itself (grain
-    sets an event, then sends SIGKILL); a worker whose main process died without
-    doing so ends within a second.
+    The main process needs the workers' batches to finish its step and save, and stops them itself (grain
+    sets an event, then SIGKILLs); a worker whose main process died without doing so ends within a second.
     """
     import os
     import signal
@@ -155,13 +131,11 @@ def _worker_init(worker_index: int, worker_count: int) -> None:
 
 
 def release_shared_memory() -> None:
-    """Unlink the shared memory of batches the worker processes sent, before the interpreter exits.
+    """Unlink the shared memory of the workers' batches before exit; call after the iterators are closed.
 
-    Call after the iterators are closed and their batches dropped. grain frees a
-    batch's shared memory from a thread pool when the array is collected; at exit
-    that pool never runs, and Python's resource tracker reports every block as
-    leaked. Collect the arrays now and let the pool finish. (grain keeps the pool
-    in private attributes; if they move, this does nothing and the warning returns.)
+    grain frees it from a thread pool when an array is collected, a pool that never runs at exit, so the
+    resource tracker reports every block as leaked. The pool is a private attribute: if it moves, this
+    does nothing and the warning returns.
     """
     import gc
 
@@ -178,9 +152,8 @@ def release_shared_memory() -> None:
 class EpochShuffle(grain.MapDataset):
     """``parent`` repeated forever, each epoch in its own random order, drawn from ``(seed, epoch)``.
 
-    What ``shuffle(seed).repeat()`` gives, but with the epoch's permutation
-    drawn once by NumPy and kept: grain's per-element ``index_shuffle`` cost
-    ~130 us an image, a tenth of decoding a 256x256 JPEG.
+    ``shuffle(seed).repeat()`` with each epoch's permutation drawn once by NumPy: grain's per-element
+    ``index_shuffle`` cost ~130 us an image, a tenth of decoding a 256x256 JPEG.
     """
 
     def __init__(self, parent: grain.MapDataset, *, seed: int):
@@ -218,15 +191,11 @@ def build_train_dataset(cfg, *, batch_size: int, seed: int, image_size: int | No
 
 
 class TrainIterator(grain.DatasetIterator):
-    """Training batches whose saved state is just the next batch number (plus a fingerprint).
+    """Training batches whose saved state is the next batch number plus a fingerprint of the stream.
 
-    Every batch is an element of a batch-indexed ``MapDataset``, so resuming at
-    batch n is building the pipeline on ``ds[n:]``: the state does not depend
-    on the number of worker processes, nor on the number of hosts (host h's
-    batch n is always its slice of global batch n). Restoring a state made with
-    another seed, global batch, crop or dataset raises instead of silently
-    giving different data. A ``grain.DatasetIterator``, so grain's Orbax
-    checkpoint handler saves it as it is.
+    Resuming at batch n is building the pipeline on ``ds[n:]``, so the state holds for any worker or host
+    count. A state from another seed, global batch, crop or dataset raises instead of giving other data.
+    A ``grain.DatasetIterator``, so grain's Orbax checkpoint handler saves it as it is.
     """
 
     def __init__(self, ds: grain.MapDataset, make_iter, fingerprint: dict):
@@ -274,12 +243,9 @@ def build_train_iter(cfg, *, batch_size: int, seed: int, image_size: int | None 
     """Endless iterator of ``{'image': uint8 (B, crop, crop, 3), 'label': int32 (B,), 'mask': bool (B,),
     'crop_yx', 'flip', 'alpha'}``, the last three for :func:`alexnet_jax.data.device.normalize`.
 
-    ``batch_size`` is global; this host gets ``batch_size // shard_count``.
-    ``shard_index``/``shard_count`` None means ``jax.process_index()/process_count()``.
-    Save with ``it.get_state()`` (a small JSON-able dict) and continue with
-    ``it.set_state(state)`` on a freshly built iterator with the same config and
-    seed (any worker count, any host count). Call ``it.close()`` to stop the
-    worker processes.
+    ``batch_size`` is global; this host gets ``batch_size // shard_count`` (None: JAX's process index and
+    count). ``get_state()`` is a small JSON-able dict for ``set_state`` on a fresh iterator with the same
+    config and seed; ``close()`` stops the workers.
     """
     data = data or resolve(cfg)
     ds = build_train_dataset(cfg, batch_size=batch_size, seed=seed, image_size=image_size,
@@ -335,10 +301,7 @@ def build_eval_iter(cfg, *, batch_size: int, mode: str = "center", split: str = 
                     num_workers: int | None = None, data: ResolvedData | None = None):
     """One pass over ``split``: ``{'image': uint8 (B, crop, crop, 3) ('center', with ``crop_yx``, ``flip``,
     ``alpha``) or (B, resize, resize, 3) ('whole'), 'label': int32 (B,), 'mask': bool (B,)}``; count only
-    ``mask`` rows.
-
-    Every host yields the same number of batches (padding included), so a
-    collective eval step never waits on a host that has run out.
+    ``mask`` rows. Every host yields as many batches, so a collective eval step never waits on one.
     """
     ds = build_eval_dataset(cfg, batch_size=batch_size, mode=mode, split=split, image_size=image_size,
                             shard_index=shard_index, shard_count=shard_count, data=data)
@@ -346,12 +309,10 @@ def build_eval_iter(cfg, *, batch_size: int, mode: str = "center", split: str = 
 
 
 class EvalPasses:
-    """Evaluation over a split again and again, with the same worker processes every time.
+    """Each call yields one exact pass over a split (as :func:`build_eval_iter`), from the same workers.
 
-    Each call yields one exact pass (padding masked out, as
-    :func:`build_eval_iter`). The stream underneath is the pass repeated, so
-    the workers start once per run rather than once per evaluation (about 3 s
-    each), and they decode the next pass's first batches while training runs.
+    The stream underneath is the pass repeated, so the workers start once per run, not once per
+    evaluation (about 3 s each), and decode the next pass's first batches while training runs.
     """
 
     def __init__(self, cfg, *, batch_size: int, mode: str = "center", split: str = "val",

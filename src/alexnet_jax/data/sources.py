@@ -1,16 +1,10 @@
 """Where images come from and how they are decoded: one interface over both record forms.
 
-A record source maps an index to ``(name, label, payload)``: either the
-files of an ImageNet-layout folder (:class:`FolderRecords`, over a
-:class:`~alexnet_jax.data.layout.SplitFiles`) or the ArrayRecord shards that
-``prepare`` packs (:class:`PackedRecords`). A payload is an encoded image
-(``'jpeg'`` records: a file's bytes, or a packed JPEG) or, for shards prepared
-with ``--records raw``, the ``size x size x 3`` uint8 pixels themselves
-(``'raw'``); :func:`decode_record_pixels` reads either. :class:`DecodedSource`
-turns that into ``{'image': uint8 HWC, 'label': int32, 'mask': bool}``. Decoding never raises
-mid-epoch: an unreadable image is either replaced by the next readable one
-(training) or returned with ``mask=False`` (evaluation), and is always named
-in a warning.
+A record source maps an index to ``(name, label, payload)``, from a folder (:class:`FolderRecords`) or
+from ``prepare``'s ArrayRecord shards (:class:`PackedRecords`); a payload is an encoded image (``'jpeg'``)
+or the uint8 pixels themselves (``'raw'``). :class:`DecodedSource` turns it into ``{'image', 'label',
+'mask'}`` and never raises mid-epoch: an unreadable image is replaced (training) or masked out
+(evaluation), and always named in a warning.
 """
 
 from __future__ import annotations
@@ -36,15 +30,12 @@ log = logging.getLogger(__name__)
 
 
 def decode_image(data: bytes, size: int, warp: bool = False) -> np.ndarray:
-    """Bytes of any Pillow-readable image -> uint8 ``(size, size, 3)`` RGB.
+    """Any Pillow-readable image's bytes (CMYK, grey, palette too) -> uint8 ``(size, size, 3)`` RGB.
 
-    The paper's preprocessing: rescale so the shorter side is ``size``, keep the
-    central ``size x size``; ``warp``: resize to ``size x size`` whatever the
-    aspect ratio (Caffe's test-time resize). CMYK, grayscale, palette and PNG-named-JPEG inputs
-    are converted to RGB; truncated or corrupt files raise :class:`DecodeError`.
-    A JPEG that is already ``size x size`` (every packed record) is decoded by
-    libjpeg-turbo straight into a NumPy array: the same pixels as Pillow's, in
-    about half the time (Pillow copies the decoded image twice more).
+    The paper's shorter side to ``size`` and central square, or with ``warp`` the whole image to
+    ``size x size`` (Caffe's test-time resize). A JPEG already ``size x size`` (every packed record) goes
+    through libjpeg-turbo straight into NumPy: Pillow's pixels in half the time (Pillow copies twice more).
+    A truncated or corrupt file raises :class:`DecodeError`.
     """
     img_HWC = _decode_square_jpeg(data, size)
     return img_HWC if img_HWC is not None else decode_with_pillow(data, size, warp)
@@ -100,9 +91,8 @@ def rescale_center_square(im: Image.Image, size: int, warp: bool = False) -> np.
 def encode_jpeg(img_HWC: np.ndarray, quality: int = 95, subsampling: str = "420") -> bytes:
     """uint8 HWC -> JPEG bytes (what the packed form stores).
 
-    ``subsampling`` '420' (half-resolution chroma, the usual JPEG choice and the
-    fastest to decode) or '444' (full chroma: ~1.3x slower to decode, closer
-    to the source since colour edges are not blurred a second time).
+    ``subsampling`` '420' (half-resolution chroma, fastest to decode) or '444' (~1.3x slower to decode,
+    closer to the source: colour edges are not blurred a second time).
     """
     codes = {"444": 0, "422": 1, "420": 2}
     if subsampling not in codes:
@@ -135,12 +125,9 @@ def decode_record_pixels(payload: bytes, size: int, records: str = "jpeg", *, wa
                          name: str | None = None) -> np.ndarray:
     """One record's payload -> uint8 ``(size, size, 3)`` RGB, for either record format.
 
-    ``'jpeg'``: :func:`decode_image` (any Pillow-readable bytes; ``warp`` as
-    there). ``'raw'``: the pixels as they are stored, a read-only view of
-    ``payload`` (no copy, no decoding; ``warp`` does not apply, the square is
-    already cut). A raw payload of the wrong length is a :class:`DecodeError`
-    naming ``name`` and the expected and actual byte counts, so a damaged
-    record is handled like a corrupt JPEG. The loader benchmark times this.
+    ``'jpeg'``: :func:`decode_image`. ``'raw'``: a read-only view of ``payload`` (no copy; ``warp`` does
+    not apply, the square is already cut); a wrong length is a :class:`DecodeError` naming ``name``, so a
+    damaged record is handled like a corrupt JPEG.
     """
     if records == "jpeg":
         return decode_image(payload, size, warp)
@@ -200,9 +187,8 @@ class FolderRecords:
 class PackedRecords:
     """Index -> (name, label, payload) from ArrayRecord shards written by ``prepare``.
 
-    ``records`` is the shards' payload format, ``'jpeg'`` or ``'raw'``: what the
-    folder's ``metadata.json`` says (``prepare.packed_records(dst, split)``
-    reads it and builds this). :class:`DecodedSource` decodes by ``record_format``.
+    ``records``: the payload format, ``'jpeg'`` or ``'raw'``, as the folder's ``metadata.json`` says
+    (``packed_records(dst, split)`` reads it and builds this).
     """
 
     def __init__(self, shard_paths: Sequence[str], records: str = "jpeg"):
@@ -229,16 +215,10 @@ class PackedRecords:
 class DecodedSource:
     """Random-access source of decoded ``{'image', 'label', 'mask'}`` examples.
 
-    on_error='substitute' (training): an unreadable image is replaced by the next
-    readable one with *that* image's label, so batches stay full and no label is
-    wrong. on_error='mask' (evaluation): a zero image with ``mask=False``, so the
-    example is neither counted nor replaced by a duplicate. Both log a warning
-    naming the file (once per file and process); ``failures`` maps each
-    unreadable file met in this process to its error. The records' payload
-    format is their ``record_format`` (``'jpeg'`` when they have none, as
-    :class:`FolderRecords`); a raw record of the wrong length fails like a
-    corrupt JPEG. Raw images are read-only views of the record bytes: the
-    transforms only slice and copy them, never write into them.
+    on_error='substitute' (training): an unreadable image becomes the next readable one, with *its* label,
+    so batches stay full and no label is wrong. on_error='mask' (evaluation): a zero image with
+    ``mask=False``, neither counted nor duplicated. Both warn once per file and process; ``failures`` maps
+    each to its error. Raw images are read-only views of the record bytes: transforms must never write.
     """
 
     def __init__(self, records, size: int, on_error: str = "substitute", warp: bool = False):

@@ -1,12 +1,9 @@
 """The training set's mean image and RGB eigens (paper, Section 4.1): the sums, and a folder's cached pass.
 
-Preparation (:mod:`packing`) and the pass over a JPEG folder here add up the
-same exact per-image sums (integers in float64, so any order and any resumed
-pass give the same result) and finish them with :func:`finish_stats`. A
-folder's statistics are computed once, resumably, and cached under a key of
-its path, the resize size and its file list, so a changed folder gets new
-ones; a file lock lets one of several starting processes compute while the
-others wait. ``data.stats='published'`` skips the pass: :func:`published_stats`.
+Preparation (:mod:`packing`) and the folder pass here add the same exact per-image sums (integers in
+float64: any order, and a resumed pass, give the same result), finished by :func:`finish_stats`. A
+folder's result is cached under its path, resize size and file list, and a file lock lets one starting
+process compute while the others wait. ``data.stats='published'`` skips the pass (:func:`published_stats`).
 """
 
 from __future__ import annotations
@@ -183,13 +180,10 @@ def compute_stats(files: layout.SplitFiles, size: int, *, workers: int | None = 
                   chunk_size: int | None = None) -> dict:
     """Mean image and RGB eigens of ``files`` decoded at ``size``, as preparation computes them.
 
-    With ``partial`` (a file path) the pass is resumable: the sums of the
-    finished chunks of ``chunk_size`` files (and which chunks they are) are
-    saved there atomically as chunks finish (at most every ``SAVE_EVERY_S``,
-    after the first chunk, and when the pass is stopped), and a later call
-    continues from them. The sums are integers held exactly in float64, so
-    a resumed pass gives the very result of an uninterrupted one. SIGTERM or
-    Ctrl-C raises :class:`PassInterrupted` after saving.
+    With ``partial`` (a file path) the pass resumes: the finished chunks' sums are saved there atomically
+    (at most every ``SAVE_EVERY_S``, after the first chunk, and on stop) and a later call continues from
+    them, to the very result of an uninterrupted pass. SIGTERM or Ctrl-C raises :class:`PassInterrupted`
+    after saving.
     """
     workers = (os.cpu_count() or 1) if workers is None else workers
     n = len(files)
