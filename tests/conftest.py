@@ -18,3 +18,16 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--heavy", choices=("run", "skip"), default="run",
+                     help="skip: leave out the tests marked heavy (what .ci/run does first, to fit its time)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--heavy") == "skip":
+        heavy = [item for item in items if "heavy" in item.keywords]
+        if heavy:
+            config.hook.pytest_deselected(items=heavy)
+            items[:] = [item for item in items if "heavy" not in item.keywords]

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # over a minute on 2 cores: .ci/run runs it when time allows
 def test_bench_gpu_quick(tmp_path):
     out = tmp_path / "quick.json"
     p = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--quick", "--json", str(out)], cwd=ROOT,

@@ -332,6 +332,7 @@ def expected_errors(probs, labels):
 
 
 @pytest.mark.slow  # a command compiling the full-size net's eval step
+@pytest.mark.heavy  # over a minute on 2 cores: .ci/run runs it when time allows
 def test_evaluate_command_on_a_converted_checkpoint(converted, images, tmp_path):
     """Only 3 of the 1000 classes in the folder: labels still go through the checkpoint's class list."""
     import json

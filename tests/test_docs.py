@@ -141,6 +141,8 @@ COMMANDS = {
         "tests/test_convert.py::test_evaluate_command_on_a_converted_checkpoint",
     # docs/testing.md
     ".venv/bin/python -m pytest -q -m slow": ".ci/run",
+    ".venv/bin/python -m pytest -q -m heavy": ".ci/run",
+    ".venv/bin/ruff check .": ".ci/run",
     ".venv/bin/python -m pytest -q -n 0 -k lrn": "not run: an example of picking tests",
     # docs/training.md
     "python launch.py --config=configs/demo.py --config.total_steps=100 --workdir=runs/short":

@@ -85,6 +85,7 @@ def test_bad_command_lines_fail_with_one_clear_message(args, message):
 
 
 @pytest.mark.slow  # two launch.py runs; the hybrid layout's training itself is in test_parallel_train_step
+@pytest.mark.heavy  # over a minute on 2 cores: .ci/run runs it when time allows
 def test_hybrid_layout_from_the_command_line(tmp_path):
     """The README's command, --config.mesh.parallelism=hybrid, on the 2 virtual CPU devices: its
     3 steps end at the parameters the data layout reaches from the same seed, the FC kernels

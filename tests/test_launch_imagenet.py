@@ -38,6 +38,7 @@ def stats_files(cache):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # over a minute on 2 cores: .ci/run runs it when time allows
 def test_paper_config_on_a_raw_folder(folder, tmp_path):
     """The README's headline command, with overrides for size only: statistics are made on first use."""
     r = run("--config=configs/paper.py", f"--config.data.root={folder}", "--config.model.num_classes=4",
@@ -55,6 +56,7 @@ def test_paper_config_on_a_raw_folder(folder, tmp_path):
 
 
 @pytest.mark.slow  # two full demo runs; the stats cache itself is in tests/data/test_data_stats.py
+@pytest.mark.heavy  # over a minute on 2 cores: .ci/run runs it when time allows
 def test_demo_recipe_on_a_users_folder_computes_stats_once(folder, tmp_path):
     first = run(*DEMO_ON_FOLDER, f"--config.data.root={folder}", "--config.total_steps=3",
                 f"--workdir={tmp_path / 'a'}", cache=tmp_path / "cache")
@@ -70,6 +72,7 @@ def test_demo_recipe_on_a_users_folder_computes_stats_once(folder, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # over a minute on 2 cores: .ci/run runs it when time allows
 def test_packed_form_and_stats_path_from_the_command_line(folder, tmp_path):
     packed = tmp_path / "packed"
     r = run("--src", folder, "--dst", packed, "--size", 72, "--quiet", cache=tmp_path / "cache",
@@ -112,6 +115,7 @@ def test_one_device_runs_both_towers_and_says_so(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # over a minute on 2 cores: .ci/run runs it when time allows
 def test_the_gpu_commands_on_raw_records(folder, tmp_path):
     """README's and docs/gpu.md's GPU lines as typed (sizes overridden: 4 classes, a sixteenth of the
     widths, 2 steps, 1 worker), here on the 2 virtual CPU devices: raw records, bfloat16, the towers

@@ -130,6 +130,7 @@ def test_data_layout_agrees_with_one_device():
 
 
 @pytest.mark.slow  # the full-size forward is also checked against a NumPy reference in test_model_reference
+@pytest.mark.heavy  # over a minute on 2 cores: .ci/run runs it when time allows
 def test_layouts_agree_full_size_paper_net():
     check_layouts({}, batch=8)
 
