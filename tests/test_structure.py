@@ -311,3 +311,39 @@ def test_each_check_catches_its_planted_mistake(tmp_path):
     assert function_lines(pkg, "train.py", "missing") is None
     assert module_getattrs(pkg) == [("lazy.py", 3), ("lazy2.py", 4)]
     assert long_modules(pkg, limits={"model.py": 300}) == [("big.py", 401, 400), ("model.py", 301, 300)]
+
+
+# The network's rules are checked where a config or a mesh comes in, once; the traced forward trusts them.
+CHECKERS = {"from_config", "_check_widths", "_check_sizes", "check_layout", "layout_named", "make_mesh",
+            "mesh_for_config", "validate_config", "_check_section"}
+FORWARD_MODULES = ("model.py", "axes.py", "tower_ops.py", "parallel.py", "config_check.py")
+
+
+def config_errors_outside_checkers(package: Path) -> list[str]:
+    """``raise ConfigError`` in the network's modules anywhere but a boundary checker (CHECKERS)."""
+    found = []
+    for name in FORWARD_MODULES:
+        path = package / name
+        if not path.exists():
+            continue
+        tree = _tree(path)
+        for fn in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
+            for node in ast.walk(fn):
+                raised = node.exc if isinstance(node, ast.Raise) else None
+                call = raised.func if isinstance(raised, ast.Call) else raised
+                if isinstance(call, ast.Name) and call.id == "ConfigError" and fn.name not in CHECKERS:
+                    found.append(f"{name}:{fn.name} line {node.lineno}")
+    return sorted(set(found))
+
+
+def test_the_forward_pass_raises_no_config_error():
+    found = config_errors_outside_checkers(PACKAGE)
+    assert not found, _listing("ConfigError raised outside the boundary checkers (check it in from_config, "
+                               "check_layout or config_check instead)", found)
+
+
+def test_a_config_error_in_the_forward_pass_is_caught(tmp_path):
+    (tmp_path / "model.py").write_text("class ConfigError(ValueError):\n    pass\n\n\ndef from_config(c):\n"
+                                       "    raise ConfigError('ok here')\n\n\nclass Tower:\n"
+                                       "    def _dense(self, n):\n        raise ConfigError('not here')\n")
+    assert config_errors_outside_checkers(tmp_path) == ["model.py:_dense line 11"]
