@@ -47,9 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.root = ml_collections.config_dict.placeholder(str)  # set --config.data.root=/path/to/imagenet
     c.data.format = "auto"  # 'auto': the packed shards if packed_dir is set, else the JPEG folder; or 'folder'/'packed'
     c.data.num_workers = 8  # grain worker processes decoding and augmenting
-    # Section 4.1: the training set's own mean image and RGB eigens (one cached pass over a folder, ~50 min);
-    # 'published': ImageNet's published RGB mean and fb.resnet.torch's PCA, no pass
-    c.data.stats = "computed"
+    # 'computed' (Section 4.1): the training set's own mean image and RGB eigens, one cached pass over a folder
+    # (~50 min); 'published': ImageNet's published RGB mean and fb.resnet.torch's PCA, no pass.
+    c.data.stats = "computed"  # the mean image and lighting eigens: 'computed' or 'published' (above)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 0.01  # initial learning rate epsilon (Section 5); on resume, a new value is a manual drop
