@@ -45,6 +45,10 @@ def test_slug_follows_github():
     assert slug("The demo departs from the paper's initialisation") == "the-demo-departs-from-the-papers-initialisation"
 
 
+# Run as typed, relative paths and all, in a copy of the repository root (checkpoints named on the pages are
+# copies of the demo run there): test_journey runs every entry marked so.
+VERBATIM = "verbatim: tests/test_journey.py::test_a_newcomers_journey_verbatim"
+
 # Every command line of README.md and docs/ (comments dropped, continuation lines joined), and the test
 # that runs it as a user types it (sizes may be overridden), or why none does.
 COMMANDS = {
@@ -113,15 +117,16 @@ COMMANDS = {
         "tests/test_launch_imagenet.py::test_packed_form_and_stats_path_from_the_command_line",
     "python launch.py --config=configs/paper.py --config.data.packed_dir=/path/to/packed --workdir=runs/paper":
         "tests/test_launch_imagenet.py::test_packed_form_and_stats_path_from_the_command_line",
-    "python -m alexnet_jax.evaluate --checkpoint=runs/paper --json=runs/paper/val.json":
-        "tests/test_evaluate.py::test_command_matches_the_classifier_on_the_same_images",
+    "python -m alexnet_jax.evaluate --checkpoint=runs/paper --json=runs/paper/val.json": VERBATIM,
     "python -m alexnet_jax.evaluate --checkpoint=runs/paper --config.data.root=/other/copy/of/imagenet --views=center":
         "tests/test_evaluate.py::test_devkit_layout_gives_the_class_folder_result",
     # docs/inference.md
-    "python -m alexnet_jax.viz --checkpoint runs/demo --out figures/":
-        "tests/test_viz.py::test_command_line_writes_the_four_figures",
-    "python -m alexnet_jax.viz --checkpoint runs/demo --out figures/ --images a.jpg b.png":
-        "tests/test_viz.py::test_command_line_writes_the_four_figures",
+    "python -m alexnet_jax.evaluate --checkpoint runs/demo": VERBATIM,
+    "python -m alexnet_jax.predict --checkpoint runs/demo cat.jpg": VERBATIM,
+    "python -m alexnet_jax.viz --checkpoint runs/demo --out figures/": VERBATIM,
+    "python -m alexnet_jax.export --checkpoint runs/demo --out runs/demo_weights": VERBATIM,
+    "python -m alexnet_jax.costs --config=configs/demo.py": VERBATIM,
+    "python -m alexnet_jax.viz --checkpoint runs/demo --out figures/ --images a.jpg b.png": VERBATIM,
     # docs/parallelism.md
     "python -m alexnet_jax.costs --config=configs/paper.py --devices=4 --config.mesh.parallelism=hybrid "
     "[--json costs.json]":
@@ -132,8 +137,7 @@ COMMANDS = {
     "python -m alexnet_jax.evaluate --checkpoint=runs/bvlc_alexnet --data=/path/to/imagenet "
     "[--views=center|ten_crop] [--json=val.json]":
         "tests/test_convert.py::test_evaluate_command_on_a_converted_checkpoint",
-    "python -m alexnet_jax.predict --checkpoint runs/bvlc_alexnet cat.jpg dog.png [--json out.json]":
-        "tests/test_convert.py::test_predict_command_prints_caffes_top5",
+    "python -m alexnet_jax.predict --checkpoint runs/bvlc_alexnet cat.jpg dog.png [--json out.json]": VERBATIM,
     "pip install torch": "not run: installs a package (the test extra has torch)",
     "python -m alexnet_jax.convert --torchvision alexnet-owt-7be5be79.pth --out runs/torchvision_alexnet":
         "tests/test_convert_torchvision.py::test_bad_state_dicts_get_one_line_errors",
@@ -168,6 +172,9 @@ def test_every_documented_command_is_run_by_a_test_or_says_why_not():
     assert set(COMMANDS) - set(found) == set(), "an entry here for a command no page has any more"
     for command, where in COMMANDS.items():
         if where.startswith("not run: "):
+            continue
+        if where == VERBATIM:  # test_journey runs the line itself; it must be one it can run here
+            assert not re.search(r"(^|\s|=)/", command), f"an absolute path cannot run verbatim: {command}"
             continue
         if where == ".ci/run":
             assert command.split("&& ")[-1] in (ROOT / ".ci" / "run").read_text(), command

@@ -182,3 +182,36 @@ def test_clean_exits_with_loader_workers(tmp_path):
     r = launch(tmp_path / "bad", *WORKERS, "--config.model.lrn_convention=caffe")
     assert r.returncode == 1 and "lrn_convention" in r.stderr, r.stderr[-3000:]
     quiet_end(r.stdout + r.stderr)
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for t in Path(f"/proc/{pid}/task").iterdir()
+                for c in (t / "children").read_text().split()]
+    except OSError:
+        return []
+
+
+def test_ctrl_c_in_the_first_seconds_is_one_line_and_130(tmp_path):
+    """A Ctrl-C from a terminal (SIGINT to the process group) during launch.py's imports, and again while
+    its loader workers start: one line, no traceback from the process or a worker, nothing saved."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    for when in ("imports", "workers"):
+        wd = tmp_path / when
+        p = subprocess.Popen([sys.executable, "launch.py", "--config=configs/demo.py", f"--workdir={wd}", *TINY,
+                              "--config.data.num_workers=2", "--config.total_steps=50"], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        if when == "imports":
+            time.sleep(0.3)
+        else:  # a grain worker process exists: it is importing its modules
+            wait_for(lambda: len(children(p.pid)) >= 2, p)
+        os.killpg(p.pid, signal.SIGINT)
+        out, err = p.communicate(timeout=300)
+        quiet_end(out + err)
+        assert "KeyboardInterrupt" not in err, err
+        if p.returncode == 130:
+            (line,) = [ln for ln in err.splitlines() if ln.startswith("launch.py:")]
+            assert "stopped by SIGINT before the first training step" in line, err
+            assert not (wd / "checkpoints").exists() or not any((wd / "checkpoints").iterdir())
+        else:  # the loop had begun: it saved the step in flight, as a Ctrl-C in training does
+            assert when == "workers" and p.returncode == 75 and "Stopped by SIGINT at step 1" in out, (p.returncode, err)

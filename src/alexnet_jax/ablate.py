@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from alexnet_jax import cli
+from alexnet_jax import cli, paths
 
 _PROG = cli.program("ablate")
 ROOT = Path(__file__).resolve().parents[2]  # the repository checkout: launch.py, configs/
@@ -195,7 +195,7 @@ def _main(argv: list[str]) -> None:
     own = argv[:argv.index("--")] if "--" in argv else argv
     fv = flags.FlagValues()
     flags.DEFINE_string("config", "configs/demo.py", "The base recipe (a get_config() file).", flag_values=fv)
-    flags.DEFINE_string("out", None, "The folder for the runs and the results.", flag_values=fv)
+    paths.DEFINE_path("out", None, "The folder for the runs and the results.", flag_values=fv)
     flags.DEFINE_integer("seeds", 3, "Seeds 0 .. N-1 for every variant.", lower_bound=1, flag_values=fv)
     flags.DEFINE_list("variants", None, "Comma-separated variant names (default: all, see configs/ablations.py).",
                       flag_values=fv)

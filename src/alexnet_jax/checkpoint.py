@@ -24,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from alexnet_jax import distributed
+from alexnet_jax import distributed, paths
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ def find_step_dir(path: str | os.PathLike, step: int | None = None) -> tuple[epa
 
     Only finished writes count (no tmp folders, no half-written steps on GCS).
     """
-    root = epath.Path(path)
+    root = paths.absolute(path)  # Orbax reads absolute paths only
     if not root.exists():
         raise CheckpointError(f"No checkpoint at {str(path)!r}: the path does not exist. Give {_WHAT_TO_GIVE}.")
     if _is_step_dir(root):

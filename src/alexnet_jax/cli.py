@@ -20,6 +20,8 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from alexnet_jax import paths
+
 LAUNCH_DEFAULT_CONFIG = "configs/demo.py"
 _KEY_HINT = "; the keys are those of the --config file, e.g. --config.model.lrn=False"
 
@@ -40,7 +42,7 @@ def define_flags(flag_values: flags.FlagValues, argv: list[str]):
     except Exception as e:
         _exit_on_mistake(e, argv)
         raise
-    workdir = flags.DEFINE_string("workdir", "runs/demo", "Directory for checkpoints and metrics.",
+    workdir = paths.DEFINE_path("workdir", "runs/demo", "Directory for checkpoints and metrics.",
                                   flag_values=flag_values)
     return config, workdir
 
@@ -107,12 +109,16 @@ def launch(argv: list[str]) -> None:
         from alexnet_jax.data import DatasetError, release_shared_memory
         from alexnet_jax.data.errors import PassInterrupted
         from alexnet_jax.model import ConfigError
-        from alexnet_jax.preemption import EXIT_PREEMPTED
+        from alexnet_jax.preemption import EXIT_PREEMPTED, StoppedBeforeTraining, sigint_blocked_in_new_workers
         from alexnet_jax.train import EXIT_DIVERGED
 
         try:
-            result = train.train_and_evaluate(config, workdir_flag.value,
-                                              manual_lr=config.optim.lr if lr_on_command_line(argv) else None)
+            with sigint_blocked_in_new_workers():
+                result = train.train_and_evaluate(config, workdir_flag.value,
+                                                  manual_lr=config.optim.lr if lr_on_command_line(argv) else None)
+        except StoppedBeforeTraining as e:
+            print(f"launch.py: {e}", file=sys.stderr)
+            sys.exit(e.exit_code)
         except ConfigError as e:
             sys.exit(f"launch.py: bad config: {e}")
         except train.Diverged as e:
@@ -135,7 +141,10 @@ def launch(argv: list[str]) -> None:
             _exit_on_mistake(e, argv)
             raise
 
-    app.run(main, argv=list(argv), flags_parser=parse)
+    from alexnet_jax.preemption import SignalsHeld
+
+    with SignalsHeld():  # a signal before the training loop waits for a safe point (see SignalsHeld)
+        app.run(main, argv=list(argv), flags_parser=parse)
 
 
 # ---------------------------------------------------------------------------

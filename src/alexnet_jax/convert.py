@@ -44,6 +44,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
+from alexnet_jax import paths
 from alexnet_jax.checkpoint import CheckpointError, ConvertError, write_weights_only
 from alexnet_jax.data.labels import imagenet_classes
 from alexnet_jax.model import LAYERS  # bvlc_alexnet's layers have our names
@@ -291,12 +292,12 @@ def _main(prog: str, argv: list[str]) -> None:
     from alexnet_jax import cli
 
     fv = flags.FlagValues()
-    flags.DEFINE_string("caffemodel", None, "bvlc_alexnet.caffemodel (V1 or upgraded).", flag_values=fv)
-    flags.DEFINE_string("npy", None, "bvlc_alexnet.npy (pickled {layer: [W, b]}).", flag_values=fv)
-    flags.DEFINE_string("torchvision", None, "torchvision's alexnet state_dict (.pth; needs torch installed).",
+    paths.DEFINE_path("caffemodel", None, "bvlc_alexnet.caffemodel (V1 or upgraded).", flag_values=fv)
+    paths.DEFINE_path("npy", None, "bvlc_alexnet.npy (pickled {layer: [W, b]}).", flag_values=fv)
+    paths.DEFINE_path("torchvision", None, "torchvision's alexnet state_dict (.pth; needs torch installed).",
                         flag_values=fv)
-    flags.DEFINE_string("out", None, "The checkpoint folder to write (new or empty).", flag_values=fv)
-    flags.DEFINE_string("mean", None, "Mean image: Caffe's .binaryproto or a .npy (3xHxW or 3 values, BGR); "
+    paths.DEFINE_path("out", None, "The checkpoint folder to write (new or empty).", flag_values=fv)
+    paths.DEFINE_path("mean", None, "Mean image: Caffe's .binaryproto or a .npy (3xHxW or 3 values, BGR); "
                         "default: Caffe's per-channel means.", flag_values=fv)
     if cli.wants_help(argv):
         cli.print_help(prog, "\n\n".join(__doc__.split("\n\n")[:3]), fv,

@@ -32,7 +32,7 @@ import json
 import sys
 from fractions import Fraction
 
-from alexnet_jax import cli
+from alexnet_jax import cli, paths
 from alexnet_jax.model import LAYERS, AlexNet, ConfigError, from_config
 from alexnet_jax.parallel import LAYOUTS, indivisible_units, layout_named
 
@@ -144,7 +144,7 @@ def _main(argv: list[str]) -> None:
         cli.exit_on_command_line_mistake(_PROG, e, files)
         raise
     devices = flags.DEFINE_integer("devices", 2, "How many devices (the paper: 2 GPUs).", flag_values=fv)
-    out = flags.DEFINE_string("json", None, "Also write the table to this JSON file.", flag_values=fv)
+    out = paths.DEFINE_path("json", None, "Also write the table to this JSON file.", flag_values=fv)
     if cli.wants_help(argv):
         cli.print_help(_PROG, "\n\n".join(__doc__.split("\n\n")[:2]), fv,
                        "--config.FIELD=VALUE: any field of the --config file, e.g. --config.mesh.parallelism=hybrid, "

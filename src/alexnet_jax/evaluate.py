@@ -30,7 +30,6 @@ One process; all its devices.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -42,7 +41,7 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from alexnet_jax import cli
+from alexnet_jax import cli, paths, preemption
 
 _PROG = cli.program("evaluate")
 _CONFIG_HELP = ("--config.FIELD=VALUE: any field of the config the run saved, e.g. "
@@ -51,10 +50,10 @@ _CONFIG_HELP = ("--config.FIELD=VALUE: any field of the config the run saved, e.
 
 
 def _define_run_flags(fv: flags.FlagValues) -> None:
-    flags.DEFINE_string("checkpoint", None, "A training run's workdir, its checkpoints/<step> folder, or a folder "
+    paths.DEFINE_path("checkpoint", None, "A training run's workdir, its checkpoints/<step> folder, or a folder "
                         "written by alexnet_jax.convert.", flag_values=fv)
-    flags.DEFINE_string("workdir", None, "Deprecated: the same as --checkpoint.", flag_values=fv)
-    flags.DEFINE_string("data", None, "ImageNet-layout folder to evaluate on: the dataset root (its val/ "
+    paths.DEFINE_path("workdir", None, "Deprecated: the same as --checkpoint.", flag_values=fv)
+    paths.DEFINE_path("data", None, "ImageNet-layout folder to evaluate on: the dataset root (its val/ "
                         "inside) or the val/ folder itself; --config.data.root as an image folder.", flag_values=fv)
     flags.DEFINE_integer("step", None, "Which checkpoint step; default the newest finished one.", flag_values=fv)
     flags.DEFINE_enum("views", "both", ["both", "ten_crop", "center"],
@@ -62,7 +61,7 @@ def _define_run_flags(fv: flags.FlagValues) -> None:
                       "crop only (a tenth of the device work).", flag_values=fv)
     flags.DEFINE_string("split", "val", "Which split of the data to evaluate.", flag_values=fv)
     flags.DEFINE_integer("batch_size", None, "Images per batch; default the run's eval_batch_size.", flag_values=fv)
-    flags.DEFINE_string("json", None, "Also write the results to this JSON file.", flag_values=fv)
+    paths.DEFINE_path("json", None, "Also write the results to this JSON file.", flag_values=fv)
 
 
 def _is_split_folder(folder: Path, split: str) -> bool:
@@ -168,6 +167,7 @@ def evaluate_checkpoint(workdir, config: ml_collections.ConfigDict | None = None
     ckpt = load_checkpoint(workdir, step)
     if config is None:
         config = config_for_evaluation(ckpt.config.to_dict())
+    config = paths.absolute_config(config)  # a data root given relative to where the command runs
     model = ckpt.model
     mesh, note = parallel.mesh_for_config(model.towers, ml_collections.ConfigDict({"tower": -1, "data": -1}))
     if note:
@@ -192,7 +192,7 @@ def evaluate_checkpoint(workdir, config: ml_collections.ConfigDict | None = None
     passes = data_lib.EvalPasses(cfg, batch_size=batch, mode=mode, split=split, image_size=model.image_size,
                                  data=data)
     try:
-        with _sigint_blocked_in_new_workers():
+        with preemption.sigint_blocked_in_new_workers():
             eval_step = steps.make_eval_step(model, mesh, param_shardings, steps.make_input_fn(cfg, ckpt.stats))
             start = time.perf_counter()
             batches = _progress(passes(), len(records), batch)
@@ -203,32 +203,6 @@ def evaluate_checkpoint(workdir, config: ml_collections.ConfigDict | None = None
         data_lib.release_shared_memory()  # no 'leaked shared_memory' warning from the loader's workers at exit
     return {"checkpoint": ckpt.path, "step": ckpt.step, "split": split, "images": len(records), **result,
             "seconds": round(seconds, 2), "images_per_s": round(len(records) / seconds, 1)}
-
-
-@contextlib.contextmanager
-def _sigint_blocked_in_new_workers():
-    """Loader workers started in here begin life with SIGINT blocked. A Ctrl-C reaches the whole process
-    group; a worker still importing its modules (seconds, before its own init ignores SIGINT) would print a
-    KeyboardInterrupt traceback of its own. Blocked, the signal waits and is then dropped by that init; in
-    this process it is blocked only while ``Process.start`` runs, and delivered right after."""
-    import multiprocessing.process
-    import signal
-
-    cls = multiprocessing.process.BaseProcess
-    original = cls.start
-
-    def start(self):
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            original(self)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-    cls.start = start
-    try:
-        yield
-    finally:
-        cls.start = original
 
 
 def _progress(batches, num_images: int, batch_size: int):

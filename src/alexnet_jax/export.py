@@ -12,7 +12,7 @@ import sys
 
 from absl import flags
 
-from alexnet_jax import cli
+from alexnet_jax import cli, paths
 
 _PROG = cli.program("export")
 
@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def _main(argv: list[str]) -> None:
     fv = flags.FlagValues()
-    flags.DEFINE_string("checkpoint", None, "A training run's workdir or a checkpoints/<step> folder.",
+    paths.DEFINE_path("checkpoint", None, "A training run's workdir or a checkpoints/<step> folder.",
                         flag_values=fv)
-    flags.DEFINE_string("out", None, "The folder to write (new or empty).", flag_values=fv)
+    paths.DEFINE_path("out", None, "The folder to write (new or empty).", flag_values=fv)
     flags.DEFINE_integer("step", None, "Which checkpoint step (default: the newest).", flag_values=fv)
     if cli.wants_help(argv):
         cli.print_help(_PROG, __doc__, fv)

@@ -22,7 +22,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from alexnet_jax import checkpoint
+from alexnet_jax import checkpoint, paths
 from alexnet_jax.checkpoint import CheckpointError
 from alexnet_jax.data import device as data_device
 from alexnet_jax.data import sources, transforms
@@ -137,7 +137,7 @@ def load_image(image, size: int, warp: bool = False) -> np.ndarray:
     Files are decoded exactly as training decoded them.
     """
     if isinstance(image, (str, os.PathLike, epath.Path)):
-        p = epath.Path(image)
+        p = paths.absolute(image)
         if not p.is_file():
             raise ImageError(f"No image file at {str(image)!r}. Give the path of a JPEG/PNG file, "
                              "a PIL image or a uint8 HxWx3 array.")

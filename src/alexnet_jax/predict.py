@@ -15,21 +15,21 @@ from pathlib import Path
 
 from absl import flags
 
-from alexnet_jax import cli
+from alexnet_jax import cli, paths
 
 _PROG = cli.program("predict")
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-    flags.DEFINE_string("checkpoint", None, "A training run's workdir, a checkpoints/<step> folder, or a folder "
+    paths.DEFINE_path("checkpoint", None, "A training run's workdir, a checkpoints/<step> folder, or a folder "
                         "written by alexnet_jax.convert.", flag_values=fv)
     flags.DEFINE_integer("step", None, "Which checkpoint step (default: the newest).", flag_values=fv)
     flags.DEFINE_enum("views", None, ["center", "ten_crop"], "Default: ten crops if the run evaluated them, "
                       "else the centre crop.", flag_values=fv)
     flags.DEFINE_integer("top_k", 5, "How many classes to give per image.", lower_bound=1, flag_values=fv)
-    flags.DEFINE_string("json", None, "Write {image: [{class, name, prob}, ...]} to this file instead of "
+    paths.DEFINE_path("json", None, "Write {image: [{class, name, prob}, ...]} to this file instead of "
                         "printing.", flag_values=fv)
-    flags.DEFINE_multi_string("images", None, "An image file (JPEG, PNG, ...), as well as or instead of the "
+    paths.DEFINE_multi_path("images", None, "An image file (JPEG, PNG, ...), as well as or instead of the "
                               "files after the flags", flag_values=fv)
 
 
@@ -45,7 +45,7 @@ def _main(argv: list[str]) -> None:
     if cli.wants_help(argv):
         cli.print_help(_PROG, __doc__, fv)
     after = cli.parse_flags(_PROG, fv, argv, positional=True)
-    images = [*(fv.images or []), *after]  # --images FILE first, then the files after the flags
+    images = [*(fv.images or []), *map(paths.absolute_str, after)]  # --images FILE first, then the files after
     cli.require(_PROG, fv, "checkpoint", what=" and image files")
     if not images:
         cli.usage_error(_PROG, "give image files to classify (after the flags, or --images FILE)")

@@ -9,6 +9,7 @@ exits at once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -33,6 +34,8 @@ class StopOnSignal:
         self._previous: dict = {}
 
     def __enter__(self) -> StopOnSignal:
+        if held_signal() is not None:  # sent during start-up: stop before training, there is nothing to save
+            raise StoppedBeforeTraining(held_signal())
         if threading.current_thread() is not threading.main_thread():
             return self  # signals reach only the main thread; a run in a thread has no handlers
         signals = [signal.SIGINT]
@@ -64,3 +67,86 @@ class StopOnSignal:
         if self.reached_sync_point(step):  # every process gets True at the same step
             return self.received or "SIGTERM"
         return None
+
+
+# ---------------------------------------------------------------------------
+# Before the loop: a signal is held until a safe point takes it.
+
+_held: SignalsHeld | None = None
+
+
+class SignalsHeld:
+    """While entered (main thread), SIGINT and SIGTERM are recorded, not raised: a program's start-up
+    (imports, compiling, scanning folders) has no safe point to stop at, and a ``KeyboardInterrupt``
+    there prints tracebacks or lands in a C callback. The next safe point takes the signal:
+    :func:`held_signal` for the folder scan and the passes, :class:`StopOnSignal` for training. A second
+    signal exits at once. ``launch.py`` blocks both signals before its imports; entering unblocks them,
+    so one sent during the imports arrives here.
+    """
+
+    def __init__(self):
+        self.name: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> SignalsHeld:
+        global _held
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._on_signal)
+            _held = self
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _held
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous, _held = {}, None
+
+    def _on_signal(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.name is not None:
+            os.write(2, f"\n{name} again: exiting at once.\n".encode())
+            os._exit(128 + signum)
+        self.name = name
+        os.write(2, f"\n{name}: stopping at the next safe point (send it again to exit at once).\n".encode())
+
+
+def held_signal() -> str | None:
+    """The signal a :class:`SignalsHeld` has recorded and nothing has taken yet, else None."""
+    return _held.name if _held is not None else None
+
+
+class StoppedBeforeTraining(Exception):
+    """A signal came before the first training step: nothing was trained, nothing needs saving."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(f"stopped by {signal_name} before the first training step; nothing was written to "
+                         "the checkpoints. The same command starts again.")
+        self.signal_name = signal_name
+        self.exit_code = 128 + signal.SIGINT if signal_name == "SIGINT" else EXIT_PREEMPTED
+
+
+@contextlib.contextmanager
+def sigint_blocked_in_new_workers():
+    """Worker processes started in here begin life with SIGINT blocked. A Ctrl-C reaches the whole
+    process group; a worker still importing its modules (seconds, before its own init ignores SIGINT)
+    would print a KeyboardInterrupt traceback of its own. Blocked, the signal waits and is then dropped by
+    that init; in this process it is blocked only while ``Process.start`` runs, and delivered right after."""
+    import multiprocessing.process
+
+    cls = multiprocessing.process.BaseProcess
+    original = cls.start
+
+    def start(self):
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            original(self)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    cls.start = start
+    try:
+        yield
+    finally:
+        cls.start = original

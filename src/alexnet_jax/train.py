@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from alexnet_jax import data as data_lib
-from alexnet_jax import distributed, optim, steps
+from alexnet_jax import distributed, optim, paths, steps
 from alexnet_jax.checkpoint import Checkpointer, CheckpointError, CheckpointWriteError
 from alexnet_jax.config_check import validate_config
 from alexnet_jax.metrics import Diverged, DivergenceGuard, MetricWriter, PendingMetrics, TrainingError
@@ -46,6 +46,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     it the checkpoint's LR carries on. ``after_checkpoint(step, checkpointer)`` runs after
     each checkpoint is started (tests kill the process there).
     """
+    config, workdir = paths.absolute_config(config), paths.absolute(workdir)  # what the user typed, made absolute
     with contextlib.ExitStack() as stack:
         stack.callback(data_lib.release_shared_memory)  # a notebook or a second run: the loader's batches freed
         run = _open_run(config, workdir, manual_lr, stack)
@@ -304,6 +305,9 @@ def _check_compatible(saved: dict, config: ml_collections.ConfigDict) -> None:
     for section, free in (("model", {"dtype", "ops"}), ("data", _DATA_SPEED_FIELDS)):  # dtype, ops: speed only
         now = json.loads(config[section].to_json())
         then = saved.get(section, {}) if section == "model" else data_lib.drop_legacy_fields(saved.get(section, {}))
+        if section == "data":  # a run saved before paths were stored absolute: relative to this folder
+            then = {k: paths.absolute_str(v) if f"data.{k}" in paths.CONFIG_PATH_FIELDS and v else v
+                    for k, v in then.items()}
         diff = sorted(k for k in (set(now) | set(then)) - free if now.get(k) != then.get(k))
         if diff:
             raise TrainingError(

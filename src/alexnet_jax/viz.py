@@ -31,6 +31,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from alexnet_jax import paths
+
 # ---------------------------------------------------------------------------
 # Pure helpers
 
@@ -348,12 +350,12 @@ def _main(prog: str, argv: list[str]) -> int:
     from alexnet_jax import cli
 
     fv = flags.FlagValues()
-    flags.DEFINE_string("checkpoint", None, "A run's workdir, its checkpoints/ or a checkpoints/<step>/ folder.",
+    paths.DEFINE_path("checkpoint", None, "A run's workdir, its checkpoints/ or a checkpoints/<step>/ folder.",
                         flag_values=fv)
-    flags.DEFINE_string("workdir", None, "Deprecated: the same as --checkpoint.", flag_values=fv)
-    flags.DEFINE_string("out", "figures", "The folder for the PNG files (created).", flag_values=fv)
+    paths.DEFINE_path("workdir", None, "Deprecated: the same as --checkpoint.", flag_values=fv)
+    paths.DEFINE_path("out", "figures", "The folder for the PNG files (created).", flag_values=fv)
     flags.DEFINE_integer("step", None, "Which checkpoint step (default: the newest).", flag_values=fv)
-    flags.DEFINE_multi_string("images", None, "An image file to classify and use as a query (repeatable), as "
+    paths.DEFINE_multi_path("images", None, "An image file to classify and use as a query (repeatable), as "
                               "well as or instead of the files after the flags", flag_values=fv)
     flags.DEFINE_integer("num_images", 8, "Validation images to classify without --images.", lower_bound=1,
                          flag_values=fv)

@@ -198,3 +198,26 @@ def test_computed_stats_are_unchanged_by_the_field(folder, tmp_path):
     assert path.is_file() and not ST.partial_file(path).exists()
     for k, v in P.load_stats(path).items():
         assert np.array_equal(data.stats[k], v), k
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_the_folder_scan_stops_as_during_the_pass(folder, tmp_path, monkeypatch, capsys, sig):
+    """The signal arrives (a real one, to this process) while prepare lists the class folders: the same
+    ``stopped:`` line and status 75 as a stopped pass, and nothing written to the cache."""
+    listed = []
+
+    def is_image_file(name, original=LA._is_image_file):
+        if not listed:
+            os.kill(os.getpid(), sig)  # delivered to prepare's handler now, mid-scan
+        listed.append(name)
+        return original(name)
+
+    monkeypatch.setattr(LA, "_is_image_file", is_image_file)
+    cache = tmp_path / "cache"
+    rc = P.main(["--src", str(folder), "--stats-only", "--size", str(SIZE), "--cache-dir", str(cache), "--workers", "0"])
+    err = capsys.readouterr().err
+    assert rc == 75, err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("stopped:")]
+    assert f"folder scan stopped by {signal.Signals(sig).name}" in line and "the same command" in line, err
+    assert "Traceback" not in err and not (cache.exists() and any(cache.rglob("*"))), list(cache.rglob("*"))
+    assert 0 < len(listed) < N  # stopped inside the scan, not after it

@@ -98,6 +98,9 @@ class _StopRequest:
         import signal
         import threading
 
+        from alexnet_jax.preemption import held_signal
+
+        self.name = held_signal()  # one sent before the pass began (e.g. during the folder scan) stops it at once
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
                 self._previous[s] = signal.signal(s, self._on_signal)

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from alexnet_jax.data.errors import DatasetError
+from alexnet_jax.data.errors import DatasetError, PassInterrupted
 from alexnet_jax.data.labels import DEVKIT_GROUND_TRUTH, find_labels_file, read_labels_file
+from alexnet_jax.preemption import held_signal
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -50,6 +51,14 @@ def _is_image_file(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def stop_if_signalled(what: str) -> None:
+    """A safe point: a SIGTERM or Ctrl-C held since start-up stops ``what`` here, as it stops a pass."""
+    name = held_signal()
+    if name is not None:
+        raise PassInterrupted(f"{what} stopped by {name}; nothing was written, and the same command starts "
+                              "it again.", name)
+
+
 def _require_dir(path: Path, what: str) -> None:
     if not path.is_dir():
         raise DatasetError(f"{what} {str(path)!r} does not exist or is not a folder; {EXPECTED_LAYOUT}")
@@ -78,6 +87,7 @@ def scan_class_folders(split_dir: str | os.PathLike, classes: Sequence[str]) -> 
     rel_paths, labels, skipped = [], [], []
     empty, unknown = [], []
     for d in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        stop_if_signalled("folder scan")
         if d.name not in index:
             unknown.append(d.name)
             skipped.extend((str(f), f"class folder {d.name!r} is not a training class") for f in sorted(d.iterdir()))
@@ -112,6 +122,7 @@ def scan_flat_folder(split_dir: str | os.PathLike, labels_file: str | os.PathLik
     """
     split_dir = Path(split_dir)
     files = sorted(f.name for f in split_dir.iterdir() if f.is_file() and _is_image_file(f.name))
+    stop_if_signalled("folder scan")
     if not files:
         raise DatasetError(f"no images found in {str(split_dir)!r}; {EXPECTED_LAYOUT}")
     mapping = read_labels_file(labels_file, files, search)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from alexnet_jax import paths, preemption
 from alexnet_jax.data import layout, stats
 from alexnet_jax.data.errors import DatasetError, PassInterrupted
 
@@ -65,12 +66,12 @@ def _flags():
     from absl import flags
 
     fv = flags.FlagValues()
-    flags.DEFINE_string("src", None, "ImageNet-layout folder with train/ and val/", flag_values=fv)
-    flags.DEFINE_string("dst", None, "output folder (created; an unfinished one is resumed)", flag_values=fv)
+    paths.DEFINE_path("src", None, "ImageNet-layout folder with train/ and val/", flag_values=fv)
+    paths.DEFINE_path("dst", None, "output folder (created; an unfinished one is resumed)", flag_values=fv)
     flags.DEFINE_boolean("stats_only", False,
                          "only compute the training-set statistics of the folder into the cache that training "
                          "on the folder reads (no shards; --dst not needed)", flag_values=fv)
-    flags.DEFINE_string("cache_dir", None, "statistics cache (default $ALEXNET_JAX_DATA or ~/.cache/alexnet_jax; "
+    paths.DEFINE_path("cache_dir", None, "statistics cache (default $ALEXNET_JAX_DATA or ~/.cache/alexnet_jax; "
                         "training: --config.data.cache_dir)", flag_values=fv)
     flags.DEFINE_integer("size", 256, "shorter side and square crop size (paper: 256)", lower_bound=1, flag_values=fv)
     flags.DEFINE_integer("workers", None, "processes (default: all cores; 0 = inline)", lower_bound=0,
@@ -87,7 +88,7 @@ def _flags():
                       "no decoding in training, and no re-encoding loss; 196,608 bytes an image at 256 px, "
                       "so full ILSVRC-2012 train+val, 1,331,167 images, holds 261.7 GB = 243.7 GiB of pixels, "
                       "~262.3 GB on disk with the record framing)", flag_values=fv)
-    flags.DEFINE_string("val_labels", None, "labels file for a flat val/ folder ('<file> <wnid>' lines)",
+    paths.DEFINE_path("val_labels", None, "labels file for a flat val/ folder ('<file> <wnid>' lines)",
                         flag_values=fv)
     flags.DEFINE_integer("chunk_size", None,
                          "--stats_only: images per job of the statistics pass (default: up to 512); the sums so "
@@ -113,6 +114,11 @@ def _main(argv, cli) -> int:
     cli.parse_flags(_PROG, a, argv)
     cli.require(_PROG, a, "src")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    with preemption.SignalsHeld():  # a signal during the folder scan stops it as one during the pass does
+        return _run(a, cli)
+
+
+def _run(a, cli) -> int:
     if a.stats_only:
         return _stats_only(a)
     if a.dst is None:

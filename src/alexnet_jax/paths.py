@@ -1,0 +1,76 @@
+"""Paths as users type them, made absolute once, where they enter the program.
+
+Orbax and TensorStore refuse relative paths, and a relative path saved in a config
+means something else once the process runs from another folder. So every path a
+user gives (a flag, a config field, an argument of the Python API) goes through
+:func:`absolute` at the boundary: ``~`` expanded, made absolute against the
+working directory, ``./`` and trailing ``/`` dropped, symlinks and spaces kept as
+they are. URLs (``gs://...``, ``s3://...``) pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import ml_collections
+from absl import flags
+from etils import epath
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+# The config fields that name files or folders (the data section's); launch.py's --workdir is a flag.
+CONFIG_PATH_FIELDS = ("data.root", "data.packed_dir", "data.stats_path", "data.cache_dir")
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    return bool(_URL.match(os.fspath(path)))
+
+
+def absolute(path: str | os.PathLike) -> epath.Path:
+    """``path`` made absolute against the working directory (``~`` expanded); a URL unchanged."""
+    text = os.fspath(path)
+    if is_url(text):
+        return epath.Path(text)
+    return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
+def absolute_str(path: str | os.PathLike | None) -> str | None:
+    """:func:`absolute` as a string (for configs and flags); None stays None, a URL as it is."""
+    if path is None or is_url(path):
+        return None if path is None else os.fspath(path)
+    return os.fspath(absolute(path))
+
+
+def absolute_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of a run config whose path fields (``CONFIG_PATH_FIELDS``) are absolute."""
+    config = config.copy_and_resolve_references()
+    for field in CONFIG_PATH_FIELDS:
+        section, name = field.split(".")
+        if section in config and name in config[section] and config[section][name]:
+            config[section][name] = absolute_str(config[section][name])
+    return config
+
+
+class _PathParser(flags.ArgumentParser):
+    """A flag value is a path: parsed to its absolute form (so every entry point gets the same)."""
+
+    syntactic_help = "a path"
+
+    def parse(self, argument):
+        return absolute_str(argument) if argument not in (None, "") else argument
+
+    def flag_type(self):
+        return "path"
+
+
+def DEFINE_path(name: str, default: str | None, help: str, flag_values: flags.FlagValues, **kwargs):
+    """An absl flag holding a path, made absolute when parsed (relative to where the command runs)."""
+    return flags.DEFINE(_PathParser(), name, default, help, flag_values=flag_values,
+                        serializer=flags.ArgumentSerializer(), **kwargs)
+
+
+def DEFINE_multi_path(name: str, default, help: str, flag_values: flags.FlagValues, **kwargs):
+    """A repeatable path flag (e.g. ``--images``), each value made absolute."""
+    return flags.DEFINE_multi(_PathParser(), flags.ArgumentSerializer(), name, default, help,
+                              flag_values=flag_values, **kwargs)
