@@ -214,7 +214,8 @@ def test_a_signal_during_the_folder_scan_stops_as_during_the_pass(folder, tmp_pa
 
     monkeypatch.setattr(LA, "_is_image_file", is_image_file)
     cache = tmp_path / "cache"
-    rc = P.main(["--src", str(folder), "--stats-only", "--size", str(SIZE), "--cache-dir", str(cache), "--workers", "0"])
+    rc = P.main(["--src", str(folder), "--stats-only", "--size", str(SIZE), "--cache-dir", str(cache),
+                 "--workers", "0"])
     err = capsys.readouterr().err
     assert rc == 75, err
     (line,) = [ln for ln in err.splitlines() if ln.startswith("stopped:")]
