@@ -2,6 +2,7 @@
 op by op, and for the whole network, values and gradients, on one device and on a mesh."""
 
 import dataclasses
+import types
 import re
 
 import flax.linen as nn
@@ -14,7 +15,7 @@ from test_parallel import assert_same
 
 from alexnet_jax import AlexNet
 from alexnet_jax.parallel import batch_sharding, make_mesh, mesh_forward, shard_variables
-from alexnet_jax.tower_ops import AUTO, FAST, PLAIN, TowerOps, max_pool, resolve, tower_conv, tower_dense
+from alexnet_jax.tower_ops import FAST, PLAIN, TowerOps, for_devices, max_pool, resolve, tower_conv, tower_dense
 
 NARROW = dict(width=0.125, image_size=64, num_classes=10, init_std=0.03)
 
@@ -96,7 +97,14 @@ def test_ops_are_a_static_module_field():
     assert isinstance(mixed, TowerOps) and mixed != FAST and mixed == dataclasses.replace(FAST, max_pool=PLAIN.max_pool)
     assert len({FAST, PLAIN, mixed}) == 3  # hashable
     assert AlexNet().ops == "auto" and AlexNet(ops=PLAIN) != AlexNet() and AlexNet(ops="fast") != AlexNet()
-    assert resolve("auto") is AUTO and resolve("fast") is FAST and resolve("plain") is PLAIN and resolve(mixed) is mixed
+    assert resolve("auto") is FAST and resolve("fast") is FAST and resolve("plain") is PLAIN and resolve(mixed) is mixed
+
+
+def test_auto_is_decided_by_the_devices():
+    cpu, gpu = types.SimpleNamespace(platform="cpu"), types.SimpleNamespace(platform="cuda")
+    assert for_devices("auto", [cpu, cpu]) == "fast" and for_devices("auto", [gpu]) == "plain"
+    assert for_devices("auto", [cpu, gpu]) == "plain" and for_devices("fast", [gpu]) == "fast"
+    assert for_devices(PLAIN, [cpu]) is PLAIN
 
 
 def _loss_and_grads(model, variables, x, y, key, mesh=None):

@@ -1,6 +1,7 @@
 """What each device layout costs: per layer, parameters, multiply-adds and the bytes devices exchange.
 
     python -m alexnet_jax.costs --config=configs/paper.py --devices=8 [--config.mesh.parallelism=hybrid] [--json OUT]
+    python -m alexnet_jax.costs --compile-for=h100 [--devices=1] [--batch=128] [--dtype=bfloat16] [--dump-hlo=DIR]
 
 For one training step of ``batch_size`` images on ``--devices`` devices in the
 config's layout (``mesh.parallelism``: ``towers``, ``data`` or ``hybrid``), each
@@ -145,6 +146,16 @@ def _main(argv: list[str]) -> None:
         raise
     devices = flags.DEFINE_integer("devices", 2, "How many devices (the paper: 2 GPUs).", flag_values=fv)
     out = paths.DEFINE_path("json", None, "Also write the table to this JSON file.", flag_values=fv)
+    from alexnet_jax.gpu_compile import GPUS
+
+    target = flags.DEFINE_enum("compile_for", None, list(GPUS), "Compile the train and eval steps for this GPU "
+                               "(no GPU needed; the gpu-compile extra) and report memory, kernels and traffic.",
+                               flag_values=fv)
+    batch = flags.DEFINE_integer("batch", None, "Global batch (default: the config's batch_size).", flag_values=fv)
+    dtype = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: the config's "
+                              "model.dtype).", flag_values=fv)
+    dump_hlo = paths.DEFINE_path("dump_hlo", None, "With --compile-for: write the optimised HLO text here.",
+                                 flag_values=fv)
     if cli.wants_help(argv):
         cli.print_help(_PROG, "\n\n".join(__doc__.split("\n\n")[:2]), fv,
                        "--config.FIELD=VALUE: any field of the --config file, e.g. --config.mesh.parallelism=hybrid, "
@@ -164,6 +175,13 @@ def _main(argv: list[str]) -> None:
         model = from_config(model_config)
     except ConfigError as e:  # e.g. --config.model.towers=0
         cli.usage_error(_PROG, str(e))
+    if batch.value is not None:
+        batch_size = batch.value
+    if target.value is not None:
+        if dtype.value is not None:
+            config.model.dtype = dtype.value
+        _compiled(config, target.value, devices.value, batch_size, out.value, dump_hlo.value)
+        return
     try:
         costs = layer_costs(model, layout, devices.value, batch_size)
         if layout == "hybrid":  # the layout's own requirement, checked as the run would
@@ -181,6 +199,81 @@ def _main(argv: list[str]) -> None:
                 f.write("\n")
         except OSError as e:
             sys.exit(f"{_PROG}: cannot write --json={out.value}: {e} (the table is printed above)")
+
+
+def _compiled(config, target: str, count: int, batch: int, json_path: str | None, hlo_dir: str | None) -> None:
+    """``--compile-for``: compile both steps for ``target`` and print what one device runs."""
+    import time
+
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")  # compile-only CUDA devices need JAX itself on the CPU
+    from rich.console import Console
+
+    from alexnet_jax import gpu_compile as G
+
+    model = from_config(config.model)
+    layout = config.mesh.get("parallelism", "towers")
+    try:
+        flops = 6 * sum(r["macs_per_image"] for r in layer_costs(model, layout, count, batch)["layers"])
+        data, _ = mesh_shape(model, layout, count)
+        start = time.perf_counter()
+        compiled = G.compile_steps(config, G.devices(target, count), batch)
+        seconds = time.perf_counter() - start
+    except (G.CompileForError, ValueError, ConfigError) as e:
+        sys.exit(f"{_PROG}: {e}")
+    gpu = G.GPUS[target]
+    result = {"target": target, "device": gpu.name, "devices": count, "layout": layout, "dtype": model.dtype,
+              "batch": batch, "images_per_device": batch // data, "compile_seconds": round(seconds, 1),
+              **G.analyse(compiled["train"], batch, count, gpu, flops, model.dtype),
+              "eval": G.analyse(compiled["eval"], batch, count, gpu, None, model.dtype),
+              "autotuned": False}
+    Console(soft_wrap=True).print(compiled_table(result))
+    if hlo_dir:
+        for path in G.dump(compiled, hlo_dir):
+            print(f"wrote {path}")
+    if json_path:
+        try:
+            with open(json_path, "w") as f:
+                json.dump(result, f, indent=1)
+                f.write("\n")
+        except OSError as e:
+            sys.exit(f"{_PROG}: cannot write --json={json_path}: {e} (the table is printed above)")
+
+
+def compiled_table(r: dict):
+    """The ``--compile-for`` report: one device's train step (and eval step's memory)."""
+    from rich.console import Group
+    from rich.table import Table
+
+    gb = lambda v: f"{v / 1e9:,.2f} GB"
+    t = Table(title=f"Compiled for {r['devices']} x {r['device']} ({r['layout']} layout, {r['dtype']}, batch "
+                    f"{r['batch']}, {r['images_per_device']} images per device): per device, without autotuning",
+              show_header=False)
+    t.add_column(justify="left")
+    t.add_column(justify="right")
+    fits = "fits" if r["fits"] else "does NOT fit"
+    t.add_row("peak memory, train step", f"{gb(r['peak_bytes_per_device'])} ({fits} in JAX's 75% of "
+              f"{gb(r['device_memory_bytes'])})")
+    t.add_row("  arguments / temporaries", f"{gb(r['argument_bytes'])} / {gb(r['temp_bytes'])}")
+    t.add_row("peak memory, eval step", gb(r["eval"]["peak_bytes_per_device"]))
+    t.add_row("device ops: fusions / cuDNN convolutions / GEMMs",
+              f"{r['device_ops']}: {r['fusions']} / {r['cudnn_convolutions']} / {r['gemms']}")
+    for kind, c in sorted(r["collectives"].items()):
+        t.add_row(f"  {kind}", f"{c['count']} x, {c['bytes'] / 1e6:,.1f} MB ({c['sent_bytes'] / 1e6:,.1f} MB sent)")
+    if not r["collectives"]:
+        t.add_row("  collectives", "none")
+    t.add_row("HBM traffic per step (one device)", gb(r["hbm_bytes_per_step"]))
+    t.add_row("HBM traffic per image (all devices)", f"{r['hbm_bytes_per_image'] / 1e6:,.1f} MB")
+    roof = r["roofline_images_per_s"]
+    t.add_row("roofline images/s, all devices: memory / compute", f"{roof['memory']:,.0f} / {roof['compute']:,.0f}")
+    t.add_row("compile time", f"{r['compile_seconds']} s")
+    top = Table(title="The ten ops with the most HBM traffic (one device, one step)")
+    for col, justify in (("MB", "right"), ("op", "left"), ("from", "left")):
+        top.add_column(col, justify=justify)
+    for op in r["top_ops"]:
+        top.add_row(f"{op['bytes'] / 1e6:,.1f}", op["op"], op["what"][-90:] or op["name"])
+    return Group(t, top)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from alexnet_jax.axes import TOWER_AXIS, Axes
-from alexnet_jax.tower_ops import OPS, TowerOps, divide_by_power, resolve
+from alexnet_jax.tower_ops import CHOICES as OPS_CHOICES
+from alexnet_jax.tower_ops import TowerOps, divide_by_power, resolve
 
 ACTIVATIONS = {"relu": nn.relu, "tanh": jnp.tanh}  # tanh: the saturating unit of Section 3.1
 # The choice fields; from_config checks them, the forward pass trusts them.
 CHOICES = {"activation": tuple(ACTIVATIONS), "lrn_convention": ("paper", "alpha_over_n"),
-           "lrn_scope": ("tower", "layer"), "dtype": ("float32", "bfloat16"), "ops": tuple(OPS)}
+           "lrn_scope": ("tower", "layer"), "dtype": ("float32", "bfloat16"), "ops": OPS_CHOICES}
 
 
 class ConfigError(ValueError):
@@ -116,7 +117,7 @@ class _Fields(nn.Module):
     init_std: float = 0.01  # weights ~ N(0, init_std^2)
     init_bias: float = 1.0  # bias of conv2, conv4, conv5, fc6, fc7 (others 0)
     dtype: str = "float32"  # compute dtype: 'float32', or 'bfloat16' (parameters stay float32)
-    # how each op is computed (tower_ops.OPS)
+    # how each op is computed (tower_ops.CHOICES)
     ops: str | TowerOps = "auto"  # 'auto' (per backend), 'fast', 'plain'; or a bundle
 
 

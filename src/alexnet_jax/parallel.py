@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from alexnet_jax import tower_ops
 from alexnet_jax.axes import TOWER_AXIS, Axes
 from alexnet_jax.model import FC_LAYERS, LAYERS, AlexNet, ConfigError, tower_widths
 
@@ -232,6 +233,7 @@ def mesh_forward(model: AlexNet, mesh: Mesh, *, train: bool = False, features: b
     Figure 4 features). The variables must be laid out as ``state_shardings`` says.
     """
     check_layout(model, mesh, layout)
+    model = model.clone(ops=tower_ops.for_devices(model.ops, mesh.devices.flat))  # 'auto': by these devices
     rules = LAYOUTS[layout]
     axes = rules.axes(towers_split=rules.tower is not None and mesh.shape[rules.tower] == model.towers)
     towers_here = 1 if axes.tower else model.towers

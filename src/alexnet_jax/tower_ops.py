@@ -1,12 +1,13 @@
-"""How the towers' operations are computed (``model.ops``): ``AUTO`` (per backend), ``FAST`` or ``PLAIN``.
+"""How the towers' operations are computed (``model.ops``): ``'auto'`` (per device), ``FAST`` or ``PLAIN``.
 
 ``model.py`` says *what* each layer computes, this module *how*; every bundle computes the same maths
 with the same parameters (``nn.Conv``/``nn.Dense``'s ``kernel`` and ``bias``), so one tree serves all.
 ``PLAIN`` is the textbook form (vmapped: grouped convolutions, which cuDNN runs natively, and
 select-and-scatter). ``FAST`` rewrites it to avoid XLA:CPU's slow paths under the tower vmap (each change
-measured in ``benchmarks/bench_speed_changes.py``). ``AUTO`` is ``platform_dependent``: ``FAST`` when
-lowered for the CPU, ``PLAIN`` elsewhere, chosen at lowering, so a step lowered for CUDA on a CPU-only
-machine holds the GPU's form. ``AlexNet(ops=...)`` also takes a bundle (:class:`TowerOps`).
+measured in ``benchmarks/bench_speed_changes.py``). ``'auto'`` is decided by the devices the program
+runs on (:func:`for_devices`): ``FAST`` on CPU devices, ``PLAIN`` on any other, a compile-only CUDA device
+included, so a step compiled for an H100 on a CPU-only machine holds the GPU's form. ``AlexNet(ops=...)``
+also takes a bundle (:class:`TowerOps`).
 """
 
 from __future__ import annotations
@@ -206,50 +207,6 @@ def divide_by_power(x: jax.Array, base: jax.Array, beta: float) -> jax.Array:
     return plain_divide_by_power(x, base, beta)
 
 
-# AUTO: per backend, decided when the program is lowered (FAST's form on CPU, PLAIN's elsewhere).
-
-
-def _by_platform(fast: Callable, plain: Callable, *args):
-    # platform_dependent is a conditional whose branch XLA picks when it compiles. Inside shard_map,
-    # an operand replicated over an axis the others vary over (a kernel, over 'data') would be cast
-    # inside the branches, and its gradient's all-reduce would sit inside the conditional too (XLA:CPU
-    # crashed on that at run time). Cast before it: the reduction stays where the layer is.
-    return jax.lax.platform_dependent(*_varying_alike(*args), cpu=fast, default=plain)
-
-
-def auto_conv(x_NHWC, kernel_HWIO, strides, padding):
-    """``tower_conv`` on CPU; elsewhere the plain convolution (grouped when vmapped over the towers)."""
-    return _by_platform(lambda x, k: tower_conv(x, k, strides, padding),
-                        lambda x, k: _conv_nhwc(x, k, strides, padding), x_NHWC, kernel_HWIO)
-
-
-def auto_dense(x_NI, kernel_IO):
-    """``tower_dense`` on CPU; elsewhere ``x @ kernel``."""
-    return _by_platform(tower_dense, lambda x, k: x @ k, x_NI, kernel_IO)
-
-
-def auto_max_pool(x_NHWC, window: int, stride: int):
-    """``max_pool`` on CPU; elsewhere ``reduce_window``, whose gradient is select-and-scatter."""
-    return _by_platform(lambda x: max_pool(x, window, stride), lambda x: plain_max_pool(x, window, stride), x_NHWC)
-
-
-def auto_divide_by_power(x, base, beta: float):
-    return _by_platform(lambda a, b: divide_by_power(a, b, beta), lambda a, b: plain_divide_by_power(a, b, beta),
-                        x, base)
-
-
-class AutoConv(TowerConv):
-    """``TowerConv``'s parameters; the convolution chosen per backend (``auto_conv``)."""
-
-    conv = staticmethod(auto_conv)
-
-
-class AutoDense(TowerDense):
-    """``TowerDense``'s parameters; the matmul chosen per backend (``auto_dense``)."""
-
-    matmul = staticmethod(auto_dense)
-
-
 @dataclasses.dataclass(frozen=True)
 class TowerOps:
     """The implementation of each operation a tower runs. Frozen and hashable: a module field."""
@@ -262,10 +219,20 @@ class TowerOps:
 
 FAST = TowerOps(conv=TowerConv, dense=TowerDense, max_pool=max_pool, lrn_divide=divide_by_power)
 PLAIN = TowerOps(conv=nn.Conv, dense=nn.Dense, max_pool=plain_max_pool, lrn_divide=plain_divide_by_power)
-AUTO = TowerOps(conv=AutoConv, dense=AutoDense, max_pool=auto_max_pool, lrn_divide=auto_divide_by_power)
-OPS = {"auto": AUTO, "fast": FAST, "plain": PLAIN}  # the choices of model.ops
+OPS = {"fast": FAST, "plain": PLAIN}  # the bundles model.ops names
+CHOICES = ("auto", *OPS)  # the choices of model.ops
+
+
+def for_devices(ops: str | TowerOps, devices) -> str | TowerOps:
+    """``'auto'`` -> ``'fast'`` when every device is a CPU, else ``'plain'``; anything else as it is."""
+    if not (isinstance(ops, str) and ops == "auto"):
+        return ops
+    return "fast" if all(d.platform == "cpu" for d in devices) else "plain"
 
 
 def resolve(ops: str | TowerOps) -> TowerOps:
-    """A ``model.ops`` name (or a bundle, returned as it is) -> the bundle."""
+    """A ``model.ops`` name (or a bundle, returned as it is) -> the bundle. ``'auto'`` outside a mesh
+    (``parallel.mesh_forward`` decides it by the mesh's devices) goes by JAX's default devices."""
+    if isinstance(ops, str) and ops == "auto":
+        ops = for_devices(ops, jax.devices()[:1])
     return OPS[ops] if isinstance(ops, str) else ops
