@@ -331,7 +331,7 @@ def main(argv=None) -> dict:
 
     # One GPU, two JAX processes (this one and launch.py in (d)): neither may take 75% of it up front.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    from alexnet_jax.parallel import prepare_devices
+    from alexnet_jax.devices import prepare_devices
 
     prepare_devices(2)  # on a CPU only: two virtual devices for the towers layout
     import jax

@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
 
-    from alexnet_jax.parallel import prepare_devices
+    from alexnet_jax.devices import prepare_devices
 
     prepare_devices(2)  # two virtual devices on a CPU; an accelerator is used as it is
     import jax

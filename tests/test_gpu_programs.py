@@ -1,11 +1,11 @@
-"""The programs a GPU runs, checked on this CPU: the train and eval steps lowered for CUDA.
+"""The programs a GPU runs, checked on this CPU: the train and eval steps lowered for CUDA devices.
 
-``jit(...).trace(...).lower(lowering_platforms=('cuda',))`` needs no GPU. The
-meshes are those of a 1-GPU and an 8-GPU machine, built from the test process's
-8 virtual CPU devices. What is read from the lowered StableHLO:
+The meshes are those of a 1-GPU and an 8-GPU machine, built from compile-only H100 devices
+(``gpu_compile.devices``; the gpu-compile extra), beside the same meshes of the test process's
+virtual CPU devices. What is read from the lowered StableHLO:
 
-* ``model.ops='auto'`` takes the plain forms for CUDA (grouped convolutions,
-  select-and-scatter) and the fast forms for CPU, from one jitted function;
+* ``model.ops='auto'`` takes the plain forms on CUDA devices (grouped convolutions,
+  select-and-scatter) and the fast forms on CPU devices, from the same jitted function;
 * no host callback and no custom call;
 * in bfloat16, every convolution and matmul is bfloat16 and LRN's window sum is float32;
 * the collectives are exactly the CPU program's.
@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alexnet_jax import optim, parallel, steps
+pytest.importorskip("jax_plugins.xla_cuda13", reason="needs the gpu-compile extra: pip install -e '.[gpu-compile]'")
+from alexnet_jax import gpu_compile, optim, parallel, steps
 from alexnet_jax.model import from_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -36,9 +37,10 @@ def _config(net="paper", dtype="float32", ops="auto", layout="towers"):
     return c
 
 
-def _mesh(layout, devices, towers):
+def _mesh(layout, devices, towers, platform):
     tower_axis = towers if (layout == "towers" and devices > 1) else 1
-    return parallel.make_mesh(towers=tower_axis, data=devices // tower_axis)
+    devs = gpu_compile.devices("h100", devices) if platform == "cuda" else jax.devices()[:devices]
+    return parallel.make_mesh(towers=tower_axis, data=devices // tower_axis, devices=devs)
 
 
 def _stats(size):
@@ -52,7 +54,7 @@ def lowered_steps(config, devices, platform):
     (uint8 crops with crop offsets, flips and lighting draws; whole images for the ten views)."""
     model = from_config(config.model)
     layout = config.mesh.parallelism
-    mesh = _mesh(layout, devices, model.towers)
+    mesh = _mesh(layout, devices, model.towers, platform)
     tx = optim.make_optimizer(config.optim)
     abstract = jax.eval_shape(lambda: steps.create_train_state(model, tx, 0, mesh, layout)[0])
     shardings = parallel.state_shardings(abstract, mesh, layout)
@@ -65,7 +67,7 @@ def lowered_steps(config, devices, platform):
     eval_batch = {"image": sds((B, R, R, 3), jnp.uint8), "label": sds((B,), jnp.int32), "mask": sds((B,), jnp.bool_)}
     train = steps.make_train_step(model, tx, mesh, shardings, inputs, layout)
     evaluate = steps.make_eval_step(model, mesh, shardings.params, inputs, layout)
-    return tuple(fn.trace(*args).lower(lowering_platforms=(platform,)).as_text(debug_info=False)
+    return tuple(fn.trace(*args).lower().as_text(debug_info=False)
                  for fn, args in ((train, (state, train_batch)), (evaluate, (state.params, eval_batch))))
 
 
@@ -135,30 +137,13 @@ def same_collectives(a, b):
     return key(a) == key(b)
 
 
-def collectives_in_conditionals(text):
-    """Collectives inside a ``stablehlo.case`` region (``ops='auto'``'s choice is one): XLA:CPU
-    crashed running such a program, and a branch-local all-reduce is a hazard on any backend."""
-    lines, found = text.splitlines(), []
-    for i, line in enumerate(lines):
-        if "stablehlo.case" not in line:
-            continue
-        depth = 0
-        for inner in lines[i:]:
-            depth += inner.count("{") - inner.count("}")
-            if inner is not line and any(f"stablehlo.{kind}" in inner for kind in COLLECTIVES):
-                found.append(inner.strip()[:160])
-            if depth <= 0 and inner is not line:
-                break
-    return found
-
-
 def convolution_groups(text):
     return [int(g) for g in re.findall(r"(?:feature|batch)_group_count = (\d+)", text)]
 
 
 def test_ops_auto_takes_the_plain_forms_for_cuda_and_the_fast_forms_for_cpu():
-    """One jitted step: lowered for CUDA it has the grouped convolutions and select-and-scatter
-    that cuDNN and XLA:GPU run natively; lowered for the CPU, the dense per-tower convolutions
+    """The same step: on CUDA devices it has the grouped convolutions and select-and-scatter
+    that cuDNN and XLA:GPU run natively; on CPU devices, the dense per-tower convolutions
     and the strided max-pool gradient. 'fast' and 'plain' are what they say on every platform."""
     forms = {}
     for ops in ("auto", "fast", "plain"):
@@ -173,8 +158,7 @@ def test_ops_auto_takes_the_plain_forms_for_cuda_and_the_fast_forms_for_cpu():
 
 
 def test_ops_auto_compiles_on_cpu_to_the_fast_program():
-    """The per-platform choice leaves nothing behind in the CPU program XLA runs: no
-    conditional, the fast form's convolutions, no more scratch memory."""
+    """The choice by device leaves nothing behind in the CPU program XLA runs: it is the fast program."""
     import alexnet_jax
 
     def compiled(ops):
@@ -191,9 +175,7 @@ def test_ops_auto_compiles_on_cpu_to_the_fast_program():
         return text.count(" conditional("), text.count(" convolution("), c.memory_analysis().temp_size_in_bytes
 
     auto, fast = compiled("auto"), compiled("fast")
-    # The operands are cast to 'varying' before the choice, so XLA fuses a little differently
-    # (measured: 1.8% less scratch than fast's); never more.
-    assert auto[0] == fast[0] == 0 and auto[1] == fast[1] and auto[2] <= fast[2]
+    assert auto[0] == fast[0] == 0 and auto == fast
 
 
 PROGRAMS = [  # (layout, net, devices): the meshes of one GPU and of an 8-GPU machine
@@ -226,7 +208,7 @@ def test_gpu_programs(layout, net, devices, dtype):
             assert not lrn
         got, want = collectives(text), collectives(text_cpu)
         assert same_collectives(got, want), (name, got, want)
-        assert not collectives_in_conditionals(text) and not collectives_in_conditionals(text_cpu), name
+        assert "stablehlo.case" not in text and "stablehlo.case" not in text_cpu, name  # chosen before lowering
         if devices == 1:
             assert not got, name
         elif name == "train":  # (eval's counts are summed outside shard_map: XLA places that sum)

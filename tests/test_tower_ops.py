@@ -2,8 +2,8 @@
 op by op, and for the whole network, values and gradients, on one device and on a mesh."""
 
 import dataclasses
-import types
 import re
+import types
 
 import flax.linen as nn
 import jax

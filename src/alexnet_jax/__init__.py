@@ -4,6 +4,7 @@ The names a notebook needs, imported plainly so that go-to-definition finds them
 (Orbax, Pillow) adds about a quarter to the import of JAX and Flax that the model costs anyway.
 """
 
+from alexnet_jax.devices import use_virtual_cpu_devices
 from alexnet_jax.inference import (
                                    Checkpoint,
                                    CheckpointError,
@@ -14,7 +15,7 @@ from alexnet_jax.inference import (
                                    predict,
 )
 from alexnet_jax.model import LRN, AlexNet, ConfigError, count_params, default_config, from_config
-from alexnet_jax.parallel import apply_on_mesh, make_mesh, use_virtual_cpu_devices
+from alexnet_jax.parallel import apply_on_mesh, make_mesh
 
 __all__ = [
     "AlexNet", "ConfigError", "LRN", "count_params", "default_config", "from_config",

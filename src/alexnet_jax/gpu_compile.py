@@ -151,6 +151,8 @@ def compile_steps(config, devs: list, batch: int) -> dict:
                   "mask": sds((batch,), jnp.bool_)}
     train = steps.make_train_step(model, tx, mesh, shardings, inputs, layout)
     evaluate = steps.make_eval_step(model, mesh, shardings.params, inputs, layout)
+    cache = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)  # a compile-only program cannot be read back
     try:
         return {"train": train.trace(state, train_batch).lower().compile(),
                 "eval": evaluate.trace(state.params, eval_batch).lower().compile()}
@@ -160,6 +162,8 @@ def compile_steps(config, devs: list, batch: int) -> dict:
             raise CompileForError("the CUDA compiler tools are missing (ptxas, libdevice): "
                                   "pip install -e '.[gpu-compile]'") from None
         raise
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache)
 
 
 def mesh_shape(model, layout: str, count: int) -> tuple[int, int]:

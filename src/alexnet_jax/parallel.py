@@ -4,7 +4,7 @@ One parameter tree (a leading ``tower`` axis), every layout. A layout is a row o
 rather than code: which mesh axis splits the towers, the conv and FC layers' examples and the FC units.
 One mesh forward and the state shardings read it: ``towers`` (the paper: a tower per device), ``data``
 (all towers everywhere) or ``hybrid`` (OWT 2014: conv data-parallel, FC units split, so FC gradients
-need no reduction). Virtual CPU devices must be asked for before JAX starts (:func:`prepare_devices`).
+need no reduction). Virtual CPU devices must be asked for before JAX starts (``devices.prepare_devices``).
 """
 
 from __future__ import annotations
@@ -66,73 +66,6 @@ def layout_named(name: str) -> Layout:
 
 def _key_names(path) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
-def use_virtual_cpu_devices(n: int) -> None:
-    """Split the host CPU into ``n`` JAX devices; must run before JAX starts its backend."""
-    from alexnet_jax._jax_internals import backends_are_initialized  # no public query for this
-
-    if backends_are_initialized():
-        if jax.device_count() == n:
-            return
-        raise RuntimeError(
-            f"JAX has already started with {jax.device_count()} device(s); cannot switch to "
-            f"{n} virtual CPU devices. Call use_virtual_cpu_devices({n}) before any JAX "
-            f"computation, or set XLA_FLAGS=--xla_force_host_platform_device_count={n} "
-            "in the environment."
-        )
-    jax.config.update("jax_num_cpu_devices", n)
-
-
-def accelerator_plugins() -> list[str]:
-    """The accelerator plugins JAX will load when it starts (CUDA, ROCm, TPU), found without starting it.
-
-    ``JAX_PLATFORMS`` decides when set; otherwise the installed PJRT plugins, found where JAX looks
-    (``jax_plugins`` entry points and namespace package), and ``libtpu``.
-    """
-    import importlib.metadata
-    import importlib.util
-    import pkgutil
-
-    if jax.config.jax_platforms:
-        first = str(jax.config.jax_platforms).split(",")[0]
-        return [] if first == "cpu" else [first]
-    found = {e.value for e in importlib.metadata.entry_points(group="jax_plugins")}
-    try:
-        import jax_plugins
-
-        found |= {m.name for m in pkgutil.iter_modules(jax_plugins.__path__)}
-    except ImportError:
-        pass
-    if importlib.util.find_spec("libtpu") is not None:
-        found.add("libtpu")
-    return sorted(found)
-
-
-def prepare_devices(cpu_devices: int) -> str | None:
-    """Before JAX starts, on a machine with no accelerator: split the CPU into ``cpu_devices`` devices.
-
-    Returns why it did not (None if it did): JAX had already started, or an accelerator plugin is
-    installed, whose devices are then used as they are. Starts nothing, so a multi-process run can
-    join its peers after this.
-    """
-    from alexnet_jax._jax_internals import backends_are_initialized  # no public query for this
-
-    if backends_are_initialized():
-        return "JAX had already started in this process"
-    plugins = accelerator_plugins()
-    if plugins:
-        return f"the accelerator plugin(s) {', '.join(plugins)} found no device"
-    jax.config.update("jax_num_cpu_devices", cpu_devices)
-    return None
-
-
-def devices_note(cpu_devices: int, why: str | None) -> str | None:
-    """One line when a CPU run has another device count than ``mesh.cpu_devices`` asked for, saying why."""
-    if why is None or jax.default_backend() != "cpu" or jax.device_count() == cpu_devices:
-        return None
-    return (f"Training on the {jax.device_count()} CPU device(s) JAX has: {why} (mesh.cpu_devices={cpu_devices} "
-            f"applies in a fresh process, or set XLA_FLAGS=--xla_force_host_platform_device_count={cpu_devices}).")
 
 
 def make_mesh(towers: int = 2, data: int | None = None, devices=None) -> Mesh:

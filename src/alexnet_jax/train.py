@@ -25,9 +25,10 @@ from alexnet_jax import data as data_lib
 from alexnet_jax import distributed, optim, paths, steps
 from alexnet_jax.checkpoint import Checkpointer, CheckpointError, CheckpointWriteError
 from alexnet_jax.config_check import validate_config
+from alexnet_jax.devices import devices_note, prepare_devices
 from alexnet_jax.metrics import Diverged, DivergenceGuard, MetricWriter, PendingMetrics, TrainingError
 from alexnet_jax.model import AlexNet, ConfigError, count_params
-from alexnet_jax.parallel import DATA_AXIS, check_layout, devices_note, mesh_for_config, prepare_devices
+from alexnet_jax.parallel import DATA_AXIS, check_layout, mesh_for_config
 from alexnet_jax.preemption import StopOnSignal
 from alexnet_jax.progress import TrainProgress
 from alexnet_jax.workdir_lock import WorkdirBusy, WorkdirLock, describe_holder
