@@ -95,14 +95,14 @@ def check_program(c, analysis, steps, devices):
     assert lower <= peak <= upper, (peak / 1e6, lower / 1e6, upper / 1e6)
     if devices > 1:  # what each device sends, against the costs worked out from the shapes
         total = rounded(layer_costs(model, c.mesh.parallelism, devices, BATCH))["total"]
-        exchange = total["exchange_bytes_per_step"] // 2  # forward (all-gathers) and backward (reduce-scatters)
-        want = {"all-gather": exchange, "reduce-scatter": exchange, "all-reduce": total["gradient_bytes_per_step"]}
         got = analysis["train"]["collectives"]
+        sent = {kind: c["sent_bytes"] for kind, c in got.items()}
         slack = 2 * BATCH * model.num_classes * 4  # loss, accuracy and top-5 values outside the network
-        for kind, bytes_ in want.items():
-            sent = got.get(kind, {}).get("sent_bytes", 0)
-            assert abs(sent - bytes_) <= slack, (kind, sent, bytes_)
-        assert set(got) <= {"all-gather", "reduce-scatter", "all-reduce"}, got
+        # The exchanges, forward and back: XLA:GPU may turn a gather and its slice into an all-to-all.
+        exchange = sent.get("all-gather", 0) + sent.get("reduce-scatter", 0) + sent.get("all-to-all", 0)
+        assert abs(exchange - total["exchange_bytes_per_step"]) <= slack, (got, total)
+        assert abs(sent.get("all-reduce", 0) - total["gradient_bytes_per_step"]) <= slack, (got, total)
+        assert set(got) <= {"all-gather", "reduce-scatter", "all-reduce", "all-to-all"}, got
 
 
 def test_the_paper_net_on_one_and_two_h100s():

@@ -14,7 +14,8 @@ layer's row gives
   gather before fc6 and unit gathers before fc7 and fc8; the LRN halo of
   ``lrn_scope='layer'`` at conv1/conv2), and their gradients on the way back;
 * ``gradient_bytes_per_step``: the all-reduce of the layer's parameter gradients
-  over the devices that hold the same parameters.
+  over the devices that hold the same parameters, in the compute dtype (with ``model.dtype=bfloat16``
+  the gradients are summed in bfloat16, then applied to the float32 parameters).
 
 Bytes are what each device sends per step with ring algorithms (as NCCL's bus
 bandwidth counts them): an all-gather whose result is R bytes over a group of G
@@ -84,7 +85,7 @@ def layer_costs(model: AlexNet, layout: str, devices: int, batch: int) -> dict:
             grad = Fraction(0)  # each device's units are its own, for the whole batch
         else:  # replicated over 'data': each device holds one tower (split) or all
             held = rows[name]["params"] // (T if split else 1)
-            grad = Fraction(2 * held * 4 * (data - 1), data)
+            grad = Fraction(2 * held * act * (data - 1), data)  # summed in the compute dtype, as JAX's psum does
         out.append({"name": name, "params": rows[name]["params"], "macs_per_image": rows[name]["macs"],
                     "exchange_bytes_forward": exchange, "exchange_bytes_backward": exchange,
                     "exchange_bytes_per_step": 2 * exchange, "gradient_bytes_per_step": grad})

@@ -86,14 +86,21 @@ class LRN(nn.Module):
 
     @nn.compact
     def __call__(self, x_NHWC: jax.Array, halo: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+        """In float32 whatever ``x``'s dtype, returned in ``x``'s. Rematerialised: the backward pass
+        recomputes the window sums from ``x`` instead of keeping float32 copies of the layer."""
         alpha = {"paper": self.alpha, "alpha_over_n": self.alpha / self.n}[self.convention]
         half = self.n // 2
-        squares, pad = jnp.square(x_NHWC), (half, half)
-        if halo is not None:  # the neighbours' channels instead of zeros
-            squares, pad = jnp.concatenate([jnp.square(halo[0]), squares, jnp.square(halo[1])], axis=-1), (0, 0)
-        window_sum = jax.lax.reduce_window(squares, 0.0, jax.lax.add, (1, 1, 1, 2 * half + 1),
-                                           (1, 1, 1, 1), ((0, 0), (0, 0), (0, 0), pad))
-        return self.divide(x_NHWC, self.k + alpha * window_sum, self.beta)
+
+        def normalise(x, halo):
+            a = x.astype(jnp.float32)
+            squares, pad = jnp.square(a), (half, half)
+            if halo is not None:  # the neighbours' channels instead of zeros
+                squares, pad = jnp.concatenate([jnp.square(halo[0]), squares, jnp.square(halo[1])], axis=-1), (0, 0)
+            window_sum = jax.lax.reduce_window(squares, 0.0, jax.lax.add, (1, 1, 1, 2 * half + 1),
+                                               (1, 1, 1, 1), ((0, 0), (0, 0), (0, 0), pad))
+            return self.divide(a, self.k + alpha * window_sum, self.beta).astype(x.dtype)
+
+        return jax.checkpoint(normalise)(x_NHWC, halo)
 
 
 class _Fields(nn.Module):
@@ -146,9 +153,9 @@ class Tower(_Fields):
         if not self.lrn:
             return x
         norm = LRN(k=self.lrn_k, convention=self.lrn_convention, divide=resolve(self.ops).lrn_divide)
-        y = x.astype(jnp.float32)
         across = self.lrn_scope == "layer" and self.towers > 1
-        return norm(y, self.axes.neighbour_channels(y, norm.n // 2, layer) if across else None).astype(x.dtype)
+        halo = self.axes.neighbour_channels(x.astype(jnp.float32), norm.n // 2, layer) if across else None
+        return norm(x, halo)
 
     def _layer(self, name):
         """Section 5's initialisation: weights N(0, init_std^2), biases init_bias or 0."""

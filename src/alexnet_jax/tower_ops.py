@@ -5,8 +5,9 @@ with the same parameters (``nn.Conv``/``nn.Dense``'s ``kernel`` and ``bias``), s
 ``PLAIN`` is the textbook form (vmapped: grouped convolutions, which cuDNN runs natively, and
 select-and-scatter). ``FAST`` rewrites it to avoid XLA:CPU's slow paths under the tower vmap (each change
 measured in ``benchmarks/bench_speed_changes.py``). ``'auto'`` is decided by the devices the program
-runs on (:func:`for_devices`): ``FAST`` on CPU devices, ``PLAIN`` on any other, a compile-only CUDA device
-included, so a step compiled for an H100 on a CPU-only machine holds the GPU's form. ``AlexNet(ops=...)``
+runs on (:func:`for_devices`): ``FAST`` on CPU devices, ``ACCELERATOR`` (``PLAIN`` with ``FAST``'s max-pool
+gradient) on any other, a compile-only CUDA device included, so a step compiled for an H100 on a CPU-only
+machine holds the GPU's form. ``AlexNet(ops=...)``
 also takes a bundle (:class:`TowerOps`).
 """
 
@@ -219,15 +220,19 @@ class TowerOps:
 
 FAST = TowerOps(conv=TowerConv, dense=TowerDense, max_pool=max_pool, lrn_divide=divide_by_power)
 PLAIN = TowerOps(conv=nn.Conv, dense=nn.Dense, max_pool=plain_max_pool, lrn_divide=plain_divide_by_power)
+# 'auto' off the CPU: the plain forms, but max-pooling's gradient as FAST computes it. On an H100 that
+# moves 16% fewer bytes per image than select-and-scatter, which XLA:GPU turns into a scatter of five
+# int32 index arrays per pooled tensor (benchmarks/NOTES.md, section 5).
+ACCELERATOR = dataclasses.replace(PLAIN, max_pool=max_pool)
 OPS = {"fast": FAST, "plain": PLAIN}  # the bundles model.ops names
 CHOICES = ("auto", *OPS)  # the choices of model.ops
 
 
 def for_devices(ops: str | TowerOps, devices) -> str | TowerOps:
-    """``'auto'`` -> ``'fast'`` when every device is a CPU, else ``'plain'``; anything else as it is."""
+    """``'auto'`` -> ``'fast'`` when every device is a CPU, else ``ACCELERATOR``; anything else as it is."""
     if not (isinstance(ops, str) and ops == "auto"):
         return ops
-    return "fast" if all(d.platform == "cpu" for d in devices) else "plain"
+    return "fast" if all(d.platform == "cpu" for d in devices) else ACCELERATOR
 
 
 def resolve(ops: str | TowerOps) -> TowerOps:
