@@ -98,6 +98,9 @@ COMMANDS = {
     "--config.model.dtype=bfloat16 --config.batch_size=1024 --config.data.num_workers=32 "
     "--config.mesh.parallelism=data --workdir=runs/paper8":
         "tests/test_launch_imagenet.py::test_the_gpu_commands_on_raw_records",
+    "pip install -e '.[gpu-compile]'": "not run: installs a package (the test extra has it)",
+    "python -m alexnet_jax.costs --compile-for=h100 --devices=1 --dtype=bfloat16 --batch=128":
+        "tests/test_gpu_compile.py::test_the_command_as_docs_type_it",
     "python benchmarks/bench_gpu.py --json gpu.json": "not run: the full-size benchmark, for a GPU (--quick is tested)",
     "python benchmarks/bench_gpu.py --quick --json q.json": "tests/test_bench_gpu.py::test_bench_gpu_quick",
     "pip install torch==2.13.0": "not run: installs a package (the test extra has torch)",

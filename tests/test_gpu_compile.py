@@ -165,3 +165,67 @@ ENTRY %main (p0: f32[4,8], p1: bf16[16]) -> bf16[2,16] {
     assert a["collectives"] == {"all-gather": {"count": 1, "bytes": 64, "sent_bytes": 32}}
     assert a["peak_bytes_per_device"] == 256 and a["fusions"] == 1 and a["top_ops"][0]["what"] == "conv1/add"
     assert np.isclose(a["hbm_bytes_per_image"], 144)
+
+
+def test_the_command_as_docs_type_it(tmp_path):
+    """docs/gpu.md's command as typed, in the repository root (with --json and --dump-hlo added)."""
+    import json
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}  # as a user has it
+    r = subprocess.run([sys.executable, "-m", "alexnet_jax.costs", "--compile-for=h100", "--devices=1",
+                        "--dtype=bfloat16", "--batch=128", f"--json={tmp_path}/out/h100.json",
+                        f"--dump-hlo={tmp_path}/out/hlo"], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stdout + r.stderr
+    assert "Compiled for 1 x NVIDIA H100 80GB HBM3" in r.stdout and "cuDNN" in r.stdout
+    got = json.loads((tmp_path / "out" / "h100.json").read_text())
+    assert got["cudnn_convolutions"] == 14 and got["fits"] and got["collectives"] == {}
+    assert got["hbm_bytes_per_image"] < 50e6 and got["roofline_images_per_s"]["memory"] > 60_000
+    assert (tmp_path / "out" / "hlo" / "train_step.hlo.txt").read_text().count("__cudnn$conv") == 14
+
+
+def test_clear_one_line_errors(tmp_path, monkeypatch, capsys):
+    """Unknown target, a batch that does not split, a missing extra, a target this jaxlib cannot read."""
+    from alexnet_jax import costs
+
+    root = Path(__file__).resolve().parents[1]
+    base = [f"--config={root / 'configs' / 'paper.py'}", "--dtype=bfloat16"]
+
+    def fails(*args):
+        with pytest.raises(SystemExit) as e:
+            costs.main([*base, *args])
+        err = capsys.readouterr().err
+        assert e.value.code != 0 and "Traceback" not in err, err
+        message = str(e.value.code) if isinstance(e.value.code, str) else err
+        return message.strip()
+
+    assert "h100" in fails("--compile-for=v100")  # a usage error listing the choices
+    assert "does not divide over the mesh's data axis (8)" in fails("--compile-for=h100", "--devices=8", "--batch=100",
+                                                        "--config.mesh.parallelism=data")
+    monkeypatch.setattr(G, "cuda_plugin_installed", lambda: False)
+    assert "pip install -e '.[gpu-compile]'" in fails("--compile-for=h100", "--devices=1")
+    monkeypatch.setattr(G, "cuda_plugin_installed", lambda: True)
+    monkeypatch.setattr(G, "target_config", lambda gpu: "gpu_device_info { no_such_field: 1 }")
+    assert "cannot read the h100 target description" in fails("--compile-for=h100", "--devices=1")
+
+
+def test_a_cuda_plugin_without_a_gpu_is_a_cpu_machine():
+    """With JAX's CUDA plugin installed (this extra) and no GPU, JAX starts on the CPU: the virtual CPU
+    devices a run asks for are made, and the plugin's failed start is one line, not a traceback."""
+    import os
+    import subprocess
+
+    code = ("from alexnet_jax.devices import prepare_devices\n"
+            "why = prepare_devices(2)\n"
+            "import jax\n"
+            "print(jax.default_backend(), jax.device_count(), why)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["cpu", "2", "None"], r.stdout
+    assert "Traceback" not in r.stderr, r.stderr
+    assert len([line for line in r.stderr.splitlines() if "plugin" in line]) <= 1, r.stderr

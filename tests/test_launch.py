@@ -74,7 +74,7 @@ def test_paper_config_without_imagenet_says_how_to_point_at_it(tmp_path):
     (["--config.model.towers=3"], "must divide by model.towers=3"),
     (["--config.mesh.parallelism=hybrid"], "per tower {'fc8': 5} do not divide"),
     (["--config=configs/missing.py"], "configs/missing.py"),
-    (["--workdir=launch.py"], "Cannot use --workdir=launch.py"),
+    (["--workdir=launch.py"], f"Cannot use --workdir={ROOT / 'launch.py'}"),  # made absolute where typed
     (["--config=configs/paper.py", "--config.data.root=/nonexistent"], "data folder '/nonexistent' does not exist"),
 ])
 def test_bad_command_lines_fail_with_one_clear_message(args, message):

@@ -15,7 +15,17 @@ from test_parallel import assert_same
 
 from alexnet_jax import AlexNet
 from alexnet_jax.parallel import batch_sharding, make_mesh, mesh_forward, shard_variables
-from alexnet_jax.tower_ops import FAST, PLAIN, TowerOps, for_devices, max_pool, resolve, tower_conv, tower_dense
+from alexnet_jax.tower_ops import (
+    ACCELERATOR,
+    FAST,
+    PLAIN,
+    TowerOps,
+    for_devices,
+    max_pool,
+    resolve,
+    tower_conv,
+    tower_dense,
+)
 
 NARROW = dict(width=0.125, image_size=64, num_classes=10, init_std=0.03)
 
@@ -102,8 +112,9 @@ def test_ops_are_a_static_module_field():
 
 def test_auto_is_decided_by_the_devices():
     cpu, gpu = types.SimpleNamespace(platform="cpu"), types.SimpleNamespace(platform="cuda")
-    assert for_devices("auto", [cpu, cpu]) == "fast" and for_devices("auto", [gpu]) == "plain"
-    assert for_devices("auto", [cpu, gpu]) == "plain" and for_devices("fast", [gpu]) == "fast"
+    assert for_devices("auto", [cpu, cpu]) == "fast" and for_devices("auto", [gpu]) is ACCELERATOR
+    assert for_devices("auto", [cpu, gpu]) is ACCELERATOR and for_devices("fast", [gpu]) == "fast"
+    assert ACCELERATOR.conv is PLAIN.conv and ACCELERATOR.max_pool is FAST.max_pool
     assert for_devices(PLAIN, [cpu]) is PLAIN
 
 
@@ -164,13 +175,12 @@ def test_fast_forms_lose_no_gradient_precision_on_one_or_two_devices():
     the plain forms in float64: every leaf within 2e-6 of its largest gradient, for both forms alike.
     (Two devices sum the batch in two halves: the layouts differ from each other by as much, ~6e-7 a
     step, and training carries such differences on; they are rounding, not a form's loss of precision.)"""
-    from configs import demo
-
     from alexnet_jax import parallel
+    from configs import demo
 
     c = demo.get_config()
     c.model.towers, c.model.width = 1, 0.125
-    base = AlexNet(**{k: v for k, v in c.model.to_dict().items()})
+    base = AlexNet(**c.model.to_dict())
     s = base.image_size
     rng = np.random.default_rng(0)
     images = (50 * rng.standard_normal((16, s, s, 3))).astype(np.float64)

@@ -36,17 +36,10 @@ from fractions import Fraction
 
 from alexnet_jax import cli, paths
 from alexnet_jax.model import LAYERS, AlexNet, ConfigError, from_config
-from alexnet_jax.parallel import LAYOUTS, indivisible_units, layout_named
+from alexnet_jax.parallel import LAYOUTS, indivisible_units, layout_named, mesh_shape
 
 _PROG = cli.program("costs")
 _DEFAULT_CONFIG = "configs/paper.py"
-
-
-def mesh_shape(model: AlexNet, layout: str, devices: int) -> tuple[int, int]:
-    """``(data, tower)``: the mesh ``launch.py`` builds for this layout on ``devices`` devices (``mesh.tower=-1``)."""
-    if layout == "towers" and devices % model.towers == 0:
-        return devices // model.towers, model.towers
-    return devices, 1
 
 
 def _gather(result: int, group: int) -> Fraction:

@@ -131,7 +131,7 @@ def compile_steps(config, devs: list, batch: int) -> dict:
 
     model = from_config(config.model)
     layout = config.mesh.parallelism
-    data, tower = mesh_shape(model, layout, len(devs))
+    data, tower = parallel.mesh_shape(model, layout, len(devs))
     if batch % data:
         raise CompileForError(f"--batch={batch} does not split over the {data} devices of the mesh's data axis")
     mesh = parallel.make_mesh(towers=tower, data=data, devices=devs)
@@ -164,12 +164,6 @@ def compile_steps(config, devs: list, batch: int) -> dict:
         raise
     finally:
         jax.config.update("jax_enable_compilation_cache", cache)
-
-
-def mesh_shape(model, layout: str, count: int) -> tuple[int, int]:
-    from alexnet_jax.costs import mesh_shape as shape
-
-    return shape(model, layout, count)
 
 
 # ---------------------------------------------------------------------------

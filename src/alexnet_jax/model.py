@@ -20,13 +20,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from alexnet_jax.axes import TOWER_AXIS, Axes
-from alexnet_jax.tower_ops import CHOICES as OPS_CHOICES
-from alexnet_jax.tower_ops import TowerOps, divide_by_power, resolve
+from alexnet_jax.tower_ops import OPS, TowerOps, divide_by_power, resolve
 
 ACTIVATIONS = {"relu": nn.relu, "tanh": jnp.tanh}  # tanh: the saturating unit of Section 3.1
 # The choice fields; from_config checks them, the forward pass trusts them.
 CHOICES = {"activation": tuple(ACTIVATIONS), "lrn_convention": ("paper", "alpha_over_n"),
-           "lrn_scope": ("tower", "layer"), "dtype": ("float32", "bfloat16"), "ops": OPS_CHOICES}
+           "lrn_scope": ("tower", "layer"), "dtype": ("float32", "bfloat16"), "ops": ("auto", *OPS)}
 
 
 class ConfigError(ValueError):
@@ -86,12 +85,9 @@ class LRN(nn.Module):
 
     @nn.compact
     def __call__(self, x_NHWC: jax.Array, halo: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
-        """In float32 whatever ``x``'s dtype, returned in ``x``'s. Rematerialised: the backward pass
-        recomputes the window sums from ``x`` instead of keeping float32 copies of the layer."""
-        alpha = {"paper": self.alpha, "alpha_over_n": self.alpha / self.n}[self.convention]
-        half = self.n // 2
+        alpha, half = {"paper": self.alpha, "alpha_over_n": self.alpha / self.n}[self.convention], self.n // 2
 
-        def normalise(x, halo):
+        def normalise(x, halo):  # in float32 whatever x's dtype; returned in x's
             a = x.astype(jnp.float32)
             squares, pad = jnp.square(a), (half, half)
             if halo is not None:  # the neighbours' channels instead of zeros
@@ -99,8 +95,7 @@ class LRN(nn.Module):
             window_sum = jax.lax.reduce_window(squares, 0.0, jax.lax.add, (1, 1, 1, 2 * half + 1),
                                                (1, 1, 1, 1), ((0, 0), (0, 0), (0, 0), pad))
             return self.divide(a, self.k + alpha * window_sum, self.beta).astype(x.dtype)
-
-        return jax.checkpoint(normalise)(x_NHWC, halo)
+        return jax.checkpoint(normalise)(x_NHWC, halo)  # recomputed for the backward pass: no float32 copy kept
 
 
 class _Fields(nn.Module):
@@ -124,8 +119,7 @@ class _Fields(nn.Module):
     init_std: float = 0.01  # weights ~ N(0, init_std^2)
     init_bias: float = 1.0  # bias of conv2, conv4, conv5, fc6, fc7 (others 0)
     dtype: str = "float32"  # compute dtype: 'float32', or 'bfloat16' (parameters stay float32)
-    # how each op is computed (tower_ops.CHOICES)
-    ops: str | TowerOps = "auto"  # 'auto' (per backend), 'fast', 'plain'; or a bundle
+    ops: str | TowerOps = "auto"  # how each op is computed: 'auto' (by the devices), 'fast', 'plain'; or a bundle
 
 
 # The `model` section of a run config: AlexNet's fields.
@@ -154,8 +148,7 @@ class Tower(_Fields):
             return x
         norm = LRN(k=self.lrn_k, convention=self.lrn_convention, divide=resolve(self.ops).lrn_divide)
         across = self.lrn_scope == "layer" and self.towers > 1
-        halo = self.axes.neighbour_channels(x.astype(jnp.float32), norm.n // 2, layer) if across else None
-        return norm(x, halo)
+        return norm(x, self.axes.neighbour_channels(x.astype(jnp.float32), norm.n // 2, layer) if across else None)
 
     def _layer(self, name):
         """Section 5's initialisation: weights N(0, init_std^2), biases init_bias or 0."""

@@ -58,6 +58,13 @@ PARAM_SPEC = P(TOWER_AXIS)  # the towers layout's parameters: each device holds 
 BATCH_SPEC = P(DATA_AXIS)  # input examples split over the data axis (every layout)
 
 
+def mesh_shape(model: AlexNet, layout: str, devices: int) -> tuple[int, int]:
+    """``(data, tower)``: the mesh ``launch.py`` builds for this layout on ``devices`` devices (``mesh.tower=-1``)."""
+    if layout == "towers" and devices % model.towers == 0:
+        return devices // model.towers, model.towers
+    return devices, 1
+
+
 def layout_named(name: str) -> Layout:
     if name not in LAYOUTS:
         raise ConfigError(f"mesh.parallelism={name!r}: choose one of {', '.join(map(repr, LAYOUTS))}.")

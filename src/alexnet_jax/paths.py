@@ -43,12 +43,20 @@ def absolute_str(path: str | os.PathLike | None) -> str | None:
 
 
 def absolute_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy of a run config whose path fields (``CONFIG_PATH_FIELDS``) are absolute."""
-    config = config.copy_and_resolve_references()
+    """The run config with its path fields (``CONFIG_PATH_FIELDS``) absolute: a copy where one changes,
+    else the config itself."""
+    changes = {}
     for field in CONFIG_PATH_FIELDS:
         section, name = field.split(".")
         if section in config and name in config[section] and config[section][name]:
-            config[section][name] = absolute_str(config[section][name])
+            value = absolute_str(config[section][name])
+            if value != config[section][name]:
+                changes[section, name] = value
+    if not changes:
+        return config
+    config = config.copy_and_resolve_references()
+    for (section, name), value in changes.items():
+        config[section][name] = value
     return config
 
 

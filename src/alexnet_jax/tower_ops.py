@@ -224,8 +224,7 @@ PLAIN = TowerOps(conv=nn.Conv, dense=nn.Dense, max_pool=plain_max_pool, lrn_divi
 # moves 16% fewer bytes per image than select-and-scatter, which XLA:GPU turns into a scatter of five
 # int32 index arrays per pooled tensor (benchmarks/NOTES.md, section 5).
 ACCELERATOR = dataclasses.replace(PLAIN, max_pool=max_pool)
-OPS = {"fast": FAST, "plain": PLAIN}  # the bundles model.ops names
-CHOICES = ("auto", *OPS)  # the choices of model.ops
+OPS = {"fast": FAST, "plain": PLAIN}  # the bundles model.ops names (and 'auto')
 
 
 def for_devices(ops: str | TowerOps, devices) -> str | TowerOps:
