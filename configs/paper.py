@@ -80,6 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.cpu_devices = 2  # virtual CPU devices to create (in each process) when there is no accelerator
 
     c.seed = 0  # parameter initialisation, dropout, data order and augmentation
+    c.profile_steps = ()  # (A, B): a jax.profiler trace of steps A..B in <workdir>/profile/ (TensorBoard, Perfetto)
     c.max_bad_batches = 10  # batches with NaN/Inf inputs skipped (each reported with its step) before the run stops
 
     # Several processes (hosts) as one run; see README "Several hosts". Unset: one process.

@@ -46,6 +46,8 @@ RUN_FIELDS: dict[str, _Rule] = {
     "log_every": _POSITIVE,
     "seed": _INT,
     "max_bad_batches": _NON_NEGATIVE,
+    "profile_steps": (lambda v: isinstance(v, tuple) and (v == () or (
+        len(v) == 2 and all(isinstance(s, int) for s in v) and 1 <= v[0] <= v[1])), "() or (A, B) with 1 <= A <= B"),
 }
 OPTIM_FIELDS: dict[str, _Rule] = {
     "lr": (lambda v: _NUMBER[0](v) and v > 0, "a number > 0"),

@@ -161,16 +161,21 @@ class PendingMetrics:
     first fetches the ones queued before, so a fetch never waits for the step just
     queued. ``fetch`` takes all (the loop calls it before reading the state, so a
     NaN loss stops the run before it is saved). Each row goes through ``guard``;
-    every ``log_every``-th is written, the newest with ``perf/images_per_s``: global
-    images per second since the last fetch (the first interval starts after
-    compilation; ``restart_clock`` leaves evaluations and checkpoints out).
+    every ``log_every``-th is written, the newest with the window's ``perf/images_per_s`` (global
+    images per second since the last fetch; the first window starts after compilation;
+    ``restart_clock`` leaves evaluations and checkpoints out), ``perf/step_time_s`` and
+    ``perf/input_wait_share``: the share of the window's wall time the loop waited for its next
+    batch (``input_wait()``: seconds waited so far). Over ``INPUT_BOUND`` the progress line says so.
     """
 
-    def __init__(self, writer: MetricWriter, progress, guard: DivergenceGuard, *, log_every: int, batch_size: int):
+    INPUT_BOUND = 0.1
+
+    def __init__(self, writer: MetricWriter, progress, guard: DivergenceGuard, *, log_every: int, batch_size: int,
+                 input_wait: Callable[[], float] = lambda: 0.0):
         self.writer, self.progress, self.guard = writer, progress, guard
-        self.log_every, self.batch_size = log_every, batch_size
+        self.log_every, self.batch_size, self.input_wait = log_every, batch_size, input_wait
         self.pending: list[tuple[int, dict]] = []
-        self._clock: tuple[float, int] | None = None  # (time, step) of the last fetch
+        self._clock: tuple[float, int, float] | None = None  # (time, step, seconds waited) at the last fetch
 
     def add(self, step: int, metrics: dict) -> None:
         if (step - 1) % self.log_every == 0:
@@ -181,20 +186,24 @@ class PendingMetrics:
         if not self.pending:
             return
         rows, self.pending = jax.device_get(self.pending), []
-        now, newest = time.perf_counter(), rows[-1][0]
-        rate = None
+        now, newest, waited = time.perf_counter(), rows[-1][0], self.input_wait()
+        perf = {}
         if self._clock is not None and newest > self._clock[1]:
-            rate = (newest - self._clock[1]) * self.batch_size / max(now - self._clock[0], 1e-9)
-        self._clock = (now, newest)
+            wall = max(now - self._clock[0], 1e-9)
+            perf = {"perf/images_per_s": (newest - self._clock[1]) * self.batch_size / wall,
+                    "perf/step_time_s": wall / (newest - self._clock[1]),
+                    "perf/input_wait_share": min(max((waited - self._clock[2]) / wall, 0.0), 1.0)}
+        self._clock = (now, newest, waited)
         good = [(s, m) for s, m in rows if self.guard.passes(s, m)]
         for s, m in good:
             if s % self.log_every == 0 or s == newest:
-                self.writer.write(s, {**m, "perf/images_per_s": rate} if s == newest and rate else m)
+                self.writer.write(s, {**m, **perf} if s == newest else m)
         if good:
             s, m = good[-1]
-            self.progress.update(s, loss=float(m["train/loss"]), lr=float(m["train/lr"]))
+            self.progress.update(s, loss=float(m["train/loss"]), lr=float(m["train/lr"]),
+                                 input_wait=perf.get("perf/input_wait_share"))
 
     def restart_clock(self) -> None:
         """The next interval starts now."""
         if self._clock is not None:
-            self._clock = (time.perf_counter(), self._clock[1])
+            self._clock = (time.perf_counter(), self._clock[1], self.input_wait())

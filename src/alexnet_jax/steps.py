@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import queue
 import threading
+import time
 from typing import Any
 
 import flax
@@ -181,12 +182,13 @@ class DeviceBatches:
     steps. It runs ahead: checkpoint a step with the state that came with its batch, not
     ``train_iter.get_state()``. A loader error is raised by the ``next`` that would have returned that
     batch. :meth:`close` before closing ``train_iter`` (not thread-safe: nothing else may read it meanwhile).
+    ``waited``: the seconds ``next`` has spent waiting for the loader (the loop was input-bound then).
     """
 
     _END = object()
 
     def __init__(self, train_iter, mesh, depth: int = 2):
-        self._iter, self._mesh = train_iter, mesh
+        self._iter, self._mesh, self.waited = train_iter, mesh, 0.0
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._fill, name="alexnet_jax-device-batches", daemon=True)
@@ -216,7 +218,9 @@ class DeviceBatches:
     def __next__(self):
         if self._stop.is_set():
             raise StopIteration
+        start = time.perf_counter()
         item = self._queue.get()
+        self.waited += time.perf_counter() - start
         if item is self._END:
             self._stop.set()
             raise StopIteration

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         state, step, stopped_by = run.state, run.start_step, None
         while step < run.total_steps and stopped_by is None:
             batch, data_position = next(run.batches)
+            run.profile.before(step + 1)
             state, metrics = run.train_step(state, batch)
             step += 1
+            run.profile.after(step, state)
             run.metrics.add(step, metrics)  # fetches the earlier steps' rows every log_every steps
             stopped_by = run.stop.due(step)  # SIGTERM / Ctrl-C: save this step and stop
             evaluate, save = run.due(step, stopped_by)
@@ -95,6 +98,7 @@ class _Run:
     steps_per_epoch: int
     total_steps: int
     dataset: dict  # the checkpoints' dataset item: class ids and names, the mean image
+    profile: _Profile
     last_val: dict = dataclasses.field(default_factory=dict)
     ckpt_error: CheckpointWriteError | None = None
 
@@ -106,9 +110,10 @@ class _Run:
         return step % every[0] == 0 or last, step % every[1] == 0 or last or stopped_by is not None
 
     def evaluate(self, step: int, state) -> dict:
+        start = time.perf_counter()
         val = self.last_val = self.evaluator(state.params)
         epoch = step / self.steps_per_epoch
-        self.writer.write(step, {**val, "epoch": epoch})
+        self.writer.write(step, {**val, "epoch": epoch, "perf/eval_s": time.perf_counter() - start})
         self.progress.note(f"step {step} (epoch {epoch:.2f}): val top-1 error {val['val/top1_error']:.4f}, "
                            f"top-5 {val['val/top5_error']:.4f}")
         return val
@@ -116,6 +121,7 @@ class _Run:
     def save(self, step: int, state, data_position: dict, val: dict | None) -> None:
         """Start writing a checkpoint; a full or read-only disk is reported and training goes on."""
         self.writer.flush()  # the curves are kept as far as the checkpoint is
+        start = time.perf_counter()
         try:
             self.ckpt.save(step, state, data_state=data_position, config=json.loads(self.config.to_json()),
                            control=self.lr.history.to_json(), dataset=self.dataset,
@@ -124,6 +130,8 @@ class _Run:
             self.ckpt_error = e
             self.progress.note(escape(f"{e} Training goes on; the next checkpoint tries again."))
             self.writer.write(step, {"checkpoint/error": str(e)})
+            return
+        self.writer.write(step, {"perf/checkpoint_s": time.perf_counter() - start})  # until the write is started
 
     def finish(self, step: int, state) -> dict:
         """Success only once the final checkpoint is on disk; a run resumed at its end reports where it stands."""
@@ -145,6 +153,32 @@ class _Run:
                                f"{val['val/top1_error']:.4f}, top-5 {val['val/top5_error']:.4f} "
                                f"(chance: top-1 {1 - 1 / self.model.num_classes:.2f}).")
         return result
+
+
+class _Profile:
+    """``profile_steps=(A, B)``: a ``jax.profiler`` trace from step A's dispatch until step B has run, in
+    ``<workdir>/profile/`` (TensorBoard's profile plugin, Perfetto or XProf read it). The exchanges between
+    towers appear under their names (``exchange_to_conv3``, ...)."""
+
+    def __init__(self, steps: tuple, folder: Path, console: Console):
+        self.steps, self.folder, self.console, self.on = tuple(steps), folder, console, False
+
+    def before(self, step: int) -> None:
+        if self.steps and step == self.steps[0] and jax.process_index() == 0:
+            jax.profiler.start_trace(str(self.folder))
+            self.on = True
+
+    def after(self, step: int, state) -> None:
+        if self.on and step >= self.steps[1]:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self.on = False
+            self.console.print(f"Profile of steps {self.steps[0]}-{self.steps[1]} written to {self.folder}")
+
+    def close(self) -> None:
+        if self.on:  # the run ended (or stopped) inside the window: keep what was traced
+            jax.profiler.stop_trace()
+            self.on = False
 
 
 def _open_run(config, workdir, manual_lr, stack: contextlib.ExitStack) -> _Run:
@@ -186,10 +220,12 @@ def _open_run(config, workdir, manual_lr, stack: contextlib.ExitStack) -> _Run:
     stack.callback(batches.close)  # runs before train_iter.close: the thread stops reading first
     return _Run(config=config, console=console, model=model, ckpt=ckpt, writer=writer, progress=progress,
                 metrics=PendingMetrics(writer, progress, guard, log_every=config.log_every,
-                                       batch_size=config.batch_size),
+                                       batch_size=config.batch_size, input_wait=lambda: batches.waited),
                 lr=lr, evaluator=evaluator, train_step=train_step, batches=batches,
                 stop=stack.enter_context(StopOnSignal(ckpt.reached_preemption if jax.process_count() > 1 else None)),
                 state=lr(state, step), start_step=step, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                profile=stack.enter_context(contextlib.closing(_Profile(config.profile_steps, workdir / "profile",
+                                                                        console))),
                 dataset={"classes": data.classes, "class_names": data.class_names, "stats": data.stats})
 
 
