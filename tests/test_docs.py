@@ -111,6 +111,11 @@ COMMANDS = {
     # docs/imagenet.md
     "python launch.py --config=configs/paper.py --config.data.root=/path/to/imagenet --workdir=runs/paper":
         "tests/test_launch_imagenet.py::test_paper_config_on_a_raw_folder",
+    "python -m alexnet_jax.data.prepare --src /path/to/imagenet-1k --dst /path/to/packed":
+        "tests/data/test_data_parquet.py::test_a_subset_of_labels_trains_and_evaluates",
+    "pip install tensorflow tensorflow-datasets": "not run: installs TensorFlow (the script's test stands in for it)",
+    "python scripts/tfds_to_folder.py --data-dir ~/tensorflow_datasets --out /path/to/imagenet":
+        "tests/data/test_data_tfds_to_folder.py::test_the_folder_it_writes_is_the_original",
     "python -m alexnet_jax.data.prepare --src /path/to/imagenet --stats-only":
         "tests/data/test_data_stats.py::test_two_processes_at_once_compute_once",
     "python launch.py --config=configs/demo.py --config.data.name=imagenet --config.data.root=/path/to/folder "

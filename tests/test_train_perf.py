@@ -77,7 +77,7 @@ def test_a_slow_loader_reads_as_input_bound_and_a_slow_step_does_not(tmp_path):
 
 
 def test_a_run_logs_its_times_and_writes_a_profile_with_the_exchanges(tmp_path):
-    c = tiny_config(**{"total_steps": 4, "eval_every": 2, "checkpoint_every": 2, "profile_steps": (2, 3)})
+    c = tiny_config(total_steps=4, eval_every=2, checkpoint_every=2, profile_steps=(2, 3))
     train.train_and_evaluate(c, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     shares = [r["perf/input_wait_share"] for r in rows if "perf/input_wait_share" in r]

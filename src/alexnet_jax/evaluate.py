@@ -147,7 +147,10 @@ def parse_command_line(argv: list[str]):
     if len(rest) > 1:
         cli.usage_error(_PROG, f"unexpected arguments {rest[1:]}")
     split = fv.split
-    if fv.data is not None:
+    if fv.data is not None and (Path(fv.data) / "metadata.json").is_file():  # prepare's packed output
+        config.data.name, config.data.format, config.data.packed_dir = "imagenet", "packed", fv.data
+        config.data.root = None
+    elif fv.data is not None:
         root, split = data_root_and_split(fv.data, fv.split)
         if split != fv.split and config.data.val_labels is not None:
             cli.usage_error(_PROG, f"--data={fv.data} is a split folder not named {fv.split}/, so "

@@ -68,6 +68,12 @@ def list_classes(root: str | os.PathLike) -> list[str]:
     """Sorted class folder names of ``root/train``: label i is the i-th wnid."""
     train = Path(root) / "train"
     _require_dir(Path(root), "data folder")
+    from alexnet_jax.data.parquet import shard_folder
+
+    if not train.is_dir() and shard_folder(root) is not None:
+        raise DatasetError(f"{str(root)!r} holds parquet shards (Hugging Face's ILSVRC/imagenet-1k); training reads "
+                           f"them packed: python -m alexnet_jax.data.prepare --src {root} --dst OUT, then "
+                           "--config.data.packed_dir=OUT")
     _require_dir(train, "training folder")
     classes = sorted(d.name for d in train.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from alexnet_jax.data import layout, sources
+from alexnet_jax.data import layout, parquet, sources
 from alexnet_jax.data.atomic import atomic_savez, atomic_write_json
 from alexnet_jax.data.errors import DatasetError, DecodeError, PassInterrupted
 from alexnet_jax.data.jobs import run_jobs, tick
@@ -57,16 +57,17 @@ def prepare_shard(job: dict) -> dict:
     size, quality, with_stats = job["size"], job["quality"], job["with_stats"]
     subsampling, records = job["subsampling"], job.get("records", "jpeg")
     sums, skipped, labels = None, [], []
+    items = _parquet_items(job) if "parquet" in job else _file_items(job)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     # Raw shards uncompressed: ArrayRecord's default zstd:3 saved ~20% of a photo's pixels but took
     # ~0.5 ms a record to decompress, as long as decoding its JPEG record (docs/gpu.md).
     writer = ArrayRecordWriter(str(tmp), "group_size:1,uncompressed" if records == "raw" else "group_size:1")
     try:
-        for rel, label in zip(job["rel_paths"], job["labels"]):
-            path = os.path.join(job["root"], rel)
+        for rel, label, read, path in items:
             try:
-                with open(path, "rb") as f:
-                    data = f.read()
+                data = read()
+                if label is None:
+                    raise DecodeError("no label: the test split's -1, or a class the training shards lack")
                 img = sources.decode_image(data, size)
             except (OSError, DecodeError) as e:
                 skipped.append([path, str(e)])
@@ -91,8 +92,38 @@ def prepare_shard(job: dict) -> dict:
     return done
 
 
+def _file_items(job: dict):
+    """``(record name, label, read(), where)`` of a folder shard's files."""
+    for rel, label in zip(job["rel_paths"], job["labels"]):
+        path = os.path.join(job["root"], rel)
+        yield rel, label, lambda path=path: Path(path).read_bytes(), path
+
+
+def _parquet_items(job: dict):
+    """The same for a parquet file's rows: labels mapped to class indices, a row at a time."""
+    index = {int(k): v for k, v in job["label_index"].items()}
+    for row, name, blob, label in parquet.rows(Path(job["parquet"])):
+        where = f"{job['parquet']} row {row}" + (f" ({name})" if name else "")
+        yield name or f"{Path(job['parquet']).name}:{row}", index.get(label), lambda blob=blob: blob, where
+
+
 def _plan(src: Path, size: int, quality: int, subsampling: str, shard_size: int, val_labels,
           records: str = "jpeg") -> dict:
+    folder = parquet.shard_folder(src) if not (src / "train").is_dir() else None
+    if folder is not None:  # the Hugging Face hub's parquet shards
+        from alexnet_jax.data.labels import imagenet_classes
+
+        present, splits = parquet.plan_splits(folder, shard_size)
+        wnids, names = imagenet_classes()
+        if present[-1] >= len(wnids):
+            raise DatasetError(f"{str(folder)!r}: label {present[-1]} is not one of the 1000 ILSVRC-2012 classes")
+        plan = {"format": FORMATS[records], "src": str(src), "size": size, "quality": quality,
+                "subsampling": subsampling, "classes": [wnids[i] for i in present],
+                "class_names": [names[i] for i in present], "splits": splits,
+                "label_index": {str(label): i for i, label in enumerate(present)}}
+        plan["digest"] = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+        plan["records"] = records
+        return plan
     classes = layout.list_classes(src)
     splits = {}
     for split in ("train", "val"):
@@ -167,15 +198,17 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = 256, 
     for split, info in plan["splits"].items():
         for shard in info["shards"]:
             if not (dst / (shard["name"] + ".done.json")).is_file():
-                todo.append({"root": info["root"], "rel_paths": shard["rel_paths"], "labels": shard["labels"],
-                             "out": str(dst / shard["name"]), "size": size, "quality": quality,
-                             "subsampling": subsampling, "records": records,
-                             "with_stats": split == "train"})
-    total = sum(len(j["rel_paths"]) for j in todo)
+                source = ({"parquet": os.path.join(info["root"], shard["parquet"]), "count": shard["rows"],
+                           "label_index": plan["label_index"]} if "parquet" in shard else
+                          {"root": info["root"], "rel_paths": shard["rel_paths"], "labels": shard["labels"],
+                           "count": len(shard["rel_paths"])})
+                todo.append({**source, "out": str(dst / shard["name"]), "size": size, "quality": quality,
+                             "subsampling": subsampling, "records": records, "with_stats": split == "train"})
+    total = sum(j["count"] for j in todo)
     workers = min(os.cpu_count() or 1, len(todo)) if workers is None else min(workers, len(todo))
     t0 = time.time()
     if todo:
-        done_before = sum(len(s["rel_paths"]) for info in plan["splits"].values() for s in info["shards"]) - total
+        done_before = sum(s["rows"] if "rows" in s else len(s["rel_paths"]) for s in plan_shards(plan)) - total
         try:
             run_jobs(prepare_shard, todo, workers, total, progress, "prepare", done_before=done_before)
         except PassInterrupted as e:

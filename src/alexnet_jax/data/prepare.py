@@ -66,7 +66,8 @@ def _flags():
     from absl import flags
 
     fv = flags.FlagValues()
-    paths.DEFINE_path("src", None, "ImageNet-layout folder with train/ and val/", flag_values=fv)
+    paths.DEFINE_path("src", None, "ImageNet-layout folder with train/ and val/, or a folder of Hugging Face "
+                      "ILSVRC/imagenet-1k parquet shards (or its data/)", flag_values=fv)
     paths.DEFINE_path("dst", None, "output folder (created; an unfinished one is resumed)", flag_values=fv)
     flags.DEFINE_boolean("stats_only", False,
                          "only compute the training-set statistics of the folder into the cache that training "
