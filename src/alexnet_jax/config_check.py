@@ -46,7 +46,7 @@ RUN_FIELDS: dict[str, _Rule] = {
     "log_every": _POSITIVE,
     "seed": _INT,
     "max_bad_batches": _NON_NEGATIVE,
-    "profile_steps": (lambda v: isinstance(v, tuple) and (v == () or (
+    "profile_steps": (lambda v: isinstance(v, (tuple, list)) and (len(v) == 0 or (  # a list once saved as JSON
         len(v) == 2 and all(isinstance(s, int) for s in v) and 1 <= v[0] <= v[1])), "() or (A, B) with 1 <= A <= B"),
 }
 OPTIM_FIELDS: dict[str, _Rule] = {
