@@ -127,3 +127,22 @@ def test_evaluate_counts_every_batch_once(setup):
     got = steps.evaluate(eval_step, params, host, mesh)
     assert got["n"] == by_batch["n"] == int(sum(np.sum(b["mask"]) for b in host)) == 500
     assert got["top1_error"] == by_batch["top1_wrong"] / 500 and got["top5_error"] == by_batch["top5_wrong"] / 500
+
+
+def test_whole_images_as_large_as_the_crop_still_become_ten_views():
+    """resize_size == crop_size: the evaluation's whole images (no crop offsets) are cut into the ten views,
+    all the image itself or its mirror, minus the mean image (it once asked for crop offsets and failed)."""
+    import ml_collections
+
+    from alexnet_jax.steps import make_input_fn
+
+    cfg = ml_collections.ConfigDict({"crop_size": 8, "mean_subtraction": True, "pca_lighting_std": 0.1})
+    rng = np.random.default_rng(0)
+    mean = rng.uniform(0, 255, (8, 8, 3)).astype(np.float32)
+    stats = {"mean_image": mean, "eigval": np.ones(3, np.float32), "eigvec": np.eye(3, dtype=np.float32)}
+    image = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    views = np.asarray(make_input_fn(cfg, stats)({"image": image, "label": np.zeros(2, np.int32)}, False))
+    assert views.shape == (2, 10, 8, 8, 3)
+    plain, mirrored = image - mean, (image - mean)[:, :, ::-1]
+    for v in range(10):
+        assert any(np.allclose(views[:, v], want, atol=1e-4) for want in (plain, mirrored)), v

@@ -84,7 +84,7 @@ def make_input_fn(data_cfg, stats):
     lighting = eigval is not None and data_cfg.pca_lighting_std > 0
 
     def inputs(batch, train):
-        if not train and batch["image"].shape[-3] != data_cfg.crop_size:
+        if not train and "crop_yx" not in batch:  # whole images (even when resize_size == crop_size)
             return eval_views(batch["image"], mean, data_cfg.crop_size)
         return normalize(batch, mean, eigval, eigvec, lighting=lighting and train)
 

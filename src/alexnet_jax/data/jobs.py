@@ -242,3 +242,13 @@ def _run_in_workers(fn, jobs: list, workers: int, on_result, report, stop: _Stop
         clean = True
     finally:
         _stop_workers(procs, conns, clean)
+
+
+def stop_if_signalled(what: str) -> None:
+    """A safe point: a SIGTERM or Ctrl-C held since start-up stops ``what`` here, as it stops a pass."""
+    from alexnet_jax.preemption import held_signal
+
+    name = held_signal()
+    if name is not None:
+        raise PassInterrupted(f"{what} stopped by {name}; nothing was written, and the same command starts "
+                              "it again.", name)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from alexnet_jax.data.errors import DatasetError, PassInterrupted
+from alexnet_jax.data.errors import DatasetError
+from alexnet_jax.data.jobs import stop_if_signalled
 from alexnet_jax.data.labels import DEVKIT_GROUND_TRUTH, find_labels_file, read_labels_file
-from alexnet_jax.preemption import held_signal
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -49,14 +49,6 @@ class SplitFiles:
 
 def _is_image_file(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def stop_if_signalled(what: str) -> None:
-    """A safe point: a SIGTERM or Ctrl-C held since start-up stops ``what`` here, as it stops a pass."""
-    name = held_signal()
-    if name is not None:
-        raise PassInterrupted(f"{what} stopped by {name}; nothing was written, and the same command starts "
-                              "it again.", name)
 
 
 def _require_dir(path: Path, what: str) -> None:

@@ -107,7 +107,7 @@ def plan_splits(folder: Path, shard_size: int) -> tuple[list[int], dict]:
     if "test" in files:
         log.warning("parquet: left out the test split (%d file(s)): its images have no labels (label -1)",
                     len(files["test"]))
-    from alexnet_jax.data.layout import stop_if_signalled
+    from alexnet_jax.data.jobs import stop_if_signalled
 
     present = set()
     for path in files["train"]:  # the label column only
