@@ -82,10 +82,11 @@ def make_input_fn(data_cfg, stats):
     eigval = None if stats is None else stats.get("eigval")  # imported weights carry only the mean
     eigvec = None if stats is None else stats.get("eigvec")
     lighting = eigval is not None and data_cfg.pca_lighting_std > 0
+    crop = data_cfg.crop_size
 
     def inputs(batch, train):
         if not train and "crop_yx" not in batch:  # whole images (even when resize_size == crop_size)
-            return eval_views(batch["image"], mean, data_cfg.crop_size)
+            return eval_views(batch["image"], mean, crop)
         return normalize(batch, mean, eigval, eigvec, lighting=lighting and train)
 
     return inputs
