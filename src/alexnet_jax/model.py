@@ -84,18 +84,17 @@ class LRN(nn.Module):
     divide: Callable[[jax.Array, jax.Array, float], jax.Array] = divide_by_power  # x / base**beta
 
     @nn.compact
-    def __call__(self, x_NHWC: jax.Array, halo: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    def __call__(self, x_NHWC: jax.Array, halo: tuple[jax.Array, jax.Array] | None = None, act=None) -> jax.Array:
         alpha, half = {"paper": self.alpha, "alpha_over_n": self.alpha / self.n}[self.convention], self.n // 2
-
         def normalise(x, halo):  # in float32 whatever x's dtype; returned in x's
-            a = x.astype(jnp.float32)
+            a = (x if act is None else act(x)).astype(jnp.float32)  # act: the layer's, recomputed with LRN
             squares, pad = jnp.square(a), (half, half)
             if halo is not None:  # the neighbours' channels instead of zeros
                 squares, pad = jnp.concatenate([jnp.square(halo[0]), squares, jnp.square(halo[1])], axis=-1), (0, 0)
             window_sum = jax.lax.reduce_window(squares, 0.0, jax.lax.add, (1, 1, 1, 2 * half + 1),
                                                (1, 1, 1, 1), ((0, 0), (0, 0), (0, 0), pad))
             return self.divide(a, self.k + alpha * window_sum, self.beta).astype(x.dtype)
-        return jax.checkpoint(normalise)(x_NHWC, halo)  # recomputed for the backward pass: no float32 copy kept
+        return jax.lax.optimization_barrier(jax.checkpoint(normalise)(x_NHWC, halo))  # remat; out in x's dtype
 
 
 class _Fields(nn.Module):
@@ -143,12 +142,13 @@ class Tower(_Fields):
         return resolve(self.ops).max_pool(x, self.pool_window, self.pool_stride)
 
     def _lrn(self, x, layer):
-        """LRN after ``layer``'s ReLU, in float32 whatever the compute dtype; over the whole layer if asked."""
+        """``layer``'s activation, then LRN in float32 (the two recomputed for the backward pass); or over the layer."""
         if not self.lrn:
-            return x
+            return self._act(x)
         norm = LRN(k=self.lrn_k, convention=self.lrn_convention, divide=resolve(self.ops).lrn_divide)
-        across = self.lrn_scope == "layer" and self.towers > 1
-        return norm(x, self.axes.neighbour_channels(x.astype(jnp.float32), norm.n // 2, layer) if across else None)
+        if self.lrn_scope == "layer" and self.towers > 1:  # the halo is exchanged outside the recomputation
+            return norm(y := self._act(x), self.axes.neighbour_channels(y.astype(jnp.float32), norm.n // 2, layer))
+        return norm(x, act=ACTIVATIONS[self.activation])
 
     def _layer(self, name):
         """Section 5's initialisation: weights N(0, init_std^2), biases init_bias or 0."""
@@ -182,10 +182,10 @@ class Tower(_Fields):
         ax = self.axes
         pad = conv1_padding(images_NHWC.shape[1], pad=self.conv1_pad)
         x = self._conv("conv1", w["conv1"], 11, stride=4, padding=pad)(images_NHWC)
-        x = self._pool(self._lrn(self._act(x), "conv1"))
+        x = self._pool(self._lrn(x, "conv1"))
         self.sow("intermediates", "conv1_pooled", x)
         x = self._conv("conv2", w["conv2"], 5)(x)  # own tower only
-        x = self._pool(self._lrn(self._act(x), "conv2"))
+        x = self._pool(self._lrn(x, "conv2"))
         self.sow("intermediates", "conv2_pooled", x)
         x = ax.exchange(x, "conv3")  # conv3 sees both towers' conv2 maps
         x = self._act(self._conv("conv3", w["conv3"], 3)(x))

@@ -223,7 +223,7 @@ PLAIN = TowerOps(conv=nn.Conv, dense=nn.Dense, max_pool=plain_max_pool, lrn_divi
 # 'auto' off the CPU: the plain forms, but max-pooling's gradient as FAST computes it. On an H100 that
 # moves 16% fewer bytes per image than select-and-scatter, which XLA:GPU turns into a scatter of five
 # int32 index arrays per pooled tensor (benchmarks/NOTES.md, section 5).
-ACCELERATOR = dataclasses.replace(PLAIN, max_pool=max_pool)
+ACCELERATOR = dataclasses.replace(PLAIN, max_pool=max_pool, dense=TowerDense)
 OPS = {"fast": FAST, "plain": PLAIN}  # the bundles model.ops names (and 'auto')
 
 
