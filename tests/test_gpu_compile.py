@@ -184,7 +184,7 @@ def test_the_command_as_docs_type_it(tmp_path):
     assert "Compiled for 1 x NVIDIA H100 80GB HBM3" in r.stdout and "cuDNN" in r.stdout
     got = json.loads((tmp_path / "out" / "h100.json").read_text())
     assert got["cudnn_convolutions"] == 14 and got["fits"] and got["collectives"] == {}
-    assert got["hbm_bytes_per_image"] < 50e6 and got["roofline_images_per_s"]["memory"] > 60_000
+    assert got["hbm_bytes_per_image"] <= 40e6 and got["roofline_images_per_s"]["memory"] > 80_000  # NOTES section 5
     assert (tmp_path / "out" / "hlo" / "train_step.hlo.txt").read_text().count("__cudnn$conv") == 14
 
 
