@@ -72,7 +72,7 @@ def pil_loop(paths: list[Path], mean_HWC: np.ndarray, crop: int = 224, size: int
             left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
             img = np.asarray(im.crop((left, top, left + size, top + size)))
         y, x = rng.integers(0, size - crop + 1, 2)
-        out = img[y:y + crop, x:x + crop].astype(np.float32) - mean_HWC[y:y + crop, x:x + crop]
+        out = img[y : y + crop, x : x + crop].astype(np.float32) - mean_HWC[y : y + crop, x : x + crop]
         if rng.integers(2):
             out = out[:, ::-1]
     return len(paths) / (time.perf_counter() - t), len(paths) / (time.process_time() - c)
@@ -101,7 +101,7 @@ def plain_packed_loop(jpegs: list[bytes], crop: int = 224, rounds: int = 3, deco
         for data in jpegs:
             img = decode(data)
             y, x = rng.integers(0, img.shape[0] - crop + 1, 2)
-            out = img[y:y + crop, x:x + crop]
+            out = img[y : y + crop, x : x + crop]
             if rng.integers(2):
                 out = out[:, ::-1]
             np.ascontiguousarray(out)
@@ -130,9 +130,13 @@ def reencode_change(src: Path, records) -> dict:
         b = sources.decode_image(data, 256).astype(np.int16)
         diffs.append(a - b)
     d = np.stack(diffs).astype(np.float64)
-    mse = np.mean(d ** 2)
-    return {"mean_abs_diff": float(np.abs(d).mean()), "max_abs_diff": float(np.abs(d).max()),
-            "psnr_db": float(10 * np.log10(255 ** 2 / mse)) if mse else float("inf"), "images": len(diffs)}
+    mse = np.mean(d**2)
+    return {
+        "mean_abs_diff": float(np.abs(d).mean()),
+        "max_abs_diff": float(np.abs(d).max()),
+        "psnr_db": float(10 * np.log10(255**2 / mse)) if mse else float("inf"),
+        "images": len(diffs),
+    }
 
 
 def cpu_seconds() -> float:
@@ -172,14 +176,19 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--num-images", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--batches", type=int, default=30,
-                    help="timed batches per configuration (few batches overweight the ones in flight)")
+    ap.add_argument(
+        "--batches",
+        type=int,
+        default=30,
+        help="timed batches per configuration (few batches overweight the ones in flight)",
+    )
     ap.add_argument("--workers", default=None, help="worker counts, e.g. 1,2,4 (default: 1 .. the cores available)")
     ap.add_argument("--dir", default=None, help="reuse/keep the benchmark data here")
     ap.add_argument("--json", default=None, help="write the measurements to this file")
     ap.add_argument("--repeats", type=int, default=3, help="rounds over all measurements; the best of each is kept")
-    ap.add_argument("--subsampling", default="420",
-                    help="chroma subsampling of the packed JPEGs (prepare --subsampling)")
+    ap.add_argument(
+        "--subsampling", default="420", help="chroma subsampling of the packed JPEGs (prepare --subsampling)"
+    )
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     cores = len(os.sched_getaffinity(0))
@@ -191,19 +200,32 @@ def main(argv=None) -> None:
     files = sorted((src / "train").rglob("*.JPEG"))
     avg_kb = np.mean([f.stat().st_size for f in files]) / 1024
     t = time.perf_counter()
-    packed = prepare.prepare(src, work / f"packed{a.subsampling}", size=256, subsampling=a.subsampling,
-                             workers=cores, progress=False)
+    packed = prepare.prepare(
+        src, work / f"packed{a.subsampling}", size=256, subsampling=a.subsampling, workers=cores, progress=False
+    )
     prep_s = time.perf_counter() - t
     stats = prepare.load_stats(packed / "stats.npz")
     records = sources.PackedRecords(prepare.shard_paths(packed, "train"))
     jpegs = [records[i][2] for i in range(len(records))]
-    print(f"{len(files)} images, folder JPEGs {avg_kb:.0f} KiB avg (500x375), packed 256x256 JPEGs "
-          f"{np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB avg ({a.subsampling}); prepare took {prep_s:.1f}s "
-          f"on {cores} cores\n")
+    print(
+        f"{len(files)} images, folder JPEGs {avg_kb:.0f} KiB avg (500x375), packed 256x256 JPEGs "
+        f"{np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB avg ({a.subsampling}); prepare took {prep_s:.1f}s "
+        f"on {cores} cores\n"
+    )
 
-    out = {"cores": cores, "num_images": len(files), "batch_size": a.batch_size, "subsampling": a.subsampling,
-           "repeats": a.repeats, "plain_img_s": 0.0, "plain_turbo_img_s": 0.0, "plain_folder_img_s": 0.0,
-           "packed": {}, "folder": {}, "in_process_packed": {"fast": 0.0, "pillow": 0.0}}
+    out = {
+        "cores": cores,
+        "num_images": len(files),
+        "batch_size": a.batch_size,
+        "subsampling": a.subsampling,
+        "repeats": a.repeats,
+        "plain_img_s": 0.0,
+        "plain_turbo_img_s": 0.0,
+        "plain_folder_img_s": 0.0,
+        "packed": {},
+        "folder": {},
+        "in_process_packed": {"fast": 0.0, "pillow": 0.0},
+    }
     cfgs = {}
     for form in ("folder", "packed"):
         cfg = pipeline.default_data_config()
@@ -229,10 +251,14 @@ def main(argv=None) -> None:
 
     print(f"plain PIL loop, one core: packed 256x256 JPEGs {plain:.0f} img/s; original files {plain_folder:.0f} img/s")
     ab = out["in_process_packed"]
-    print(f"plain libjpeg-turbo loop (simplejpeg), packed JPEGs: {out['plain_turbo_img_s']:.0f} img/s "
-          f"({out['plain_turbo_img_s'] / plain:.2f}x the PIL loop)")
-    print(f"packed pipeline in one process: fast JPEG path {ab['fast']:.0f} img/s, Pillow alone {ab['pillow']:.0f} "
-          f"img/s ({ab['fast'] / ab['pillow']:.2f}x)\n")
+    print(
+        f"plain libjpeg-turbo loop (simplejpeg), packed JPEGs: {out['plain_turbo_img_s']:.0f} img/s "
+        f"({out['plain_turbo_img_s'] / plain:.2f}x the PIL loop)"
+    )
+    print(
+        f"packed pipeline in one process: fast JPEG path {ab['fast']:.0f} img/s, Pillow alone {ab['pillow']:.0f} "
+        f"img/s ({ab['fast'] / ab['pillow']:.2f}x)\n"
+    )
     print("| form | workers | images/s | per worker | vs plain loop (1 worker) | scaling efficiency |")
     print("|---|---|---|---|---|---|")
     for form, base in (("folder", plain_folder), ("packed", plain)):
@@ -242,10 +268,14 @@ def main(argv=None) -> None:
             eff = f"{r / (w * one):.0%}" if one else "-"
             print(f"| {form} | {w} | {r:.0f} | {r / w:.0f} | {r / w / base:.0%} | {eff} |")
     rc = out["reencode"]
-    print(f"\nre-encoding ({a.subsampling}, q95) vs the folder's own decode, {rc['images']} images: mean |diff| "
-          f"{rc['mean_abs_diff']:.2f} grey levels, max {rc['max_abs_diff']:.0f}, PSNR {rc['psnr_db']:.1f} dB")
-    print(f'packed / folder at {workers[-1]} worker(s): '
-          f'{out["packed"][str(workers[-1])] / out["folder"][str(workers[-1])]:.2f}x')
+    print(
+        f"\nre-encoding ({a.subsampling}, q95) vs the folder's own decode, {rc['images']} images: mean |diff| "
+        f"{rc['mean_abs_diff']:.2f} grey levels, max {rc['max_abs_diff']:.0f}, PSNR {rc['psnr_db']:.1f} dB"
+    )
+    print(
+        f"packed / folder at {workers[-1]} worker(s): "
+        f"{out['packed'][str(workers[-1])] / out['folder'][str(workers[-1])]:.2f}x"
+    )
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
         print(f"wrote {a.json}")

@@ -50,12 +50,36 @@ sys.path.insert(0, str(ROOT))
 
 # The two sizes: the paper's, and one a 2-core CPU runs in minutes.
 SIZES = {
-    "full": dict(width=1.0, image_size=224, resize=256, batches=(128, 256, 512), classes=1000, train_per_class=8,
-                 val_per_class=1, photo=(320, 280), min_steps=10, min_s=2.0, loader_s=10.0, e2e_steps=400,
-                 log_every=25),
-    "quick": dict(width=0.125, image_size=64, resize=72, batches=(32,), classes=10, train_per_class=40,
-                  val_per_class=2, photo=(96, 84), min_steps=5, min_s=0.5, loader_s=1.5, e2e_steps=60,
-                  log_every=10),
+    "full": dict(
+        width=1.0,
+        image_size=224,
+        resize=256,
+        batches=(128, 256, 512),
+        classes=1000,
+        train_per_class=8,
+        val_per_class=1,
+        photo=(320, 280),
+        min_steps=10,
+        min_s=2.0,
+        loader_s=10.0,
+        e2e_steps=400,
+        log_every=25,
+    ),
+    "quick": dict(
+        width=0.125,
+        image_size=64,
+        resize=72,
+        batches=(32,),
+        classes=10,
+        train_per_class=40,
+        val_per_class=2,
+        photo=(96, 84),
+        min_steps=5,
+        min_s=0.5,
+        loader_s=1.5,
+        e2e_steps=60,
+        log_every=10,
+    ),
 }
 
 
@@ -69,9 +93,23 @@ def _ms(x: float) -> str:
 
 def _table(title: str, rows: list[dict], cols: list[str]) -> None:
     print(f"\n{title}")
-    cells = [[("n/a" if r.get(c) is None else (f"{r[c]:,.3g}" if isinstance(r[c], float) and abs(r[c]) < 10
-                                               else f"{r[c]:,.0f}" if isinstance(r[c], float) else str(r[c])))
-              for c in cols] for r in rows]
+    cells = [
+        [
+            (
+                "n/a"
+                if r.get(c) is None
+                else (
+                    f"{r[c]:,.3g}"
+                    if isinstance(r[c], float) and abs(r[c]) < 10
+                    else f"{r[c]:,.0f}"
+                    if isinstance(r[c], float)
+                    else str(r[c])
+                )
+            )
+            for c in cols
+        ]
+        for r in rows
+    ]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(cols)]
     print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
     for row in cells:
@@ -83,9 +121,11 @@ def _table(title: str, rows: list[dict], cols: list[str]) -> None:
 
 def _stats(resize: int) -> dict:
     r = np.random.default_rng(0)
-    return {"mean_image": r.uniform(0, 255, (resize, resize, 3)).astype(np.float32),
-            "eigval": np.float32([0.2, 0.02, 0.005]),
-            "eigvec": np.linalg.qr(r.normal(size=(3, 3)))[0].astype(np.float32)}
+    return {
+        "mean_image": r.uniform(0, 255, (resize, resize, 3)).astype(np.float32),
+        "eigval": np.float32([0.2, 0.02, 0.005]),
+        "eigvec": np.linalg.qr(r.normal(size=(3, 3)))[0].astype(np.float32),
+    }
 
 
 def _config(size: dict, dtype: str, ops: str, num_classes: int):
@@ -112,24 +152,37 @@ def step_rate(size: dict, *, batch: int, dtype: str, ops: str, layout: str, num_
     cfg = _config(size, dtype, ops, num_classes)
     model = from_config(cfg.model)
     devices = jax.devices()
-    mesh = (parallel.make_mesh(towers=1, data=1, devices=devices[:1]) if layout == "one device"
-            else parallel.make_mesh(towers=model.towers, data=1, devices=devices[:model.towers]))
+    mesh = (
+        parallel.make_mesh(towers=1, data=1, devices=devices[:1])
+        if layout == "one device"
+        else parallel.make_mesh(towers=model.towers, data=1, devices=devices[: model.towers])
+    )
     tx = optim.make_optimizer(cfg.optim)
     state, shardings = steps.create_train_state(model, tx, 0, mesh)
     S, R = size["image_size"], size["resize"]
     k = jax.random.split(jax.random.key(1), 3)
-    batch_ = jax.device_put({
-        "image": jax.random.randint(k[0], (batch, S, S, 3), 0, 256).astype(jnp.uint8),
-        "label": jax.random.randint(k[1], (batch,), 0, num_classes), "mask": jnp.ones((batch,), bool),
-        "crop_yx": jax.random.randint(k[2], (batch, 2), 0, R - S + 1), "flip": jnp.arange(batch) % 2 == 0,
-        "alpha": jnp.full((batch, 3), 0.1, jnp.float32)}, parallel.batch_sharding(mesh))
+    batch_ = jax.device_put(
+        {
+            "image": jax.random.randint(k[0], (batch, S, S, 3), 0, 256).astype(jnp.uint8),
+            "label": jax.random.randint(k[1], (batch,), 0, num_classes),
+            "mask": jnp.ones((batch,), bool),
+            "crop_yx": jax.random.randint(k[2], (batch, 2), 0, R - S + 1),
+            "flip": jnp.arange(batch) % 2 == 0,
+            "alpha": jnp.full((batch, 3), 0.1, jnp.float32),
+        },
+        parallel.batch_sharding(mesh),
+    )
     step = steps.make_train_step(model, tx, mesh, shardings, steps.make_input_fn(cfg.data, _stats(R)))
     t = time.perf_counter()
     compiled = step.lower(state, batch_).compile()
     compile_s = time.perf_counter() - t
     mem = compiled.memory_analysis()
-    xla_mb = None if mem is None else (mem.temp_size_in_bytes + mem.argument_size_in_bytes
-                                       + mem.output_size_in_bytes - mem.alias_size_in_bytes) / 2**20
+    xla_mb = (
+        None
+        if mem is None
+        else (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes)
+        / 2**20
+    )
     box = {"state": state}
 
     def timed() -> tuple[float, float]:
@@ -151,9 +204,19 @@ def step_rate(size: dict, *, batch: int, dtype: str, ops: str, layout: str, num_
     dt, loss = timed()
     stats = devices[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
-    row = {"layout": layout, "devices": mesh.size, "batch": batch, "dtype": dtype, "ops": ops,
-           "img_s": batch / dt, "step_ms": dt * 1e3, "compile_s": compile_s, "xla_MB": xla_mb,
-           "peak_MB": None if peak is None else peak / 2**20, "loss_finite": bool(np.isfinite(loss))}
+    row = {
+        "layout": layout,
+        "devices": mesh.size,
+        "batch": batch,
+        "dtype": dtype,
+        "ops": ops,
+        "img_s": batch / dt,
+        "step_ms": dt * 1e3,
+        "compile_s": compile_s,
+        "xla_MB": xla_mb,
+        "peak_MB": None if peak is None else peak / 2**20,
+        "loss_finite": bool(np.isfinite(loss)),
+    }
     if not keep:
         box.clear()
         return row
@@ -178,11 +241,15 @@ def torch_rates(size: dict, batches, dtypes, num_classes: int, compile_too: bool
         for dtype in dtypes:
             for batch in batches:
                 torch.manual_seed(0)
-                net = TorchAlexNet(towers=2, num_classes=num_classes, width=size["width"],
-                                   image_size=size["image_size"]).to(dev).to(memory_format=torch.channels_last)
+                net = (
+                    TorchAlexNet(towers=2, num_classes=num_classes, width=size["width"], image_size=size["image_size"])
+                    .to(dev)
+                    .to(memory_format=torch.channels_last)
+                )
                 opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
                 x = torch.randn(batch, 3, size["image_size"], size["image_size"], device=dev).to(
-                    memory_format=torch.channels_last)
+                    memory_format=torch.channels_last
+                )
                 y = torch.randint(0, num_classes, (batch,), device=dev)
 
                 def step():
@@ -205,8 +272,17 @@ def torch_rates(size: dict, batches, dtypes, num_classes: int, compile_too: bool
                     n += 1
                 sync()
                 dt = (time.perf_counter() - t) / n
-                rows.append({"torch": mode, "device": dev, "batch": batch, "dtype": dtype, "img_s": batch / dt,
-                             "step_ms": dt * 1e3, "warmup_s": warm_s})
+                rows.append(
+                    {
+                        "torch": mode,
+                        "device": dev,
+                        "batch": batch,
+                        "dtype": dtype,
+                        "img_s": batch / dt,
+                        "step_ms": dt * 1e3,
+                        "warmup_s": warm_s,
+                    }
+                )
     return rows
 
 
@@ -249,8 +325,9 @@ def loader_rate(size: dict, packed: Path, workers: int, batch: int) -> float:
     """Training batches/s from the packed shards (decode, crop, flip, batch), in images/s."""
     from alexnet_jax import data as data_lib
 
-    it = data_lib.build_train_iter(_loader_config(size, packed, workers), batch_size=batch, seed=0,
-                                   image_size=size["image_size"])
+    it = data_lib.build_train_iter(
+        _loader_config(size, packed, workers), batch_size=batch, seed=0, image_size=size["image_size"]
+    )
     try:
         for _ in range(3 + workers):  # every worker started and warm
             next(it)
@@ -279,20 +356,40 @@ def decode_rate(packed: Path, records: str, resize: int) -> float:
 # ---------------------------------------------------------------------------- (d) launch.py end to end
 
 
-def end_to_end(size: dict, packed: Path, workdir: Path, *, batch: int, dtype: str, workers: int,
-               num_classes: int) -> dict:
+def end_to_end(
+    size: dict, packed: Path, workdir: Path, *, batch: int, dtype: str, workers: int, num_classes: int
+) -> dict:
     steps_ = size["e2e_steps"]
-    cmd = [sys.executable, str(ROOT / "launch.py"), "--config=configs/paper.py",
-           f"--config.data.packed_dir={packed}", f"--config.model.width={size['width']}",
-           f"--config.model.image_size={size['image_size']}", f"--config.data.resize_size={size['resize']}",
-           f"--config.data.crop_size={size['image_size']}", f"--config.model.num_classes={num_classes}",
-           f"--config.model.dtype={dtype}", f"--config.batch_size={batch}", f"--config.data.num_workers={workers}",
-           "--config.mesh.tower=1", "--config.mesh.data=1", f"--config.total_steps={steps_}",
-           f"--config.log_every={size['log_every']}", "--config.eval_every=1000000",
-           "--config.checkpoint_every=1000000", "--config.eval_ten_crop=False", f"--workdir={workdir}"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch.py"),
+        "--config=configs/paper.py",
+        f"--config.data.packed_dir={packed}",
+        f"--config.model.width={size['width']}",
+        f"--config.model.image_size={size['image_size']}",
+        f"--config.data.resize_size={size['resize']}",
+        f"--config.data.crop_size={size['image_size']}",
+        f"--config.model.num_classes={num_classes}",
+        f"--config.model.dtype={dtype}",
+        f"--config.batch_size={batch}",
+        f"--config.data.num_workers={workers}",
+        "--config.mesh.tower=1",
+        "--config.mesh.data=1",
+        f"--config.total_steps={steps_}",
+        f"--config.log_every={size['log_every']}",
+        "--config.eval_every=1000000",
+        "--config.checkpoint_every=1000000",
+        "--config.eval_ten_crop=False",
+        f"--workdir={workdir}",
+    ]
     t = time.perf_counter()
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1",
-                                                                   "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.45"})
+    p = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.45"},
+    )
     wall = time.perf_counter() - t
     if p.returncode != 0:
         raise RuntimeError(f"launch.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
@@ -300,8 +397,13 @@ def end_to_end(size: dict, packed: Path, workdir: Path, *, batch: int, dtype: st
     rates = [r["perf/images_per_s"] for r in rows if "perf/images_per_s" in r]
     if not rates:
         raise RuntimeError("launch.py wrote no perf/images_per_s rows; raise e2e_steps")
-    return {"command": " ".join(cmd[1:]), "steps": steps_, "intervals": len(rates),
-            "img_s": float(np.median(rates)), "wall_s": wall}
+    return {
+        "command": " ".join(cmd[1:]),
+        "steps": steps_,
+        "intervals": len(rates),
+        "img_s": float(np.median(rates)),
+        "wall_s": wall,
+    }
 
 
 # ---------------------------------------------------------------------------- the run
@@ -313,8 +415,12 @@ def main(argv=None) -> dict:
     p.add_argument("--json", type=Path, help="write every figure here")
     p.add_argument("--batches", type=int, nargs="*", help="batch sizes for (a)/(b) (default 128 256 512)")
     p.add_argument("--workdir", type=Path, help="folder for the synthetic data and the run (default: a temporary one)")
-    p.add_argument("--e2e-records", nargs="*", choices=("jpeg", "raw"),
-                   help="record formats (d) trains from (default: both; with --quick, jpeg)")
+    p.add_argument(
+        "--e2e-records",
+        nargs="*",
+        choices=("jpeg", "raw"),
+        help="record formats (d) trains from (default: both; with --quick, jpeg)",
+    )
     p.add_argument("--parts", default="abcd", help="which parts to run, e.g. 'c' for the loader alone")
     p.add_argument("--classes", type=int, help="classes of the synthetic folder (default 1000; --quick 10)")
     p.add_argument("--per-class", type=int, help="training images per class (default 8; --quick 40)")
@@ -338,11 +444,20 @@ def main(argv=None) -> dict:
 
     backend = jax.default_backend()
     devices = jax.devices()
-    out = {"backend": backend, "device_kind": devices[0].device_kind, "devices": len(devices), "cores": _cores(),
-           "jax": jax.__version__, "size": "quick" if a.quick else "full",
-           "model": {k: size[k] for k in ("width", "image_size", "resize")}, "num_classes": size["classes"]}
-    print(f"bench_gpu: {len(devices)} x {devices[0].device_kind} ({backend}), {_cores()} cores, "
-          f"jax {jax.__version__}, {out['size']} size (width {size['width']}, {size['image_size']}px crops)")
+    out = {
+        "backend": backend,
+        "device_kind": devices[0].device_kind,
+        "devices": len(devices),
+        "cores": _cores(),
+        "jax": jax.__version__,
+        "size": "quick" if a.quick else "full",
+        "model": {k: size[k] for k in ("width", "image_size", "resize")},
+        "num_classes": size["classes"],
+    }
+    print(
+        f"bench_gpu: {len(devices)} x {devices[0].device_kind} ({backend}), {_cores()} cores, "
+        f"jax {jax.__version__}, {out['size']} size (width {size['width']}, {size['image_size']}px crops)"
+    )
     nc = size["classes"]
     main_dtype = "float32" if backend == "cpu" else "bfloat16"
     auto_ops = "fast" if backend == "cpu" else "plain"  # what model.ops='auto' picks here
@@ -360,31 +475,62 @@ def main(argv=None) -> dict:
                         row = step_rate(size, **kw)
                     rows.append(row)
         if len(devices) >= 2:
-            rows += [step_rate(size, batch=b, dtype=main_dtype, ops=auto_ops, layout="towers", num_classes=nc)
-                     for b in size["batches"]]
+            rows += [
+                step_rate(size, batch=b, dtype=main_dtype, ops=auto_ops, layout="towers", num_classes=nc)
+                for b in size["batches"]
+            ]
     if "b" in a.parts and not a.no_torch:
-        torch_rows = torch_rates(size, size["batches"], ("float32", "bfloat16"), nc,
-                                 compile_too=not (a.quick or a.no_torch_compile))
+        torch_rows = torch_rates(
+            size, size["batches"], ("float32", "bfloat16"), nc, compile_too=not (a.quick or a.no_torch_compile)
+        )
     for r in rows:
         for mode in ("eager", "compile"):
-            ref = [t for t in torch_rows
-                   if t["torch"] == mode and t["batch"] == r["batch"] and t["dtype"] == r["dtype"]]
+            ref = [
+                t for t in torch_rows if t["torch"] == mode and t["batch"] == r["batch"] and t["dtype"] == r["dtype"]
+            ]
             r[f"vs_torch_{mode}"] = r["img_s"] / ref[0]["img_s"] if ref and r["layout"] == "one device" else None
     out["step"], out["torch"] = rows, torch_rows
     if rows:
-        _table("(a) train step, batch on the device (img/s; vs_torch_*: ours / PyTorch's)", rows,
-               ["layout", "devices", "batch", "dtype", "ops", "img_s", "step_ms", "compile_s", "xla_MB", "peak_MB",
-                "vs_torch_eager", "vs_torch_compile"])
+        _table(
+            "(a) train step, batch on the device (img/s; vs_torch_*: ours / PyTorch's)",
+            rows,
+            [
+                "layout",
+                "devices",
+                "batch",
+                "dtype",
+                "ops",
+                "img_s",
+                "step_ms",
+                "compile_s",
+                "xla_MB",
+                "peak_MB",
+                "vs_torch_eager",
+                "vs_torch_compile",
+            ],
+        )
     if torch_rows:
-        _table("(b) PyTorch, same net (grouped convs, channels_last, bf16 autocast)", torch_rows,
-               ["torch", "device", "batch", "dtype", "img_s", "step_ms", "warmup_s"])
+        _table(
+            "(b) PyTorch, same net (grouped convs, channels_last, bf16 autocast)",
+            torch_rows,
+            ["torch", "device", "batch", "dtype", "img_s", "step_ms", "warmup_s"],
+        )
     if not set("cd") & set(a.parts):
         return _finish(a, out)
 
     from alexnet_jax.data import prepare, sources
 
-    ref = next((r["img_s"] for r in rows if r["layout"] == "one device" and r["batch"] == e2e_batch
-                and r["dtype"] == main_dtype and r["ops"] == auto_ops), None)
+    ref = next(
+        (
+            r["img_s"]
+            for r in rows
+            if r["layout"] == "one device"
+            and r["batch"] == e2e_batch
+            and r["dtype"] == main_dtype
+            and r["ops"] == auto_ops
+        ),
+        None,
+    )
     worker_counts = [w for w in (1, 4, 8, 16) if w <= _cores()]
     with tempfile.TemporaryDirectory() as tmp:
         base = a.workdir or Path(tmp)
@@ -394,17 +540,22 @@ def main(argv=None) -> dict:
         loader, packed = [], {}
         for records in sources.RECORD_FORMATS:
             t = time.perf_counter()
-            packed[records] = prepare.prepare(src, base / f"packed-{records}", size=size["resize"], records=records,
-                                              progress=False)
+            packed[records] = prepare.prepare(
+                src, base / f"packed-{records}", size=size["resize"], records=records, progress=False
+            )
             prep_s = time.perf_counter() - t
             if "c" not in a.parts:
                 continue
             disk = sum(f.stat().st_size for f in packed[records].glob("train-*.array_record"))
             n_train = prepare.read_metadata(packed[records])["splits"]["train"]["num_examples"]
-            row = {"records": records, "workers": "0 (this process)",
-                   "img_s": loader_rate(size, packed[records], 0, e2e_batch),
-                   "decode_per_s": decode_rate(packed[records], records, size["resize"]),
-                   "bytes_per_image": disk / n_train, "prepare_s": prep_s}
+            row = {
+                "records": records,
+                "workers": "0 (this process)",
+                "img_s": loader_rate(size, packed[records], 0, e2e_batch),
+                "decode_per_s": decode_rate(packed[records], records, size["resize"]),
+                "bytes_per_image": disk / n_train,
+                "prepare_s": prep_s,
+            }
             loader.append(row)
             one = None
             for w in worker_counts:
@@ -414,34 +565,65 @@ def main(argv=None) -> dict:
             row["workers_needed"] = ref / one if ref and one else None
         out["loader"] = loader
         if loader:
-            _table(f"(c) loader alone, packed shards, {size['image_size']}px crops of {size['resize']}px records, "
-                   f"batch {e2e_batch} (workers_needed: one worker's rate into (a)'s "
-                   f"{'n/a' if ref is None else f'{ref:,.0f}'} img/s at {main_dtype}, ops {auto_ops})", loader,
-                   ["records", "workers", "img_s", "decode_per_s", "bytes_per_image", "workers_needed", "prepare_s"])
+            _table(
+                f"(c) loader alone, packed shards, {size['image_size']}px crops of {size['resize']}px records, "
+                f"batch {e2e_batch} (workers_needed: one worker's rate into (a)'s "
+                f"{'n/a' if ref is None else f'{ref:,.0f}'} img/s at {main_dtype}, ops {auto_ops})",
+                loader,
+                ["records", "workers", "img_s", "decode_per_s", "bytes_per_image", "workers_needed", "prepare_s"],
+            )
 
         e2e_rows = []
         if "d" in a.parts:
             e2e_workers = max(1, min(_cores() - 1, 16))  # a core left for the training process
             for records in a.e2e_records or (("jpeg",) if a.quick else sources.RECORD_FORMATS):
                 before = again() if again else None  # (a)'s step timed right before and right after:
-                e2e = end_to_end(size, packed[records], base / f"run-{records}", batch=e2e_batch, dtype=main_dtype,
-                                 workers=e2e_workers, num_classes=nc)
+                e2e = end_to_end(
+                    size,
+                    packed[records],
+                    base / f"run-{records}",
+                    batch=e2e_batch,
+                    dtype=main_dtype,
+                    workers=e2e_workers,
+                    num_classes=nc,
+                )
                 after = again() if again else None  # a busy machine slows both sides alike
                 resident = (before + after) / 2 if again else None
-                e2e.update(records=records, workers=e2e_workers, batch=e2e_batch, dtype=main_dtype,
-                           ops=f"auto ({auto_ops})", device_resident_img_s=resident,
-                           device_resident_before_after=[before, after],
-                           end_to_end_share=e2e["img_s"] / resident if resident else None)
+                e2e.update(
+                    records=records,
+                    workers=e2e_workers,
+                    batch=e2e_batch,
+                    dtype=main_dtype,
+                    ops=f"auto ({auto_ops})",
+                    device_resident_img_s=resident,
+                    device_resident_before_after=[before, after],
+                    end_to_end_share=e2e["img_s"] / resident if resident else None,
+                )
                 e2e_rows.append(e2e)
         out["end_to_end"] = e2e_rows
     if e2e_rows:
-        _table("(d) launch.py end to end on the shards, one device (device_resident_img_s: (a)'s step, timed just "
-               "before and after)", e2e_rows, ["records", "workers", "batch", "dtype", "ops", "img_s",
-                                               "device_resident_img_s", "end_to_end_share", "wall_s"])
+        _table(
+            "(d) launch.py end to end on the shards, one device (device_resident_img_s: (a)'s step, timed just "
+            "before and after)",
+            e2e_rows,
+            [
+                "records",
+                "workers",
+                "batch",
+                "dtype",
+                "ops",
+                "img_s",
+                "device_resident_img_s",
+                "end_to_end_share",
+                "wall_s",
+            ],
+        )
         for e2e in e2e_rows:
             if e2e["end_to_end_share"] is not None:
-                print(f"end_to_end_share {e2e['end_to_end_share']:.3f} ({e2e['records']} records): launch.py's "
-                      "img/s over the device-resident rate of the same step")
+                print(
+                    f"end_to_end_share {e2e['end_to_end_share']:.3f} ({e2e['records']} records): launch.py's "
+                    "img/s over the device-resident rate of the same step"
+                )
     return _finish(a, out)
 
 

@@ -59,9 +59,11 @@ def main() -> None:
     tx = optim.make_optimizer(cfg.optim)
     rng = np.random.default_rng(0)
     s = model.image_size
-    batch = {"image": rng.integers(0, 255, (a.batch, s, s, 3)).astype(np.float32) - 120,
-             "label": rng.integers(0, model.num_classes, a.batch).astype(np.int32),
-             "mask": np.ones(a.batch, bool)}
+    batch = {
+        "image": rng.integers(0, 255, (a.batch, s, s, 3)).astype(np.float32) - 120,
+        "label": rng.integers(0, model.num_classes, a.batch).astype(np.int32),
+        "mask": np.ones(a.batch, bool),
+    }
     cases = {}
     for n in a.devices:
         for layout in ("towers", "data", "hybrid"):
@@ -80,9 +82,14 @@ def main() -> None:
             jax.block_until_ready(m)
             compile_s = time.perf_counter() - start
             c = rounded(layer_costs(model, layout, n, a.batch))["total"]
-            cases[(layout, n)] = {"step": step, "state": state, "mesh": mesh, "compile_s": compile_s,
-                                  "mb": (c["exchange_bytes_per_step"] + c["gradient_bytes_per_step"]) / 1e6,
-                                  "best": float("inf")}
+            cases[(layout, n)] = {
+                "step": step,
+                "state": state,
+                "mesh": mesh,
+                "compile_s": compile_s,
+                "mb": (c["exchange_bytes_per_step"] + c["gradient_bytes_per_step"]) / 1e6,
+                "best": float("inf"),
+            }
     for _ in range(a.rounds):
         for case in cases.values():
             start = time.perf_counter()
@@ -92,16 +99,35 @@ def main() -> None:
             case["best"] = min(case["best"], (time.perf_counter() - start) / a.steps)
 
     dev = jax.devices()[0]
-    print(f"\n{a.net} net, width {a.width}, batch {a.batch}, {dev.platform} ({dev.device_kind}), "
-          f"{os.cpu_count()} cores; fastest of {a.rounds} rounds of {a.steps} steps\n")
-    head = ["layout", "devices", "mesh (data x tower)", "step s", "images/s", "vs data, same devices",
-            "MB sent per device per step", "compile s"]
+    print(
+        f"\n{a.net} net, width {a.width}, batch {a.batch}, {dev.platform} ({dev.device_kind}), "
+        f"{os.cpu_count()} cores; fastest of {a.rounds} rounds of {a.steps} steps\n"
+    )
+    head = [
+        "layout",
+        "devices",
+        "mesh (data x tower)",
+        "step s",
+        "images/s",
+        "vs data, same devices",
+        "MB sent per device per step",
+        "compile s",
+    ]
     rows = []
     for (layout, n), c in cases.items():
         ref = cases.get(("data", n))
-        rows.append([layout, str(n), f"{dict(c['mesh'].shape)['data']} x {dict(c['mesh'].shape)['tower']}",
-                     f"{c['best']:.3f}", f"{a.batch / c['best']:.1f}",
-                     f"{ref['best'] / c['best']:.2f}x" if ref else "-", f"{c['mb']:.1f}", f"{c['compile_s']:.1f}"])
+        rows.append(
+            [
+                layout,
+                str(n),
+                f"{dict(c['mesh'].shape)['data']} x {dict(c['mesh'].shape)['tower']}",
+                f"{c['best']:.3f}",
+                f"{a.batch / c['best']:.1f}",
+                f"{ref['best'] / c['best']:.2f}x" if ref else "-",
+                f"{c['mb']:.1f}",
+                f"{c['compile_s']:.1f}",
+            ]
+        )
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")

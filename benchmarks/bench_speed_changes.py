@@ -106,8 +106,7 @@ def main() -> None:
             jax.block_until_ready(f(params, x, y))
             best[k] = min(best[k], time.perf_counter() - t0)
 
-    print(f"# paper net, forward+backward, batch {B}, fastest of {args.rounds} rounds, "
-          f"{jax.devices()[0].device_kind}")
+    print(f"# paper net, forward+backward, batch {B}, fastest of {args.rounds} rounds, {jax.devices()[0].device_kind}")
     print("| change | one device s | img/s | tower mesh 1x2 s | img/s |")
     print("|---|---|---|---|---|")
     for label, _ in steps:

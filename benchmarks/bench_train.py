@@ -64,8 +64,9 @@ def jax_case(name: str, batch: int, dtype: str = "float32"):
     model = AlexNet(**kwargs, dtype=dtype)
     devices = jax.devices()[: data * tower]
     mesh = make_mesh(towers=tower, data=data, devices=devices)
-    tx = optim.make_optimizer(ml_collections.ConfigDict(dict(
-        lr=0.01, momentum=0.9, weight_decay=5e-4, decay_biases=False)))
+    tx = optim.make_optimizer(
+        ml_collections.ConfigDict(dict(lr=0.01, momentum=0.9, weight_decay=5e-4, decay_biases=False))
+    )
     state, shardings = create_train_state(model, tx, 0, mesh)
     step = make_train_step(model, tx, mesh, shardings)
     rng = jax.random.key(1)
@@ -82,8 +83,12 @@ def jax_case(name: str, batch: int, dtype: str = "float32"):
     compiled = step.lower(state, batch_).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    mem_mb = None if mem is None else (mem.temp_size_in_bytes + mem.argument_size_in_bytes
-                                       + mem.output_size_in_bytes - mem.alias_size_in_bytes) / 2**20
+    mem_mb = (
+        None
+        if mem is None
+        else (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes)
+        / 2**20
+    )
     forward = jax.jit(mesh_forward(model, mesh, train=False))
     infer_compiled = forward.lower({"params": state.params}, batch_["image"], None).compile()
     holder = {"state": state}
@@ -209,8 +214,19 @@ def memory_probe(case: str, impl: str, batch: int, dtype: str) -> None:
 
 
 def peak_rss(case: str, impl: str, args) -> float | None:
-    cmd = [sys.executable, __file__, "--memory-probe", case, impl, "--batch", str(args.batch),
-           "--dtype", args.dtype, "--cpu-devices", str(args.cpu_devices)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--memory-probe",
+        case,
+        impl,
+        "--batch",
+        str(args.batch),
+        "--dtype",
+        args.dtype,
+        "--cpu-devices",
+        str(args.cpu_devices),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True)
     for line in reversed(out.stdout.splitlines()):
         if line.startswith("{"):
@@ -242,13 +258,18 @@ def main() -> None:
     from alexnet_jax.summary import flops_per_image
 
     use_torch = not args.no_torch and torch_available()
-    impls = ["jax"] + (["torch eager"] if use_torch else []) + (
-        ["torch.compile"] if use_torch and not args.no_torch_compile else [])
+    impls = (
+        ["jax"]
+        + (["torch eager"] if use_torch else [])
+        + (["torch.compile"] if use_torch and not args.no_torch_compile else [])
+    )
     devices = jax.devices()
     cases = [c for c in CASES if CASES[c][1][0] * CASES[c][1][1] <= len(devices)]
-    print(f"# {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), {_threads()} threads, "
-          f"batch {args.batch}, {args.dtype}, jax {jax.__version__}"
-          + (f", torch {__import__('torch').__version__}" if use_torch else ", no torch"))
+    print(
+        f"# {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), {_threads()} threads, "
+        f"batch {args.batch}, {args.dtype}, jax {jax.__version__}"
+        + (f", torch {__import__('torch').__version__}" if use_torch else ", no torch")
+    )
 
     rate = jax_matmul_rate()
     rate_src = "jax"
@@ -281,33 +302,54 @@ def main() -> None:
             mem[key] = peak_rss(*key, args)
 
     rows = []
-    head = ("case", "impl", "train img/s", "vs torch eager", "infer img/s", "vs torch eager",
-            "peak RSS MB", "train % of matmul", "infer % of matmul")
+    head = (
+        "case",
+        "impl",
+        "train img/s",
+        "vs torch eager",
+        "infer img/s",
+        "vs torch eager",
+        "peak RSS MB",
+        "train % of matmul",
+        "infer % of matmul",
+    )
     for case in cases:
         for impl in impls:
             key = (case, impl)
             tr, inf = args.batch / train_s[key], args.batch / infer_s[key]
             ref = (case, "torch eager")
-            rows.append((
-                case, impl, f"{tr:.1f}",
-                f"{train_s[ref] / train_s[key]:.2f}x" if ref in train_s else "",
-                f"{inf:.1f}",
-                f"{infer_s[ref] / infer_s[key]:.2f}x" if ref in infer_s else "",
-                f"{mem[key]:.0f}" if mem.get(key) else "",
-                f"{100 * tr * flops[case][0] / rate:.0f}%",
-                f"{100 * inf * flops[case][1] / rate:.0f}%",
-            ))
+            rows.append(
+                (
+                    case,
+                    impl,
+                    f"{tr:.1f}",
+                    f"{train_s[ref] / train_s[key]:.2f}x" if ref in train_s else "",
+                    f"{inf:.1f}",
+                    f"{infer_s[ref] / infer_s[key]:.2f}x" if ref in infer_s else "",
+                    f"{mem[key]:.0f}" if mem.get(key) else "",
+                    f"{100 * tr * flops[case][0] / rate:.0f}%",
+                    f"{100 * inf * flops[case][1] / rate:.0f}%",
+                )
+            )
     _print_table(head, rows)
     print()
-    print("model GFLOP/image (train = 3x forward): "
-          + ", ".join(f"{c}: {flops[c][0] / 1e9:.2f} / {flops[c][1] / 1e9:.2f}" for c in cases))
-    print("compile / first-call seconds: "
-          + ", ".join(f"{c} [{i}]: {compile_s[(c, i)]:.1f}" for c in cases for i in impls))
-    print("XLA's own memory estimate of the JAX train step (MB): "
-          + ", ".join(f"{c}: {xla_mem[c]:.0f}" for c in cases if xla_mem[c] is not None))
+    print(
+        "model GFLOP/image (train = 3x forward): "
+        + ", ".join(f"{c}: {flops[c][0] / 1e9:.2f} / {flops[c][1] / 1e9:.2f}" for c in cases)
+    )
+    print(
+        "compile / first-call seconds: "
+        + ", ".join(f"{c} [{i}]: {compile_s[(c, i)]:.1f}" for c in cases for i in impls)
+    )
+    print(
+        "XLA's own memory estimate of the JAX train step (MB): "
+        + ", ".join(f"{c}: {xla_mem[c]:.0f}" for c in cases if xla_mem[c] is not None)
+    )
     if xcheck:
-        print("same architecture check, max |torch - ours| / max |ours| on eval logits: "
-              + ", ".join(f"{c}: {v:.1e}" for c, v in xcheck.items()))
+        print(
+            "same architecture check, max |torch - ours| / max |ours| on eval logits: "
+            + ", ".join(f"{c}: {v:.1e}" for c, v in xcheck.items())
+        )
 
     if args.scaling:
         case = cases[0]
@@ -323,8 +365,16 @@ def main() -> None:
         for b in args.scaling:
             j = times[(b, "jax")]
             t = times.get((b, "torch eager"))
-            rows.append((str(b), f"{j:.3f}", f"{b / j:.1f}", f"{t:.3f}" if t else "", f"{b / t:.1f}" if t else "",
-                         f"{t / j:.2f}x" if t else ""))
+            rows.append(
+                (
+                    str(b),
+                    f"{j:.3f}",
+                    f"{b / j:.1f}",
+                    f"{t:.3f}" if t else "",
+                    f"{b / t:.1f}" if t else "",
+                    f"{t / j:.2f}x" if t else "",
+                )
+            )
         _print_table(("batch", "jax s/step", "jax img/s", "torch eager s/step", "torch img/s", "ratio"), rows)
 
 

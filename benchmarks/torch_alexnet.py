@@ -23,11 +23,21 @@ def _conv1_padding(size: int) -> int:  # cuda-convnet's rounding: 224 -> 55x55
 
 
 class TorchAlexNet(nn.Module):
-    def __init__(self, towers: int = 2, num_classes: int = 1000, width: float = 1.0, image_size: int = 224,
-                 lrn_alpha: float = 1e-4):
+    def __init__(
+        self,
+        towers: int = 2,
+        num_classes: int = 1000,
+        width: float = 1.0,
+        image_size: int = 224,
+        lrn_alpha: float = 1e-4,
+    ):
         super().__init__()
-        w = dict(zip(("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7"),
-                     (max(1, round(c * width)) for c in _WIDTHS[towers])))
+        w = dict(
+            zip(
+                ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7"),
+                (max(1, round(c * width)) for c in _WIDTHS[towers]),
+            )
+        )
         T = towers
         self.towers, self.pad = T, _conv1_padding(image_size)
         self.conv1 = nn.Conv2d(3, T * w["conv1"], 11, stride=4)

@@ -38,10 +38,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def command(workdir: Path, args) -> list[str]:
-    return [sys.executable, "launch.py", "--config=configs/demo.py", f"--workdir={workdir}",
-            f"--config.total_steps={args.steps}", f"--config.checkpoint_every={args.checkpoint_every}",
-            "--config.eval_ten_crop=False", "--config.data.num_workers=0", "--config.log_every=1",
-            *args.extra]
+    return [
+        sys.executable,
+        "launch.py",
+        "--config=configs/demo.py",
+        f"--workdir={workdir}",
+        f"--config.total_steps={args.steps}",
+        f"--config.checkpoint_every={args.checkpoint_every}",
+        "--config.eval_ten_crop=False",
+        "--config.data.num_workers=0",
+        "--config.log_every=1",
+        *args.extra,
+    ]
 
 
 def start(workdir: Path, args, log: Path) -> subprocess.Popen:
@@ -50,8 +58,9 @@ def start(workdir: Path, args, log: Path) -> subprocess.Popen:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
     with open(log, "w") as out:  # the child keeps its own copy of the descriptor
         # Own session: the kill takes the run and anything it started, as a lost machine would.
-        return subprocess.Popen(command(workdir, args), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(
+            command(workdir, args), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def on_disk(workdir: Path) -> tuple[list[int], dict[str, int]]:
@@ -173,8 +182,11 @@ def main() -> int:
             floor = (max(before) if before else 0) + args.checkpoint_every
             while p.poll() is None:
                 _, tmp = on_disk(killed)
-                if any(int(re.match(r"\d+", n).group()) > floor for n in tmp
-                       if re.match(r"\d+", n) and stale.get(n) != tmp[n]):
+                if any(
+                    int(re.match(r"\d+", n).group()) > floor
+                    for n in tmp
+                    if re.match(r"\d+", n) and stale.get(n) != tmp[n]
+                ):
                     time.sleep(rng.uniform(0, 0.05))
                     break
                 time.sleep(0.002)
@@ -190,10 +202,18 @@ def main() -> int:
         steps, tmp = on_disk(killed)
         kill_at = time.monotonic() - t_start
         kill_group(p)
-        rows.append({"kill": len(rows) + 1, "kind": kind, "after_s": round(kill_at, 2), "fresh": not before,
-                     "resumed_from": resumed_step(log), "last_step_logged": last_step(killed, skip),
-                     "finished_ckpts": steps[-3:],
-                     "writes_in_flight": sorted(n for n in tmp if stale.get(n) != tmp[n])})
+        rows.append(
+            {
+                "kill": len(rows) + 1,
+                "kind": kind,
+                "after_s": round(kill_at, 2),
+                "fresh": not before,
+                "resumed_from": resumed_step(log),
+                "last_step_logged": last_step(killed, skip),
+                "finished_ckpts": steps[-3:],
+                "writes_in_flight": sorted(n for n in tmp if stale.get(n) != tmp[n]),
+            }
+        )
 
     # Attempt k ended with kill k. The next start that got as far as restoring must have resumed
     # from the newest checkpoint finished at the kill (or one that finished while it was dying).
@@ -211,38 +231,59 @@ def main() -> int:
     a, b = read_state(straight, args.steps), read_state(killed, args.steps)
     la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
     same_structure = [k for k, _ in la] == [k for k, _ in lb]
-    max_diff = max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))) for (_, x), (_, y) in
-                   zip(la, lb)) if same_structure else float("nan")
+    max_diff = (
+        max(
+            float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+            for (_, x), (_, y) in zip(la, lb)
+        )
+        if same_structure
+        else float("nan")
+    )
     bitwise = same_structure and all(np.array_equal(np.asarray(x), np.asarray(y)) for (_, x), (_, y) in zip(la, lb))
     loss_a, loss_b = losses(straight), losses(killed)
     same_losses = loss_a == loss_b and len(loss_a) == args.steps
 
     print()
-    print("| kill | kind | after (s) | this start resumed from | last step it trained | newest finished "
-          "checkpoints | write in flight | next restore from |")
+    print(
+        "| kill | kind | after (s) | this start resumed from | last step it trained | newest finished "
+        "checkpoints | write in flight | next restore from |"
+    )
     print("|---:|---|---:|---:|---:|---|---|---:|")
     for r in rows:
-        began = "fresh" if r["fresh"] else (r["resumed_from"] if r["resumed_from"] is not None
-                                            else "(killed before restoring)")
-        print(f"| {r['kill']} | {r['kind']} | {r['after_s']} | {began} | {r['last_step_logged'] or '-'} | "
-              f"{r['finished_ckpts']} | {', '.join(r['writes_in_flight']) or '-'} | {r['next_resumed_from']} |")
+        began = (
+            "fresh"
+            if r["fresh"]
+            else (r["resumed_from"] if r["resumed_from"] is not None else "(killed before restoring)")
+        )
+        print(
+            f"| {r['kill']} | {r['kind']} | {r['after_s']} | {began} | {r['last_step_logged'] or '-'} | "
+            f"{r['finished_ckpts']} | {', '.join(r['writes_in_flight']) or '-'} | {r['next_resumed_from']} |"
+        )
     in_write = sum(1 for r in rows if r["writes_in_flight"])
     verdict = {
-        "kills": len(rows), "kills_during_a_write": in_write, "starts": attempt,
+        "kills": len(rows),
+        "kills_during_a_write": in_write,
+        "starts": attempt,
         "every_restart_resumed_from_the_newest_finished_checkpoint": all(r["resumed_newest"] for r in rows),
-        "final_start_resumed_from": resumed_step(final_log), "damaged_set_aside": damaged,
-        "final_state_bitwise_equal": bitwise, "max_abs_diff": max_diff,
-        "losses_equal_every_step": same_losses, "uninterrupted_s": round(full, 1),
+        "final_start_resumed_from": resumed_step(final_log),
+        "damaged_set_aside": damaged,
+        "final_state_bitwise_equal": bitwise,
+        "max_abs_diff": max_diff,
+        "losses_equal_every_step": same_losses,
+        "uninterrupted_s": round(full, 1),
         "total_s": round(time.monotonic() - t0, 1),
     }
     print()
     for k, v in verdict.items():
         print(f"{k}: {v}")
-    (base / "fault_inject.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                        "kills": rows, "verdict": verdict}, indent=2))
+    (base / "fault_inject.json").write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "kills": rows, "verdict": verdict}, indent=2)
+    )
     ok = bitwise and same_losses and len(rows) >= args.kills and all(r["resumed_newest"] for r in rows)
-    print("\nRESULT: " + ("the killed-and-restarted run ended with exactly the uninterrupted run's state"
-                          if ok else "MISMATCH"))
+    print(
+        "\nRESULT: "
+        + ("the killed-and-restarted run ended with exactly the uninterrupted run's state" if ok else "MISMATCH")
+    )
     return 0 if ok else 1
 
 

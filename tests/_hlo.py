@@ -8,9 +8,11 @@ import re
 
 import numpy as np
 
-_HLO_OP = re.compile(r"^\s*(?:ROOT )?%\S+ = (?P<type>.+?) (?P<op>all-gather|all-reduce|reduce-scatter|all-to-all|"
-                     r"ragged-all-to-all|collective-permute|collective-broadcast|send|recv)(?P<async>-start|-done)?"
-                     r"\((?P<rest>.*)$")
+_HLO_OP = re.compile(
+    r"^\s*(?:ROOT )?%\S+ = (?P<type>.+?) (?P<op>all-gather|all-reduce|reduce-scatter|all-to-all|"
+    r"ragged-all-to-all|collective-permute|collective-broadcast|send|recv)(?P<async>-start|-done)?"
+    r"\((?P<rest>.*)$"
+)
 
 
 def _iota(dims, perm=None):
@@ -34,14 +36,20 @@ def hlo_replica_groups(rest, n_devices):
     if m:
         ids = _iota(_ints(m.group(3)), _ints(m.group(4)) if m.group(4) else None)
         return frozenset(frozenset(g) for g in ids.reshape(int(m.group(1)), int(m.group(2))).tolist())
-    m = re.search(r"replica_groups=mesh\[([^\]]*)\]"
-                  r"(?:, device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\))? \{([^}]*)\}", rest)
+    m = re.search(
+        r"replica_groups=mesh\[([^\]]*)\]"
+        r"(?:, device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\))? \{([^}]*)\}",
+        rest,
+    )
     assert m, f"replica groups in a form this test does not read: {rest[:300]}"
     axes = re.findall(r"'(\w+)'=(\d+)", m.group(1))
     assert len(axes) == m.group(1).count("="), f"mesh axes this test does not read: {m.group(1)}"
     names, sizes = [a for a, _ in axes], [int(s) for _, s in axes]
-    devices = (_iota(_ints(m.group(2)), _ints(m.group(3)) if m.group(3) else None).reshape(-1)
-               if m.group(2) else np.arange(int(np.prod(sizes))))
+    devices = (
+        _iota(_ints(m.group(2)), _ints(m.group(3)) if m.group(3) else None).reshape(-1)
+        if m.group(2)
+        else np.arange(int(np.prod(sizes)))
+    )
     reduced = re.findall(r"'(\w+)'", m.group(4))
     assert reduced and set(reduced) <= set(names), m.group(0)
     order = [names.index(a) for a in names if a not in reduced] + [names.index(a) for a in reduced]
@@ -56,15 +64,19 @@ def hlo_collectives(text, n_devices):
     for line in text.splitlines():
         m = _HLO_OP.match(line)
         if not m:
-            assert not re.search(r" (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
-                                 r"(-start|-done)?\(", line), f"a collective this test does not read: {line[:200]}"
+            assert not re.search(
+                r" (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
+                r"(-start|-done)?\(",
+                line,
+            ), f"a collective this test does not read: {line[:200]}"
             continue
         if m.group("async") == "-done":  # the end of an asynchronous collective: counted at its -start
             continue
         shapes = [tuple(_ints(d)) for d in re.findall(r"\b[a-z]+\d*\[([\d,]*)\]", m.group("type"))]
         op_name = re.search(r'op_name="([^"]*)"', m.group("rest"))
-        found.append((m.group("op"), hlo_replica_groups(m.group("rest"), n_devices), shapes,
-                      op_name.group(1) if op_name else ""))
+        found.append(
+            (m.group("op"), hlo_replica_groups(m.group("rest"), n_devices), shapes, op_name.group(1) if op_name else "")
+        )
     return found
 
 

@@ -30,20 +30,25 @@ def demo_config(devices: int, data_axis: int):
     sys.path.insert(0, str(ROOT / "tests"))
     from test_train import tiny_config  # the tiny demo run the training tests use
 
-    return tiny_config(**{
-        "total_steps": STEPS,
-        "eval_every": 3,  # validation points at steps 3 and 6 for the curves
-        "optim.drop_epochs": (0.03,),  # 93 steps per epoch: the LR is divided at step 3
-        "mesh.cpu_devices": devices, "mesh.data": data_axis,
-    })
+    return tiny_config(
+        **{
+            "total_steps": STEPS,
+            "eval_every": 3,  # validation points at steps 3 and 6 for the curves
+            "optim.drop_epochs": (0.03,),  # 93 steps per epoch: the LR is divided at step 3
+            "mesh.cpu_devices": devices,
+            "mesh.data": data_axis,
+        }
+    )
 
 
 def photo_paths() -> list[str]:
     """Sample images matplotlib installs with itself: a photograph (JPEG) and a rendered picture (RGBA PNG)."""
     from matplotlib import cbook
 
-    return [str(cbook.get_sample_data(name, asfileobj=False))
-            for name in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png")]
+    return [
+        str(cbook.get_sample_data(name, asfileobj=False))
+        for name in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png")
+    ]
 
 
 def val_images(config, count: int = 10):
@@ -78,8 +83,9 @@ def _train(workdir: str, devices: int, data_axis: int) -> None:
     mesh = make_mesh(towers=model.towers, data=data_axis)
     tx = optim.make_optimizer(config.optim)
     shapes = jax.eval_shape(lambda: steps.create_train_state(model, tx, config.seed, mesh)[0])
-    abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                      shapes, parallel.state_shardings(shapes, mesh))
+    abstract = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, parallel.state_shardings(shapes, mesh)
+    )
     ckpt = Checkpointer(workdir)
     params = ckpt.restore_latest(abstract)["state"].params
     ckpt.close()
@@ -97,7 +103,7 @@ def _train(workdir: str, devices: int, data_axis: int) -> None:
         x = np.asarray(inputs(batch, False))
         x = x.reshape((-1,) + x.shape[-3:])
         probs = np.asarray(jax.nn.softmax(forward({"params": params}, x, None).astype("float32")))
-        out[f"probs_{mode}"] = probs.reshape(n, -1, probs.shape[-1]).mean(axis=1)[:len(images)]
+        out[f"probs_{mode}"] = probs.reshape(n, -1, probs.shape[-1]).mean(axis=1)[: len(images)]
     np.savez(Path(workdir) / "reference.npz", **out)
 
 
@@ -120,9 +126,11 @@ def _predict(out: str, workdirs: list[str]) -> None:
         # The README's two plain-Orbax lines read the same parameters here too.
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         state = ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(
-            f"{ckpt.path}/state", args=ocp.args.StandardRestore(fallback_sharding=one))
-        same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
-                                      state["params"], ckpt.params)
+            f"{ckpt.path}/state", args=ocp.args.StandardRestore(fallback_sharding=one)
+        )
+        same = jax.tree_util.tree_map(
+            lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), state["params"], ckpt.params
+        )
         result[f"{i}_plain_orbax_equal"] = np.bool_(all(jax.tree_util.tree_leaves(same)))
     np.savez(out, **result)
 
@@ -136,8 +144,17 @@ def _env() -> dict:
 
 def _call_all(*commands: list[str]) -> None:
     """Run the commands as concurrent processes (much of each is single-threaded compiling)."""
-    procs = [subprocess.Popen([sys.executable, __file__, *args], cwd=ROOT, env=_env(), text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for args in commands]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, *args],
+            cwd=ROOT,
+            env=_env(),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for args in commands
+    ]
     outputs = [p.communicate(timeout=600) for p in procs]
     for args, p, (out, err) in zip(commands, procs, outputs):
         if p.returncode:

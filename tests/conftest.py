@@ -21,8 +21,12 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 
 def pytest_addoption(parser):
-    parser.addoption("--heavy", choices=("run", "skip"), default="run",
-                     help="skip: leave out the tests marked heavy (what .ci/run does first, to fit its time)")
+    parser.addoption(
+        "--heavy",
+        choices=("run", "skip"),
+        default="run",
+        help="skip: leave out the tests marked heavy (what .ci/run does first, to fit its time)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -13,15 +13,31 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def ablate(*args):
-    return subprocess.run([sys.executable, "-m", "alexnet_jax.ablate", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "alexnet_jax.ablate", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_two_variants_run_write_results_and_resume_without_retraining(tmp_path):
     out = tmp_path / "ablations"
-    args = ("--config=configs/demo.py", "--out", out, "--seeds", "1", "--variants", "baseline,one_tower",
-            "--", *TINY, "--config.total_steps=3", "--config.eval_ten_crop=True",
-            "--config.optim.plateau_patience=3")  # the runner must switch the plateau rule off all the same
+    args = (
+        "--config=configs/demo.py",
+        "--out",
+        out,
+        "--seeds",
+        "1",
+        "--variants",
+        "baseline,one_tower",
+        "--",
+        *TINY,
+        "--config.total_steps=3",
+        "--config.eval_ten_crop=True",
+        "--config.optim.plateau_patience=3",
+    )  # the runner must switch the plateau rule off all the same
     r = ablate(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads((out / "results.json").read_text())
@@ -36,8 +52,11 @@ def test_two_variants_run_write_results_and_resume_without_retraining(tmp_path):
     # The variants are different networks: the one-GPU net's widths (48-128-192-192-256, whole FC layers).
     assert rows[0]["params"] != rows[1]["params"]
     for x in rows:  # errors read from the run's own last evaluation, both protocols
-        last = [json.loads(line) for line in (out / x["variant"] / "seed0" / "metrics.jsonl").read_text().splitlines()
-                if "val/top1_error" in line][-1]
+        last = [
+            json.loads(line)
+            for line in (out / x["variant"] / "seed0" / "metrics.jsonl").read_text().splitlines()
+            if "val/top1_error" in line
+        ][-1]
         assert (x["top1_error"], x["top1_error_ten_crop"]) == (last["val/top1_error"], last["val/top1_error_ten_crop"])
     # Every run got the same fixed LR schedule (no plateau rule), seed and steps: read from their saved configs.
     from alexnet_jax.checkpoint import find_step_dir, read_config
@@ -75,9 +94,20 @@ def test_each_variant_is_a_config_of_its_own():
 
 def test_a_variant_as_a_config_file_from_the_command_line(tmp_path):
     """configs/ablations.py's docstring command: python launch.py --config=configs/ablations.py:no_lrn."""
-    r = subprocess.run([sys.executable, "launch.py", "--config=configs/ablations.py:no_lrn",
-                        f"--workdir={tmp_path / 'run'}", *TINY, "--config.total_steps=2"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "launch.py",
+            "--config=configs/ablations.py:no_lrn",
+            f"--workdir={tmp_path / 'run'}",
+            *TINY,
+            "--config.total_steps=2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     from alexnet_jax.checkpoint import find_step_dir, read_config
 
@@ -89,8 +119,19 @@ def test_a_diverging_variant_is_a_result_not_a_crash(tmp_path):
     """A loss that becomes NaN ends that run with launch.py's status 3; the runner records it as
     diverged, goes on with the next run, and counts it in the table."""
     out = tmp_path / "ablations"
-    r = ablate("--config=configs/demo.py", "--out", out, "--seeds", "1", "--variants", "no_lrn",
-               "--", *TINY, "--config.total_steps=4", "--config.optim.lr=1e6")
+    r = ablate(
+        "--config=configs/demo.py",
+        "--out",
+        out,
+        "--seeds",
+        "1",
+        "--variants",
+        "no_lrn",
+        "--",
+        *TINY,
+        "--config.total_steps=4",
+        "--config.optim.lr=1e6",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     (row,) = json.loads((out / "results.json").read_text())
     assert row["diverged"] is True and row["top1_error"] is None and 1 <= row["steps"] <= 4

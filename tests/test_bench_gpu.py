@@ -16,8 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.heavy  # over a minute on 2 cores: .ci/run runs it when time allows
 def test_bench_gpu_quick(tmp_path):
     out = tmp_path / "quick.json"
-    p = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--quick", "--json", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "benchmarks/bench_gpu.py", "--quick", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     r = json.loads(out.read_text())
     for title in ("(a) train step", "(c) loader alone", "(d) launch.py end to end", "end_to_end_share"):
@@ -46,13 +51,20 @@ def test_bench_gpu_quick(tmp_path):
 
     # (d): launch.py trained the same step as (a)'s reference row, so its rate is comparable to it.
     (e2e,) = r["end_to_end"]
-    ref = [s for s in r["step"] if s["layout"] == "one device" and (s["batch"], s["dtype"], s["ops"])
-           == (e2e["batch"], e2e["dtype"], "fast")]
+    ref = [
+        s
+        for s in r["step"]
+        if s["layout"] == "one device" and (s["batch"], s["dtype"], s["ops"]) == (e2e["batch"], e2e["dtype"], "fast")
+    ]
     assert ref and e2e["intervals"] >= 3
     assert e2e["end_to_end_share"] == pytest.approx(e2e["img_s"] / e2e["device_resident_img_s"])
     # launch.py trained (a)'s net and batch, so the share compares like with like.
-    for flag in ("--config.model.width=0.125", "--config.model.image_size=64", f"--config.batch_size={e2e['batch']}",
-                 f"--config.model.dtype={e2e['dtype']}"):
+    for flag in (
+        "--config.model.width=0.125",
+        "--config.model.image_size=64",
+        f"--config.batch_size={e2e['batch']}",
+        f"--config.model.dtype={e2e['dtype']}",
+    ):
         assert flag in e2e["command"].split(), (flag, e2e["command"])
     # The share itself depends on what else runs on the cores (0.67-0.84 alone on 2 cores, 0.16 beside another
     # heavy test), so only a bound that catches a unit mistake (images for batches: a factor of 32).

@@ -9,8 +9,9 @@ import pytest
 from alexnet_jax import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG_FILES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").glob("*.py")
-                      if p.name != "__init__.py")
+CONFIG_FILES = sorted(
+    p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").glob("*.py") if p.name != "__init__.py"
+)
 
 
 def _leaves(cfg: ml_collections.ConfigDict, prefix=""):
@@ -55,7 +56,8 @@ def test_every_field_overrides_from_the_command_line(config_file):
     for name, kind, value in fields:
         text, expected = _other_value(kind, value)
         config, workdir = cli.parse_command_line(
-            ["launch.py", f"--config={config_file}", f"--config.{name}={text}", "--workdir=/tmp/w"])
+            ["launch.py", f"--config={config_file}", f"--config.{name}={text}", "--workdir=/tmp/w"]
+        )
         got = config
         for part in name.split("."):
             got = got[part]
@@ -116,14 +118,17 @@ def test_a_bug_in_a_config_file_keeps_its_traceback(tmp_path, capsys):
     assert "launch.py: bad command line: no such config key: 'modle'" in _usage_line(capsys, e)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--config=configs/paper.py", "--config.model.lrm=False"], "no such config key: 'lrm'"),
-    (["--config=configs/paper.py", "--config.model.towers=two"], "--config.model.towers=two: invalid literal"),
-    (["--config=configs/paper.py", "--nosuchflag=1"], "Unknown command line flag 'nosuchflag'"),
-    (["--config=configs/missing.py"], "cannot read the config file: [Errno 2] No such file or directory"),
-    (["--config=configs/missing.py", "--config.model.towers=1"], "No such file or directory: 'configs/missing.py'"),
-    (["--config=configs/paper.py:extra"], "get_config() takes 0 positional arguments but 1 was given"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config=configs/paper.py", "--config.model.lrm=False"], "no such config key: 'lrm'"),
+        (["--config=configs/paper.py", "--config.model.towers=two"], "--config.model.towers=two: invalid literal"),
+        (["--config=configs/paper.py", "--nosuchflag=1"], "Unknown command line flag 'nosuchflag'"),
+        (["--config=configs/missing.py"], "cannot read the config file: [Errno 2] No such file or directory"),
+        (["--config=configs/missing.py", "--config.model.towers=1"], "No such file or directory: 'configs/missing.py'"),
+        (["--config=configs/paper.py:extra"], "get_config() takes 0 positional arguments but 1 was given"),
+    ],
+)
 def test_command_line_mistakes_are_one_line_and_status_2(args, message, capsys):
     with pytest.raises(SystemExit) as e:
         cli.parse_command_line(["launch.py", *args])
@@ -147,9 +152,13 @@ def test_costs_and_evaluate_tell_a_config_bug_from_a_mistake(tmp_path, capsys):
     assert "bad command line: no such config key: 'modle'" in _usage_line(capsys, e)
 
     base, _ = cli.parse_command_line(["launch.py", "--config=configs/demo.py"])
-    step_dir = checkpoint.write_weights_only(tmp_path / "ckpt", 0, {"w": np.zeros(2, np.float32)},
-                                             config=base.to_dict(), dataset={"classes": ["a", "b"],
-                                                                             "class_names": ["a", "b"], "stats": None})
+    step_dir = checkpoint.write_weights_only(
+        tmp_path / "ckpt",
+        0,
+        {"w": np.zeros(2, np.float32)},
+        config=base.to_dict(),
+        dataset={"classes": ["a", "b"], "class_names": ["a", "b"], "stats": None},
+    )
     with pytest.raises(SystemExit) as e:
         evaluate.main([f"--checkpoint={step_dir}", "--config.data.rooot=/x"])
     err = _usage_line(capsys, e)
@@ -170,8 +179,10 @@ from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 # The command line of each program, and flags its --help must list (its own, under the names it takes).
 PROGRAMS = {
     "launch.py": (["launch.py"], ["--config", "--workdir", "--config.FIELD=VALUE"]),
-    "evaluate": (["-m", "alexnet_jax.evaluate"], ["--checkpoint", "--data", "--step", "--json", "--views",
-                                                  "--batch_size", "--config.FIELD=VALUE"]),
+    "evaluate": (
+        ["-m", "alexnet_jax.evaluate"],
+        ["--checkpoint", "--data", "--step", "--json", "--views", "--batch_size", "--config.FIELD=VALUE"],
+    ),
     "predict": (["-m", "alexnet_jax.predict"], ["--checkpoint", "--step", "--json", "--views", "--top_k", "--images"]),
     "convert": (["-m", "alexnet_jax.convert"], ["--caffemodel", "--npy", "--torchvision", "--out", "--mean"]),
     "export": (["-m", "alexnet_jax.export"], ["--checkpoint", "--out", "--step"]),
@@ -179,9 +190,17 @@ PROGRAMS = {
     "ablate": (["-m", "alexnet_jax.ablate"], ["--config", "--out", "--seeds", "--variants"]),
     "viz": (["-m", "alexnet_jax.viz"], ["--checkpoint", "--out", "--step", "--images", "--gallery_size"]),
 }
-SCRIPTS = {"alexnet-train": "launch.py", "alexnet-evaluate": "evaluate", "alexnet-predict": "predict",
-           "alexnet-convert": "convert", "alexnet-export": "export", "alexnet-costs": "costs",
-           "alexnet-ablate": "ablate", "alexnet-viz": "viz", "alexnet-prepare": None}
+SCRIPTS = {
+    "alexnet-train": "launch.py",
+    "alexnet-evaluate": "evaluate",
+    "alexnet-predict": "predict",
+    "alexnet-convert": "convert",
+    "alexnet-export": "export",
+    "alexnet-costs": "costs",
+    "alexnet-ablate": "ablate",
+    "alexnet-viz": "viz",
+    "alexnet-prepare": None,
+}
 # Flags of other modules that absl's own --help would list (absl.logging's, JAX's): not this program's.
 FOREIGN = ("--verbosity", "--logtostderr", "--jax_", "--flagfile", "Try --helpfull")
 
@@ -227,8 +246,9 @@ def _installed_scripts() -> Path:
     bin_dir = Path(sys.executable).parent
     missing = [s for s in SCRIPTS if not (bin_dir / s).is_file()]
     if missing:
-        pytest.skip(f"console scripts not installed in {bin_dir} ({', '.join(missing)}): "
-                    "pip install -e '.[test]' makes them")
+        pytest.skip(
+            f"console scripts not installed in {bin_dir} ({', '.join(missing)}): pip install -e '.[test]' makes them"
+        )
     return bin_dir
 
 
@@ -248,8 +268,11 @@ def test_console_scripts_are_the_entry_points(helps):
 
     _installed_scripts()
     mains = {e.name: e.value for e in entry_points(group="console_scripts") if e.name in SCRIPTS}
-    assert mains == {"alexnet-train": "alexnet_jax.cli:main", "alexnet-prepare": "alexnet_jax.data.prepare:main",
-                     **{s: f"alexnet_jax.{p}:main" for s, p in SCRIPTS.items() if p not in (None, "launch.py")}}
+    assert mains == {
+        "alexnet-train": "alexnet_jax.cli:main",
+        "alexnet-prepare": "alexnet_jax.data.prepare:main",
+        **{s: f"alexnet_jax.{p}:main" for s, p in SCRIPTS.items() if p not in (None, "launch.py")},
+    }
     for script in SCRIPTS_RUN:
         _check_script_help(script, helps[script])
 
@@ -261,17 +284,23 @@ def test_every_console_script_answers_help():
         _check_script_help(script, r)
 
 
-@pytest.mark.parametrize("module, args, message", [
-    ("predict", ["--checkpoint=x", "--views=sideways", "a.jpg"], "--views=sideways"),
-    ("predict", ["--checkpoint=x"], "give image files"),
-    ("export", ["--out=x"], "give --checkpoint"),
-    ("convert", ["--npy=a.npy", "--caffemodel=b.caffemodel", "--out=x"],
-     "give one of --caffemodel, --npy and --torchvision, not --caffemodel and --npy"),
-    ("costs", ["--devices=two"], "--devices=two"),
-    ("ablate", ["--seeds=3"], "give --out"),
-    ("viz", ["--out=x", "--gallery-size=0"], "--gallery_size=0"),
-    ("evaluate", ["--views=all"], "--views=all"),
-])
+@pytest.mark.parametrize(
+    "module, args, message",
+    [
+        ("predict", ["--checkpoint=x", "--views=sideways", "a.jpg"], "--views=sideways"),
+        ("predict", ["--checkpoint=x"], "give image files"),
+        ("export", ["--out=x"], "give --checkpoint"),
+        (
+            "convert",
+            ["--npy=a.npy", "--caffemodel=b.caffemodel", "--out=x"],
+            "give one of --caffemodel, --npy and --torchvision, not --caffemodel and --npy",
+        ),
+        ("costs", ["--devices=two"], "--devices=two"),
+        ("ablate", ["--seeds=3"], "give --out"),
+        ("viz", ["--out=x", "--gallery-size=0"], "--gallery_size=0"),
+        ("evaluate", ["--views=all"], "--views=all"),
+    ],
+)
 def test_bad_flags_are_one_line_and_status_2(module, args, message, capsys):
     import importlib
 
@@ -310,9 +339,13 @@ def _small_val_root(tmp_path: Path, per_class: int = 3) -> Path:
     from alexnet_jax.data import embedded
 
     e = _trained.demo_config(2, 1).data.embedded
-    folder = embedded.ensure_embedded_dataset(None, num_train_per_class=e.num_train_per_class,
-                                              num_val_per_class=e.num_val_per_class, image_size=e.image_size,
-                                              seed=e.seed)
+    folder = embedded.ensure_embedded_dataset(
+        None,
+        num_train_per_class=e.num_train_per_class,
+        num_val_per_class=e.num_val_per_class,
+        image_size=e.image_size,
+        seed=e.seed,
+    )
     root = tmp_path / "imagenet"
     for cls in sorted(p for p in (folder / "val").iterdir() if p.is_dir()):
         (root / "val" / cls.name).mkdir(parents=True)
@@ -332,12 +365,28 @@ def test_evaluate_takes_the_root_or_the_val_folder_and_ends_quietly(demo_run, tm
     import _trained
 
     root = _small_val_root(tmp_path)
-    common = [sys.executable, "-m", "alexnet_jax.evaluate", f"--checkpoint={demo_run}", "--views=center",
-              "--batch_size=10", "--config.data.num_workers=1"]
+    common = [
+        sys.executable,
+        "-m",
+        "alexnet_jax.evaluate",
+        f"--checkpoint={demo_run}",
+        "--views=center",
+        "--batch_size=10",
+        "--config.data.num_workers=1",
+    ]
     forms = {"root": root, "val": root / "val"}
     commands = [common + [f"--data={d}", f"--json={tmp_path / name}.json"] for name, d in forms.items()]
-    commands.append([sys.executable, "-m", "alexnet_jax.predict", f"--checkpoint={demo_run}", "--top-k", "3",
-                     *_trained.photo_paths()])
+    commands.append(
+        [
+            sys.executable,
+            "-m",
+            "alexnet_jax.predict",
+            f"--checkpoint={demo_run}",
+            "--top-k",
+            "3",
+            *_trained.photo_paths(),
+        ]
+    )
     with ThreadPoolExecutor(3) as pool:
         runs = list(pool.map(_run, commands))
     for r in runs:
@@ -356,9 +405,23 @@ def test_evaluate_ctrl_c_is_one_line_and_status_130(demo_run):
     env = _env() | {"PYTHONUNBUFFERED": "1"}
     """Also while the loader's workers are still starting (importing for seconds): none of them prints a
     KeyboardInterrupt of its own."""
-    p = subprocess.Popen([sys.executable, "-m", "alexnet_jax.evaluate", f"--checkpoint={demo_run}",
-                          "--split=train", "--config.data.num_workers=2", "--batch_size=10"], cwd=ROOT, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "alexnet_jax.evaluate",
+            f"--checkpoint={demo_run}",
+            "--split=train",
+            "--config.data.num_workers=2",
+            "--batch_size=10",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     first = p.stdout.readline()  # the mesh note, printed before the loader starts
     assert "device" in first, first
     time.sleep(3)  # its workers starting (3,000 training images: a pass of a minute)

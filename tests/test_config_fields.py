@@ -47,8 +47,17 @@ def leaf_paths(cfg, prefix=""):
 class ReadRecorder:
     """Records ``ConfigDict`` reads by field path, except inside bulk operations (to_json, str, ...)."""
 
-    BULK = ("to_dict", "to_json", "to_json_best_effort", "__str__", "__repr__", "__eq__",
-            "copy_and_resolve_references", "items", "values")
+    BULK = (
+        "to_dict",
+        "to_json",
+        "to_json_best_effort",
+        "__str__",
+        "__repr__",
+        "__eq__",
+        "copy_and_resolve_references",
+        "items",
+        "values",
+    )
 
     def __init__(self, config):
         self.paths = {id(config): ""}
@@ -86,6 +95,7 @@ class ReadRecorder:
         def silent(*args, **kwargs):
             with self.silenced():
                 return fn(*args, **kwargs)
+
         return silent
 
 
@@ -110,8 +120,9 @@ def test_every_config_field_is_read_by_a_run(tmp_path, monkeypatch):
     attrs = {n.attr for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Attribute)}
     assert not sorted(set(model.CONFIG_FIELDS) - attrs)
     for path, reason in OTHER_PATHS.items():
-        assert path.split(".")[-1] in attrs | {n.value for n in ast.walk(ast.parse(src))
-                                                  if isinstance(n, ast.Constant)}, (path, reason)
+        assert path.split(".")[-1] in attrs | {
+            n.value for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Constant)
+        }, (path, reason)
 
 
 @pytest.mark.parametrize("make", [paper.get_config, demo.get_config], ids=["paper", "demo"])
@@ -127,16 +138,23 @@ def test_configs_pass_validation_and_every_field_has_a_rule(make):
     assert set(c.mesh.keys()) == set(config_check.MESH_FIELDS)
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("eval_ten_crops", True, r"Unknown config key\(s\) \['eval_ten_crops'\]"),
-    ("optim.momentum", 1.5, r"optim.momentum must be a number in \[0, 1\)"),
-    ("optim.drop_epochs", (30, -1), r"optim.drop_epochs must be a tuple of epochs > 0"),
-    ("mesh.tower", 3, r"mesh.tower=3: use -1 or 2 \(one tower per device\) or 1"),
-    ("mesh.tower", 0, r"mesh.tower must be -1 \(one tower per device\), 1 \(all towers on every device\)"
-                      r" or model.towers"),
-    ("mesh.parallelism", "model", r"mesh.parallelism must be .towers., .data. or .hybrid."),
-    ("batch_size", 0, r"batch_size must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("eval_ten_crops", True, r"Unknown config key\(s\) \['eval_ten_crops'\]"),
+        ("optim.momentum", 1.5, r"optim.momentum must be a number in \[0, 1\)"),
+        ("optim.drop_epochs", (30, -1), r"optim.drop_epochs must be a tuple of epochs > 0"),
+        ("mesh.tower", 3, r"mesh.tower=3: use -1 or 2 \(one tower per device\) or 1"),
+        (
+            "mesh.tower",
+            0,
+            r"mesh.tower must be -1 \(one tower per device\), 1 \(all towers on every device\)"
+            r" or model.towers",
+        ),
+        ("mesh.parallelism", "model", r"mesh.parallelism must be .towers., .data. or .hybrid."),
+        ("batch_size", 0, r"batch_size must be an integer >= 1"),
+    ],
+)
 def test_a_bad_field_is_refused_by_name(field, value, message):
     c = paper.get_config()
     c.data.name = "embedded"

@@ -36,8 +36,10 @@ def caffe_weights(seed=0):
     for name in LAYERS:
         shape = CAFFE_SHAPES[name]
         fan_in = int(np.prod(shape[1:]))
-        w[name] = [rng.normal(0, np.sqrt(2.0 / fan_in), shape).astype(np.float32),
-                   rng.normal(0, 0.5, shape[0]).astype(np.float32)]
+        w[name] = [
+            rng.normal(0, np.sqrt(2.0 / fan_in), shape).astype(np.float32),
+            rng.normal(0, 0.5, shape[0]).astype(np.float32),
+        ]
     w["fc8"][0] *= 0.02  # logits of a few units: probabilities far from one-hot, so every mistake shows
     for a in (x for pair in w.values() for x in pair):
         a.flags.writeable = False
@@ -81,18 +83,49 @@ def v1_file(seed=0):
 
 def caffemodel(weights, version):
     layers = []
-    for name in ("data", "conv1", "relu1", "norm1", "pool1", "conv2", "relu2", "norm2", "pool2", "conv3",
-                 "relu3", "conv4", "relu4", "conv5", "relu5", "pool5", "fc6", "relu6", "drop6", "fc7",
-                 "relu7", "drop7", "fc8", "prob"):
+    for name in (
+        "data",
+        "conv1",
+        "relu1",
+        "norm1",
+        "pool1",
+        "conv2",
+        "relu2",
+        "norm2",
+        "pool2",
+        "conv3",
+        "relu3",
+        "conv4",
+        "relu4",
+        "conv5",
+        "relu5",
+        "pool5",
+        "fc6",
+        "relu6",
+        "drop6",
+        "fc7",
+        "relu7",
+        "drop7",
+        "fc8",
+        "prob",
+    ):
         blobs = [blob(a, version == 1) for a in weights[name]] if name in weights else []
         kind = next((v for k, v in V1_TYPES.items() if name.startswith(k)), 5)
         if version == 1:
-            layers.append(field(2, 2, field(4, 2, name.encode()) + field(5, 0, kind)
-                                + b"".join(field(6, 2, b) for b in blobs)))
+            layers.append(
+                field(2, 2, field(4, 2, name.encode()) + field(5, 0, kind) + b"".join(field(6, 2, b) for b in blobs))
+            )
         else:
             type_name = {4: "Convolution", 14: "InnerProduct", 18: "ReLU", 15: "LRN", 17: "Pooling"}.get(kind, "Data")
-            layers.append(field(100, 2, field(1, 2, name.encode()) + field(2, 2, type_name.encode())
-                                + b"".join(field(7, 2, b) for b in blobs)))
+            layers.append(
+                field(
+                    100,
+                    2,
+                    field(1, 2, name.encode())
+                    + field(2, 2, type_name.encode())
+                    + b"".join(field(7, 2, b) for b in blobs),
+                )
+            )
     return field(1, 2, b"CaffeNet") + b"".join(layers)
 
 
@@ -129,8 +162,8 @@ def conv(x_NHWC, w_OIHW, b, stride=1, pad=0, groups=1):
 
 
 def lrn_caffe(x, n=5, alpha=1e-4, beta=0.75, k=1.0):
-    sq = np.pad(x ** 2, ((0, 0), (0, 0), (0, 0), (n // 2, n // 2)))
-    window = sum(sq[..., i:i + x.shape[-1]] for i in range(n))
+    sq = np.pad(x**2, ((0, 0), (0, 0), (0, 0), (n // 2, n // 2)))
+    window = sum(sq[..., i : i + x.shape[-1]] for i in range(n))
     return x / (k + alpha / n * window) ** beta
 
 
@@ -169,13 +202,13 @@ def caffe_probs(w, paths, views, mean_bgr_CHW=None):
     for path in paths:
         with Image.open(path) as im:
             rgb = np.asarray(im.convert("RGB").resize((256, 256), Image.Resampling.BILINEAR), np.float64)
-        mean = (np.asarray(CAFFE_MEAN_BGR) if mean_bgr_CHW is None else mean_bgr_CHW.transpose(1, 2, 0))
+        mean = np.asarray(CAFFE_MEAN_BGR) if mean_bgr_CHW is None else mean_bgr_CHW.transpose(1, 2, 0)
         bgr = rgb[..., ::-1] - mean
         if views == "center":
             crops = [bgr[14:241, 14:241]]
         else:
             corners = [(0, 0), (0, 29), (29, 0), (29, 29), (14, 14)]
-            crops = [bgr[y:y + 227, x:x + 227] for y, x in corners]
+            crops = [bgr[y : y + 227, x : x + 227] for y, x in corners]
             crops += [c[:, ::-1] for c in crops]
         out.append(softmax(caffe_forward(w, np.stack(crops))).mean(0))
     return np.stack(out)
@@ -206,9 +239,21 @@ def converted(tmp_path_factory):
     d = tmp_path_factory.mktemp("caffe")
     w = caffe_weights()
     (d / "bvlc_alexnet.caffemodel").write_bytes(v1_file())
-    r = subprocess.run([sys.executable, "-m", "alexnet_jax.convert", "--caffemodel",
-                        str(d / "bvlc_alexnet.caffemodel"), "--out", str(d / "ckpt")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alexnet_jax.convert",
+            "--caffemodel",
+            str(d / "bvlc_alexnet.caffemodel"),
+            "--out",
+            str(d / "ckpt"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "caffemodel V1" in r.stdout
     return w, d / "ckpt"
@@ -275,8 +320,16 @@ def test_mean_image_from_binaryproto(converted, images, tmp_path):
     (tmp_path / "mean.binaryproto").write_bytes(binaryproto(mean))
     from alexnet_jax import convert
 
-    convert.main(["--caffemodel", str(tmp_path / "w.caffemodel"), "--mean", str(tmp_path / "mean.binaryproto"),
-                  "--out", str(tmp_path / "ckpt")])
+    convert.main(
+        [
+            "--caffemodel",
+            str(tmp_path / "w.caffemodel"),
+            "--mean",
+            str(tmp_path / "mean.binaryproto"),
+            "--out",
+            str(tmp_path / "ckpt"),
+        ]
+    )
     clf = Classifier(load_checkpoint(tmp_path / "ckpt", devices=jax.devices()[:1]), views="ten_crop")
     want = caffe_probs(w, images, "ten_crop", mean_bgr_CHW=mean.astype(np.float64))
     assert np.abs(clf.predict(images).probs - want).max() <= 1e-4
@@ -307,15 +360,17 @@ def test_bad_files_get_one_line_errors(tmp_path):
         assert message in line and "\n" not in line, (name, line)
         assert not (tmp_path / f"out-{name}").exists()
     np.save(tmp_path / "list.npy", np.arange(5))
-    assert "not the dict {layer: [weights, bias]}" in convert_cli("--npy", tmp_path / "list.npy",
-                                                                  "--out", tmp_path / "o")
+    assert "not the dict {layer: [weights, bias]}" in convert_cli(
+        "--npy", tmp_path / "list.npy", "--out", tmp_path / "o"
+    )
     (tmp_path / "garbage.npy").write_bytes(b"\x93NUMPY garbage")
     assert "not a readable .npy" in convert_cli("--npy", tmp_path / "garbage.npy", "--out", tmp_path / "o")
     assert "No file at" in convert_cli("--npy", tmp_path / "missing.npy", "--out", tmp_path / "o")
     (tmp_path / "o2" / "checkpoints" / "0").mkdir(parents=True)  # an earlier conversion is never overwritten
     (tmp_path / "ok.caffemodel").write_bytes(good)
-    assert "already holds checkpoints" in convert_cli("--caffemodel", tmp_path / "ok.caffemodel",
-                                                      "--out", tmp_path / "o2")
+    assert "already holds checkpoints" in convert_cli(
+        "--caffemodel", tmp_path / "ok.caffemodel", "--out", tmp_path / "o2"
+    )
 
 
 def val_folder(root, images, labels, classes):
@@ -344,9 +399,21 @@ def test_evaluate_command_on_a_converted_checkpoint(converted, images, tmp_path)
     order = np.argsort(-centre, 1)
     labels = [int(order[0, 0]), int(order[1, 2]), int(order[2, 50])]  # top-1 right; top-5 only; neither
     root = val_folder(tmp_path / "imagenet", images, labels, imagenet_classes()[0])
-    r = subprocess.run([sys.executable, "-m", "alexnet_jax.evaluate", f"--checkpoint={ckpt_dir}", f"--data={root}",
-                        "--views=ten_crop", f"--json={tmp_path / 'val.json'}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alexnet_jax.evaluate",
+            f"--checkpoint={ckpt_dir}",
+            f"--data={root}",
+            "--views=ten_crop",
+            f"--json={tmp_path / 'val.json'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads((tmp_path / "val.json").read_text())
     assert got["images"] == 3 and "images/s" in r.stdout
@@ -361,8 +428,13 @@ def test_evaluate_refuses_unknown_wnids(converted, images, tmp_path):
     root = tmp_path / "imagenet"
     (root / "val" / "n99999999").mkdir(parents=True)
     (root / "val" / "n99999999" / images[0].name).write_bytes(images[0].read_bytes())
-    r = subprocess.run([sys.executable, "-m", "alexnet_jax.evaluate", f"--checkpoint={ckpt_dir}", f"--data={root}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "alexnet_jax.evaluate", f"--checkpoint={ckpt_dir}", f"--data={root}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     (line,) = [x for x in r.stderr.splitlines() if "alexnet_jax.evaluate:" in x]
     assert "holds no folder of the 1000 known classes; its folders n99999999 are class ids" in line, line
@@ -376,9 +448,24 @@ def test_predict_command_prints_caffes_top5(converted, images, tmp_path):
 
     w, ckpt_dir = converted
     want = caffe_probs(w, images, "center")
-    r = subprocess.run([sys.executable, "-m", "alexnet_jax.predict", "--checkpoint", str(ckpt_dir), "--views",
-                        "center", "--json", str(tmp_path / "p.json"), *map(str, images)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alexnet_jax.predict",
+            "--checkpoint",
+            str(ckpt_dir),
+            "--views",
+            "center",
+            "--json",
+            str(tmp_path / "p.json"),
+            *map(str, images),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads((tmp_path / "p.json").read_text())
     wnids, names = imagenet_classes()
@@ -387,8 +474,21 @@ def test_predict_command_prints_caffes_top5(converted, images, tmp_path):
         assert [x["class"] for x in got[str(path)]] == [wnids[i] for i in top]
         assert [x["name"] for x in got[str(path)]] == [names[i] for i in top]
         np.testing.assert_allclose([x["prob"] for x in got[str(path)]], p[top], atol=1e-4)
-    r = subprocess.run([sys.executable, "-m", "alexnet_jax.predict", "--checkpoint", str(ckpt_dir), str(images[0]),
-                        str(tmp_path / "nothing.jpg")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alexnet_jax.predict",
+            "--checkpoint",
+            str(ckpt_dir),
+            str(images[0]),
+            str(tmp_path / "nothing.jpg"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 1 and "nothing.jpg" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
@@ -396,8 +496,21 @@ def test_predict_command_prints_caffes_top5(converted, images, tmp_path):
 def test_npy_command_line(converted, tmp_path):
     w, ckpt_dir = converted
     np.save(tmp_path / "bvlc_alexnet.npy", npy_form(w), allow_pickle=True)
-    r = subprocess.run([sys.executable, "-m", "alexnet_jax.convert", "--npy", str(tmp_path / "bvlc_alexnet.npy"),
-                        "--out", str(tmp_path / "ckpt")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alexnet_jax.convert",
+            "--npy",
+            str(tmp_path / "bvlc_alexnet.npy"),
+            "--out",
+            str(tmp_path / "ckpt"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0 and "(npy)" in r.stdout, r.stderr[-3000:]
     a = load_checkpoint(tmp_path / "ckpt", devices=jax.devices()[:1]).params
     b = load_checkpoint(ckpt_dir, devices=jax.devices()[:1]).params

@@ -35,15 +35,30 @@ class TorchvisionAlexNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
-            nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
-            nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2))
+            nn.Conv2d(3, 64, 11, stride=4, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(3, 2),
+            nn.Conv2d(64, 192, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(3, 2),
+            nn.Conv2d(192, 384, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(384, 256, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(256, 256, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(3, 2),
+        )
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
         self.classifier = nn.Sequential(
-            nn.Dropout(0.5), nn.Linear(256 * 6 * 6, 4096), nn.ReLU(),
-            nn.Dropout(0.5), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 1000))
+            nn.Dropout(0.5),
+            nn.Linear(256 * 6 * 6, 4096),
+            nn.ReLU(),
+            nn.Dropout(0.5),
+            nn.Linear(4096, 4096),
+            nn.ReLU(),
+            nn.Linear(4096, 1000),
+        )
 
     def forward(self, x):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
@@ -67,8 +82,21 @@ def converted(tmp_path_factory):
                 layer.weight.mul_(2.45)  # sqrt(6): the ReLU gain over the uniform init's 1/sqrt(3)
         net.classifier[6].weight.mul_(FC8_GAIN)
     torch.save(net.state_dict(), d / "alexnet.pth")
-    r = subprocess.run([sys.executable, "-m", "alexnet_jax.convert", "--torchvision", str(d / "alexnet.pth"),
-                        "--out", str(d / "ckpt")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alexnet_jax.convert",
+            "--torchvision",
+            str(d / "alexnet.pth"),
+            "--out",
+            str(d / "ckpt"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rng = np.random.default_rng(0)
     images = []
@@ -87,7 +115,7 @@ def test_converted_weights_give_pytorchs_probabilities(converted):
     for crop, path in zip(crops, images):  # torchvision's Resize(256) + CenterCrop(224): the same pixels
         arr = np.asarray(Image.open(path).convert("RGB"))
         top, left = round((arr.shape[0] - 224) / 2), round((arr.shape[1] - 224) / 2)
-        np.testing.assert_array_equal(crop, arr[top:top + 224, left:left + 224])
+        np.testing.assert_array_equal(crop, arr[top : top + 224, left : left + 224])
     want = torch_probs(net, crops)
     got = clf.predict(images, top_k=5).probs
     assert want.max(axis=1).min() > 0.02, "near-uniform probabilities would compare nothing"
@@ -102,7 +130,12 @@ def test_checkpoint_is_the_owt_net_and_records_torchvisions_preprocessing(conver
     c = load_checkpoint(ckpt, devices=jax.devices()[:1])
     m = c.config.model
     assert (m.towers, tuple(m.conv_widths), m.lrn, m.conv1_pad, m.image_size) == (
-        1, (64, 192, 384, 256, 256), False, 2, 224)
+        1,
+        (64, 192, 384, 256, 256),
+        False,
+        2,
+        224,
+    )
     assert (c.config.data.resize_mode, c.config.data.resize_size, c.config.data.crop_size) == ("shorter_side", 256, 224)
     np.testing.assert_allclose(c.stats["mean_image"][0, 0], 255 * np.asarray(MEAN_RGB), rtol=1e-6)
     origin = read_origin(epath.Path(c.path))
@@ -131,9 +164,23 @@ def test_bad_state_dicts_get_one_line_errors(tmp_path):
     del state["classifier.6.weight"]
     torch.save(state, tmp_path / "partial.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a pickle at all")
-    for name, message in (("partial.pth", "no classifier.6.weight/.bias (fc8)"),
-                          ("junk.pth", "not a readable PyTorch state_dict")):
-        r = subprocess.run([sys.executable, "-m", "alexnet_jax.convert", "--torchvision", str(tmp_path / name),
-                            "--out", str(tmp_path / f"out_{name}")], cwd=ROOT, capture_output=True, text=True,
-                           timeout=300)
+    for name, message in (
+        ("partial.pth", "no classifier.6.weight/.bias (fc8)"),
+        ("junk.pth", "not a readable PyTorch state_dict"),
+    ):
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "alexnet_jax.convert",
+                "--torchvision",
+                str(tmp_path / name),
+                "--out",
+                str(tmp_path / f"out_{name}"),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

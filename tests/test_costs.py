@@ -47,8 +47,10 @@ def compiled_collectives(model, layout, devices):
     def loss(v, x, y, key):
         return optax.softmax_cross_entropy_with_integer_labels(forward(v, x, key), y).mean()
 
-    step = jax.jit(jax.grad(loss), in_shardings=(state_shardings(v, mesh, layout), batch_sharding(mesh),
-                                                  batch_sharding(mesh), None))
+    step = jax.jit(
+        jax.grad(loss),
+        in_shardings=(state_shardings(v, mesh, layout), batch_sharding(mesh), batch_sharding(mesh), None),
+    )
     text = step.lower(v, x, jax.ShapeDtypeStruct((BATCH,), jnp.int32), jax.random.key(0)).compile().as_text()
     return hlo_collectives_typed(text, mesh.size)
 
@@ -88,10 +90,18 @@ def test_costs_equal_the_compiled_programs_collectives(case):
     model = AlexNet(**kwargs)
     table = {r["name"]: r for r in rounded(layer_costs(model, layout, devices, BATCH))["layers"]}
     hlo = from_hlo(compiled_collectives(model, layout, devices), model.num_classes)
-    want = {layer: {k: v for k, v in (("forward", r["exchange_bytes_forward"]),
-                                      ("backward", r["exchange_bytes_backward"]),
-                                      ("gradient", r["gradient_bytes_per_step"])) if v}
-            for layer, r in table.items()}
+    want = {
+        layer: {
+            k: v
+            for k, v in (
+                ("forward", r["exchange_bytes_forward"]),
+                ("backward", r["exchange_bytes_backward"]),
+                ("gradient", r["gradient_bytes_per_step"]),
+            )
+            if v
+        }
+        for layer, r in table.items()
+    }
     assert {layer: {k: v for k, v in d.items() if v} for layer, d in hlo.items()} == want
     assert any(d for d in want.values()), "a case with no communication compares nothing"
 
@@ -108,25 +118,55 @@ def test_the_layouts_differ_as_the_owt_paper_says():
     assert totals["hybrid"] < totals["data"] / 10 and totals["hybrid"] < totals["towers"] < totals["data"]
     # By hand: data layout, 8 devices: 2 * 7/8 of the 60,965,224 float32 gradients.
     assert rounded(layer_costs(AlexNet(), "data", 8, 128))["total"]["gradient_bytes_per_step"] == round(
-        Fraction(2 * 7 * 60_965_224 * 4, 8))
+        Fraction(2 * 7 * 60_965_224 * 4, 8)
+    )
 
 
 def test_command_line_prints_the_table_and_writes_json(tmp_path):
     out = tmp_path / "costs.json"
-    r = subprocess.run([sys.executable, "-m", "alexnet_jax.costs", "--config=configs/paper.py", "--devices=4",
-                        "--config.mesh.parallelism=hybrid", f"--json={out}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alexnet_jax.costs",
+            "--config=configs/paper.py",
+            "--devices=4",
+            "--config.mesh.parallelism=hybrid",
+            f"--json={out}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "hybrid layout on 4 devices" in r.stdout and "fc6" in r.stdout
     saved = json.loads(out.read_text())
     assert [row["name"] for row in saved["layers"]] == list(LAYERS)
-    assert set(saved["layers"][0]) >= {"name", "params", "macs_per_image", "exchange_bytes_per_step",
-                                       "gradient_bytes_per_step"}
+    assert set(saved["layers"][0]) >= {
+        "name",
+        "params",
+        "macs_per_image",
+        "exchange_bytes_per_step",
+        "gradient_bytes_per_step",
+    }
     assert saved["total"]["params"] == 60_965_224
     fc6 = saved["layers"][5]  # batch 128 gathered, 9216 features, float32, 3/4 sent; and back
     assert fc6["exchange_bytes_per_step"] == 2 * 128 * 9216 * 4 * 3 // 4 and fc6["gradient_bytes_per_step"] == 0
-    bad = subprocess.run([sys.executable, "-m", "alexnet_jax.costs", "--config=configs/paper.py", "--devices=8",
-                          "--config.mesh.parallelism=hybrid"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alexnet_jax.costs",
+            "--config=configs/paper.py",
+            "--devices=8",
+            "--config.mesh.parallelism=hybrid",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 1 and "{'fc8': 500} do not divide" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -139,18 +179,27 @@ def test_the_docs_layout_table_is_what_the_command_computes():
     sys.path.insert(0, str(ROOT))
     from configs import owt, paper
 
-    rows = re.findall(r"^\| (paper|OWT) \| (\w+) \| (\d) \| (\d) × (\d) "
-                      r"\| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (\d+)% \|$",
-                      (ROOT / "docs" / "parallelism.md").read_text(), re.M)
+    rows = re.findall(
+        r"^\| (paper|OWT) \| (\w+) \| (\d) \| (\d) × (\d) "
+        r"\| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (\d+)% \|$",
+        (ROOT / "docs" / "parallelism.md").read_text(),
+        re.M,
+    )
     assert len(rows) == 10
     for net, layout, n, data, tower, ex, grad, total, fc in rows:
         model = from_config((paper if net == "paper" else owt).get_config().model)
         c = rounded(layer_costs(model, layout, int(n), 128))
         t = c["total"]
-        fc_bytes = sum(r["exchange_bytes_per_step"] + r["gradient_bytes_per_step"] for r in c["layers"]
-                       if r["name"].startswith("fc"))
+        fc_bytes = sum(
+            r["exchange_bytes_per_step"] + r["gradient_bytes_per_step"]
+            for r in c["layers"]
+            if r["name"].startswith("fc")
+        )
         all_bytes = t["exchange_bytes_per_step"] + t["gradient_bytes_per_step"]
         assert (c["mesh"]["data"], c["mesh"]["tower"]) == (int(data), int(tower))
-        assert [f"{t['exchange_bytes_per_step'] / 1e6:.1f}", f"{t['gradient_bytes_per_step'] / 1e6:.1f}",
-                f"{all_bytes / 1e6:.1f}",
-                f"{100 * fc_bytes / all_bytes:.0f}"] == [ex, grad, total, fc], (net, layout, n)
+        assert [
+            f"{t['exchange_bytes_per_step'] / 1e6:.1f}",
+            f"{t['gradient_bytes_per_step'] / 1e6:.1f}",
+            f"{all_bytes / 1e6:.1f}",
+            f"{100 * fc_bytes / all_bytes:.0f}",
+        ] == [ex, grad, total, fc], (net, layout, n)

@@ -22,10 +22,19 @@ import orbax.checkpoint as ocp
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--config.model.width=0.125", "--config.batch_size=32", "--config.eval_batch_size=100",
-        "--config.data.num_workers=0", "--config.eval_ten_crop=False", "--config.log_every=1",
-        "--config.optim.plateau_patience=0", "--config.optim.drop_epochs=()", "--config.mesh.data=2",
-        "--config.checkpoint_every=2", "--config.distributed.timeout_s=120"]
+TINY = [
+    "--config.model.width=0.125",
+    "--config.batch_size=32",
+    "--config.eval_batch_size=100",
+    "--config.data.num_workers=0",
+    "--config.eval_ten_crop=False",
+    "--config.log_every=1",
+    "--config.optim.plateau_patience=0",
+    "--config.optim.drop_epochs=()",
+    "--config.mesh.data=2",
+    "--config.checkpoint_every=2",
+    "--config.distributed.timeout_s=120",
+]
 STEPS = 4
 
 
@@ -50,13 +59,28 @@ def start(workdir, processes: int, devices: int, *args, prefix=None) -> "Process
     for i in range(processes):
         env = dict(base)
         if processes > 1:
-            env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(processes),
-                       JAX_PROCESS_ID=str(i))
+            env.update(
+                JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i)
+            )
         with open(logs / f"{i}.out", "w") as out, open(logs / f"{i}.err", "w") as err:
-            procs.append(subprocess.Popen(
-                [*(prefix or {}).get(i, []), sys.executable, "launch.py", "--config=configs/demo.py",
-                 f"--workdir={workdir}", *TINY, f"--config.mesh.cpu_devices={devices}", *args],
-                cwd=ROOT, env=env, stdout=out, stderr=err))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        *(prefix or {}).get(i, []),
+                        sys.executable,
+                        "launch.py",
+                        "--config=configs/demo.py",
+                        f"--workdir={workdir}",
+                        *TINY,
+                        f"--config.mesh.cpu_devices={devices}",
+                        *args,
+                    ],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=out,
+                    stderr=err,
+                )
+            )
     return Processes(procs, logs)
 
 
@@ -84,13 +108,19 @@ class Processes:
                 if p.poll() is None:
                     p.kill()
                     p.wait()
-        results = [(p.returncode, (self.logs / f"{i}.out").read_text(), (self.logs / f"{i}.err").read_text())
-                   for i, p in enumerate(self.procs)]
+        results = [
+            (p.returncode, (self.logs / f"{i}.out").read_text(), (self.logs / f"{i}.err").read_text())
+            for i, p in enumerate(self.procs)
+        ]
         shutil.rmtree(self.logs, ignore_errors=True)
         if timed_out:
-            pytest.fail(f"launch timed out after {timeout} s:\n" + "\n".join(
-                f"--- process {i} (rc {rc}) stdout:\n{o[-2000:]}\n--- stderr:\n{e[-4000:]}"
-                for i, (rc, o, e) in enumerate(results)))
+            pytest.fail(
+                f"launch timed out after {timeout} s:\n"
+                + "\n".join(
+                    f"--- process {i} (rc {rc}) stdout:\n{o[-2000:]}\n--- stderr:\n{e[-4000:]}"
+                    for i, (rc, o, e) in enumerate(results)
+                )
+            )
         return results
 
 
@@ -206,8 +236,10 @@ def test_one_process_reads_the_whole_batch():
 
 
 def _namespaces_work() -> bool:
-    return shutil.which("unshare") is not None and subprocess.run(
-        ["unshare", "-rm", "true"], capture_output=True).returncode == 0
+    return (
+        shutil.which("unshare") is not None
+        and subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+    )
 
 
 @pytest.mark.slow  # one more two-process launch: about 40 s on 2 cores
@@ -220,8 +252,7 @@ def test_damage_only_one_process_sees_makes_both_fall_back_together(runs, tmp_pa
 
     wd = tmp_path / "run"
     shutil.copytree(runs["two"], wd)
-    data = max((wd / "checkpoints" / str(STEPS) / "state").rglob("ocdbt.process_*/d/*"),
-               key=lambda p: p.stat().st_size)
+    data = max((wd / "checkpoints" / str(STEPS) / "state").rglob("ocdbt.process_*/d/*"), key=lambda p: p.stat().st_size)
     bad = tmp_path / "truncated"
     bad.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
     view = ["unshare", "-rm", "sh", "-c", f'mount --bind {bad} {data} && exec "$@"', "sh"]
@@ -248,8 +279,7 @@ def test_a_checkpoint_folder_only_one_process_cannot_write_stops_both_at_start(t
     wd = tmp_path / "run"
     ck = wd / "checkpoints"
     ck.mkdir(parents=True)
-    view = ["unshare", "-rm", "sh", "-c", f'mount --bind {ck} {ck} && mount -o remount,bind,ro {ck} && exec "$@"',
-            "sh"]
+    view = ["unshare", "-rm", "sh", "-c", f'mount --bind {ck} {ck} && mount -o remount,bind,ro {ck} && exec "$@"', "sh"]
     (rc0, _, err0), (rc1, _, err1) = launch(wd, 2, 2, "--config.total_steps=2", prefix={1: view}, timeout=150)
     assert rc0 != 0 and rc1 != 0
     assert f"Cannot write checkpoints to {ck}: process(es) [1] cannot" in err0, err0[-3000:]
@@ -272,8 +302,10 @@ def test_a_write_only_one_process_cannot_finish_is_lost_on_both_and_the_run_goes
     ck = wd / "checkpoints"
     ck.mkdir(parents=True)
     (wd / "DROP_LR").write_text("2")  # as in the reference runs: the LR halves from step 2 on
-    turn_read_only = (f'mount --bind {ck} {ck} && {{ "$@" & pid=$!; until [ -d {ck}/1 ]; do sleep 0.01; done; '
-                      f'mount -o remount,bind,ro {ck}; wait $pid; }}')
+    turn_read_only = (
+        f'mount --bind {ck} {ck} && {{ "$@" & pid=$!; until [ -d {ck}/1 ]; do sleep 0.01; done; '
+        f"mount -o remount,bind,ro {ck}; wait $pid; }}"
+    )
     view = ["unshare", "-rm", "sh", "-c", turn_read_only, "sh"]
     every = ["--config.checkpoint_every=1", f"--config.total_steps={STEPS}"]
     # A process left waiting for the other's lost write would wait for Orbax's barrier (20 minutes): the

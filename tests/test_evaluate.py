@@ -31,8 +31,14 @@ pytestmark = pytest.mark.xdist_group("trained_runs")  # one worker trains _train
 
 def evaluate_cli(*args):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return subprocess.run([sys.executable, "-m", "alexnet_jax.evaluate", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "alexnet_jax.evaluate", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def errors(probs, labels):
@@ -77,9 +83,13 @@ def test_devkit_layout_gives_the_class_folder_result(run, tmp_path):
     """The embedded set's JPEGs as the ILSVRC devkit ships them, and as class folders: equal results."""
     config = _trained.demo_config(2, 1)
     e = config.data.embedded
-    folder = embedded.ensure_embedded_dataset(None, num_train_per_class=e.num_train_per_class,
-                                              num_val_per_class=e.num_val_per_class, image_size=e.image_size,
-                                              seed=e.seed)
+    folder = embedded.ensure_embedded_dataset(
+        None,
+        num_train_per_class=e.num_train_per_class,
+        num_val_per_class=e.num_val_per_class,
+        image_size=e.image_size,
+        seed=e.seed,
+    )
     files = sorted((folder / "val").rglob("*.*"))
     order = np.random.default_rng(0).permutation(len(files))
     flat = tmp_path / "flat"
@@ -96,8 +106,14 @@ def test_devkit_layout_gives_the_class_folder_result(run, tmp_path):
     write_meta_mat(data / "meta.mat", devkit_ids)
 
     out = tmp_path / "devkit.json"
-    p = evaluate_cli(f"--checkpoint={run}", f"--json={out}", "--config.data.name=imagenet",
-                     "--config.data.format=folder", f"--config.data.root={flat}", "--views=center")
+    p = evaluate_cli(
+        f"--checkpoint={run}",
+        f"--json={out}",
+        "--config.data.name=imagenet",
+        "--config.data.format=folder",
+        f"--config.data.root={flat}",
+        "--views=center",
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     devkit = json.loads(out.read_text())
     assert "top1_error_ten_crop" not in devkit
@@ -113,14 +129,19 @@ def test_devkit_layout_gives_the_class_folder_result(run, tmp_path):
     assert (devkit["top1_error"], devkit["top5_error"]) == (by_class["top1_error"], by_class["top5_error"])
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "give --checkpoint=PATH"),
-    (["--checkpoint=/no/such/run"], "/no/such/run"),
-    (["--config.data.no_such_key=1"], "no_such_key"),
-    (["--json=/proc/no/such/dir/val.json"], "cannot write --json=/proc/no/such/dir/val.json"),
-    (["--config.data.name=imagenet", "--config.data.format=folder", "--config.data.root=/no/such/data"],
-     "/no/such/data"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "give --checkpoint=PATH"),
+        (["--checkpoint=/no/such/run"], "/no/such/run"),
+        (["--config.data.no_such_key=1"], "no_such_key"),
+        (["--json=/proc/no/such/dir/val.json"], "cannot write --json=/proc/no/such/dir/val.json"),
+        (
+            ["--config.data.name=imagenet", "--config.data.format=folder", "--config.data.root=/no/such/data"],
+            "/no/such/data",
+        ),
+    ],
+)
 def test_bad_command_lines_say_what_is_wrong(run, args, message):
     if args and not args[0].startswith("--checkpoint"):
         args = [f"--checkpoint={run}", *args]

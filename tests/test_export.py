@@ -20,8 +20,13 @@ def size(folder: Path) -> int:
 def test_export_is_a_third_of_the_size_and_classifies_the_same(tmp_path):
     run = tmp_path / "run"
     train.train_and_evaluate(tiny_config(total_steps=2, checkpoint_every=2), run)
-    r = subprocess.run([sys.executable, "-m", "alexnet_jax.export", "--checkpoint", str(run), "--out",
-                        str(tmp_path / "weights")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "alexnet_jax.export", "--checkpoint", str(run), "--out", str(tmp_path / "weights")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     full, light = run / "checkpoints" / "2", tmp_path / "weights" / "checkpoints" / "2"
     ratio = size(light / "state") / size(full / "state")
@@ -35,6 +40,11 @@ def test_export_is_a_third_of_the_size_and_classifies_the_same(tmp_path):
     np.testing.assert_array_equal(a.probs, b.probs)
     assert a.names == b.names
 
-    again = subprocess.run([sys.executable, "-m", "alexnet_jax.export", "--checkpoint", str(run), "--out",
-                            str(tmp_path / "weights")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [sys.executable, "-m", "alexnet_jax.export", "--checkpoint", str(run), "--out", str(tmp_path / "weights")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 1 and "already holds checkpoints" in again.stderr, again.stderr[-2000:]

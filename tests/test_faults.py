@@ -31,8 +31,10 @@ def _namespaces_work() -> bool:
 
 
 needs_namespaces = pytest.mark.skipif(
-    not _namespaces_work(), reason="needs unprivileged user and mount namespaces (unshare -rm) to make a "
-                                   "real full or read-only disk without root")
+    not _namespaces_work(),
+    reason="needs unprivileged user and mount namespaces (unshare -rm) to make a "
+    "real full or read-only disk without root",
+)
 
 
 def in_namespace(mount: str, argv: list[str], timeout=600):
@@ -40,8 +42,14 @@ def in_namespace(mount: str, argv: list[str], timeout=600):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")])
     script = f'{mount} && exec "$@"'
-    return subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", *argv], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script, "sh", *argv],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def same_tree(a, b):
@@ -137,7 +145,7 @@ def test_full_disk_is_reported_training_goes_on_and_no_good_checkpoint_is_touche
     (tmp_path / "stderr.txt").write_text(r.stderr)
     lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
     assert r.returncode == 0 and lines, (f"full output in {tmp_path}", r.stdout[-3000:], r.stderr[-5000:])
-    out = json.loads(lines[-1][len("RESULT "):])
+    out = json.loads(lines[-1][len("RESULT ") :])
 
     # 2. Every save after step 2 met the full disk; each was reported with its step, the OS's
     # reason and the newest good checkpoint, and training went on to step 12.
@@ -152,9 +160,12 @@ def test_full_disk_is_reported_training_goes_on_and_no_good_checkpoint_is_touche
     assert sorted(lost) in ([4, 6, 8, 10], [4, 6, 8, 10, 12]), errors
     for text in errors:
         for one in re.split(r"(?=Could not write)", text)[1:]:
-            assert re.search(r"^Could not write the checkpoint for step \d+ to .*: No space left on device "
-                             r"\(errno 28\)\. The training state in memory is intact.*newest good checkpoint "
-                             r"is step 2\b", one), one
+            assert re.search(
+                r"^Could not write the checkpoint for step \d+ to .*: No space left on device "
+                r"\(errno 28\)\. The training state in memory is intact.*newest good checkpoint "
+                r"is step 2\b",
+                one,
+            ), one
     assert "Could not write the checkpoint for step 12" in out["first"], out["first"]
     assert "reached step 12" in out["first"] and "newest good checkpoint is step 2" in out["first"]
     assert "run the same command again" in out["first"]
@@ -184,9 +195,18 @@ def test_read_only_checkpoint_folder_stops_at_start_with_a_clear_message(tmp_pat
     good.close()
     before = read_state(wd, 2)
     ck = wd / "checkpoints"
-    r = in_namespace(f"mount --bind {ck} {ck} && mount -o remount,bind,ro {ck}",
-                     [sys.executable, "launch.py", "--config=configs/demo.py", f"--workdir={wd}", *TINY,
-                      "--config.total_steps=4", "--config.checkpoint_every=2"])
+    r = in_namespace(
+        f"mount --bind {ck} {ck} && mount -o remount,bind,ro {ck}",
+        [
+            sys.executable,
+            "launch.py",
+            "--config=configs/demo.py",
+            f"--workdir={wd}",
+            *TINY,
+            "--config.total_steps=4",
+            "--config.checkpoint_every=2",
+        ],
+    )
     assert r.returncode != 0
     assert f"Cannot write checkpoints to {ck}" in r.stderr and "Read-only file system" in r.stderr
     assert "Traceback" not in r.stderr
@@ -203,8 +223,14 @@ def test_batch_with_nan_input_is_skipped_and_counted_in_its_step():
     state, shardings = steps.create_train_state(model, tx, 0, mesh)
     step = steps.make_train_step(model, tx, mesh, shardings)
     rng = np.random.default_rng(0)
-    batches = [{"image": rng.normal(0, 50, (8, 64, 64, 3)).astype(np.float32),
-                "label": rng.integers(0, 10, 8).astype(np.int32), "mask": np.ones(8, bool)} for _ in range(3)]
+    batches = [
+        {
+            "image": rng.normal(0, 50, (8, 64, 64, 3)).astype(np.float32),
+            "label": rng.integers(0, 10, 8).astype(np.int32),
+            "mask": np.ones(8, bool),
+        }
+        for _ in range(3)
+    ]
     batches[1]["image"][5, 10, 20, 1] = np.nan
     batches[1]["image"][6, 0, 0, 0] = np.inf
     seen, snapshots = [], []
@@ -229,10 +255,22 @@ def test_run_reports_each_bad_batch_with_its_step_then_stops(tmp_path):
     stats["mean_image"][36, 36, 0] = np.nan  # inside every 64-pixel crop of the 72-pixel images
     np.savez(tmp_path / "stats.npz", **stats)
     wd = tmp_path / "run"
-    with pytest.raises(train.TrainingError, match=r"3 input batches had NaN/Inf values, the last at step 3.*"
-                                                  r"last good checkpoint, step 2"):
-        train.train_and_evaluate(tiny_config(**{"total_steps": 6, "checkpoint_every": 2, "max_bad_batches": 2,
-                                 "data.stats_path": str(tmp_path / "stats.npz")}), wd)
+    with pytest.raises(
+        train.TrainingError,
+        match=r"3 input batches had NaN/Inf values, the last at step 3.*"
+        r"last good checkpoint, step 2",
+    ):
+        train.train_and_evaluate(
+            tiny_config(
+                **{
+                    "total_steps": 6,
+                    "checkpoint_every": 2,
+                    "max_bad_batches": 2,
+                    "data.stats_path": str(tmp_path / "stats.npz"),
+                }
+            ),
+            wd,
+        )
     bad = {m["step"]: m["train/nonfinite_inputs"] for m in metrics(wd) if "train/nonfinite_inputs" in m}
     assert bad == {1: 32, 2: 32, 3: 32}  # one NaN per image, 32 images per batch
     saved = read_state(wd, 2)  # the checkpoint after two skipped steps: the initial parameters, finite

@@ -52,8 +52,11 @@ def compiled(net, dtype, layout, devices):
 def param_bytes_per_device(steps, name="train") -> int:
     """The bytes of the entry parameters that hold the network's parameters (``state.params``)."""
     ops = G.entry_instructions(steps[name].as_text())
-    return sum(G.type_bytes(o["type"]) for o in ops
-               if o["op"] == "parameter" and 'op_name="state.params[' in o["rest"].replace("\\'", "'"))
+    return sum(
+        G.type_bytes(o["type"])
+        for o in ops
+        if o["op"] == "parameter" and 'op_name="state.params[' in o["rest"].replace("\\'", "'")
+    )
 
 
 def memory_bounds(c, devices) -> tuple[int, int]:
@@ -116,8 +119,12 @@ def test_the_paper_net_on_one_and_two_h100s():
     assert two[1]["train"]["collectives"]["reduce-scatter"]["count"] == 4
 
 
-PROGRAMS = [(layout, dtype, devices) for layout in ("towers", "data", "hybrid") for dtype in ("float32", "bfloat16")
-            for devices in (1, 2, 8)]
+PROGRAMS = [
+    (layout, dtype, devices)
+    for layout in ("towers", "data", "hybrid")
+    for dtype in ("float32", "bfloat16")
+    for devices in (1, 2, 8)
+]
 
 
 @pytest.mark.slow
@@ -156,8 +163,9 @@ ENTRY %main (p0: f32[4,8], p1: bf16[16]) -> bf16[2,16] {
         def memory_analysis(self):
             import types
 
-            return types.SimpleNamespace(argument_size_in_bytes=160, output_size_in_bytes=64, alias_size_in_bytes=0,
-                                         temp_size_in_bytes=32)
+            return types.SimpleNamespace(
+                argument_size_in_bytes=160, output_size_in_bytes=64, alias_size_in_bytes=0, temp_size_in_bytes=32
+            )
 
     a = G.analyse(Fake(), batch=4, devices=2)
     # fusion: reads 128 + 32 (p0 once), writes 32; all-gather: reads 32, writes 64.
@@ -175,10 +183,24 @@ def test_the_command_as_docs_type_it(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}  # as a user has it
-    r = subprocess.run([sys.executable, "-m", "alexnet_jax.costs", "--compile-for=h100", "--devices=1",
-                        "--dtype=bfloat16", "--batch=128", f"--json={tmp_path}/out/h100.json",
-                        f"--dump-hlo={tmp_path}/out/hlo"], cwd=root, env=env, capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alexnet_jax.costs",
+            "--compile-for=h100",
+            "--devices=1",
+            "--dtype=bfloat16",
+            "--batch=128",
+            f"--json={tmp_path}/out/h100.json",
+            f"--dump-hlo={tmp_path}/out/hlo",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Traceback" not in r.stdout + r.stderr
     assert "Compiled for 1 x NVIDIA H100 80GB HBM3" in r.stdout and "cuDNN" in r.stdout
@@ -204,8 +226,9 @@ def test_clear_one_line_errors(tmp_path, monkeypatch, capsys):
         return message.strip()
 
     assert "h100" in fails("--compile-for=v100")  # a usage error listing the choices
-    assert "does not divide over the mesh's data axis (8)" in fails("--compile-for=h100", "--devices=8", "--batch=100",
-                                                        "--config.mesh.parallelism=data")
+    assert "does not divide over the mesh's data axis (8)" in fails(
+        "--compile-for=h100", "--devices=8", "--batch=100", "--config.mesh.parallelism=data"
+    )
     monkeypatch.setattr(G, "cuda_plugin_installed", lambda: False)
     assert "pip install -e '.[gpu-compile]'" in fails("--compile-for=h100", "--devices=1")
     monkeypatch.setattr(G, "cuda_plugin_installed", lambda: True)
@@ -219,10 +242,12 @@ def test_a_cuda_plugin_without_a_gpu_is_a_cpu_machine():
     import os
     import subprocess
 
-    code = ("from alexnet_jax.devices import prepare_devices\n"
-            "why = prepare_devices(2)\n"
-            "import jax\n"
-            "print(jax.default_backend(), jax.device_count(), why)\n")
+    code = (
+        "from alexnet_jax.devices import prepare_devices\n"
+        "why = prepare_devices(2)\n"
+        "import jax\n"
+        "print(jax.default_backend(), jax.device_count(), why)\n"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

@@ -45,8 +45,11 @@ def _mesh(layout, devices, towers, platform):
 
 def _stats(size):
     rng = np.random.default_rng(0)
-    return {"mean_image": rng.uniform(0, 255, (size, size, 3)).astype(np.float32),
-            "eigval": np.array([0.2, 0.02, 0.005], np.float32), "eigvec": np.eye(3, dtype=np.float32)}
+    return {
+        "mean_image": rng.uniform(0, 255, (size, size, 3)).astype(np.float32),
+        "eigval": np.array([0.2, 0.02, 0.005], np.float32),
+        "eigvec": np.eye(3, dtype=np.float32),
+    }
 
 
 def lowered_steps(config, devices, platform):
@@ -62,13 +65,21 @@ def lowered_steps(config, devices, platform):
     inputs = steps.make_input_fn(config.data, _stats(config.data.resize_size))
     S, R = config.data.crop_size, config.data.resize_size
     sds = jax.ShapeDtypeStruct
-    train_batch = {"image": sds((B, S, S, 3), jnp.uint8), "label": sds((B,), jnp.int32), "mask": sds((B,), jnp.bool_),
-                   "crop_yx": sds((B, 2), jnp.int32), "flip": sds((B,), jnp.bool_), "alpha": sds((B, 3), jnp.float32)}
+    train_batch = {
+        "image": sds((B, S, S, 3), jnp.uint8),
+        "label": sds((B,), jnp.int32),
+        "mask": sds((B,), jnp.bool_),
+        "crop_yx": sds((B, 2), jnp.int32),
+        "flip": sds((B,), jnp.bool_),
+        "alpha": sds((B, 3), jnp.float32),
+    }
     eval_batch = {"image": sds((B, R, R, 3), jnp.uint8), "label": sds((B,), jnp.int32), "mask": sds((B,), jnp.bool_)}
     train = steps.make_train_step(model, tx, mesh, shardings, inputs, layout)
     evaluate = steps.make_eval_step(model, mesh, shardings.params, inputs, layout)
-    return tuple(fn.trace(*args).lower().as_text(debug_info=False)
-                 for fn, args in ((train, (state, train_batch)), (evaluate, (state.params, eval_batch))))
+    return tuple(
+        fn.trace(*args).lower().as_text(debug_info=False)
+        for fn, args in ((train, (state, train_batch)), (evaluate, (state.params, eval_batch)))
+    )
 
 
 _TYPES = re.compile(r"\) : \((?P<ins>.*)\) -> (?P<outs>.*)$")
@@ -88,12 +99,16 @@ def ops_named(text, name):
         end = i
         if line.rstrip().endswith("({"):
             indent = len(line) - len(line.lstrip())
-            end = next(j for j in range(i + 1, len(lines))
-                       if lines[j].startswith(" " * indent + "})") and _TYPES.search(lines[j]))
+            end = next(
+                j
+                for j in range(i + 1, len(lines))
+                if lines[j].startswith(" " * indent + "})") and _TYPES.search(lines[j])
+            )
         m = _TYPES.search(lines[end]) or re.search(r": \((?P<ins>.*)\) -> (?P<outs>.*)$", lines[end])
         assert m, f"types of {name} not found: {lines[end][:300]}"
-        found.append((line.strip(), re.findall(r"tensor<([^>]*)>", m["ins"]),
-                      re.findall(r"tensor<([^>]*)>", m["outs"])))
+        found.append(
+            (line.strip(), re.findall(r"tensor<([^>]*)>", m["ins"]), re.findall(r"tensor<([^>]*)>", m["outs"]))
+        )
     return found
 
 
@@ -101,8 +116,7 @@ def element_types(types):
     return {t.rsplit("x", 1)[-1] for t in types}
 
 
-COLLECTIVES = ("all_gather", "all_reduce", "reduce_scatter", "all_to_all", "collective_permute",
-               "collective_broadcast")
+COLLECTIVES = ("all_gather", "all_reduce", "reduce_scatter", "all_to_all", "collective_permute", "collective_broadcast")
 
 
 def collectives(text):
@@ -123,6 +137,7 @@ def same_collectives(a, b):
     """The same exchanges of activations, op for op; the same gradient all-reduces, as elements of
     each type over each device group (the fast forms reduce each tower's kernel on its own, the
     plain forms the towers' stacked kernels: the same numbers, in other shapes)."""
+
     def elements(types):
         return sum(int(np.prod([int(d) for d in t.split("x")[:-1]])) for t in types)
 
@@ -149,8 +164,11 @@ def test_ops_auto_takes_the_plain_forms_for_cuda_and_the_fast_forms_for_cpu():
     for ops in ("auto", "fast", "plain"):
         for platform in ("cuda", "cpu"):
             train, _ = lowered_steps(_config(ops=ops), 1, platform)
-            forms[ops, platform] = (len(ops_named(train, "convolution")), len(ops_named(train, "select_and_scatter")),
-                                    max(convolution_groups(train)))
+            forms[ops, platform] = (
+                len(ops_named(train, "convolution")),
+                len(ops_named(train, "select_and_scatter")),
+                max(convolution_groups(train)),
+            )
     assert forms["plain", "cuda"] == forms["plain", "cpu"] == (14, 3, 2)  # 5 forward + 9 backward; 3 pools
     assert forms["fast", "cuda"] == forms["fast", "cpu"] == (23, 0, 1)  # per tower: dense convolutions only
     assert forms["auto", "cuda"] == (14, 0, 2)  # the plain convolutions; max-pool's gradient as the fast forms do
@@ -167,10 +185,16 @@ def test_ops_auto_compiles_on_cpu_to_the_fast_program():
         tx = optim.make_optimizer(paper.get_config().optim)
         abstract = jax.eval_shape(lambda: steps.create_train_state(model, tx, 0, mesh)[0])
         shardings = parallel.state_shardings(abstract, mesh)
-        batch = {"image": jax.ShapeDtypeStruct((8, 64, 64, 3), jnp.float32),
-                 "label": jax.ShapeDtypeStruct((8,), jnp.int32), "mask": jax.ShapeDtypeStruct((8,), jnp.bool_)}
-        c = steps.make_train_step(model, tx, mesh, shardings).lower(steps.abstract_state(abstract, shardings),
-                                                                    batch).compile()
+        batch = {
+            "image": jax.ShapeDtypeStruct((8, 64, 64, 3), jnp.float32),
+            "label": jax.ShapeDtypeStruct((8,), jnp.int32),
+            "mask": jax.ShapeDtypeStruct((8,), jnp.bool_),
+        }
+        c = (
+            steps.make_train_step(model, tx, mesh, shardings)
+            .lower(steps.abstract_state(abstract, shardings), batch)
+            .compile()
+        )
         text = c.as_text()
         return text.count(" conditional("), text.count(" convolution("), c.memory_analysis().temp_size_in_bytes
 
@@ -179,9 +203,12 @@ def test_ops_auto_compiles_on_cpu_to_the_fast_program():
 
 
 PROGRAMS = [  # (layout, net, devices): the meshes of one GPU and of an 8-GPU machine
-    ("towers", "paper", 1), ("towers", "paper", 8),  # 8 GPUs: 4 x 2, one tower per GPU
-    ("data", "paper", 1), ("data", "paper", 8),
-    ("hybrid", "paper", 1), ("hybrid", "owt", 8),  # the paper net's 500 classes per tower do not split 8 ways
+    ("towers", "paper", 1),
+    ("towers", "paper", 8),  # 8 GPUs: 4 x 2, one tower per GPU
+    ("data", "paper", 1),
+    ("data", "paper", 8),
+    ("hybrid", "paper", 1),
+    ("hybrid", "owt", 8),  # the paper net's 500 classes per tower do not split 8 ways
 ]
 
 
@@ -199,8 +226,9 @@ def test_gpu_programs(layout, net, devices, dtype):
         compute = {"float32": "f32", "bfloat16": "bf16"}[dtype]
         for first, ins, outs in convs + dots:
             assert element_types(ins) == element_types(outs) == {compute}, (name, first[:120], ins, outs)
-        lrn = [op for op in ops_named(text, "reduce_window")
-               if "window_dimensions = array<i64: 1, 1, 1, 1, 5>" in op[0]]
+        lrn = [
+            op for op in ops_named(text, "reduce_window") if "window_dimensions = array<i64: 1, 1, 1, 1, 5>" in op[0]
+        ]
         if config.model.lrn:  # LRN's window over 5 channels, forward (and its gradient), in float32
             # train: forward, its recomputation for the backward pass (rematerialised), and its gradient
             assert len(lrn) == (6 if name == "train" else 2), (name, len(lrn))

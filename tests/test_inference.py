@@ -44,8 +44,13 @@ def test_checkpoints_from_two_meshes_give_the_training_probabilities_on_1_and_8_
                 want = ref[f"probs_{mode}"]
                 assert want.shape == (12, 10)  # 10 validation images and 2 photographs
                 assert np.ptp(want, axis=0).max() > 1e-3  # the images get different answers
-                np.testing.assert_allclose(got[f"{i}_probs_{mode}"], want, rtol=2e-5, atol=1e-6,
-                                           err_msg=f"{name} checkpoint, {devices} device(s), {mode}")
+                np.testing.assert_allclose(
+                    got[f"{i}_probs_{mode}"],
+                    want,
+                    rtol=2e-5,
+                    atol=1e-6,
+                    err_msg=f"{name} checkpoint, {devices} device(s), {mode}",
+                )
             # The README's plain-Orbax lines read the same parameters, even on one device.
             assert bool(got[f"{i}_plain_orbax_equal"])
 
@@ -57,8 +62,9 @@ def test_load_checkpoint_takes_workdir_checkpoints_folder_or_step_folder(runs):
     c = load_checkpoint(wd / "checkpoints" / str(_trained.STEPS), step=_trained.STEPS)
     assert a.step == b.step == c.step == _trained.STEPS
     assert c.config.model.width == 0.125 and c.config.model.num_classes == 10  # the saved config
-    np.testing.assert_array_equal(np.asarray(a.params["towers"]["fc8"]["kernel"]),
-                                  np.asarray(c.params["towers"]["fc8"]["kernel"]))
+    np.testing.assert_array_equal(
+        np.asarray(a.params["towers"]["fc8"]["kernel"]), np.asarray(c.params["towers"]["fc8"]["kernel"])
+    )
     # What inference needs travels with the checkpoint.
     assert a.classes[0] == "c00_disk_red_over_blue" and a.class_names[0] == "disk, red over blue"
     assert a.stats["mean_image"].shape == (72, 72, 3)
@@ -78,8 +84,9 @@ def test_predict_on_real_photographs(clf):
     assert pred.sources[0] == photos[0]
     assert photos[0] in str(pred) and pred.names[0][0] in str(pred)
     # The one-call form gives the same numbers for the same view mode.
-    np.testing.assert_allclose(predict(clf.checkpoint, photos[:1], views=clf.views).probs, pred.probs[:1],
-                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        predict(clf.checkpoint, photos[:1], views=clf.views).probs, pred.probs[:1], rtol=1e-5, atol=1e-7
+    )
 
 
 def test_preprocessing_matches_numpy(clf):
@@ -91,7 +98,7 @@ def test_preprocessing_matches_numpy(clf):
     np.testing.assert_allclose(centre, img[4:68, 4:68] - mean[4:68, 4:68], atol=1e-4)
     ten = clf.model_inputs(img, "ten_crop")[0]
     corners = [(0, 0), (0, 8), (8, 0), (8, 8), (4, 4)]
-    want = [img[y:y + 64, x:x + 64].astype(np.float32) - mean[y:y + 64, x:x + 64] for y, x in corners]
+    want = [img[y : y + 64, x : x + 64].astype(np.float32) - mean[y : y + 64, x : x + 64] for y, x in corners]
     want += [w[:, ::-1] for w in want]  # the mirrored views, mean mirrored with them
     np.testing.assert_allclose(ten, np.stack(want), atol=1e-4)
     # A wide image: shorter side 36 -> 72 (x2), then the central square, i.e. its columns 54..90.
@@ -147,4 +154,3 @@ def test_checkpoint_without_dataset_item_is_refused_clearly(runs, tmp_path):
     with pytest.raises(CheckpointError, match="has no dataset item"):
         load_checkpoint(tmp_path / "old")
     assert (old / "state").is_dir() and (old / "dataset_stats").is_dir()
-

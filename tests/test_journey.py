@@ -23,8 +23,12 @@ import test_docs
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = ["--config.total_steps=6", "--config.eval_every=3"]  # the one override added to the main job
 CHECKPOINTS = ("runs/demo", "runs/paper", "runs/bvlc_alexnet", "runs/torchvision_alexnet")
-IMAGES = {"cat.jpg": "grace_hopper.jpg", "dog.png": "Minduka_Present_Blue_Pack.png",
-          "a.jpg": "grace_hopper.jpg", "b.png": "Minduka_Present_Blue_Pack.png"}
+IMAGES = {
+    "cat.jpg": "grace_hopper.jpg",
+    "dog.png": "Minduka_Present_Blue_Pack.png",
+    "a.jpg": "grace_hopper.jpg",
+    "b.png": "Minduka_Present_Blue_Pack.png",
+}
 
 
 def verbatim_commands() -> list[str]:
@@ -70,8 +74,9 @@ def test_a_newcomers_journey_verbatim(tmp_path):
     repo = fresh_copy(tmp_path / "alexnet_jax")
 
     # 1. The README's main job, from `.venv/bin/python launch.py` on (the venv is this one), plus SIZE.
-    main_job = next(c for c in test_docs.COMMANDS if c.startswith("python3 -m venv .venv && .venv/bin/pip install "
-                                                                   "-q -e . &&"))
+    main_job = next(
+        c for c in test_docs.COMMANDS if c.startswith("python3 -m venv .venv && .venv/bin/pip install -q -e . &&")
+    )
     words = as_typed(main_job.split("&&")[-1])
     assert words[1:] == ["launch.py", "--config=configs/demo.py", "--workdir=runs/demo"], words
     r = run([*words, *SIZE], repo, "main job")
@@ -106,10 +111,17 @@ def test_a_newcomers_journey_verbatim(tmp_path):
         "nb = nbformat.read('explore.ipynb', as_version=4)\n"
         "NotebookClient(nb, timeout=600, kernel_name='python3', resources={'metadata': {'path': '.'}}).execute()\n"
         "print('\\n'.join(o.get('text', '') + o.get('data', {}).get('text/plain', '') for c in nb.cells\n"
-        "                if c.cell_type == 'code' for o in c.get('outputs', [])))\n")
+        "                if c.cell_type == 'code' for o in c.get('outputs', [])))\n"
+    )
     nb_env = {**env(), "TMPDIR": str(tmp_path)}  # where its "train a few steps" cell puts its run
-    r = subprocess.run([sys.executable, "-c", notebook], cwd=repo / "notebooks", env=nb_env, capture_output=True,
-                       text=True, timeout=900)
+    r = subprocess.run(
+        [sys.executable, "-c", notebook],
+        cwd=repo / "notebooks",
+        env=nb_env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     check(r, "the notebook")
     assert f"step {step} from" in r.stdout, r.stdout[-3000:]
     assert (repo / "notebooks" / "figures" / "conv1_kernels.png").is_file()

@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def launch(*args, timeout=300):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "launch.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_paper_config_model_section_is_the_paper_net():
@@ -33,8 +34,9 @@ def test_paper_config_fields_are_all_commented():
 
 
 def test_demo_main_job_trains_and_reports(tmp_path):
-    r = launch("--config=configs/demo.py", f"--workdir={tmp_path}", "--config.total_steps=3",
-               "--config.data.num_workers=0")
+    r = launch(
+        "--config=configs/demo.py", f"--workdir={tmp_path}", "--config.total_steps=3", "--config.data.num_workers=0"
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "1,279,082" in r.stdout  # the demo net's parameter count, in the summary table
     assert "Done at step 3: validation top-1 error" in r.stdout
@@ -45,14 +47,23 @@ def test_demo_main_job_trains_and_reports(tmp_path):
 
 # three runs; every override parses in test_configs, and each ablation's effect is in test_model_ablations
 @pytest.mark.slow
-@pytest.mark.parametrize("ablation", [
-    ["--config.model.lrn=False"],
-    ["--config.model.pool_window=2", "--config.model.pool_stride=2"],
-    ["--config.model.towers=1"],
-])
+@pytest.mark.parametrize(
+    "ablation",
+    [
+        ["--config.model.lrn=False"],
+        ["--config.model.pool_window=2", "--config.model.pool_stride=2"],
+        ["--config.model.towers=1"],
+    ],
+)
 def test_each_ablation_trains_from_the_command_line(tmp_path, ablation):
-    r = launch("--config=configs/demo.py", f"--workdir={tmp_path}", "--config.total_steps=2",
-               "--config.data.num_workers=0", "--config.eval_ten_crop=False", *ablation)
+    r = launch(
+        "--config=configs/demo.py",
+        f"--workdir={tmp_path}",
+        "--config.total_steps=2",
+        "--config.data.num_workers=0",
+        "--config.eval_ten_crop=False",
+        *ablation,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Done at step 2" in r.stdout
     saved = json.loads((tmp_path / "config.json").read_text())["model"]
@@ -68,15 +79,18 @@ def test_paper_config_without_imagenet_says_how_to_point_at_it(tmp_path):
     assert "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--config.model.lrm=False"], "no such config key: 'lrm'"),
-    (["--config.model.towers=two"], "invalid literal for int()"),
-    (["--config.model.towers=3"], "must divide by model.towers=3"),
-    (["--config.mesh.parallelism=hybrid"], "per tower {'fc8': 5} do not divide"),
-    (["--config=configs/missing.py"], "configs/missing.py"),
-    (["--workdir=launch.py"], f"Cannot use --workdir={ROOT / 'launch.py'}"),  # made absolute where typed
-    (["--config=configs/paper.py", "--config.data.root=/nonexistent"], "data folder '/nonexistent' does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config.model.lrm=False"], "no such config key: 'lrm'"),
+        (["--config.model.towers=two"], "invalid literal for int()"),
+        (["--config.model.towers=3"], "must divide by model.towers=3"),
+        (["--config.mesh.parallelism=hybrid"], "per tower {'fc8': 5} do not divide"),
+        (["--config=configs/missing.py"], "configs/missing.py"),
+        (["--workdir=launch.py"], f"Cannot use --workdir={ROOT / 'launch.py'}"),  # made absolute where typed
+        (["--config=configs/paper.py", "--config.data.root=/nonexistent"], "data folder '/nonexistent' does not exist"),
+    ],
+)
 def test_bad_command_lines_fail_with_one_clear_message(args, message):
     r = launch(*args)
     assert r.returncode != 0
@@ -98,8 +112,14 @@ def test_hybrid_layout_from_the_command_line(tmp_path):
 
     params = {}
     for layout in ("hybrid", "data"):
-        r = launch("--config=configs/demo.py", "--config.model.towers=1", f"--config.mesh.parallelism={layout}",
-                   f"--workdir={tmp_path / layout}", *TINY, "--config.total_steps=3")
+        r = launch(
+            "--config=configs/demo.py",
+            "--config.model.towers=1",
+            f"--config.mesh.parallelism={layout}",
+            f"--workdir={tmp_path / layout}",
+            *TINY,
+            "--config.total_steps=3",
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         assert "mesh {'data': 2, 'tower': 1}" in r.stdout
         ckpt = load_checkpoint(tmp_path / layout, devices=jax.devices()[:1])
@@ -117,9 +137,16 @@ def test_owt_net_is_a_one_line_override_and_a_config():
     from alexnet_jax import count_params, from_config
     from alexnet_jax.cli import parse_command_line
 
-    typed, _ = parse_command_line(["launch.py", "--config=configs/paper.py", "--config.model.towers=1",
-                                   "--config.model.conv_widths=(64,192,384,256,256)", "--config.model.lrn=False",
-                                   "--config.model.conv1_pad=2"])
+    typed, _ = parse_command_line(
+        [
+            "launch.py",
+            "--config=configs/paper.py",
+            "--config.model.towers=1",
+            "--config.model.conv_widths=(64,192,384,256,256)",
+            "--config.model.lrn=False",
+            "--config.model.conv1_pad=2",
+        ]
+    )
     owt, _ = parse_command_line(["launch.py", "--config=configs/owt.py"])
     x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
     shapes = [jax.eval_shape(from_config(c.model).init, jax.random.key(0), x) for c in (typed, owt)]

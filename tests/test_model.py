@@ -11,8 +11,14 @@ from alexnet_jax.model import conv1_padding, layer_param_counts
 
 # The paper, Section 3; per-layer counts summed over towers.
 PAPER_LAYER_PARAMS = {
-    "conv1": 34_944, "conv2": 307_456, "conv3": 885_120, "conv4": 663_936,
-    "conv5": 442_624, "fc6": 37_752_832, "fc7": 16_781_312, "fc8": 4_097_000,
+    "conv1": 34_944,
+    "conv2": 307_456,
+    "conv3": 885_120,
+    "conv4": 663_936,
+    "conv5": 442_624,
+    "fc6": 37_752_832,
+    "fc7": 16_781_312,
+    "fc8": 4_097_000,
 }
 
 
@@ -71,9 +77,14 @@ def test_one_tower_net_keeps_conv5_and_fc_whole():
         return k * k * cin * cout + cout
 
     expected = {
-        "conv1": conv(11, 3, 48), "conv2": conv(5, 48, 128), "conv3": conv(3, 128, 192),
-        "conv4": conv(3, 192, 192), "conv5": conv(3, 192, 256),
-        "fc6": 6 * 6 * 256 * 4096 + 4096, "fc7": 4096 * 4096 + 4096, "fc8": 4096 * 1000 + 1000,
+        "conv1": conv(11, 3, 48),
+        "conv2": conv(5, 48, 128),
+        "conv3": conv(3, 128, 192),
+        "conv4": conv(3, 192, 192),
+        "conv5": conv(3, 192, 256),
+        "fc6": 6 * 6 * 256 * 4096 + 4096,
+        "fc7": 4096 * 4096 + 4096,
+        "fc8": 4096 * 1000 + 1000,
     }
     assert layer_param_counts(shapes_of(AlexNet(towers=1))) == expected
 
@@ -113,8 +124,16 @@ def test_neuron_counts_match_paper():
         return int(np.prod(s[:1] + s[2:]))
 
     # The paper's list; its first entry (253,440) is an erratum for 55*55*96.
-    paper = {"conv1": 290_400, "conv2": 186_624, "conv3": 64_896, "conv4": 64_896,
-             "conv5": 43_264, "fc6": 4096, "fc7": 4096, "fc8": 1000}
+    paper = {
+        "conv1": 290_400,
+        "conv2": 186_624,
+        "conv3": 64_896,
+        "conv4": 64_896,
+        "conv5": 43_264,
+        "fc6": 4096,
+        "fc7": 4096,
+        "fc8": 1000,
+    }
     assert {k: neurons(k) for k in paper} == paper
 
 
@@ -233,10 +252,18 @@ def dropout_masks_via_fc7(model, variables, x, key):
     T, units = tp["fc6"]["bias"].shape
     tp["fc6"] = {"kernel": jnp.zeros_like(tp["fc6"]["kernel"]), "bias": jnp.ones((T, units))}
     eye = np.eye(T * units, dtype=np.float32)
-    tp["fc7"] = {"kernel": jnp.asarray(np.stack([eye[:, t * units:(t + 1) * units] for t in range(T)])),
-                 "bias": jnp.zeros((T, units))}
-    _, st = model.apply({"params": {"towers": tp}}, x, train=True, rngs={"dropout": key},
-                        capture_intermediates=True, mutable=["intermediates"])
+    tp["fc7"] = {
+        "kernel": jnp.asarray(np.stack([eye[:, t * units : (t + 1) * units] for t in range(T)])),
+        "bias": jnp.zeros((T, units)),
+    }
+    _, st = model.apply(
+        {"params": {"towers": tp}},
+        x,
+        train=True,
+        rngs={"dropout": key},
+        capture_intermediates=True,
+        mutable=["intermediates"],
+    )
     return st["intermediates"]["towers"]["fc7"]["__call__"][0]  # (T, N, units) = mask / keep
 
 
@@ -295,8 +322,10 @@ def test_model_flops_match_xla_cost_analysis():
         w = tower_widths(model.towers, 1.0, 1000)
         T = model.towers
         geometry = {  # layer: (input size, kernel, stride, pad before, input channels per tower)
-            "conv1": (224, 11, 4, 0, 3), "conv2": (27, 5, 1, 2, w["conv1"]),
-            "conv3": (13, 3, 1, 1, T * w["conv2"]), "conv4": (13, 3, 1, 1, w["conv3"]),
+            "conv1": (224, 11, 4, 0, 3),
+            "conv2": (27, 5, 1, 2, w["conv1"]),
+            "conv3": (13, 3, 1, 1, T * w["conv2"]),
+            "conv4": (13, 3, 1, 1, w["conv3"]),
             "conv5": (13, 3, 1, 1, w["conv4"]),
         }
         xla_style = 0

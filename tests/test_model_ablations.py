@@ -54,7 +54,8 @@ def _probe(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
     mod, name = context.module, context.method_name
     if (name == "__call__" and isinstance(mod, (TowerConv, TowerDense, LRN))) or (
-            name == "_pool" and isinstance(mod, Tower)):
+        name == "_pool" and isinstance(mod, Tower)
+    ):
         mod.sow("intermediates", f"{name}:in", args[0])
         mod.sow("intermediates", f"{name}:out", out)
     return out
@@ -69,6 +70,7 @@ def forward(model, variables, x, train=False, key=None):
     key = jax.random.key(0) if key is None else key
     cache_key = (repr(model), train)  # one compiled program per network and mode
     if cache_key not in _COMPILED:
+
         def run(v, x, k):
             with nn.intercept_methods(_probe):
                 logits, st = model.apply(v, x, train=train, rngs={"dropout": k}, mutable=["intermediates"])
@@ -127,7 +129,7 @@ def np_lrn(a, k=2.0, n=5, alpha=1e-4, beta=0.75):
     b = np.empty_like(a)
     for i in range(N):
         lo, hi = max(0, i - n // 2), min(N - 1, i + n // 2)
-        b[..., i] = a[..., i] / (k + alpha * np.sum(a[..., lo:hi + 1] ** 2, axis=-1)) ** beta
+        b[..., i] = a[..., i] / (k + alpha * np.sum(a[..., lo : hi + 1] ** 2, axis=-1)) ** beta
     return b
 
 
@@ -138,7 +140,7 @@ def np_max_pool(a, window, stride):
     out = np.empty(a.shape[:-3] + (Ho, Wo, a.shape[-1]), a.dtype)
     for i in range(Ho):
         for j in range(Wo):
-            patch = a[..., i * stride:i * stride + window, j * stride:j * stride + window, :]
+            patch = a[..., i * stride : i * stride + window, j * stride : j * stride + window, :]
             out[..., i, j, :] = patch.max(axis=(-3, -2))
     return out
 
@@ -151,8 +153,11 @@ def lrn_runs():
     """The same parameters and images through lrn=True (both conventions) and lrn=False."""
     x = images(64)
     runs = {}
-    for key, over in {"paper": {}, "alpha_over_n": {"lrn_convention": "alpha_over_n"},
-                      "off": variant("no_lrn")}.items():
+    for key, over in {
+        "paper": {},
+        "alpha_over_n": {"lrn_convention": "alpha_over_n"},
+        "off": variant("no_lrn"),
+    }.items():
         m = build(image_size=64, init_std=0.03, **over)
         v = init(m, x) if not runs else runs["paper"][0]
         runs[key] = (v, forward(m, v, x)[1])
@@ -187,7 +192,7 @@ def test_lrn_pools_the_papers_normalisation_of_the_relu_output(lrn_runs, convent
         assert np.max(np.abs(other - want) / (np.abs(want) + 1e-6)) > 1e-3, conv
         # and neither would sums over both towers' channels (at the towers' common edge).
         both = np.concatenate([relu[0], relu[1]], axis=-1)
-        across = np_lrn(both, alpha=alpha)[..., :relu.shape[-1]]
+        across = np_lrn(both, alpha=alpha)[..., : relu.shape[-1]]
         assert np.max(np.abs(across - want[0]) / (np.abs(want[0]) + 1e-6)) > 1e-3, conv
     # conv5 has no LRN: its pooling input is relu(conv5) exactly.
     np.testing.assert_array_equal(pool_in[2], np_relu(layer(inter, "conv5")))
@@ -362,8 +367,10 @@ def test_one_tower_and_no_dropout_variants_change_what_they_name():
 
     full = default_config().to_dict()
     x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
-    counts = {name: count_params(jax.eval_shape(from_config({**full, **variant(name)}).init, jax.random.key(0), x))
-              for name in ("baseline", "one_tower")}
+    counts = {
+        name: count_params(jax.eval_shape(from_config({**full, **variant(name)}).init, jax.random.key(0), x))
+        for name in ("baseline", "one_tower")
+    }
     assert counts == {"baseline": 60_965_224, "one_tower": 59_798_312}
     x = images(64)
     for name, same in (("no_dropout", True), ("baseline", False)):

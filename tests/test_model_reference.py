@@ -77,8 +77,8 @@ def conv2d(x_NHWC, w_HWIO, stride, pads, groups):
     cout_g = cout // groups
     blocks = []
     for g in range(groups):
-        patches = win[..., g * cin_g:(g + 1) * cin_g, :, :]
-        kernel = w_HWIO[..., g * cout_g:(g + 1) * cout_g]
+        patches = win[..., g * cin_g : (g + 1) * cin_g, :, :]
+        kernel = w_HWIO[..., g * cout_g : (g + 1) * cout_g]
         blocks.append(np.einsum("nhwcij,ijco->nhwo", patches, kernel, optimize=True))
     return np.concatenate(blocks, axis=-1)
 
@@ -97,8 +97,8 @@ def lrn(a, groups, alpha, k=2.0, n=5, beta=0.75, stats=None):
         off = g * per
         for i in range(per):
             lo, hi = max(0, i - n // 2), min(per - 1, i + n // 2)
-            denom = k + alpha * np.sum(a[..., off + lo:off + hi + 1] ** 2, axis=-1)
-            b[..., off + i] = a[..., off + i] / denom ** beta
+            denom = k + alpha * np.sum(a[..., off + lo : off + hi + 1] ** 2, axis=-1)
+            b[..., off + i] = a[..., off + i] / denom**beta
             if stats is not None:
                 stats.append(float(denom.max() / k))
     return b
@@ -110,8 +110,12 @@ def relu(x):
 
 def whole_net(params_towers):
     """Tower-stacked parameters -> whole-net float64 arrays: towers' output blocks side by side."""
-    return {name: {leaf: np.concatenate(list(np.asarray(v, np.float64)), axis=-1)
-                   for leaf, v in params_towers[name].items()} for name in LAYERS}
+    return {
+        name: {
+            leaf: np.concatenate(list(np.asarray(v, np.float64)), axis=-1) for leaf, v in params_towers[name].items()
+        }
+        for name in LAYERS
+    }
 
 
 def reference_logits(p, images, towers, lrn_on=True, lrn_convention="paper", pool=(3, 2), trace=None):
@@ -176,12 +180,18 @@ def compare(model, n, seed, **ref_kwargs):
     rng = np.random.default_rng(seed + 1000)
     images = (50.0 * rng.standard_normal((n, model.image_size, model.image_size, 3))).astype(np.float32)
     variables = draw_params(model, images, seed)
-    got = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, jnp.asarray(images)),
-                     np.float64)
+    got = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, jnp.asarray(images)), np.float64)
     trace = {}
-    want = reference_logits(whole_net(variables["params"]["towers"]), images, model.towers,
-                            lrn_on=model.lrn, lrn_convention=model.lrn_convention,
-                            pool=(model.pool_window, model.pool_stride), trace=trace, **ref_kwargs)
+    want = reference_logits(
+        whole_net(variables["params"]["towers"]),
+        images,
+        model.towers,
+        lrn_on=model.lrn,
+        lrn_convention=model.lrn_convention,
+        pool=(model.pool_window, model.pool_stride),
+        trace=trace,
+        **ref_kwargs,
+    )
     assert got.shape == want.shape == (n, model.num_classes)
     # The draw exercises what the test is for: logits of both signs (a ReLU on fc8 shows),
     # and an LRN that is far from a constant scale (its place relative to pooling shows).
@@ -201,11 +211,15 @@ def test_paper_net_full_size_matches_reference():
     assert trace["sizes"] == [55, 27, 27, 13, 13, 13, 13, 6]
 
 
-@pytest.mark.parametrize("variant", [
-    {},
-    {"lrn_convention": "alpha_over_n"},
-    {"pool_window": 2, "pool_stride": 2},
-], ids=["paper", "lrn_alpha_over_n", "pool_2x2_stride_2"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        {"lrn_convention": "alpha_over_n"},
+        {"pool_window": 2, "pool_stride": 2},
+    ],
+    ids=["paper", "lrn_alpha_over_n", "pool_2x2_stride_2"],
+)
 def test_narrow_paper_net_matches_reference(variant):
     """Two towers at 1/8 width (6-16-24-24-16 channels, fc 256 per tower), 128x128 input
     (conv1 padding 3 at the bottom/right), 10 classes; and two of the paper's ablations."""

@@ -35,10 +35,15 @@ def run_notebook(monkeypatch, checkpoint, figures):
     src = Path(__file__).resolve().parents[1] / "src"
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]))
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
-    text = "\n".join(out.get("text", "") + out.get("data", {}).get("text/plain", "")
-                     for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", []))
+    NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    ).execute()
+    text = "\n".join(
+        out.get("text", "") + out.get("data", {}).get("text/plain", "")
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
+    )
     return nb, ANSI.sub("", text)
 
 
@@ -63,8 +68,13 @@ def test_notebook_loads_classifies_and_draws(runs, tmp_path, monkeypatch):
             rgb = np.asarray(im.convert("RGB"))
             assert im.width >= 400 and im.height >= 250, (name, im.size)
         assert rgb.std() > 10 and len(np.unique(rgb.reshape(-1, 3), axis=0)) > 50, name
-    images = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
-              if "image/png" in out.get("data", {})]
+    images = [
+        out
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
+        if "image/png" in out.get("data", {})
+    ]
     assert len(images) == 5  # each figure shown inline as well
 
 

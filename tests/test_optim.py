@@ -10,9 +10,18 @@ from alexnet_jax import optim
 
 
 def optim_cfg(**kw):
-    c = ml_collections.ConfigDict(dict(lr=0.01, momentum=0.9, weight_decay=5e-4, decay_biases=False,
-                                       drop_epochs=[], plateau_patience=0, plateau_min_delta=0.0,
-                                       plateau_max_drops=3))
+    c = ml_collections.ConfigDict(
+        dict(
+            lr=0.01,
+            momentum=0.9,
+            weight_decay=5e-4,
+            decay_biases=False,
+            drop_epochs=[],
+            plateau_patience=0,
+            plateau_min_delta=0.0,
+            plateau_max_drops=3,
+        )
+    )
     c.update(kw)
     return c
 
@@ -32,8 +41,7 @@ def numpy_paper_rule(w, grads, lrs, decay_mask, momentum=0.9, wd=5e-4):
 @pytest.mark.parametrize("decay_biases", [False, True])
 def test_chain_matches_paper_rule_across_an_lr_drop(decay_biases):
     rng = np.random.default_rng(0)
-    params = {"kernel": rng.normal(size=(3, 4)).astype(np.float32),
-              "bias": rng.normal(size=(4,)).astype(np.float32)}
+    params = {"kernel": rng.normal(size=(3, 4)).astype(np.float32), "bias": rng.normal(size=(4,)).astype(np.float32)}
     steps = 8
     grads = [{k: rng.normal(size=p.shape).astype(np.float32) for k, p in params.items()} for _ in range(steps)]
     lrs = [0.5] * 4 + [0.05] * 4  # an LR drop after step 4 (big LRs make a rescaled momentum obvious)
@@ -115,9 +123,17 @@ def test_learning_rate_owns_every_drop_and_applies_it():
     requests = {15: 4.0}
     step_now = [0]
     seen = []
-    lr = optim.LearningRate(cfg, optim.DropHistory(), lr=0.01, step=0, steps_per_epoch=10, request_every=5,
-                            read_request=lambda: requests.pop(step_now[0], None), manual_lr=0.02,
-                            on_drop=seen.append)
+    lr = optim.LearningRate(
+        cfg,
+        optim.DropHistory(),
+        lr=0.01,
+        step=0,
+        steps_per_epoch=10,
+        request_every=5,
+        read_request=lambda: requests.pop(step_now[0], None),
+        manual_lr=0.02,
+        on_drop=seen.append,
+    )
     for step in range(26):
         step_now[0] = step
         state = lr(state, step)
@@ -129,8 +145,16 @@ def test_learning_rate_owns_every_drop_and_applies_it():
     assert lr.history.drops == seen
     assert optim.get_lr(state.opt_state) == pytest.approx(0.0005)
     # Resumed with the same --config.optim.lr again: no new drop (a requeue keeping the flag).
-    again = optim.LearningRate(cfg, lr.history, lr=0.0005, step=25, steps_per_epoch=10, request_every=5,
-                               read_request=lambda: None, manual_lr=0.02)
+    again = optim.LearningRate(
+        cfg,
+        lr.history,
+        lr=0.0005,
+        step=25,
+        steps_per_epoch=10,
+        request_every=5,
+        read_request=lambda: None,
+        manual_lr=0.02,
+    )
     assert again(state, 26) is state
 
 

@@ -89,8 +89,9 @@ def check_layouts(kwargs, batch, meshes=None, layout="towers"):
 # The default run keeps the one-tower net and LRN over the whole layer (caffe_lrn: the one exchange between
 # neighbouring towers, here with a tower per device); the paper net's layouts after training are also in
 # test_parallel_train_step, its first steps pinned in test_pinned_steps.
-@pytest.mark.parametrize("name", [n if n in ("one_tower", "caffe_lrn") else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in ABLATIONS])
+@pytest.mark.parametrize(
+    "name", [n if n in ("one_tower", "caffe_lrn") else pytest.param(n, marks=pytest.mark.slow) for n in ABLATIONS]
+)
 def test_layouts_agree_narrow(name):
     # Every layout for the paper net; for the ablations, one of each kind (they change
     # the layers, not how the layouts split them).
@@ -100,9 +101,14 @@ def test_layouts_agree_narrow(name):
 
 # K towers' exchanges are pinned in the default run (test_towers_exchange_only_at_conv3_and_fc_layers);
 # their values against one device are slow.
-@pytest.mark.parametrize("K, meshes", [pytest.param(4, [(2, 4)], marks=pytest.mark.slow),
-                                       pytest.param(4, [(1, 4), (2, 1)], marks=pytest.mark.slow),
-                                       pytest.param(8, [(1, 8)], marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "K, meshes",
+    [
+        pytest.param(4, [(2, 4)], marks=pytest.mark.slow),
+        pytest.param(4, [(1, 4), (2, 1)], marks=pytest.mark.slow),
+        pytest.param(8, [(1, 8)], marks=pytest.mark.slow),
+    ],
+)
 def test_k_towers_agree_across_layouts(K, meshes):
     """K towers, one per device (4 and 8 virtual devices) or all on each, against one device."""
     check_layouts({**NARROW, "num_classes": 16, "towers": K}, batch=8, meshes=meshes)
@@ -112,13 +118,17 @@ def test_k_towers_agree_across_layouts(K, meshes):
 OWT_NARROW = dict(NARROW, towers=1, conv_widths=(64, 192, 384, 256, 256), lrn=False, conv1_pad=2, num_classes=16)
 
 
-@pytest.mark.parametrize("kwargs, meshes", [
-    # the paper's two towers: 8 classes per tower, 2 per device. The default run trains hybrid against one device
-    # in test_parallel_train_step; these forward-and-gradient checks are slow.
-    pytest.param(dict(NARROW, num_classes=16), [(4, 1)], marks=pytest.mark.slow),
-    pytest.param(dict(NARROW, num_classes=16), [(2, 1)], marks=pytest.mark.slow),
-    pytest.param(OWT_NARROW, [(2, 1), (4, 1), (8, 1)], marks=pytest.mark.slow),  # also in test_costs, on 8
-], ids=["paper-4", "paper-2", "owt"])
+@pytest.mark.parametrize(
+    "kwargs, meshes",
+    [
+        # the paper's two towers: 8 classes per tower, 2 per device. The default run trains hybrid against one device
+        # in test_parallel_train_step; these forward-and-gradient checks are slow.
+        pytest.param(dict(NARROW, num_classes=16), [(4, 1)], marks=pytest.mark.slow),
+        pytest.param(dict(NARROW, num_classes=16), [(2, 1)], marks=pytest.mark.slow),
+        pytest.param(OWT_NARROW, [(2, 1), (4, 1), (8, 1)], marks=pytest.mark.slow),  # also in test_costs, on 8
+    ],
+    ids=["paper-4", "paper-2", "owt"],
+)
 def test_hybrid_layout_agrees_with_one_device(kwargs, meshes):
     """Conv layers data-parallel, FC units split over the same devices: same logits and gradients."""
     check_layouts(kwargs, batch=8, meshes=meshes, layout="hybrid")
@@ -166,10 +176,14 @@ def collectives(text, pattern):
     return [line for line in text.splitlines() if re.search(pattern, line)]
 
 
-STABLEHLO_COLLECTIVE = (r"stablehlo\.(all_gather|all_reduce|all_to_all|reduce_scatter|"
-                        r"collective_permute|collective_broadcast)")
-HLO_COLLECTIVE = (r"= \S+ (all-gather|all-reduce|all-to-all|reduce-scatter|"
-                  r"collective-permute|collective-broadcast)(-start)?\(")
+STABLEHLO_COLLECTIVE = (
+    r"stablehlo\.(all_gather|all_reduce|all_to_all|reduce_scatter|"
+    r"collective_permute|collective_broadcast)"
+)
+HLO_COLLECTIVE = (
+    r"= \S+ (all-gather|all-reduce|all-to-all|reduce-scatter|"
+    r"collective-permute|collective-broadcast)(-start)?\("
+)
 
 
 def lowered_forward(model, mesh, batch=4):

@@ -90,10 +90,14 @@ def setup():
     state, _ = create_train_state(model, tx, 0, mesh)
     rng = np.random.default_rng(0)
     s = model.image_size
-    batches = [{"image": (50 * rng.standard_normal((BATCH, s, s, 3))).astype(np.float32),
-                "label": rng.integers(0, model.num_classes, BATCH).astype(np.int32),
-                "mask": np.arange(BATCH) < BATCH - 1}  # one padded row, as at an epoch's end
-               for _ in range(STEPS)]
+    batches = [
+        {
+            "image": (50 * rng.standard_normal((BATCH, s, s, 3))).astype(np.float32),
+            "label": rng.integers(0, model.num_classes, BATCH).astype(np.int32),
+            "mask": np.arange(BATCH) < BATCH - 1,
+        }  # one padded row, as at an epoch's end
+        for _ in range(STEPS)
+    ]
     return model, tx, jax.device_get(state), batches
 
 
@@ -145,10 +149,14 @@ def per_tower_param_sizes(host_state):
 
 # ---- StableHLO ------------------------------------------------------------------------
 
-_SHLO_OP = re.compile(r'"stablehlo\.(all_gather|all_reduce|reduce_scatter|all_to_all|collective_permute|'
-                      r'collective_broadcast)"')
-_SHLO_ANY = re.compile(r"stablehlo\.(all_gather|all_reduce|reduce_scatter|all_to_all|collective_permute|"
-                       r"collective_broadcast|send|recv)\b")
+_SHLO_OP = re.compile(
+    r'"stablehlo\.(all_gather|all_reduce|reduce_scatter|all_to_all|collective_permute|'
+    r'collective_broadcast)"'
+)
+_SHLO_ANY = re.compile(
+    r"stablehlo\.(all_gather|all_reduce|reduce_scatter|all_to_all|collective_permute|"
+    r"collective_broadcast|send|recv)\b"
+)
 
 
 def _tensor_shape(t):
@@ -183,7 +191,7 @@ def stablehlo_collectives(text):
         groups = frozenset(frozenset(int(d) for d in g.split(",")) for g in re.findall(r"\[([\d, ]+)\]", groups))
         sig = line
         if not re.search(r"\) -> ", line):  # an op with a region (the reduction): signature after it
-            sig = next(s for s in lines[i + 1:] if s.lstrip().startswith("})"))
+            sig = next(s for s in lines[i + 1 :] if s.lstrip().startswith("})"))
         m2 = re.search(r": \((.*)\) -> (.*?) loc\((#loc\d+)\)$", sig)
         operands = [_tensor_shape(t) for t in re.findall(r"tensor<([^>]*)>", m2.group(1))]
         results = [_tensor_shape(t) for t in re.findall(r"tensor<([^>]*)>", m2.group(2))]
@@ -201,15 +209,18 @@ def test_lowered_train_step_exchanges_at_four_places_and_reduces_gradients_over_
     by = collections.defaultdict(list)
     for kind, groups, operands, results, where in ops:
         by[(kind, axis_of(groups, mesh))].append((operands, results, where))
-    assert sorted(by) == [("all_gather", TOWER_AXIS), ("all_reduce", DATA_AXIS), ("reduce_scatter", TOWER_AXIS)], \
-        {k: [w for *_, w in v] for k, v in by.items()}
+    assert sorted(by) == [("all_gather", TOWER_AXIS), ("all_reduce", DATA_AXIS), ("reduce_scatter", TOWER_AXIS)], {
+        k: [w for *_, w in v] for k, v in by.items()
+    }
 
     # The four exchanges, forward, in order; each gathers one tower's channels from both towers.
     b = BATCH // mesh.shape[DATA_AXIS]
     w = tower_widths(model.towers, model.width, model.num_classes)
     exchanges = {  # layer -> one tower's input to it (spatial sizes of a 64x64 input: 3x3 after conv2, 1x1 after conv5)
-        "conv3": (1, b, 3, 3, w["conv2"]), "fc6": (1, b, 1, 1, w["conv5"]),
-        "fc7": (1, b, w["fc6"]), "fc8": (1, b, w["fc7"]),
+        "conv3": (1, b, 3, 3, w["conv2"]),
+        "fc6": (1, b, 1, 1, w["conv5"]),
+        "fc7": (1, b, w["fc6"]),
+        "fc8": (1, b, w["fc7"]),
     }
 
     def both(shape):
@@ -217,15 +228,16 @@ def test_lowered_train_step_exchanges_at_four_places_and_reduces_gradients_over_
 
     gathers = by[("all_gather", TOWER_AXIS)]
     assert [where.rsplit("/", 2)[-2:] for *_, where in gathers] == [
-        [f"exchange_to_{layer}", "all_gather"] for layer in exchanges]
+        [f"exchange_to_{layer}", "all_gather"] for layer in exchanges
+    ]
     assert [(ops_, res) for ops_, res, _ in gathers] == [([s], [both(s)]) for s in exchanges.values()]
     # Their transposes, backward (fc8 first): the sum over towers of the gathered activation's
     # gradient, each tower keeping its own channels.
     scatters = by[("reduce_scatter", TOWER_AXIS)]
     assert [where.rsplit("/", 2)[-2:] for *_, where in scatters] == [
-        [f"exchange_to_{layer}", "reduce_scatter"] for layer in reversed(exchanges)]
-    assert [(ops_, res) for ops_, res, _ in scatters] == [
-        ([both(s)], [s]) for s in reversed(exchanges.values())]
+        [f"exchange_to_{layer}", "reduce_scatter"] for layer in reversed(exchanges)
+    ]
+    assert [(ops_, res) for ops_, res, _ in scatters] == [([both(s)], [s]) for s in reversed(exchanges.values())]
 
     # Gradient reductions: over 'data' only, two per layer (kernel and bias), each the size of
     # one tower's parameter.
@@ -239,6 +251,7 @@ def test_lowered_train_step_exchanges_at_four_places_and_reduces_gradients_over_
 
 # ---- Compiled HLO ---------------------------------------------------------------------
 
+
 def test_replica_group_forms():
     """The parser behind the compiled-HLO test, on the forms XLA prints (groups of logical ids)."""
     tower, data = {frozenset({0, 1}), frozenset({2, 3})}, {frozenset({0, 2}), frozenset({1, 3})}
@@ -248,13 +261,24 @@ def test_replica_group_forms():
     assert hlo_replica_groups("x), replica_groups=[2,2]<=[2,2]T(1,0), to_apply=%add", 4) == data
     assert hlo_replica_groups("x), replica_groups=mesh['axis_0'=2,'axis_1'=2] {'axis_1'}, use_global", 4) == tower
     assert hlo_replica_groups("x), replica_groups=mesh['axis_0'=2,'axis_1'=2] {'axis_0'}, use_global", 4) == data
-    assert hlo_replica_groups("x), replica_groups=mesh['axis_0'=2,'axis_1'=2] {'axis_0','axis_1'}, use", 4) \
-        == {frozenset(range(4))}
+    assert hlo_replica_groups("x), replica_groups=mesh['axis_0'=2,'axis_1'=2] {'axis_0','axis_1'}, use", 4) == {
+        frozenset(range(4))
+    }
     # device ids 0, 2, 1, 3 laid out on a (2, 1, 1, 2) mesh: along axis_0 run 0-1 and 2-3.
-    assert hlo_replica_groups("x), replica_groups=mesh['axis_0'=2,'axis_1'=1,'axis_2'=1,'axis_3'=2], "
-                              "device_ids=([2,2]T(1,0)) {'axis_0'}, use_global", 4) == tower
-    assert hlo_replica_groups("x), replica_groups=mesh['axis_0'=2,'axis_1'=1,'axis_2'=1,'axis_3'=1,'axis_4'=2] "
-                              "{'axis_0'}, use_global", 4) == data
+    assert (
+        hlo_replica_groups(
+            "x), replica_groups=mesh['axis_0'=2,'axis_1'=1,'axis_2'=1,'axis_3'=2], "
+            "device_ids=([2,2]T(1,0)) {'axis_0'}, use_global",
+            4,
+        )
+        == tower
+    )
+    assert (
+        hlo_replica_groups(
+            "x), replica_groups=mesh['axis_0'=2,'axis_1'=1,'axis_2'=1,'axis_3'=1,'axis_4'=2] {'axis_0'}, use_global", 4
+        )
+        == data
+    )
     with pytest.raises(AssertionError, match="does not read"):
         hlo_replica_groups("x), replica_groups=something_new, use_global", 4)
 
@@ -285,8 +309,9 @@ def test_compiled_train_step_talks_across_towers_only_at_the_exchanges(setup, st
             # Loss and metrics over the class scores the towers split (per example), and the
             # gradient norm (one scalar per parameter leaf): nothing activation- or parameter-sized.
             for s in shapes:
-                assert tuple(d for d in s if d != 1) in ((), (b,), (b, T)), \
+                assert tuple(d for d in s if d != 1) in ((), (b,), (b, T)), (
                     f"{op} over 'tower' carries {s}, not a per-example value ({op_name})"
+                )
             per_example.append((op, shapes))
         else:
             assert op == "all-reduce", f"{op} over 'data' ({op_name})"
@@ -297,12 +322,14 @@ def test_compiled_train_step_talks_across_towers_only_at_the_exchanges(setup, st
 
     # Each of the four exchanges once forward (gather) and once backward (its transpose).
     layers = ("conv3", "fc6", "fc7", "fc8")
-    assert sorted(exchanges) == sorted((op, layer) for op in ("all-gather", "reduce-scatter") for layer in layers), \
+    assert sorted(exchanges) == sorted((op, layer) for op in ("all-gather", "reduce-scatter") for layer in layers), (
         sorted(exchanges)
+    )
     for layer in layers:
         (g,), (r,) = exchanges[("all-gather", layer)], exchanges[("reduce-scatter", layer)]
-        assert g[:2] == (1, b) and g[:-1] == r[:-1] and g[-1] == T * r[-1], \
+        assert g[:2] == (1, b) and g[:-1] == r[:-1] and g[-1] == T * r[-1], (
             f"exchange_to_{layer}: gathers to {g}, its transpose keeps {r}"
+        )
 
     # Over 'data': every parameter leaf's gradient (one tower's size), and otherwise scalars.
     grads = collections.Counter(s for sizes in per_tower_param_sizes(host_state).values() for s in sizes)
@@ -336,8 +363,9 @@ def train(setup, layout, step_2x2, rng=None):
 def largest_difference(params, ref, init):
     """Per leaf, max |params - ref| over the largest change training made to that leaf of ref."""
     out = {}
-    for (path, p), r, p0 in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(ref),
-                                jax.tree.leaves(init)):
+    for (path, p), r, p0 in zip(
+        jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(ref), jax.tree.leaves(init)
+    ):
         moved = np.abs(np.float64(r) - p0).max()
         assert moved > 0, f"{jax.tree_util.keystr(path)}: training did not change it"
         out[jax.tree_util.keystr(path)] = np.abs(np.float64(p) - r).max() / moved
@@ -394,18 +422,31 @@ def hybrid_setup():
     meshes = {
         "one device": (mesh_for_config(model.towers, ml_collections.ConfigDict({"data": 1, "tower": 1}))[0], "towers"),
         "towers 2x2": (mesh_of(model, "2x2"), "towers"),
-        "hybrid": (mesh_for_config(model.towers, ml_collections.ConfigDict(
-            {"data": -1, "tower": -1, "parallelism": "hybrid"}))[0], "hybrid"),
+        "hybrid": (
+            mesh_for_config(
+                model.towers, ml_collections.ConfigDict({"data": -1, "tower": -1, "parallelism": "hybrid"})
+            )[0],
+            "hybrid",
+        ),
     }
     assert dict(meshes["hybrid"][0].shape) == {DATA_AXIS: 8, TOWER_AXIS: 1}  # all 8 devices on 'data'
-    meshes["hybrid"] = (mesh_for_config(model.towers, ml_collections.ConfigDict(
-        {"data": HYBRID_DEVICES, "tower": 1, "parallelism": "hybrid"}))[0], "hybrid")
+    meshes["hybrid"] = (
+        mesh_for_config(
+            model.towers, ml_collections.ConfigDict({"data": HYBRID_DEVICES, "tower": 1, "parallelism": "hybrid"})
+        )[0],
+        "hybrid",
+    )
     state, _ = create_train_state(model, tx, 0, meshes["one device"][0])
     rng = np.random.default_rng(1)
     s = model.image_size
-    batches = [{"image": (50 * rng.standard_normal((BATCH, s, s, 3))).astype(np.float32),
-                "label": rng.integers(0, model.num_classes, BATCH).astype(np.int32),
-                "mask": np.arange(BATCH) < BATCH - 1} for _ in range(STEPS)]
+    batches = [
+        {
+            "image": (50 * rng.standard_normal((BATCH, s, s, 3))).astype(np.float32),
+            "label": rng.integers(0, model.num_classes, BATCH).astype(np.int32),
+            "mask": np.arange(BATCH) < BATCH - 1,
+        }
+        for _ in range(STEPS)
+    ]
     return model, tx, jax.device_get(state), batches, meshes
 
 
@@ -464,10 +505,14 @@ def test_hybrid_train_step_gathers_the_batch_once_and_reduces_only_conv_gradient
         "units_to_fc7": ((T, N, w["fc6"] // HYBRID_DEVICES), (T, N, w["fc6"])),
         "units_to_fc8": ((T, N, w["fc7"] // HYBRID_DEVICES), (T, N, w["fc7"])),
     }
-    got = [(kind, where.rsplit("/", 2)[-2], operands, results) for kind, _, operands, results, where in ops
-           if kind != "all_reduce"]
+    got = [
+        (kind, where.rsplit("/", 2)[-2], operands, results)
+        for kind, _, operands, results, where in ops
+        if kind != "all_reduce"
+    ]
     assert got == [("all_gather", name, [a], [r]) for name, (a, r) in gathered.items()] + [
-        ("reduce_scatter", name, [r], [a]) for name, (a, r) in reversed(gathered.items())]
+        ("reduce_scatter", name, [r], [a]) for name, (a, r) in reversed(gathered.items())
+    ]
     reductions = collections.defaultdict(list)
     for kind, _, operands, results, where in ops:
         if kind == "all_reduce":
@@ -476,17 +521,26 @@ def test_hybrid_train_step_gathers_the_batch_once_and_reduces_only_conv_gradient
             reductions[layer].append(int(np.prod(operands[0])))
     # Every conv parameter once, both towers' (the per-tower convolutions split some kernels'
     # reductions in two, one per tower); nothing of fc6-fc8.
-    whole = {layer: sum(int(leaf.size) for leaf in jax.tree.leaves(host_state.params["towers"][layer]))
-             for layer in LAYERS}
+    whole = {
+        layer: sum(int(leaf.size) for leaf in jax.tree.leaves(host_state.params["towers"][layer])) for layer in LAYERS
+    }
     assert {layer: sum(sizes) for layer, sizes in reductions.items()} == {
-        layer: whole[layer] for layer in ("conv1", "conv2", "conv3", "conv4", "conv5")}
+        layer: whole[layer] for layer in ("conv1", "conv2", "conv3", "conv4", "conv5")
+    }
     compiled = hlo_collectives(step.lower(state, to_global(batches[0], mesh)).compile().as_text(), mesh.size)
     # Compiled: the same gathers and scatters, the conv gradients' all-reduce (merged with scalars), and
     # the partitioner's: the loss's scalars, and an all-to-all that reorders the class scores of the
     # split fc8 (N x classes values). No FC-parameter-sized tensor crosses a device.
     moving = [o for o in compiled if any(len(g) > 1 for g in o[1])]
-    reduced = sum(int(np.prod(s)) for op, _, shapes, _ in moving if op == "all-reduce" for s in shapes
-                  if int(np.prod(s)) > 1)  # scalars left out: the loss and the metrics
+    reduced = sum(
+        int(np.prod(s)) for op, _, shapes, _ in moving if op == "all-reduce" for s in shapes if int(np.prod(s)) > 1
+    )  # scalars left out: the loss and the metrics
     assert reduced == sum(whole[layer] for layer in ("conv1", "conv2", "conv3", "conv4", "conv5"))
     assert [name.rsplit("/", 2)[-2] for op, _, _, name in moving if op in ("all-gather", "reduce-scatter")] == [
-        "batch_to_fc6", "units_to_fc7", "units_to_fc8", "units_to_fc8", "units_to_fc7", "batch_to_fc6"]
+        "batch_to_fc6",
+        "units_to_fc7",
+        "units_to_fc8",
+        "units_to_fc8",
+        "units_to_fc7",
+        "batch_to_fc6",
+    ]

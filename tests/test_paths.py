@@ -39,8 +39,12 @@ def test_absolute_joins_the_working_directory_by_hand(tmp_path, monkeypatch):
 
 def test_a_run_config_gets_absolute_data_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    config = ml_collections.ConfigDict({"data": {"root": "data/img", "packed_dir": "~/packed", "stats_path": None,
-                                                 "cache_dir": "gs://b/cache"}, "seed": 0})
+    config = ml_collections.ConfigDict(
+        {
+            "data": {"root": "data/img", "packed_dir": "~/packed", "stats_path": None, "cache_dir": "gs://b/cache"},
+            "seed": 0,
+        }
+    )
     out = paths.absolute_config(config)
     assert out.data.root == f"{tmp_path}/data/img" and out.data.packed_dir == os.path.expanduser("~/packed")
     assert out.data.stats_path is None and out.data.cache_dir == "gs://b/cache"
@@ -58,8 +62,13 @@ def forms(run, where, monkeypatch):
     monkeypatch.chdir(where)
     monkeypatch.setenv("HOME", str(where))
     (where / "link to run").symlink_to(run)
-    return {"relative": os.path.relpath(run, where), "dot-slash": "./" + os.path.relpath(run, where) + "/",
-            "tilde": "~/link to run", "symlink": "link to run", "absolute": str(run)}
+    return {
+        "relative": os.path.relpath(run, where),
+        "dot-slash": "./" + os.path.relpath(run, where) + "/",
+        "tilde": "~/link to run",
+        "symlink": "link to run",
+        "absolute": str(run),
+    }
 
 
 def test_load_checkpoint_takes_every_form(run, tmp_path, monkeypatch):

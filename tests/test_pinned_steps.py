@@ -23,14 +23,22 @@ from alexnet_jax import train
 
 LOSSES = [2.732506275177002, 2.6209824085235596, 2.5737357139587402]
 DIGEST = {
-    "conv1/bias": 0.00020117233225391828, "conv1/kernel": 173.41721744929964,
-    "conv2/bias": 3.198688857257366, "conv2/kernel": 191.79800620712558,
-    "conv3/bias": 0.004999631463306287, "conv3/kernel": 552.2561260497332,
-    "conv4/bias": 4.793698154389858, "conv4/kernel": 417.8491549377286,
-    "conv5/bias": 3.1856609284877777, "conv5/kernel": 275.21646226596476,
-    "fc6/bias": 51.15469493716955, "fc6/kernel": 649.4556434424339,
-    "fc7/bias": 51.162653245031834, "fc7/kernel": 10453.29958692864,
-    "fc8/bias": 0.01946907478850335, "fc8/kernel": 202.17998568239818,
+    "conv1/bias": 0.00020117233225391828,
+    "conv1/kernel": 173.41721744929964,
+    "conv2/bias": 3.198688857257366,
+    "conv2/kernel": 191.79800620712558,
+    "conv3/bias": 0.004999631463306287,
+    "conv3/kernel": 552.2561260497332,
+    "conv4/bias": 4.793698154389858,
+    "conv4/kernel": 417.8491549377286,
+    "conv5/bias": 3.1856609284877777,
+    "conv5/kernel": 275.21646226596476,
+    "fc6/bias": 51.15469493716955,
+    "fc6/kernel": 649.4556434424339,
+    "fc7/bias": 51.162653245031834,
+    "fc7/kernel": 10453.29958692864,
+    "fc8/bias": 0.01946907478850335,
+    "fc8/kernel": 202.17998568239818,
 }
 
 ZERO_INIT = ("conv1/bias", "conv3/bias", "fc8/bias")
@@ -43,8 +51,11 @@ def test_first_three_steps_are_pinned(tmp_path, data_axis):
     losses = [m["train/loss"] for m in metrics(wd) if "train/loss" in m]
     np.testing.assert_allclose(losses, LOSSES, rtol=2e-5)
     params = read_state(wd, 3)["params"]["towers"]
-    got = {f"{layer}/{name}": float(np.abs(np.asarray(v, np.float64)).sum())
-           for layer, leaves in params.items() for name, v in leaves.items()}
+    got = {
+        f"{layer}/{name}": float(np.abs(np.asarray(v, np.float64)).sum())
+        for layer, leaves in params.items()
+        for name, v in leaves.items()
+    }
     assert set(got) == set(DIGEST)
     for k, v in DIGEST.items():
         assert got[k] == pytest.approx(v, rel=3e-3 if k in ZERO_INIT else 1e-5), k

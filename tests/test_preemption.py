@@ -22,9 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def start(workdir, *args):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return subprocess.Popen([sys.executable, "launch.py", "--config=configs/demo.py", f"--workdir={workdir}",
-                             *TINY, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        [sys.executable, "launch.py", "--config=configs/demo.py", f"--workdir={workdir}", *TINY, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for(predicate, proc, timeout=300):
@@ -76,9 +81,22 @@ def test_second_ctrl_c_exits_at_once(tmp_path):
     wd, err_path = tmp_path / "run", tmp_path / "stderr"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     with open(err_path, "w") as err:  # a file, read while the run goes on
-        p = subprocess.Popen([sys.executable, "launch.py", "--config=configs/demo.py", f"--workdir={wd}", *TINY,
-                              "--config.total_steps=100000", "--config.checkpoint_every=100000"],
-                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        p = subprocess.Popen(
+            [
+                sys.executable,
+                "launch.py",
+                "--config=configs/demo.py",
+                f"--workdir={wd}",
+                *TINY,
+                "--config.total_steps=100000",
+                "--config.checkpoint_every=100000",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            text=True,
+        )
     wait_for(lambda: len(train_rows(wd)) >= 3, p)
     p.send_signal(signal.SIGINT)
     wait_for(lambda: "finishing the step in flight" in err_path.read_text(), p, timeout=60)
@@ -95,8 +113,9 @@ def test_one_run_per_workdir_and_a_dead_holders_lock_is_taken_over(tmp_path):
     holder = json.loads((wd / "LOCK").read_text())
     second = launch(wd, "--config.total_steps=2")
     assert second.returncode == 1, second.stderr[-3000:]
-    assert (f"Another run is using --workdir={wd}: pid {first.pid} on host {holder['host']}, "
-            f"started {holder['started']}") in second.stderr
+    assert (
+        f"Another run is using --workdir={wd}: pid {first.pid} on host {holder['host']}, started {holder['started']}"
+    ) in second.stderr
     assert "Traceback" not in second.stderr
     assert first.poll() is None  # the holder is untouched
     written = len(train_rows(wd))
@@ -168,9 +187,15 @@ def test_clean_exits_with_loader_workers(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     wd2 = tmp_path / "ctrl-c"
     args = (*TINY, *WORKERS, "--config.total_steps=200", "--config.checkpoint_every=1000")
-    p = subprocess.Popen([sys.executable, "launch.py", "--config=configs/demo.py", f"--workdir={wd2}", *args],
-                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)  # its own process group, as a terminal gives a job
+    p = subprocess.Popen(
+        [sys.executable, "launch.py", "--config=configs/demo.py", f"--workdir={wd2}", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )  # its own process group, as a terminal gives a job
     wait_for(lambda: len(train_rows(wd2)) >= 6, p)  # past an evaluation: eval batches were in flight
     os.killpg(p.pid, signal.SIGINT)
     out, err = p.communicate(timeout=300)
@@ -186,8 +211,7 @@ def test_clean_exits_with_loader_workers(tmp_path):
 
 def children(pid: int) -> list[int]:
     try:
-        return [int(c) for t in Path(f"/proc/{pid}/task").iterdir()
-                for c in (t / "children").read_text().split()]
+        return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
     except OSError:
         return []
 
@@ -198,9 +222,23 @@ def test_ctrl_c_in_the_first_seconds_is_one_line_and_130(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     for when in ("imports", "workers"):
         wd = tmp_path / when
-        p = subprocess.Popen([sys.executable, "launch.py", "--config=configs/demo.py", f"--workdir={wd}", *TINY,
-                              "--config.data.num_workers=2", "--config.total_steps=50"], cwd=ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        p = subprocess.Popen(
+            [
+                sys.executable,
+                "launch.py",
+                "--config=configs/demo.py",
+                f"--workdir={wd}",
+                *TINY,
+                "--config.data.num_workers=2",
+                "--config.total_steps=50",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         if when == "imports":
             time.sleep(0.3)
         else:  # a grain worker process exists: it is importing its modules

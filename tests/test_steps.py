@@ -113,8 +113,7 @@ def test_evaluate_counts_every_batch_once(setup):
     batch by batch, and ``n`` against the mask count of the host batches."""
     c, data, _, mesh = setup
     model = from_config(c.model)
-    params = parallel.shard_variables(jax.jit(model.init)(jax.random.key(0), np.zeros((1, 64, 64, 3))),
-                                      mesh)["params"]
+    params = parallel.shard_variables(jax.jit(model.init)(jax.random.key(0), np.zeros((1, 64, 64, 3))), mesh)["params"]
     inputs = steps.make_input_fn(c.data, data.stats)
     eval_step = steps.make_eval_step(model, mesh, jax.tree.map(lambda x: x.sharding, params), inputs)
     it = data_lib.build_eval_iter(c.data, batch_size=48, mode="center", image_size=64, data=data)

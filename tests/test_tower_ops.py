@@ -54,19 +54,20 @@ def test_per_tower_conv_and_dense_equal_plain_vmap_values_and_gradients():
     grouped convolution and a merged matmul): same values, same gradients."""
 
     def plain_conv(x, k):
-        return jax.lax.conv_general_dilated(x, k, (1, 1), ((2, 2), (2, 2)),
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.lax.conv_general_dilated(x, k, (1, 1), ((2, 2), (2, 2)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     k_ = jax.random.split(jax.random.key(0), 4)
     x_shared = jax.random.normal(k_[0], (4, 9, 9, 6))
     x_towers = jax.random.normal(k_[1], (2, 4, 9, 9, 6))
     kernels = jax.random.normal(k_[2], (2, 5, 5, 6, 8))
     for x, in_axes in ((x_shared, (None, 0)), (x_towers, (0, 0))):
+
         def loss(x, k, f):
             return jnp.sum(jnp.sin(jax.vmap(f, in_axes=in_axes)(x, k)))
 
         ours = jax.value_and_grad(loss, argnums=(0, 1))(
-            x, kernels, lambda a, b: tower_conv(a, b, (1, 1), ((2, 2), (2, 2))))
+            x, kernels, lambda a, b: tower_conv(a, b, (1, 1), ((2, 2), (2, 2)))
+        )
         ref = jax.value_and_grad(loss, argnums=(0, 1))(x, kernels, plain_conv)
         np.testing.assert_allclose(ours[0], ref[0], rtol=1e-5)
         for a, b in zip(ours[1], ref[1]):
@@ -74,6 +75,7 @@ def test_per_tower_conv_and_dense_equal_plain_vmap_values_and_gradients():
 
     w = jax.random.normal(k_[3], (2, 6, 3))
     for x, in_axes in ((x_shared[:, 0, 0], (None, 0)), (x_towers[:, :, 0, 0], (0, 0))):
+
         def loss(x, k, f):
             return jnp.sum(jnp.sin(jax.vmap(f, in_axes=in_axes)(x, k)))
 
@@ -89,8 +91,10 @@ def _convolution_groups(model):
     v = jax.eval_shape(model.init, jax.random.key(0), x)
     grad = jax.jit(jax.grad(lambda v: jnp.sum(model.apply(v, x, train=True, rngs={"dropout": jax.random.key(1)}))))
     text = grad.lower(v).as_text()
-    return ([int(g) for g in re.findall(r"feature_group_count = (\d+)", text)],
-            [int(g) for g in re.findall(r"batch_group_count = (\d+)", text)])
+    return (
+        [int(g) for g in re.findall(r"feature_group_count = (\d+)", text)],
+        [int(g) for g in re.findall(r"batch_group_count = (\d+)", text)],
+    )
 
 
 def test_one_device_program_has_no_grouped_convolution():
@@ -120,14 +124,17 @@ def test_auto_is_decided_by_the_devices():
 
 def _loss_and_grads(model, variables, x, y, key, mesh=None):
     if mesh is None:
+
         def forward(v, x):
             return model.apply(v, x, train=True, rngs={"dropout": key})
+
         args = (variables, x)
     else:
         fwd = mesh_forward(model, mesh, train=True)
 
         def forward(v, x):
             return fwd(v, x, key)
+
         args = (shard_variables(variables, mesh), jax.device_put(x, batch_sharding(mesh)))
 
     def loss(v, x):
@@ -138,8 +145,6 @@ def _loss_and_grads(model, variables, x, y, key, mesh=None):
     return logits, grads
 
 
-
-
 @pytest.fixture(scope="module")
 def fast_and_plain():
     """Both networks, and parameters from each one's init: the same tree and the same draws."""
@@ -148,7 +153,8 @@ def fast_and_plain():
     v = jax.jit(fast.init)(jax.random.key(0), x)
     # The ops do not take part in initialisation (Tower._layer does): the same tree, the same draws.
     assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(
-        jax.eval_shape(plain.init, jax.random.key(0), x))
+        jax.eval_shape(plain.init, jax.random.key(0), x)
+    )
     return fast, plain, v
 
 
@@ -202,6 +208,7 @@ def test_fast_forms_lose_no_gradient_precision_on_one_or_two_devices():
         reference = grads("plain", "float64", 1)
         for ops in ("fast", "plain"):
             for devices in (1, 2):
-                errors = jax.tree.map(lambda g, r: float(np.abs(g - r).max() / np.abs(r).max()),
-                                      grads(ops, "float32", devices), reference)
+                errors = jax.tree.map(
+                    lambda g, r: float(np.abs(g - r).max() / np.abs(r).max()), grads(ops, "float32", devices), reference
+                )
                 assert max(jax.tree.leaves(errors)) < 2e-6, (ops, devices, errors)

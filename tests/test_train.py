@@ -19,9 +19,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from configs import demo  # noqa: E402
 
-TINY = ["--config.model.width=0.125", "--config.batch_size=32", "--config.eval_batch_size=100",
-        "--config.data.num_workers=0", "--config.eval_ten_crop=False", "--config.log_every=1",
-        "--config.optim.plateau_patience=0", "--config.optim.drop_epochs=()"]
+TINY = [
+    "--config.model.width=0.125",
+    "--config.batch_size=32",
+    "--config.eval_batch_size=100",
+    "--config.data.num_workers=0",
+    "--config.eval_ten_crop=False",
+    "--config.log_every=1",
+    "--config.optim.plateau_patience=0",
+    "--config.optim.drop_epochs=()",
+]
 
 
 def tiny_config(**overrides):
@@ -50,8 +57,14 @@ def launch(workdir, *args, kill_at=None):
     tests/_killed_launch.py, which SIGKILLs the process there."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     program = ["launch.py"] if kill_at is None else ["tests/_killed_launch.py", str(kill_at)]
-    return subprocess.run([sys.executable, *program, "--config=configs/demo.py", f"--workdir={workdir}",
-                           *TINY, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, *program, "--config=configs/demo.py", f"--workdir={workdir}", *TINY, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def read_state(workdir, step):
@@ -138,25 +151,34 @@ def lr_by_step(workdir):
 def test_scheduled_requested_and_resume_drops_survive_restarts(tmp_path):
     wd = tmp_path / "run"
     # 3000 images / 32 = 93 steps per epoch: epoch 0.03 is crossed at step 3.
-    r1 = train.train_and_evaluate(tiny_config(**{"total_steps": 4, "optim.drop_epochs": (0.03,),
-                                  "checkpoint_every": 4}), wd)
+    r1 = train.train_and_evaluate(
+        tiny_config(**{"total_steps": 4, "optim.drop_epochs": (0.03,), "checkpoint_every": 4}), wd
+    )
     assert [d["reason"].split()[0] for d in r1["lr_drops"]] == ["scheduled"]
     assert r1["lr"] == pytest.approx(0.001)
     (wd / "DROP_LR").write_text("2")  # the researcher asks for a drop by 2 while it runs
-    r2 = train.train_and_evaluate(tiny_config(**{"total_steps": 6, "optim.drop_epochs": (0.03,),
-                                  "checkpoint_every": 2}), wd)
+    r2 = train.train_and_evaluate(
+        tiny_config(**{"total_steps": 6, "optim.drop_epochs": (0.03,), "checkpoint_every": 2}), wd
+    )
     assert not (wd / "DROP_LR").exists()
     assert r2["lr"] == pytest.approx(0.0005)
-    r3 = train.train_and_evaluate(tiny_config(**{"total_steps": 8, "optim.drop_epochs": (0.03,), "optim.lr": 1e-4,
-                                  "checkpoint_every": 2}), wd, manual_lr=1e-4)
+    r3 = train.train_and_evaluate(
+        tiny_config(**{"total_steps": 8, "optim.drop_epochs": (0.03,), "optim.lr": 1e-4, "checkpoint_every": 2}),
+        wd,
+        manual_lr=1e-4,
+    )
     assert r3["lr"] == pytest.approx(1e-4)
     assert [d["reason"].split()[0] for d in r3["lr_drops"]] == ["scheduled", "requested", "resume"]
     # A requeue without the manual LR keeps it (the config's 0.01 is not a request), and one that
     # repeats the same request does not drop again.
-    r4 = train.train_and_evaluate(tiny_config(**{"total_steps": 9, "optim.drop_epochs": (0.03,),
-                                  "checkpoint_every": 1}), wd)
-    r5 = train.train_and_evaluate(tiny_config(**{"total_steps": 10, "optim.drop_epochs": (0.03,), "optim.lr": 1e-4,
-                                  "checkpoint_every": 1}), wd, manual_lr=1e-4)
+    r4 = train.train_and_evaluate(
+        tiny_config(**{"total_steps": 9, "optim.drop_epochs": (0.03,), "checkpoint_every": 1}), wd
+    )
+    r5 = train.train_and_evaluate(
+        tiny_config(**{"total_steps": 10, "optim.drop_epochs": (0.03,), "optim.lr": 1e-4, "checkpoint_every": 1}),
+        wd,
+        manual_lr=1e-4,
+    )
     assert r4["lr"] == r5["lr"] == pytest.approx(1e-4)
     assert len(r5["lr_drops"]) == 3
     lr = lr_by_step(wd)  # the LR each step trained with
@@ -173,14 +195,22 @@ def test_lr_typed_at_resume_is_a_manual_drop_and_a_requeue_without_it_keeps_it(t
     assert [lr[s] for s in range(1, 5)] == pytest.approx([0.01, 0.01, 0.001, 0.001])
     drops = [m for m in metrics(wd) if "lr_drop/to" in m]
     assert [(d["step"], d["lr_drop/to"], d["lr_drop/reason"]) for d in drops] == [
-        (2, 0.001, "resume with --config.optim.lr")]
+        (2, 0.001, "resume with --config.optim.lr")
+    ]
 
 
 @pytest.mark.slow
 def test_plateau_drops_and_keeps_after_restart(tmp_path):
     wd = tmp_path / "run"
-    cfg = dict(**{"eval_every": 2, "checkpoint_every": 2, "optim.plateau_patience": 1,
-                  "optim.plateau_min_delta": 1.0, "optim.plateau_max_drops": 1})
+    cfg = dict(
+        **{
+            "eval_every": 2,
+            "checkpoint_every": 2,
+            "optim.plateau_patience": 1,
+            "optim.plateau_min_delta": 1.0,
+            "optim.plateau_max_drops": 1,
+        }
+    )
     r = train.train_and_evaluate(tiny_config(total_steps=6, **cfg), wd)  # evals at 2 (best), 4 (stalled: drop), 6
     assert [d["step"] for d in r["lr_drops"]] == [4]
     r = train.train_and_evaluate(tiny_config(total_steps=10, **cfg), wd)  # at most one plateau drop
@@ -230,8 +260,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     wd = tmp_path / "run"
     train.train_and_evaluate(tiny_config(total_steps=2, checkpoint_every=2), wd)
     with pytest.raises(train.TrainingError, match=r"loss became (nan|inf).*last good checkpoint, step 2"):
-        train.train_and_evaluate(tiny_config(**{"total_steps": 8, "checkpoint_every": 2, "optim.lr": 1e30}), wd,
-                                 manual_lr=1e30)
+        train.train_and_evaluate(
+            tiny_config(**{"total_steps": 8, "checkpoint_every": 2, "optim.lr": 1e30}), wd, manual_lr=1e30
+        )
     assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit()) == [2]
     state = read_state(wd, 2)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state["params"]))
@@ -243,8 +274,14 @@ def test_checkpointer_keeps_last_k_and_the_best(tmp_path):
     ck = Checkpointer(tmp_path, keep=2)
     errors = {1: 0.9, 2: 0.3, 3: 0.5, 4: 0.6, 5: 0.7}  # step 2 is the best, then it gets worse
     for step, err in errors.items():
-        ck.save(step, {"w": np.full((3,), step, np.float32)}, data_state={"next_batch": step},
-                config={"seed": 0}, control={}, metrics={"val/top1_error": err})
+        ck.save(
+            step,
+            {"w": np.full((3,), step, np.float32)},
+            data_state={"next_batch": step},
+            config={"seed": 0},
+            control={},
+            metrics={"val/top1_error": err},
+        )
     ck.wait()
     assert ck.steps() == [2, 4, 5]
     ck.close()
@@ -290,8 +327,14 @@ def test_trains_twice_in_one_process_after_jax_has_started(tmp_path):
     device JAX has, says so in one line, and a second run in the same process gives the first's result
     (the same config and seed: nothing is left behind by the first)."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    p = subprocess.run([sys.executable, "tests/_train_twice.py", str(tmp_path)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "tests/_train_twice.py", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     first, second = json.loads(p.stdout.split("RESULT ", 1)[1])
     assert first["devices"] == 1 and first["step"] == second["step"] == 3

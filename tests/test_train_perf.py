@@ -43,8 +43,11 @@ def run_loop(tmp_path, loader_sleep: float, step_work: int, n: int = 24):
         m = x
         for _ in range(step_work):
             m = jnp.tanh(m @ x)
-        return m, {"train/loss": jnp.mean(m) + jnp.mean(batch["image"]) * 0, "train/lr": jnp.float32(0.01),
-                   "train/nonfinite_inputs": jnp.int32(0)}
+        return m, {
+            "train/loss": jnp.mean(m) + jnp.mean(batch["image"]) * 0,
+            "train/lr": jnp.float32(0.01),
+            "train/nonfinite_inputs": jnp.int32(0),
+        }
 
     x = jnp.eye(384) * 0.5
     jax.block_until_ready(step(x, steps.to_global(next(loader()), mesh)))  # compiled before the clock starts
@@ -53,8 +56,14 @@ def run_loop(tmp_path, loader_sleep: float, step_work: int, n: int = 24):
     tmp_path.mkdir(parents=True)
     writer = MetricWriter(tmp_path, enabled=True)
     batches = steps.device_batches(Source(), mesh)
-    metrics = PendingMetrics(writer, progress, DivergenceGuard(writer, progress, max_bad=0, resume_hint=str),
-                             log_every=6, batch_size=4, input_wait=lambda: batches.waited)
+    metrics = PendingMetrics(
+        writer,
+        progress,
+        DivergenceGuard(writer, progress, max_bad=0, resume_hint=str),
+        log_every=6,
+        batch_size=4,
+        input_wait=lambda: batches.waited,
+    )
     for s in range(1, n + 1):
         batch, _ = next(batches)
         x_next, m = step(x, batch)

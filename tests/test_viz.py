@@ -57,7 +57,8 @@ def test_read_metrics_keeps_the_last_value_of_a_repeated_step(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(
         '{"step": 1, "train/loss": 3.0}\n{"step": 2, "train/loss": 2.5}\n'
         '{"step": 2, "lr_drop/from": 0.01, "lr_drop/to": 0.001, "lr_drop/reason": "scheduled"}\n'
-        '{"step": 2, "train/loss": 2.4}\n{"step": 3, "train/lo')  # resumed at 2; cut short by a kill
+        '{"step": 2, "train/loss": 2.4}\n{"step": 3, "train/lo'
+    )  # resumed at 2; cut short by a kill
     m = viz.read_metrics(tmp_path)
     steps, loss = m["series"]["train/loss"]
     assert list(steps) == [1, 2] and list(loss) == [3.0, 2.4]
@@ -70,12 +71,31 @@ def test_command_line_writes_the_four_figures(runs, tmp_path, capsys):
     out = tmp_path / "figures"
     photos = _trained.photo_paths()
     # As typed (docs/inference.md), in a process of its own.
-    r = subprocess.run([sys.executable, "-m", "alexnet_jax.viz", "--checkpoint", str(runs["2x2"]), "--out", str(out),
-                        "--gallery_size", "200"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alexnet_jax.viz",
+            "--checkpoint",
+            str(runs["2x2"]),
+            "--out",
+            str(out),
+            "--gallery_size",
+            "200",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "Traceback" not in r.stderr and "leaked" not in r.stderr
     assert sorted(p.name for p in out.iterdir()) == [
-        "conv1_kernels.png", "curves.png", "neighbours.png", "predictions.png"]
+        "conv1_kernels.png",
+        "curves.png",
+        "neighbours.png",
+        "predictions.png",
+    ]
     assert_real_png(out / "conv1_kernels.png", (550, 310))  # 6 kernels per tower (width 1/8), two towers
     assert_real_png(out / "curves.png", (1100, 460))
     assert_real_png(out / "predictions.png", (1320, 920))  # 8 validation images, 2 rows of 4
@@ -83,8 +103,23 @@ def test_command_line_writes_the_four_figures(runs, tmp_path, capsys):
     # Own images, from a checkpoint folder: classified and used as queries.
     mine = tmp_path / "mine"
     step_dir = runs["2x2"] / "checkpoints" / str(_trained.STEPS)
-    assert viz.main(["--checkpoint", str(step_dir), "--out", str(mine), "--images", *photos,
-                     "--gallery_size", "50", "--neighbours", "3"]) == 0
+    assert (
+        viz.main(
+            [
+                "--checkpoint",
+                str(step_dir),
+                "--out",
+                str(mine),
+                "--images",
+                *photos,
+                "--gallery_size",
+                "50",
+                "--neighbours",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert_real_png(mine / "predictions.png", (660, 460))
     assert_real_png(mine / "neighbours.png", (600, 380))
     assert (mine / "curves.png").is_file()  # found metrics.jsonl two levels up

@@ -16,8 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits") / "digits"
-    r = subprocess.run([sys.executable, "scripts/write_digits.py", "--out", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "scripts/write_digits.py", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "wrote 1497 training and 300 validation JPEGs of 10 digit classes" in r.stdout
     return out
@@ -52,14 +57,33 @@ def test_the_folder_holds_every_digit_once_in_the_imagenet_layout(digits):
 @pytest.mark.slow  # a launch.py run; the reader itself is tested on ImageNet-layout folders in tests/data
 def test_launch_trains_on_it_through_the_imagenet_reader(digits, tmp_path):
     """The README's ablation overrides, on two steps: classes from train/, labels of the flat val/."""
-    r = subprocess.run([sys.executable, "launch.py", "--config=configs/demo.py", f"--workdir={tmp_path}",
-                        "--config.data.name=imagenet", f"--config.data.root={digits}", "--config.model.num_classes=10",
-                        *TINY, "--config.total_steps=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "launch.py",
+            "--config=configs/demo.py",
+            f"--workdir={tmp_path}",
+            "--config.data.name=imagenet",
+            f"--config.data.root={digits}",
+            "--config.model.num_classes=10",
+            *TINY,
+            "--config.total_steps=2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "1,497 training images" in r.stdout and "Done at step 2" in r.stdout
 
 
 def test_an_existing_folder_is_not_overwritten(digits):
-    r = subprocess.run([sys.executable, "scripts/write_digits.py", "--out", str(digits)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "scripts/write_digits.py", "--out", str(digits)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 1 and "already holds train/ or val/" in r.stderr

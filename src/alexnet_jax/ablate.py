@@ -30,8 +30,18 @@ from alexnet_jax import cli, paths
 _PROG = cli.program("ablate")
 ROOT = Path(__file__).resolve().parents[2]  # the repository checkout: launch.py, configs/
 FIXED = ["--config.optim.plateau_patience=0"]  # every variant: the recipe's scheduled LR drops only
-FIELDS = ["variant", "seed", "top1_error", "top5_error", "top1_error_ten_crop", "top5_error_ten_crop",
-          "params", "steps", "wall_s", "diverged"]
+FIELDS = [
+    "variant",
+    "seed",
+    "top1_error",
+    "top5_error",
+    "top1_error_ten_crop",
+    "top5_error_ten_crop",
+    "params",
+    "steps",
+    "wall_s",
+    "diverged",
+]
 EXIT_DIVERGED = 3  # launch.py's status when the loss became NaN/Inf (alexnet_jax.train.EXIT_DIVERGED)
 
 
@@ -76,27 +86,52 @@ def run_one(config: str, workdir: Path, variant_overrides: list[str], seed: int,
     if done.is_file():
         return json.loads(done.read_text())
     workdir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "launch.py", f"--config={config}", f"--workdir={workdir}", f"--config.seed={seed}",
-           *variant_overrides, *extra, *FIXED]  # FIXED last: no override can give one variant another schedule
+    cmd = [
+        sys.executable,
+        "launch.py",
+        f"--config={config}",
+        f"--workdir={workdir}",
+        f"--config.seed={seed}",
+        *variant_overrides,
+        *extra,
+        *FIXED,
+    ]  # FIXED last: no override can give one variant another schedule
     start = time.perf_counter()
     with open(workdir / "ablate.log", "a") as log:
         rc = _run_launch(cmd, log, workdir)
     if rc == EXIT_DIVERGED:  # a result too: these settings do not train (the README says which diverge)
         at = re.findall(r"became \S+ at step (\d+)", (workdir / "ablate.log").read_text())
-        result = {"seed": seed, "top1_error": None, "top5_error": None, "top1_error_ten_crop": None,
-                  "top5_error_ten_crop": None, "params": None, "steps": int(at[-1]) if at else None,
-                  "wall_s": round(time.perf_counter() - start, 1), "diverged": True}
+        result = {
+            "seed": seed,
+            "top1_error": None,
+            "top5_error": None,
+            "top1_error_ten_crop": None,
+            "top5_error_ten_crop": None,
+            "params": None,
+            "steps": int(at[-1]) if at else None,
+            "wall_s": round(time.perf_counter() - start, 1),
+            "diverged": True,
+        }
         done.write_text(json.dumps(result) + "\n")
         return result
     if rc != 0:
-        raise RuntimeError(f"{workdir} stopped with exit status {rc} (its output is in {workdir / 'ablate.log'}); "
-                           "run the same command again to resume it")
+        raise RuntimeError(
+            f"{workdir} stopped with exit status {rc} (its output is in {workdir / 'ablate.log'}); "
+            "run the same command again to resume it"
+        )
     rows = _read_rows(workdir / "metrics.jsonl")
     last = [r for r in rows if "val/top1_error" in r][-1]
-    result = {"seed": seed, "top1_error": last["val/top1_error"], "top5_error": last["val/top5_error"],
-              "top1_error_ten_crop": last.get("val/top1_error_ten_crop"),
-              "top5_error_ten_crop": last.get("val/top5_error_ten_crop"), "params": _params(workdir),
-              "steps": last["step"], "wall_s": round(time.perf_counter() - start, 1), "diverged": False}
+    result = {
+        "seed": seed,
+        "top1_error": last["val/top1_error"],
+        "top5_error": last["val/top5_error"],
+        "top1_error_ten_crop": last.get("val/top1_error_ten_crop"),
+        "top5_error_ten_crop": last.get("val/top5_error_ten_crop"),
+        "params": _params(workdir),
+        "steps": last["step"],
+        "wall_s": round(time.perf_counter() - start, 1),
+        "diverged": False,
+    }
     done.write_text(json.dumps(result) + "\n")
     return result
 
@@ -118,8 +153,11 @@ def _run_launch(cmd: list[str], log, workdir: Path) -> int:
         except KeyboardInterrupt:
             proc.send_signal(signal.SIGINT)
             rc = proc.wait()
-        raise Interrupted(f"{workdir} saved its checkpoint; run the same command again to go on" if rc == 75 else
-                          f"{workdir} stopped (status {rc}); run the same command again to go on") from None
+        raise Interrupted(
+            f"{workdir} saved its checkpoint; run the same command again to go on"
+            if rc == 75
+            else f"{workdir} stopped (status {rc}); run the same command again to go on"
+        ) from None
 
 
 def summary(results: list[dict], names: list[str], paper: dict) -> str:
@@ -130,16 +168,21 @@ def summary(results: list[dict], names: list[str], paper: dict) -> str:
     def errs(name, key):
         return np.array([100 * r[key] for r in results if r["variant"] == name and r[key] is not None])
 
-    lines = ["| variant | seeds | top-1 error % | top-5 error % | top-1 ten-crop % | variant - baseline, top-1 "
-             "(± s.e.) | the paper: variant - its net, top-1 / top-5 |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | seeds | top-1 error % | top-5 error % | top-1 ten-crop % | variant - baseline, top-1 "
+        "(± s.e.) | the paper: variant - its net, top-1 / top-5 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     base = errs("baseline", "top1_error")
     for name in names:
         t1, t5, tc = (errs(name, k) for k in ("top1_error", "top5_error", "top1_error_ten_crop"))
         fmt = lambda a: f"{a.mean():.1f} ± {a.std(ddof=1) if len(a) > 1 else 0:.1f}" if len(a) else "-"
         # The design choice's effect, as the paper states it: the variant's error minus the baseline's.
-        effect = (f"{t1.mean() - base.mean():+.1f} ± "
-                  f"{np.sqrt(t1.var(ddof=1) / len(t1) + base.var(ddof=1) / len(base)):.1f}"
-                  if name != "baseline" and len(t1) > 1 and len(base) > 1 else "-")
+        effect = (
+            f"{t1.mean() - base.mean():+.1f} ± {np.sqrt(t1.var(ddof=1) / len(t1) + base.var(ddof=1) / len(base)):.1f}"
+            if name != "baseline" and len(t1) > 1 and len(base) > 1
+            else "-"
+        )
         ref = f"+{paper[name][0]} / +{paper[name][1]}" if name in paper else "-"
         diverged = sum(1 for r in results if r["variant"] == name and r.get("diverged"))
         seeds = f"{len(t1)}" + (f" (+{diverged} diverged)" if diverged else "")
@@ -160,15 +203,20 @@ def plot(results: list[dict], out: Path, names: list[str]) -> Path:
         ax.scatter(np.full(len(errs), i) + np.linspace(-0.1, 0.1, len(errs)), errs, color=colours[name])
         n_div = sum(1 for r in results if r["variant"] == name and r.get("diverged"))
         if n_div:  # diverged runs: a cross at 100% error
-            ax.scatter(np.full(n_div, i) + np.linspace(-0.1, 0.1, n_div), np.ones(n_div), color=colours[name],
-                       marker="x")
+            ax.scatter(
+                np.full(n_div, i) + np.linspace(-0.1, 0.1, n_div), np.ones(n_div), color=colours[name], marker="x"
+            )
         if errs:
             ax.hlines(np.mean(errs), i - 0.25, i + 0.25, color=colours[name])
         for r in (r for r in results if r["variant"] == name):
             rows = [x for x in _read_rows(out / name / f"seed{r['seed']}" / "metrics.jsonl") if "val/top1_error" in x]
-            curves.plot([x["step"] for x in rows], [x["val/top1_error"] for x in rows], color=colours[name],
-                        alpha=0.7, label=name if r["seed"] == min(q["seed"] for q in results if q["variant"] == name)
-                        else None)
+            curves.plot(
+                [x["step"] for x in rows],
+                [x["val/top1_error"] for x in rows],
+                color=colours[name],
+                alpha=0.7,
+                label=name if r["seed"] == min(q["seed"] for q in results if q["variant"] == name) else None,
+            )
     ax.set_xticks(range(len(names)), names, rotation=30)
     ax.set_ylabel("validation top-1 error (centre crop)")
     ax.set_title("final error, one point per seed; line: mean; x: diverged")
@@ -191,17 +239,23 @@ def main(argv: list[str] | None = None) -> None:
 def _main(argv: list[str]) -> None:
     from absl import flags
 
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[:argv.index("--")] if "--" in argv else argv
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    own = argv[: argv.index("--")] if "--" in argv else argv
     fv = flags.FlagValues()
     flags.DEFINE_string("config", "configs/demo.py", "The base recipe (a get_config() file).", flag_values=fv)
     paths.DEFINE_path("out", None, "The folder for the runs and the results.", flag_values=fv)
     flags.DEFINE_integer("seeds", 3, "Seeds 0 .. N-1 for every variant.", lower_bound=1, flag_values=fv)
-    flags.DEFINE_list("variants", None, "Comma-separated variant names (default: all, see configs/ablations.py).",
-                      flag_values=fv)
+    flags.DEFINE_list(
+        "variants", None, "Comma-separated variant names (default: all, see configs/ablations.py).", flag_values=fv
+    )
     if cli.wants_help(argv):
-        cli.print_help(_PROG, __doc__, fv, "-- OVERRIDES: launch.py flags for every run, e.g. "
-                       "-- --config.data.root=/path/to/imagenet --config.total_steps=1000.")
+        cli.print_help(
+            _PROG,
+            __doc__,
+            fv,
+            "-- OVERRIDES: launch.py flags for every run, e.g. "
+            "-- --config.data.root=/path/to/imagenet --config.total_steps=1000.",
+        )
     cli.parse_flags(_PROG, fv, own)
     cli.require(_PROG, fv, "out")
     known = ablations_config().VARIANTS

@@ -71,14 +71,19 @@ class Checkpointer:
     def __init__(self, workdir: str | Path, *, keep: int = 3, asynchronous: bool = True):
         self.directory = Path(workdir).absolute() / "checkpoints"
         self.damaged_dir = Path(workdir).absolute() / "checkpoints_damaged"
-        policy = ocp.checkpoint_managers.AnyPreservationPolicy([
-            ocp.checkpoint_managers.LatestN(n=keep),
-            ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1,
-                                          keep_checkpoints_without_metrics=False),
-        ])
+        policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+            [
+                ocp.checkpoint_managers.LatestN(n=keep),
+                ocp.checkpoint_managers.BestN(
+                    get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1, keep_checkpoints_without_metrics=False
+                ),
+            ]
+        )
         self._barrier = distributed.WriteBarrier() if jax.process_count() > 1 else None
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=policy, enable_async_checkpointing=asynchronous, create=True,
+            preservation_policy=policy,
+            enable_async_checkpointing=asynchronous,
+            create=True,
             cleanup_tmp_directories=True,  # half-written saves of a killed run; never a finished one
             async_options=ocp.options.AsyncOptions(barrier_sync_fn=self._barrier) if self._barrier else None,
         )
@@ -94,10 +99,11 @@ class Checkpointer:
             error = e
         failing = distributed.processes_with(error is not None)
         if failing:
-            what = (f"{error}" if error is not None else
-                    f"process(es) {failing} cannot (see their messages)")
-            raise CheckpointError(f"Cannot write checkpoints to {self.directory}: {what}. Make the folder "
-                                  "writable (or free the disk) on every host, or give another --workdir.") from error
+            what = f"{error}" if error is not None else f"process(es) {failing} cannot (see their messages)"
+            raise CheckpointError(
+                f"Cannot write checkpoints to {self.directory}: {what}. Make the folder "
+                "writable (or free the disk) on every host, or give another --workdir."
+            ) from error
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         # Reading is done by each process on its own (no barrier inside): a checkpoint that only
         # some processes cannot read must not leave the others waiting in Orbax's restore barrier.
@@ -106,7 +112,9 @@ class Checkpointer:
         self._reader = ocp.Checkpointer(
             ocp.CompositeCheckpointHandler(),
             multiprocessing_options=ocp.options.MultiprocessingOptions(
-                primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"alexnet_jax_read_{me}"))
+                primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"alexnet_jax_read_{me}"
+            ),
+        )
         self._pending: int | None = None  # the step whose asynchronous write may still be running
         self.last_good: int | None = max(self.steps(), default=None)  # newest fully written step
 
@@ -133,8 +141,18 @@ class Checkpointer:
         if earlier is not None:
             raise earlier
 
-    def _start_save(self, step: int, state: Any, *, data_state: dict, config: dict, control: dict,
-                    metrics: dict | None = None, dataset: dict | None = None, origin: dict | None = None) -> None:
+    def _start_save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        data_state: dict,
+        config: dict,
+        control: dict,
+        metrics: dict | None = None,
+        dataset: dict | None = None,
+        origin: dict | None = None,
+    ) -> None:
         """``dataset``: ``{'classes', 'class_names', 'stats'}`` (stats: dict of arrays or None).
         ``origin``: where imported weights came from and how their inputs are prepared (JSON)."""
         items = dict(
@@ -145,9 +163,13 @@ class Checkpointer:
         )
         if dataset is not None:
             stats = dataset.get("stats")
-            items["dataset"] = ocp.args.JsonSave({
-                "classes": list(dataset["classes"]), "class_names": list(dataset["class_names"]),
-                "stats": sorted(stats) if stats is not None else None})
+            items["dataset"] = ocp.args.JsonSave(
+                {
+                    "classes": list(dataset["classes"]),
+                    "class_names": list(dataset["class_names"]),
+                    "stats": sorted(stats) if stats is not None else None,
+                }
+            )
             if stats is not None:
                 items["dataset_stats"] = ocp.args.StandardSave({k: np.asarray(v) for k, v in stats.items()})
         if origin is not None:
@@ -180,13 +202,18 @@ class Checkpointer:
         return None
 
     def _write_error(self, step: int | None, error: Exception) -> CheckpointWriteError:
-        good = (f"the newest good checkpoint is step {self.last_good}, in {self.directory}"
-                if self.last_good is not None else "no checkpoint has been written yet")
+        good = (
+            f"the newest good checkpoint is step {self.last_good}, in {self.directory}"
+            if self.last_good is not None
+            else "no checkpoint has been written yet"
+        )
         return CheckpointWriteError(
             f"Could not write the checkpoint for step {step} to {self.directory}: "
             f"{_reason(error)}. The training state in memory is intact and "
             f"no earlier checkpoint was touched; {good}. Free disk space or make the folder writable.",
-            step=step, last_good=self.last_good)
+            step=step,
+            last_good=self.last_good,
+        )
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -215,13 +242,23 @@ class Checkpointer:
             except Exception as e:
                 restored = e
                 if jax.process_index() != 0:  # process 0 moves it aside; only this process knows why
-                    log.warning("Process %d cannot read the checkpoint at step %d: %s: %s", jax.process_index(),
-                                step, type(e).__name__, _first_line(e))
+                    log.warning(
+                        "Process %d cannot read the checkpoint at step %d: %s: %s",
+                        jax.process_index(),
+                        step,
+                        type(e).__name__,
+                        _first_line(e),
+                    )
             if distributed.on_any_process(isinstance(restored, Exception)):  # all processes fall back together
                 self._set_aside(step, restored if isinstance(restored, Exception) else None)
                 continue
-            return {"step": step, "state": restored["state"], "data": restored["data"],
-                    "config": restored["config"], "control": restored["control"]}
+            return {
+                "step": step,
+                "state": restored["state"],
+                "data": restored["data"],
+                "config": restored["config"],
+                "control": restored["control"],
+            }
         return None
 
     def _set_aside(self, step: int, error: Exception | None) -> None:
@@ -231,10 +268,17 @@ class Checkpointer:
             self.damaged_dir.mkdir(parents=True, exist_ok=True)
             dst = self.damaged_dir / f"{step}-{int(time.time())}"
             shutil.move(str(src), str(dst))
-            why = (f"{type(error).__name__}: {_first_line(error)}" if error is not None
-                   else "unreadable on another process")
-            log.warning("Checkpoint at step %d is damaged (%s); moved it to %s and falling back to "
-                        "the previous one.", step, why, dst)
+            why = (
+                f"{type(error).__name__}: {_first_line(error)}"
+                if error is not None
+                else "unreadable on another process"
+            )
+            log.warning(
+                "Checkpoint at step %d is damaged (%s); moved it to %s and falling back to the previous one.",
+                step,
+                why,
+                dst,
+            )
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -258,8 +302,10 @@ class Checkpointer:
 # ---------------------------------------------------------------------------
 # Reading one step folder without a manager: what inference and evaluation need.
 
-_WHAT_TO_GIVE = ("a run's workdir (holding checkpoints/<step>/), its checkpoints/ folder, "  # where to point it
-                 "or one checkpoints/<step>/ folder")
+_WHAT_TO_GIVE = (
+    "a run's workdir (holding checkpoints/<step>/), its checkpoints/ folder, "  # where to point it
+    "or one checkpoints/<step>/ folder"
+)
 
 
 def _is_step_dir(p: epath.Path) -> bool:
@@ -277,15 +323,22 @@ def find_step_dir(path: str | os.PathLike, step: int | None = None) -> tuple[epa
     if _is_step_dir(root):
         number = int(root.name) if root.name.isdigit() else None
         if step is not None and number is not None and step != number:
-            raise CheckpointError(f"{str(path)!r} is the checkpoint of step {number}, not step {step}; "
-                                  "give its parent folder to choose a step.")
+            raise CheckpointError(
+                f"{str(path)!r} is the checkpoint of step {number}, not step {step}; "
+                "give its parent folder to choose a step."
+            )
         return root, number
     ckpt_dir = root / "checkpoints" if (root / "checkpoints").is_dir() else root
-    steps = sorted(int(c.name) for c in ckpt_dir.iterdir() if c.name.isdigit() and c.is_dir()
-                   and _is_step_dir(c) and ocp.utils.is_checkpoint_finalized(c))
+    steps = sorted(
+        int(c.name)
+        for c in ckpt_dir.iterdir()
+        if c.name.isdigit() and c.is_dir() and _is_step_dir(c) and ocp.utils.is_checkpoint_finalized(c)
+    )
     if not steps:
-        raise CheckpointError(f"No finished checkpoint under {str(path)!r}. Give {_WHAT_TO_GIVE}. "
-                              "A run writes its first checkpoint after checkpoint_every steps (or an epoch).")
+        raise CheckpointError(
+            f"No finished checkpoint under {str(path)!r}. Give {_WHAT_TO_GIVE}. "
+            "A run writes its first checkpoint after checkpoint_every steps (or an epoch)."
+        )
     if step is None:
         step = steps[-1]
     elif step not in steps:
@@ -304,8 +357,9 @@ def saved_params(step_dir: epath.Path) -> Any:
     try:
         saved = ocp.StandardCheckpointHandler().metadata(state_dir).tree
     except Exception as e:
-        raise CheckpointError(f"Cannot read the checkpoint in {str(state_dir)!r} "
-                              f"({type(e).__name__}: {_first_line(e)}).") from e
+        raise CheckpointError(
+            f"Cannot read the checkpoint in {str(state_dir)!r} ({type(e).__name__}: {_first_line(e)})."
+        ) from e
     if saved is None or "params" not in saved:
         raise CheckpointError(f"{str(state_dir)!r} holds no 'params': not an alexnet_jax train state.")
     return saved["params"]
@@ -313,24 +367,38 @@ def saved_params(step_dir: epath.Path) -> Any:
 
 def read_params(step_dir: epath.Path, sharding) -> Any:
     """Only the parameters (the optimizer state stays on disk), placed with ``sharding``."""
-    target = {"params": jax.tree_util.tree_map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), saved_params(step_dir))}
+    target = {
+        "params": jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), saved_params(step_dir)
+        )
+    }
     try:
-        return ocp.PyTreeCheckpointer().restore(step_dir / "state", args=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True))["params"]
+        return ocp.PyTreeCheckpointer().restore(
+            step_dir / "state",
+            args=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+            ),
+        )["params"]
     except Exception as e:
-        raise CheckpointError(f"Cannot read the parameters in {str(step_dir / 'state')!r} "
-                              f"({type(e).__name__}: {_first_line(e)}); the checkpoint may be damaged.") from e
+        raise CheckpointError(
+            f"Cannot read the parameters in {str(step_dir / 'state')!r} "
+            f"({type(e).__name__}: {_first_line(e)}); the checkpoint may be damaged."
+        ) from e
 
 
 def read_step(step_dir: epath.Path) -> int:
     """The step a state holds (for a step folder copied under another name)."""
     meta = ocp.StandardCheckpointHandler().metadata(step_dir / "state").tree["step"]
-    return int(ocp.PyTreeCheckpointer().restore(step_dir / "state", args=ocp.args.PyTreeRestore(
-        item={"step": jax.ShapeDtypeStruct(meta.shape, meta.dtype)},
-        restore_args={"step": ocp.RestoreArgs(restore_type=np.ndarray)},
-        partial_restore=True))["step"])
+    return int(
+        ocp.PyTreeCheckpointer().restore(
+            step_dir / "state",
+            args=ocp.args.PyTreeRestore(
+                item={"step": jax.ShapeDtypeStruct(meta.shape, meta.dtype)},
+                restore_args={"step": ocp.RestoreArgs(restore_type=np.ndarray)},
+                partial_restore=True,
+            ),
+        )["step"]
+    )
 
 
 def read_origin(step_dir: epath.Path) -> dict | None:
@@ -343,8 +411,10 @@ def read_origin(step_dir: epath.Path) -> dict | None:
 def read_dataset(step_dir: epath.Path) -> tuple[list[str], list[str], dict | None]:
     """``(classes, class_names, stats)`` as the run saved them; stats: mean image and RGB eigens, or None."""
     if not (step_dir / "dataset").is_dir():
-        raise CheckpointError(f"{str(step_dir)!r} has no dataset item (class names, mean image): not written by "
-                              "alexnet_jax's train_and_evaluate, or damaged.")
+        raise CheckpointError(
+            f"{str(step_dir)!r} has no dataset item (class names, mean image): not written by "
+            "alexnet_jax's train_and_evaluate, or damaged."
+        )
     info = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "dataset")
     stats = None
     if info["stats"] is not None:
@@ -352,8 +422,9 @@ def read_dataset(step_dir: epath.Path) -> tuple[list[str], list[str], dict | Non
     return info["classes"], info["class_names"], stats
 
 
-def write_weights_only(out: str | os.PathLike, step: int, params: Any, *, config: dict, dataset: dict,
-                       origin: dict | None = None) -> Path:
+def write_weights_only(
+    out: str | os.PathLike, step: int, params: Any, *, config: dict, dataset: dict, origin: dict | None = None
+) -> Path:
     """A checkpoint folder ``out`` holding parameters without optimizer state (imported or exported
     weights): ``load_checkpoint``, the ``Classifier`` and evaluation read it like any other; training
     cannot resume from it. Refuses a folder that already holds checkpoints. Returns the step folder."""
@@ -362,10 +433,16 @@ def write_weights_only(out: str | os.PathLike, step: int, params: Any, *, config
         raise CheckpointError(f"{out} already holds checkpoints; give an empty or new folder.")
     ckpt = Checkpointer(out, keep=1, asynchronous=False)
     try:
-        ckpt.save(step, {"step": np.int32(step), "params": params}, data_state={}, config=config, control={},
-                  dataset=dataset, origin=origin)
+        ckpt.save(
+            step,
+            {"step": np.int32(step), "params": params},
+            data_state={},
+            config=config,
+            control={},
+            dataset=dataset,
+            origin=origin,
+        )
         ckpt.wait()
     finally:
         ckpt.close()
     return ckpt.directory / str(step)
-

@@ -37,13 +37,19 @@ def define_flags(flag_values: flags.FlagValues, argv: list[str]):
     it as soon as the flag is defined.
     """
     try:
-        config = config_flags.DEFINE_config_file("config", LAUNCH_DEFAULT_CONFIG, "Run config (a get_config() file).",
-                                                 flag_values=flag_values, sys_argv=list(argv))
+        config = config_flags.DEFINE_config_file(
+            "config",
+            LAUNCH_DEFAULT_CONFIG,
+            "Run config (a get_config() file).",
+            flag_values=flag_values,
+            sys_argv=list(argv),
+        )
     except Exception as e:
         _exit_on_mistake(e, argv)
         raise
-    workdir = paths.DEFINE_path("workdir", "runs/demo", "Directory for checkpoints and metrics.",
-                                  flag_values=flag_values)
+    workdir = paths.DEFINE_path(
+        "workdir", "runs/demo", "Directory for checkpoints and metrics.", flag_values=flag_values
+    )
     return config, workdir
 
 
@@ -114,8 +120,9 @@ def launch(argv: list[str]) -> None:
 
         try:
             with sigint_blocked_in_new_workers():
-                result = train.train_and_evaluate(config, workdir_flag.value,
-                                                  manual_lr=config.optim.lr if lr_on_command_line(argv) else None)
+                result = train.train_and_evaluate(
+                    config, workdir_flag.value, manual_lr=config.optim.lr if lr_on_command_line(argv) else None
+                )
         except StoppedBeforeTraining as e:
             print(f"launch.py: {e}", file=sys.stderr)
             sys.exit(e.exit_code)
@@ -172,7 +179,7 @@ def require(prog: str, fv: flags.FlagValues, *names: str, what: str = "") -> Non
 def own_args(argv: list[str]) -> list[str]:
     """The program's own arguments: those after ``argv[0]`` and before a ``--``."""
     args = list(argv[1:])
-    return args[:args.index("--")] if "--" in args else args
+    return args[: args.index("--")] if "--" in args else args
 
 
 def wants_help(argv: list[str]) -> bool:
@@ -187,8 +194,12 @@ def flag_lines(fv: flags.FlagValues) -> str:
 
 def print_help(prog: str, doc: str | None, fv: flags.FlagValues, extra: str = "") -> None:
     """``--help``: the module's docstring (its usage lines), the program's own flags; exit 0."""
-    parts = [f"usage: {prog} [flags]", (doc or "").strip(), "flags (--flag=value or --flag value; "
-             "--flag_name and --flag-name are the same):", flag_lines(fv)]
+    parts = [
+        f"usage: {prog} [flags]",
+        (doc or "").strip(),
+        "flags (--flag=value or --flag value; --flag_name and --flag-name are the same):",
+        flag_lines(fv),
+    ]
     if extra:
         parts.append(extra.strip("\n"))
     print("\n\n".join(p for p in parts if p))
@@ -205,8 +216,11 @@ def checkpoint_path(prog: str, checkpoint: str | None, workdir: str | None, what
     """``--checkpoint``, or its deprecated name ``--workdir`` (with a note); both, differing, or neither: exit 2."""
     if workdir is not None:
         if checkpoint is not None and checkpoint != workdir:
-            usage_error(prog, f"--workdir={workdir} and --checkpoint={checkpoint}: give one "
-                        "(--workdir is a deprecated name for --checkpoint)")
+            usage_error(
+                prog,
+                f"--workdir={workdir} and --checkpoint={checkpoint}: give one "
+                "(--workdir is a deprecated name for --checkpoint)",
+            )
         print(f"{prog}: --workdir is deprecated: use --checkpoint={workdir}", file=sys.stderr)
     path = checkpoint or workdir
     if path is None:
@@ -230,8 +244,9 @@ def dashes_to_underscores(argv: list[str], fv: flags.FlagValues) -> list[str]:
     return out
 
 
-def parse_flags(prog: str, fv: flags.FlagValues, argv: list[str], *, positional: bool = False,
-                config_files: Sequence[str] = ()) -> list[str]:
+def parse_flags(
+    prog: str, fv: flags.FlagValues, argv: list[str], *, positional: bool = False, config_files: Sequence[str] = ()
+) -> list[str]:
     """Parse ``argv`` into ``fv``; returns the positional arguments (refused unless ``positional``).
     A command-line mistake is a usage error (one line, exit 2); ``config_files``: those a config flag
     of ``fv`` loads while parsing, whose own exceptions are bugs (see :func:`command_line_mistake`)."""
@@ -276,8 +291,11 @@ def _chain(e: BaseException):
 def _ran_in(e: BaseException, files: Sequence[str]) -> bool:
     """Whether ``e`` (or an exception it came from) passed through the code of one of ``files``."""
     wanted = {os.path.realpath(f) for f in files}
-    return any(os.path.realpath(frame.f_code.co_filename) in wanted
-               for x in _chain(e) for frame, _ in traceback.walk_tb(x.__traceback__))
+    return any(
+        os.path.realpath(frame.f_code.co_filename) in wanted
+        for x in _chain(e)
+        for frame, _ in traceback.walk_tb(x.__traceback__)
+    )
 
 
 def _raised_by_ml_collections(e: BaseException) -> bool:
@@ -310,8 +328,9 @@ def command_line_mistake(e: BaseException, config_files: Sequence[str] = ()) -> 
     return None
 
 
-def exit_on_command_line_mistake(prog: str, e: BaseException, config_files: Sequence[str] = (),
-                                 key_hint: str = "") -> None:
+def exit_on_command_line_mistake(
+    prog: str, e: BaseException, config_files: Sequence[str] = (), key_hint: str = ""
+) -> None:
     """A usage error (one line, exit 2) if ``e`` is a command-line mistake; else nothing: the caller
     re-raises. ``key_hint`` follows a 'no such config key' message."""
     what = command_line_mistake(e, config_files)

@@ -20,8 +20,7 @@ _Rule = tuple[Callable[[object], bool], str]  # (accepts the value, what it must
 
 _INT = (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
 _POSITIVE = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1")
-_STEPS = (lambda v: isinstance(v, int) and not isinstance(v, bool) and (v >= 1 or v == -1),
-          "an integer >= 1, or -1")
+_STEPS = (lambda v: isinstance(v, int) and not isinstance(v, bool) and (v >= 1 or v == -1), "an integer >= 1, or -1")
 _NON_NEGATIVE = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0")
 _NUMBER = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number")
 
@@ -31,8 +30,10 @@ def _number_in(lo: float, hi: float, *, closed_hi: bool = False) -> _Rule:
     return ok, f"a number in [{lo}, {hi}{']' if closed_hi else ')'}"
 
 
-_EPOCHS = (lambda v: isinstance(v, (tuple, list)) and all(_NUMBER[0](e) and e > 0 for e in v),
-           "a tuple of epochs > 0, e.g. (30, 60)")
+_EPOCHS = (
+    lambda v: isinstance(v, (tuple, list)) and all(_NUMBER[0](e) and e > 0 for e in v),
+    "a tuple of epochs > 0, e.g. (30, 60)",
+)
 
 RUN_FIELDS: dict[str, _Rule] = {
     "batch_size": _POSITIVE,
@@ -46,8 +47,18 @@ RUN_FIELDS: dict[str, _Rule] = {
     "log_every": _POSITIVE,
     "seed": _INT,
     "max_bad_batches": _NON_NEGATIVE,
-    "profile_steps": (lambda v: isinstance(v, (tuple, list)) and (len(v) == 0 or (  # a list once saved as JSON
-        len(v) == 2 and all(isinstance(s, int) for s in v) and 1 <= v[0] <= v[1])), "() or (A, B) with 1 <= A <= B"),
+    "profile_steps": (
+        lambda v: (
+            isinstance(v, (tuple, list))
+            and (
+                len(v) == 0
+                or (  # a list once saved as JSON
+                    len(v) == 2 and all(isinstance(s, int) for s in v) and 1 <= v[0] <= v[1]
+                )
+            )
+        ),
+        "() or (A, B) with 1 <= A <= B",
+    ),
 }
 OPTIM_FIELDS: dict[str, _Rule] = {
     "lr": (lambda v: _NUMBER[0](v) and v > 0, "a number > 0"),
@@ -62,8 +73,10 @@ OPTIM_FIELDS: dict[str, _Rule] = {
 MESH_FIELDS: dict[str, _Rule] = {
     "data": _STEPS,
     "parallelism": (lambda v: v in LAYOUTS, f"{', '.join(map(repr, [*LAYOUTS][:-1]))} or {[*LAYOUTS][-1]!r}"),
-    "tower": (lambda v: isinstance(v, int) and not isinstance(v, bool) and (v == -1 or v >= 1),
-              "-1 (one tower per device), 1 (all towers on every device) or model.towers"),
+    "tower": (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and (v == -1 or v >= 1),
+        "-1 (one tower per device), 1 (all towers on every device) or model.towers",
+    ),
     "cpu_devices": _POSITIVE,
 }
 SECTIONS = ("model", "data", "optim", "mesh", "distributed")
@@ -72,8 +85,9 @@ SECTIONS = ("model", "data", "optim", "mesh", "distributed")
 def _check_section(cfg, rules: dict[str, _Rule], prefix: str) -> None:
     unknown = sorted(set(cfg.keys()) - set(rules))
     if unknown:
-        raise ConfigError(f"Unknown config key(s) {[prefix + k for k in unknown]}; "
-                          f"known: {[prefix + k for k in rules]}.")
+        raise ConfigError(
+            f"Unknown config key(s) {[prefix + k for k in unknown]}; known: {[prefix + k for k in rules]}."
+        )
     missing = sorted(set(rules) - set(cfg.keys()))
     if missing:
         raise ConfigError(f"The config lacks {[prefix + k for k in missing]}; start from configs/paper.py.")
@@ -98,13 +112,16 @@ def validate_config(config: ml_collections.ConfigDict) -> AlexNet:
         raise ConfigError("Set --config.num_epochs > 0 or --config.total_steps > 0: the run has no length.")
     model = from_config(config.model)
     if config.mesh.tower not in (-1, 1, model.towers):
-        raise ConfigError(f"mesh.tower={config.mesh.tower}: use -1 or {model.towers} (one tower per device) "
-                          "or 1 (all towers on every device).")
+        raise ConfigError(
+            f"mesh.tower={config.mesh.tower}: use -1 or {model.towers} (one tower per device) "
+            "or 1 (all towers on every device)."
+        )
     if config.mesh.parallelism != "towers" and config.mesh.tower not in (-1, 1):
-        raise ConfigError(f"mesh.parallelism={config.mesh.parallelism!r} puts every device on the data axis; "
-                          f"mesh.tower={config.mesh.tower} must be -1 or 1.")
+        raise ConfigError(
+            f"mesh.parallelism={config.mesh.parallelism!r} puts every device on the data axis; "
+            f"mesh.tower={config.mesh.tower} must be -1 or 1."
+        )
     data_lib.check_config(config.data)
     if config.data.crop_size != model.image_size:
-        raise ConfigError(f"data.crop_size={config.data.crop_size} must equal model.image_size="
-                          f"{model.image_size}.")
+        raise ConfigError(f"data.crop_size={config.data.crop_size} must equal model.image_size={model.image_size}.")
     return model

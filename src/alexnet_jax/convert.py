@@ -51,9 +51,16 @@ from alexnet_jax.model import LAYERS  # bvlc_alexnet's layers have our names
 
 GROUPS = {"conv1": 1, "conv2": 2, "conv3": 1, "conv4": 2, "conv5": 2}
 # Caffe's layout of bvlc_alexnet: weights (out, in / groups, kh, kw) or (out, in), biases (out,).
-CAFFE_SHAPES = {"conv1": (96, 3, 11, 11), "conv2": (256, 48, 5, 5), "conv3": (384, 256, 3, 3),
-                "conv4": (384, 192, 3, 3), "conv5": (256, 192, 3, 3), "fc6": (4096, 9216),
-                "fc7": (4096, 4096), "fc8": (1000, 4096)}
+CAFFE_SHAPES = {
+    "conv1": (96, 3, 11, 11),
+    "conv2": (256, 48, 5, 5),
+    "conv3": (384, 256, 3, 3),
+    "conv4": (384, 192, 3, 3),
+    "conv5": (256, 192, 3, 3),
+    "fc6": (4096, 9216),
+    "fc7": (4096, 4096),
+    "fc8": (1000, 4096),
+}
 POOL5_CHW = (256, 6, 6)
 # models/bvlc_alexnet's test-time mean, per channel, BGR (Caffe's ilsvrc_2012_mean averaged over pixels).
 CAFFE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
@@ -72,8 +79,9 @@ def _caffe_messages():
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
     F = descriptor_pb2.FieldDescriptorProto
-    fdp = descriptor_pb2.FileDescriptorProto(name="alexnet_jax_caffe.proto", package="alexnet_jax_caffe",
-                                             syntax="proto2")
+    fdp = descriptor_pb2.FileDescriptorProto(
+        name="alexnet_jax_caffe.proto", package="alexnet_jax_caffe", syntax="proto2"
+    )
 
     def message(name, *fields):
         m = fdp.message_type.add(name=name)
@@ -84,16 +92,33 @@ def _caffe_messages():
 
     opt, rep = F.LABEL_OPTIONAL, F.LABEL_REPEATED
     message("BlobShape", ("dim", 1, F.TYPE_INT64, rep, None))
-    message("BlobProto", ("num", 1, F.TYPE_INT32, opt, None), ("channels", 2, F.TYPE_INT32, opt, None),
-            ("height", 3, F.TYPE_INT32, opt, None), ("width", 4, F.TYPE_INT32, opt, None),
-            ("data", 5, F.TYPE_FLOAT, rep, None), ("shape", 7, F.TYPE_MESSAGE, opt, "BlobShape"))
-    message("V1LayerParameter", ("name", 4, F.TYPE_STRING, opt, None), ("type", 5, F.TYPE_INT32, opt, None),
-            ("blobs", 6, F.TYPE_MESSAGE, rep, "BlobProto"))
-    message("LayerParameter", ("name", 1, F.TYPE_STRING, opt, None), ("type", 2, F.TYPE_STRING, opt, None),
-            ("blobs", 7, F.TYPE_MESSAGE, rep, "BlobProto"))
-    message("NetParameter", ("name", 1, F.TYPE_STRING, opt, None),
-            ("layers", 2, F.TYPE_MESSAGE, rep, "V1LayerParameter"),
-            ("layer", 100, F.TYPE_MESSAGE, rep, "LayerParameter"))
+    message(
+        "BlobProto",
+        ("num", 1, F.TYPE_INT32, opt, None),
+        ("channels", 2, F.TYPE_INT32, opt, None),
+        ("height", 3, F.TYPE_INT32, opt, None),
+        ("width", 4, F.TYPE_INT32, opt, None),
+        ("data", 5, F.TYPE_FLOAT, rep, None),
+        ("shape", 7, F.TYPE_MESSAGE, opt, "BlobShape"),
+    )
+    message(
+        "V1LayerParameter",
+        ("name", 4, F.TYPE_STRING, opt, None),
+        ("type", 5, F.TYPE_INT32, opt, None),
+        ("blobs", 6, F.TYPE_MESSAGE, rep, "BlobProto"),
+    )
+    message(
+        "LayerParameter",
+        ("name", 1, F.TYPE_STRING, opt, None),
+        ("type", 2, F.TYPE_STRING, opt, None),
+        ("blobs", 7, F.TYPE_MESSAGE, rep, "BlobProto"),
+    )
+    message(
+        "NetParameter",
+        ("name", 1, F.TYPE_STRING, opt, None),
+        ("layers", 2, F.TYPE_MESSAGE, rep, "V1LayerParameter"),
+        ("layer", 100, F.TYPE_MESSAGE, rep, "LayerParameter"),
+    )
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
     get = lambda n: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"alexnet_jax_caffe.{n}"))
@@ -115,8 +140,9 @@ def _parse(message_class, raw: bytes, path, what: str):
     try:
         msg.ParseFromString(raw)
     except (DecodeError, RuntimeError, ValueError) as e:
-        raise ConvertError(f"{path}: not a readable {what} ({e}); the file may be truncated or of another "
-                           "kind.") from None
+        raise ConvertError(
+            f"{path}: not a readable {what} ({e}); the file may be truncated or of another kind."
+        ) from None
     return msg
 
 
@@ -129,15 +155,17 @@ def read_caffemodel(path: str | Path) -> tuple[dict, str]:
     for layer in layers:
         if layer.name in LAYERS:
             if len(layer.blobs) != 2:
-                raise ConvertError(f"{path}: layer {layer.name} has {len(layer.blobs)} blobs, expected 2 "
-                                   "(weights and bias)")
+                raise ConvertError(
+                    f"{path}: layer {layer.name} has {len(layer.blobs)} blobs, expected 2 (weights and bias)"
+                )
             w, b = (_blob_array(x) for x in layer.blobs)
             if layer.name.startswith("fc"):  # legacy blobs are 4-D: (1, 1, out, in) and (1, 1, 1, out)
                 w = w.reshape(w.shape[-2:])
             found[layer.name] = (w, b.reshape(-1))
     if not found:
-        raise ConvertError(f"{path}: no layers named {', '.join(LAYERS)}: not an AlexNet caffemodel "
-                           f"({len(layers)} layers read).")
+        raise ConvertError(
+            f"{path}: no layers named {', '.join(LAYERS)}: not an AlexNet caffemodel ({len(layers)} layers read)."
+        )
     return _complete(found, path), version
 
 
@@ -150,8 +178,9 @@ def read_npy(path: str | Path) -> dict:
     except (OSError, ValueError, EOFError, pickle.UnpicklingError) as e:
         raise ConvertError(f"{path}: not a readable .npy file ({type(e).__name__}: {e}).") from None
     if not isinstance(d, dict):
-        raise ConvertError(f"{path}: holds a {type(d).__name__}, not the dict {{layer: [weights, bias]}} "
-                           "of bvlc_alexnet.npy.")
+        raise ConvertError(
+            f"{path}: holds a {type(d).__name__}, not the dict {{layer: [weights, bias]}} of bvlc_alexnet.npy."
+        )
     found = {}
     for name in LAYERS:
         if name not in d:
@@ -176,9 +205,11 @@ def _complete(found: dict, path) -> dict:
         raise ConvertError(f"{path}: no weights for {', '.join(missing)}; an AlexNet file has {', '.join(LAYERS)}.")
     for name, (w, b) in found.items():
         if w.shape != CAFFE_SHAPES[name] or b.shape != (CAFFE_SHAPES[name][0],):
-            raise ConvertError(f"{path}: layer {name} has weights {w.shape} and bias {b.shape}; bvlc_alexnet's are "
-                               f"{CAFFE_SHAPES[name]} and ({CAFFE_SHAPES[name][0]},) (Caffe's layout: out, in/groups, "
-                               "kh, kw). Not the two-group AlexNet.")
+            raise ConvertError(
+                f"{path}: layer {name} has weights {w.shape} and bias {b.shape}; bvlc_alexnet's are "
+                f"{CAFFE_SHAPES[name]} and ({CAFFE_SHAPES[name][0]},) (Caffe's layout: out, in/groups, "
+                "kh, kw). Not the two-group AlexNet."
+            )
     return found
 
 
@@ -196,8 +227,10 @@ def read_mean(path: str | Path) -> np.ndarray:
         mean = _blob_array(_parse(blob_class, path.read_bytes(), path, "mean .binaryproto (Caffe BlobProto)"))
         mean = mean.reshape(mean.shape[-3:]) if mean.ndim == 4 else mean
     if mean.shape != (3,) and not (mean.ndim == 3 and mean.shape[0] == 3 and min(mean.shape[1:]) >= CROP):
-        raise ConvertError(f"{path}: a mean of shape {mean.shape}; expected 3 channel means or a 3xHxW image "
-                           f"(H, W >= {CROP}), BGR as Caffe's.")
+        raise ConvertError(
+            f"{path}: a mean of shape {mean.shape}; expected 3 channel means or a 3xHxW image "
+            f"(H, W >= {CROP}), BGR as Caffe's."
+        )
     return mean
 
 
@@ -229,8 +262,10 @@ def mean_image_rgb(mean_bgr: np.ndarray | None) -> np.ndarray:
     if mean_bgr.shape == (3,):
         return np.broadcast_to(mean_bgr[::-1], (RESIZE, RESIZE, 3)).astype(np.float32)
     if mean_bgr.shape[1:] != (RESIZE, RESIZE):
-        raise ConvertError(f"a mean image of {mean_bgr.shape[1]}x{mean_bgr.shape[2]}; Caffe's test-time images "
-                           f"are {RESIZE}x{RESIZE} (give its ilsvrc_2012_mean, or none for the channel means).")
+        raise ConvertError(
+            f"a mean image of {mean_bgr.shape[1]}x{mean_bgr.shape[2]}; Caffe's test-time images "
+            f"are {RESIZE}x{RESIZE} (give its ilsvrc_2012_mean, or none for the channel means)."
+        )
     return np.ascontiguousarray(mean_bgr.transpose(1, 2, 0)[..., ::-1])
 
 
@@ -267,12 +302,24 @@ def convert(caffe: dict, out: str | Path, *, mean_bgr: np.ndarray | None = None,
     classes, names = imagenet_classes()
     mean = mean_image_rgb(mean_bgr)
     config = caffe_config()
-    origin = {**origin, "input": "RGB, 0..255 (conv1's input channels reversed from Caffe's BGR)",
-              "mean": "Caffe's per-channel BGR means" if mean_bgr is None or np.shape(mean_bgr) == (3,) else
-              "the given mean image", "resize": f"warp to {RESIZE}x{RESIZE}", "crop": f"{CROP}, centre at 14"}
+    origin = {
+        **origin,
+        "input": "RGB, 0..255 (conv1's input channels reversed from Caffe's BGR)",
+        "mean": "Caffe's per-channel BGR means"
+        if mean_bgr is None or np.shape(mean_bgr) == (3,)
+        else "the given mean image",
+        "resize": f"warp to {RESIZE}x{RESIZE}",
+        "crop": f"{CROP}, centre at 14",
+    }
     try:
-        return write_weights_only(out, 0, params, config=json.loads(config.to_json()), origin=origin,
-                                  dataset={"classes": classes, "class_names": names, "stats": {"mean_image": mean}})
+        return write_weights_only(
+            out,
+            0,
+            params,
+            config=json.loads(config.to_json()),
+            origin=origin,
+            dataset={"classes": classes, "class_names": names, "stats": {"mean_image": mean}},
+        )
     except CheckpointError as e:
         raise ConvertError(str(e)) from None
 
@@ -294,19 +341,31 @@ def _main(prog: str, argv: list[str]) -> None:
     fv = flags.FlagValues()
     paths.DEFINE_path("caffemodel", None, "bvlc_alexnet.caffemodel (V1 or upgraded).", flag_values=fv)
     paths.DEFINE_path("npy", None, "bvlc_alexnet.npy (pickled {layer: [W, b]}).", flag_values=fv)
-    paths.DEFINE_path("torchvision", None, "torchvision's alexnet state_dict (.pth; needs torch installed).",
-                        flag_values=fv)
+    paths.DEFINE_path(
+        "torchvision", None, "torchvision's alexnet state_dict (.pth; needs torch installed).", flag_values=fv
+    )
     paths.DEFINE_path("out", None, "The checkpoint folder to write (new or empty).", flag_values=fv)
-    paths.DEFINE_path("mean", None, "Mean image: Caffe's .binaryproto or a .npy (3xHxW or 3 values, BGR); "
-                        "default: Caffe's per-channel means.", flag_values=fv)
+    paths.DEFINE_path(
+        "mean",
+        None,
+        "Mean image: Caffe's .binaryproto or a .npy (3xHxW or 3 values, BGR); default: Caffe's per-channel means.",
+        flag_values=fv,
+    )
     if cli.wants_help(argv):
-        cli.print_help(prog, "\n\n".join(__doc__.split("\n\n")[:3]), fv,
-                       "Give one of --caffemodel, --npy and --torchvision, and --out.")
+        cli.print_help(
+            prog,
+            "\n\n".join(__doc__.split("\n\n")[:3]),
+            fv,
+            "Give one of --caffemodel, --npy and --torchvision, and --out.",
+        )
     cli.parse_flags(prog, fv, argv)
     given = [n for n in ("caffemodel", "npy", "torchvision") if fv[n].value is not None]
     if len(given) != 1:
-        cli.usage_error(prog, "give one of --caffemodel, --npy and --torchvision" +
-                        (f", not {' and '.join('--' + n for n in given)}" if given else ""))
+        cli.usage_error(
+            prog,
+            "give one of --caffemodel, --npy and --torchvision"
+            + (f", not {' and '.join('--' + n for n in given)}" if given else ""),
+        )
     cli.require(prog, fv, "out")
     a = fv
     try:
@@ -333,8 +392,10 @@ def _main(prog: str, argv: list[str]) -> None:
             step_dir = convert(caffe, a.out, mean_bgr=mean, origin=origin)
     except ConvertError as e:
         sys.exit(f"{prog}: {e}")
-    print(f"Wrote {step_dir} ({origin['format']}): load it with alexnet_jax.load_checkpoint({str(a.out)!r}), "
-          f"or evaluate it with python -m alexnet_jax.evaluate --checkpoint={a.out} --data=DIR")
+    print(
+        f"Wrote {step_dir} ({origin['format']}): load it with alexnet_jax.load_checkpoint({str(a.out)!r}), "
+        f"or evaluate it with python -m alexnet_jax.evaluate --checkpoint={a.out} --data=DIR"
+    )
 
 
 if __name__ == "__main__":

@@ -21,11 +21,26 @@ from alexnet_jax.model import LAYERS
 
 MEAN_RGB = (0.485, 0.456, 0.406)
 STD_RGB = (0.229, 0.224, 0.225)
-KEYS = {"conv1": "features.0", "conv2": "features.3", "conv3": "features.6", "conv4": "features.8",
-        "conv5": "features.10", "fc6": "classifier.1", "fc7": "classifier.4", "fc8": "classifier.6"}
-SHAPES = {"conv1": (64, 3, 11, 11), "conv2": (192, 64, 5, 5), "conv3": (384, 192, 3, 3),
-          "conv4": (256, 384, 3, 3), "conv5": (256, 256, 3, 3), "fc6": (4096, 9216), "fc7": (4096, 4096),
-          "fc8": (1000, 4096)}
+KEYS = {
+    "conv1": "features.0",
+    "conv2": "features.3",
+    "conv3": "features.6",
+    "conv4": "features.8",
+    "conv5": "features.10",
+    "fc6": "classifier.1",
+    "fc7": "classifier.4",
+    "fc8": "classifier.6",
+}
+SHAPES = {
+    "conv1": (64, 3, 11, 11),
+    "conv2": (192, 64, 5, 5),
+    "conv3": (384, 192, 3, 3),
+    "conv4": (256, 384, 3, 3),
+    "conv5": (256, 256, 3, 3),
+    "fc6": (4096, 9216),
+    "fc7": (4096, 4096),
+    "fc8": (1000, 4096),
+}
 POOL5_CHW = (256, 6, 6)
 RESIZE, CROP = 256, 224
 
@@ -48,12 +63,16 @@ def read_state_dict(path: str | Path) -> dict:
     for name in LAYERS:
         key = KEYS[name]
         if f"{key}.weight" not in state or f"{key}.bias" not in state:
-            raise ConvertError(f"{path}: no {key}.weight/.bias ({name}); torchvision's alexnet has "
-                               f"{', '.join(KEYS.values())}. Keys here: {', '.join(list(state)[:8])}...")
+            raise ConvertError(
+                f"{path}: no {key}.weight/.bias ({name}); torchvision's alexnet has "
+                f"{', '.join(KEYS.values())}. Keys here: {', '.join(list(state)[:8])}..."
+            )
         w, b = (state[f"{key}.{k}"].detach().float().numpy() for k in ("weight", "bias"))
         if w.shape != SHAPES[name] or b.shape != (SHAPES[name][0],):
-            raise ConvertError(f"{path}: {key} ({name}) has weights {tuple(w.shape)} and bias {tuple(b.shape)}; "
-                               f"torchvision's alexnet has {SHAPES[name]} and ({SHAPES[name][0]},).")
+            raise ConvertError(
+                f"{path}: {key} ({name}) has weights {tuple(w.shape)} and bias {tuple(b.shape)}; "
+                f"torchvision's alexnet has {SHAPES[name]} and ({SHAPES[name][0]},)."
+            )
         found[name] = (w, b)
     return found
 
@@ -102,12 +121,23 @@ def convert(path: str | Path, out: str | Path) -> Path:
     params = to_params(read_state_dict(path))
     classes, names = imagenet_classes()
     mean = np.broadcast_to(255.0 * np.asarray(MEAN_RGB, np.float32), (RESIZE, RESIZE, 3)).astype(np.float32)
-    origin = {"source": str(Path(path).resolve()), "format": "torchvision alexnet state_dict",
-              "input": "RGB, 0..255", "normalize": {"mean": MEAN_RGB, "std": STD_RGB, "of": "x / 255"},
-              "folded": "mean image = 255 * mean; conv1 kernel input channels divided by 255 * std",
-              "resize": f"shorter side to {RESIZE}", "crop": f"{CROP}, centre"}
+    origin = {
+        "source": str(Path(path).resolve()),
+        "format": "torchvision alexnet state_dict",
+        "input": "RGB, 0..255",
+        "normalize": {"mean": MEAN_RGB, "std": STD_RGB, "of": "x / 255"},
+        "folded": "mean image = 255 * mean; conv1 kernel input channels divided by 255 * std",
+        "resize": f"shorter side to {RESIZE}",
+        "crop": f"{CROP}, centre",
+    }
     try:
-        return write_weights_only(out, 0, params, config=json.loads(owt_config().to_json()), origin=origin,
-                                  dataset={"classes": classes, "class_names": names, "stats": {"mean_image": mean}})
+        return write_weights_only(
+            out,
+            0,
+            params,
+            config=json.loads(owt_config().to_json()),
+            origin=origin,
+            dataset={"classes": classes, "class_names": names, "stats": {"mean_image": mean}},
+        )
     except CheckpointError as e:
         raise ConvertError(str(e)) from None

@@ -59,8 +59,10 @@ def layer_costs(model: AlexNet, layout: str, devices: int, batch: int) -> dict:
     split = layout == "towers" and tower == T and T > 1  # one tower per device: the exchanges cross devices
     act = 2 if model.dtype == "bfloat16" else 4  # bytes of an exchanged activation (compute dtype)
     inputs = {  # whole-net features of one example at each exchange's layer
-        "conv3": rows["conv2"]["after_pool"], "fc6": rows["conv5"]["after_pool"],
-        "fc7": rows["fc6"]["per_tower"], "fc8": rows["fc7"]["per_tower"],
+        "conv3": rows["conv2"]["after_pool"],
+        "fc6": rows["conv5"]["after_pool"],
+        "fc7": rows["fc6"]["per_tower"],
+        "fc8": rows["fc7"]["per_tower"],
     }
     size = {k: T * _prod(v) for k, v in inputs.items()}
     out = []
@@ -79,11 +81,24 @@ def layer_costs(model: AlexNet, layout: str, devices: int, batch: int) -> dict:
         else:  # replicated over 'data': each device holds one tower (split) or all
             held = rows[name]["params"] // (T if split else 1)
             grad = Fraction(2 * held * act * (data - 1), data)  # summed in the compute dtype, as JAX's psum does
-        out.append({"name": name, "params": rows[name]["params"], "macs_per_image": rows[name]["macs"],
-                    "exchange_bytes_forward": exchange, "exchange_bytes_backward": exchange,
-                    "exchange_bytes_per_step": 2 * exchange, "gradient_bytes_per_step": grad})
-    return {"layout": layout, "devices": devices, "mesh": {"data": data, "tower": tower}, "batch_size": batch,
-            "layers": out}
+        out.append(
+            {
+                "name": name,
+                "params": rows[name]["params"],
+                "macs_per_image": rows[name]["macs"],
+                "exchange_bytes_forward": exchange,
+                "exchange_bytes_backward": exchange,
+                "exchange_bytes_per_step": 2 * exchange,
+                "gradient_bytes_per_step": grad,
+            }
+        )
+    return {
+        "layout": layout,
+        "devices": devices,
+        "mesh": {"data": data, "tower": tower},
+        "batch_size": batch,
+        "layers": out,
+    }
 
 
 def _prod(shape) -> int:
@@ -95,8 +110,14 @@ def _prod(shape) -> int:
 
 def rounded(costs: dict) -> dict:
     """JSON-ready: byte counts rounded to whole bytes; totals added."""
-    keys = ("params", "macs_per_image", "exchange_bytes_forward", "exchange_bytes_backward",
-            "exchange_bytes_per_step", "gradient_bytes_per_step")
+    keys = (
+        "params",
+        "macs_per_image",
+        "exchange_bytes_forward",
+        "exchange_bytes_backward",
+        "exchange_bytes_per_step",
+        "gradient_bytes_per_step",
+    )
     layers = [{k: (round(v) if isinstance(v, Fraction) else v) for k, v in row.items()} for row in costs["layers"]]
     total = {k: sum(row[k] for row in layers) for k in keys}
     return {**costs, "layers": layers, "total": total}
@@ -107,14 +128,22 @@ def table(costs: dict):
 
     c = rounded(costs)
     mb = lambda v: f"{v / 1e6:,.2f}" if v else "-"
-    t = Table(title=f"{c['layout']} layout on {c['devices']} devices (mesh data={c['mesh']['data']} x "
-                    f"tower={c['mesh']['tower']}), batch {c['batch_size']}: MB each device sends per step")
+    t = Table(
+        title=f"{c['layout']} layout on {c['devices']} devices (mesh data={c['mesh']['data']} x "
+        f"tower={c['mesh']['tower']}), batch {c['batch_size']}: MB each device sends per step"
+    )
     for col in ("layer", "parameters", "MACs/image", "exchange fwd", "exchange bwd", "gradient all-reduce"):
         t.add_column(col, justify="right")
     for r in c["layers"] + [{"name": "total", **c["total"]}]:
-        t.add_row(r["name"], f"{r['params']:,}", f"{r['macs_per_image'] / 1e6:,.1f}M",
-                  mb(r["exchange_bytes_forward"]), mb(r["exchange_bytes_backward"]), mb(r["gradient_bytes_per_step"]),
-                  style="bold" if r["name"] == "total" else None)
+        t.add_row(
+            r["name"],
+            f"{r['params']:,}",
+            f"{r['macs_per_image'] / 1e6:,.1f}M",
+            mb(r["exchange_bytes_forward"]),
+            mb(r["exchange_bytes_backward"]),
+            mb(r["gradient_bytes_per_step"]),
+            style="bold" if r["name"] == "total" else None,
+        )
     return t
 
 
@@ -133,8 +162,13 @@ def _main(argv: list[str]) -> None:
     fv = flags.FlagValues()
     files = cli.config_files(argv, _DEFAULT_CONFIG)  # their own exceptions are bugs, shown as such
     try:
-        config_flag = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Run config (a get_config() file).",
-                                                      flag_values=fv, sys_argv=cli.dashes_to_underscores(argv, fv))
+        config_flag = config_flags.DEFINE_config_file(
+            "config",
+            _DEFAULT_CONFIG,
+            "Run config (a get_config() file).",
+            flag_values=fv,
+            sys_argv=cli.dashes_to_underscores(argv, fv),
+        )
     except Exception as e:
         cli.exit_on_command_line_mistake(_PROG, e, files)
         raise
@@ -142,18 +176,29 @@ def _main(argv: list[str]) -> None:
     out = paths.DEFINE_path("json", None, "Also write the table to this JSON file.", flag_values=fv)
     from alexnet_jax.gpu_compile import GPUS
 
-    target = flags.DEFINE_enum("compile_for", None, list(GPUS), "Compile the train and eval steps for this GPU "
-                               "(no GPU needed; the gpu-compile extra) and report memory, kernels and traffic.",
-                               flag_values=fv)
+    target = flags.DEFINE_enum(
+        "compile_for",
+        None,
+        list(GPUS),
+        "Compile the train and eval steps for this GPU "
+        "(no GPU needed; the gpu-compile extra) and report memory, kernels and traffic.",
+        flag_values=fv,
+    )
     batch = flags.DEFINE_integer("batch", None, "Global batch (default: the config's batch_size).", flag_values=fv)
-    dtype = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: the config's "
-                              "model.dtype).", flag_values=fv)
-    dump_hlo = paths.DEFINE_path("dump_hlo", None, "With --compile-for: write the optimised HLO text here.",
-                                 flag_values=fv)
+    dtype = flags.DEFINE_enum(
+        "dtype", None, ["float32", "bfloat16"], "Compute dtype (default: the config's model.dtype).", flag_values=fv
+    )
+    dump_hlo = paths.DEFINE_path(
+        "dump_hlo", None, "With --compile-for: write the optimised HLO text here.", flag_values=fv
+    )
     if cli.wants_help(argv):
-        cli.print_help(_PROG, "\n\n".join(__doc__.split("\n\n")[:2]), fv,
-                       "--config.FIELD=VALUE: any field of the --config file, e.g. --config.mesh.parallelism=hybrid, "
-                       "--config.batch_size=256.")
+        cli.print_help(
+            _PROG,
+            "\n\n".join(__doc__.split("\n\n")[:2]),
+            fv,
+            "--config.FIELD=VALUE: any field of the --config file, e.g. --config.mesh.parallelism=hybrid, "
+            "--config.batch_size=256.",
+        )
     cli.parse_flags(_PROG, fv, argv, config_files=files)
     try:
         config = config_flag.value
@@ -181,8 +226,10 @@ def _main(argv: list[str]) -> None:
         if layout == "hybrid":  # the layout's own requirement, checked as the run would
             bad = indivisible_units(model, devices.value)
             if bad:
-                raise ValueError(f"the hybrid layout splits every FC layer's units over the {devices.value} devices; "
-                                 f"per tower {bad} do not divide")
+                raise ValueError(
+                    f"the hybrid layout splits every FC layer's units over the {devices.value} devices; "
+                    f"per tower {bad} do not divide"
+                )
     except ValueError as e:
         sys.exit(f"{_PROG}: {e}")
     Console(soft_wrap=True).print(table(costs))
@@ -217,11 +264,19 @@ def _compiled(config, target: str, count: int, batch: int, json_path: str | None
     except (G.CompileForError, ValueError, ConfigError) as e:
         sys.exit(f"{_PROG}: {e}")
     gpu = G.GPUS[target]
-    result = {"target": target, "device": gpu.name, "devices": count, "layout": layout, "dtype": model.dtype,
-              "batch": batch, "images_per_device": batch // data, "compile_seconds": round(seconds, 1),
-              **G.analyse(compiled["train"], batch, count, gpu, flops, model.dtype),
-              "eval": G.analyse(compiled["eval"], batch, count, gpu, None, model.dtype),
-              "autotuned": False}
+    result = {
+        "target": target,
+        "device": gpu.name,
+        "devices": count,
+        "layout": layout,
+        "dtype": model.dtype,
+        "batch": batch,
+        "images_per_device": batch // data,
+        "compile_seconds": round(seconds, 1),
+        **G.analyse(compiled["train"], batch, count, gpu, flops, model.dtype),
+        "eval": G.analyse(compiled["eval"], batch, count, gpu, None, model.dtype),
+        "autotuned": False,
+    }
     Console(soft_wrap=True).print(compiled_table(result))
     if hlo_dir:
         for path in G.dump(compiled, hlo_dir):
@@ -241,18 +296,24 @@ def compiled_table(r: dict):
     from rich.table import Table
 
     gb = lambda v: f"{v / 1e9:,.2f} GB"
-    t = Table(title=f"Compiled for {r['devices']} x {r['device']} ({r['layout']} layout, {r['dtype']}, batch "
-                    f"{r['batch']}, {r['images_per_device']} images per device): per device, without autotuning",
-              show_header=False)
+    t = Table(
+        title=f"Compiled for {r['devices']} x {r['device']} ({r['layout']} layout, {r['dtype']}, batch "
+        f"{r['batch']}, {r['images_per_device']} images per device): per device, without autotuning",
+        show_header=False,
+    )
     t.add_column(justify="left")
     t.add_column(justify="right")
     fits = "fits" if r["fits"] else "does NOT fit"
-    t.add_row("peak memory, train step", f"{gb(r['peak_bytes_per_device'])} ({fits} in JAX's 75% of "
-              f"{gb(r['device_memory_bytes'])})")
+    t.add_row(
+        "peak memory, train step",
+        f"{gb(r['peak_bytes_per_device'])} ({fits} in JAX's 75% of {gb(r['device_memory_bytes'])})",
+    )
     t.add_row("  arguments / temporaries", f"{gb(r['argument_bytes'])} / {gb(r['temp_bytes'])}")
     t.add_row("peak memory, eval step", gb(r["eval"]["peak_bytes_per_device"]))
-    t.add_row("device ops: fusions / cuDNN convolutions / GEMMs",
-              f"{r['device_ops']}: {r['fusions']} / {r['cudnn_convolutions']} / {r['gemms']}")
+    t.add_row(
+        "device ops: fusions / cuDNN convolutions / GEMMs",
+        f"{r['device_ops']}: {r['fusions']} / {r['cudnn_convolutions']} / {r['gemms']}",
+    )
     for kind, c in sorted(r["collectives"].items()):
         t.add_row(f"  {kind}", f"{c['count']} x, {c['bytes'] / 1e6:,.1f} MB ({c['sent_bytes'] / 1e6:,.1f} MB sent)")
     if not r["collectives"]:

@@ -70,5 +70,7 @@ def devices_note(cpu_devices: int, why: str | None) -> str | None:
     """One line when a CPU run has another device count than ``mesh.cpu_devices`` asked for, saying why."""
     if why is None or jax.default_backend() != "cpu" or jax.device_count() == cpu_devices:
         return None
-    return (f"Training on the {jax.device_count()} CPU device(s) JAX has: {why} (mesh.cpu_devices={cpu_devices} "
-            f"applies in a fresh process, or set XLA_FLAGS=--xla_force_host_platform_device_count={cpu_devices}).")
+    return (
+        f"Training on the {jax.device_count()} CPU device(s) JAX has: {why} (mesh.cpu_devices={cpu_devices} "
+        f"applies in a fresh process, or set XLA_FLAGS=--xla_force_host_platform_device_count={cpu_devices})."
+    )

@@ -18,8 +18,11 @@ import numpy as np
 
 from alexnet_jax.model import ConfigError
 
-ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
-       "process_id": "JAX_PROCESS_ID"}
+ENV = {
+    "coordinator_address": "JAX_COORDINATOR_ADDRESS",
+    "num_processes": "JAX_NUM_PROCESSES",
+    "process_id": "JAX_PROCESS_ID",
+}
 
 
 def settings(cfg=None, environ: Mapping[str, str] = os.environ) -> dict | None:
@@ -37,18 +40,23 @@ def settings(cfg=None, environ: Mapping[str, str] = os.environ) -> dict | None:
         return None
     missing = [f"distributed.{f} (or ${ENV[f]})" for f in ENV if f not in got]
     if missing:
-        raise ConfigError(f"A multi-process run needs the coordinator address, the number of processes and "
-                          f"this process's id; missing: {', '.join(missing)}.")
+        raise ConfigError(
+            f"A multi-process run needs the coordinator address, the number of processes and "
+            f"this process's id; missing: {', '.join(missing)}."
+        )
     try:
         n, i = int(got["num_processes"]), int(got["process_id"])
     except ValueError:
-        raise ConfigError(f"num_processes and process_id must be integers, got {got['num_processes']!r} "
-                          f"and {got['process_id']!r}.") from None
+        raise ConfigError(
+            f"num_processes and process_id must be integers, got {got['num_processes']!r} and {got['process_id']!r}."
+        ) from None
     if not 0 <= i < n:
         raise ConfigError(f"process_id={i} must be in [0, num_processes={n}).")
     if ":" not in str(got["coordinator_address"]):
-        raise ConfigError(f"coordinator_address={got['coordinator_address']!r} must be host:port "
-                          "(process 0's host, any free port all processes agree on).")
+        raise ConfigError(
+            f"coordinator_address={got['coordinator_address']!r} must be host:port "
+            "(process 0's host, any free port all processes agree on)."
+        )
     return {"coordinator_address": str(got["coordinator_address"]), "num_processes": n, "process_id": i}
 
 
@@ -67,8 +75,10 @@ def initialize(cfg=None, environ: Mapping[str, str] = os.environ) -> bool:
     from alexnet_jax._jax_internals import backends_are_initialized  # no public query for this
 
     if backends_are_initialized():
-        raise RuntimeError("A multi-process run must join the distributed runtime before JAX starts its backend; "
-                           "call alexnet_jax.train.train_and_evaluate (or distributed.initialize) first thing.")
+        raise RuntimeError(
+            "A multi-process run must join the distributed runtime before JAX starts its backend; "
+            "call alexnet_jax.train.train_and_evaluate (or distributed.initialize) first thing."
+        )
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes exchange over TCP
     timeout = int((cfg or {}).get("timeout_s") or 300)
     if explicit is None:
@@ -90,16 +100,25 @@ def process_batch_shard(mesh) -> tuple[int, int]:
     data_size = mesh.shape[DATA_AXIS]
     axis = mesh.axis_names.index(DATA_AXIS)
     me = jax.process_index()
-    rows = sorted({int(np.unravel_index(k, mesh.devices.shape)[axis])
-                   for k, d in enumerate(mesh.devices.flat) if d.process_index == me})
+    rows = sorted(
+        {
+            int(np.unravel_index(k, mesh.devices.shape)[axis])
+            for k, d in enumerate(mesh.devices.flat)
+            if d.process_index == me
+        }
+    )
     if not rows:
-        raise ConfigError(f"Process {me} holds no device of the mesh {dict(mesh.shape)}; every process "
-                          "must take part (check mesh.data against the number of devices).")
+        raise ConfigError(
+            f"Process {me} holds no device of the mesh {dict(mesh.shape)}; every process "
+            "must take part (check mesh.data against the number of devices)."
+        )
     n = len(rows)
     if rows != list(range(rows[0], rows[0] + n)) or rows[0] % n or data_size % n:
-        raise ConfigError(f"Process {me} holds data positions {rows} of {data_size}: not one aligned block, "
-                          "so it cannot read a contiguous slice of the batch. Give every process the same "
-                          "number of devices.")
+        raise ConfigError(
+            f"Process {me} holds data positions {rows} of {data_size}: not one aligned block, "
+            "so it cannot read a contiguous slice of the batch. Give every process the same "
+            "number of devices."
+        )
     return rows[0] // n, data_size // n
 
 
@@ -174,8 +193,7 @@ class WriteBarrier:
         self.step: int | None = None  # the step whose write is running
 
     def abort(self, step: int) -> None:
-        self.client.key_value_set(f"{self.PREFIX}/abort/{step}/{jax.process_index()}", "1",
-                                  allow_overwrite=True)
+        self.client.key_value_set(f"{self.PREFIX}/abort/{step}/{jax.process_index()}", "1", allow_overwrite=True)
 
     def __call__(self, *, key: str, timeout_ms: int) -> None:
         here = f"{self.PREFIX}/arrived/{key}/"
@@ -187,6 +205,8 @@ class WriteBarrier:
                 who = sorted(int(k.rsplit("/", 1)[1]) for k, _ in failed)
                 raise RuntimeError(f"process(es) {who} could not write their part of step {self.step}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"Timed out after {timeout_ms / 1000:.0f} s waiting for every process "
-                                   f"to finish writing step {self.step}")
+                raise TimeoutError(
+                    f"Timed out after {timeout_ms / 1000:.0f} s waiting for every process "
+                    f"to finish writing step {self.step}"
+                )
             time.sleep(0.02)

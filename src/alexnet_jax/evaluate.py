@@ -44,21 +44,37 @@ from ml_collections import config_flags
 from alexnet_jax import cli, paths, preemption
 
 _PROG = cli.program("evaluate")
-_CONFIG_HELP = ("--config.FIELD=VALUE: any field of the config the run saved, e.g. "
-                "--config.data.root=/path/to/imagenet,\n"
-                "  --config.data.num_workers=4 (ml_collections syntax, as on launch.py).")
+_CONFIG_HELP = (
+    "--config.FIELD=VALUE: any field of the config the run saved, e.g. "
+    "--config.data.root=/path/to/imagenet,\n"
+    "  --config.data.num_workers=4 (ml_collections syntax, as on launch.py)."
+)
 
 
 def _define_run_flags(fv: flags.FlagValues) -> None:
-    paths.DEFINE_path("checkpoint", None, "A training run's workdir, its checkpoints/<step> folder, or a folder "
-                        "written by alexnet_jax.convert.", flag_values=fv)
+    paths.DEFINE_path(
+        "checkpoint",
+        None,
+        "A training run's workdir, its checkpoints/<step> folder, or a folder written by alexnet_jax.convert.",
+        flag_values=fv,
+    )
     paths.DEFINE_path("workdir", None, "Deprecated: the same as --checkpoint.", flag_values=fv)
-    paths.DEFINE_path("data", None, "ImageNet-layout folder to evaluate on: the dataset root (its val/ "
-                        "inside) or the val/ folder itself; --config.data.root as an image folder.", flag_values=fv)
+    paths.DEFINE_path(
+        "data",
+        None,
+        "ImageNet-layout folder to evaluate on: the dataset root (its val/ "
+        "inside) or the val/ folder itself; --config.data.root as an image folder.",
+        flag_values=fv,
+    )
     flags.DEFINE_integer("step", None, "Which checkpoint step; default the newest finished one.", flag_values=fv)
-    flags.DEFINE_enum("views", "both", ["both", "ten_crop", "center"],
-                      "'both' (or 'ten_crop'): centre crop and ten crops from one pass; 'center': the centre "
-                      "crop only (a tenth of the device work).", flag_values=fv)
+    flags.DEFINE_enum(
+        "views",
+        "both",
+        ["both", "ten_crop", "center"],
+        "'both' (or 'ten_crop'): centre crop and ten crops from one pass; 'center': the centre "
+        "crop only (a tenth of the device work).",
+        flag_values=fv,
+    )
     flags.DEFINE_string("split", "val", "Which split of the data to evaluate.", flag_values=fv)
     flags.DEFINE_integer("batch_size", None, "Images per batch; default the run's eval_batch_size.", flag_values=fv)
     paths.DEFINE_path("json", None, "Also write the results to this JSON file.", flag_values=fv)
@@ -123,8 +139,12 @@ def parse_command_line(argv: list[str]):
     except Exception as e:
         cli.exit_on_command_line_mistake(_PROG, e)
         raise
-    path = cli.checkpoint_path(_PROG, first.checkpoint, first.workdir,
-                               "a training run's workdir, or a folder written by python -m alexnet_jax.convert")
+    path = cli.checkpoint_path(
+        _PROG,
+        first.checkpoint,
+        first.workdir,
+        "a training run's workdir, or a folder written by python -m alexnet_jax.convert",
+    )
     try:
         step_dir, _ = find_step_dir(path, first.step)
     except CheckpointError as e:
@@ -135,14 +155,15 @@ def parse_command_line(argv: list[str]):
     _define_run_flags(fv)
     argv = cli.dashes_to_underscores(argv, fv)
     try:  # config_flags applies the overrides as soon as the flag is defined
-        config_flag = config_flags.DEFINE_config_dict("config", base, "The run's saved config; override "
-                                                      "fields with --config.X=...", flag_values=fv,
-                                                      sys_argv=argv)
+        config_flag = config_flags.DEFINE_config_dict(
+            "config", base, "The run's saved config; override fields with --config.X=...", flag_values=fv, sys_argv=argv
+        )
         rest = fv(argv)
         config = config_flag.value
     except Exception as e:
-        cli.exit_on_command_line_mistake(_PROG, e, key_hint="; config keys are those the run saved, "
-                                         "e.g. --config.data.root=/path/to/imagenet")
+        cli.exit_on_command_line_mistake(
+            _PROG, e, key_hint="; config keys are those the run saved, e.g. --config.data.root=/path/to/imagenet"
+        )
         raise
     if len(rest) > 1:
         cli.usage_error(_PROG, f"unexpected arguments {rest[1:]}")
@@ -153,15 +174,31 @@ def parse_command_line(argv: list[str]):
     elif fv.data is not None:
         root, split = data_root_and_split(fv.data, fv.split)
         if split != fv.split and config.data.val_labels is not None:
-            cli.usage_error(_PROG, f"--data={fv.data} is a split folder not named {fv.split}/, so "
-                            "--config.data.val_labels would not apply: give the folder above it")
+            cli.usage_error(
+                _PROG,
+                f"--data={fv.data} is a split folder not named {fv.split}/, so "
+                "--config.data.val_labels would not apply: give the folder above it",
+            )
         config.data.name, config.data.format, config.data.root = "imagenet", "folder", root
-    return config, {"workdir": path, "step": fv.step, "views": fv.views, "split": split,
-                    "batch_size": fv.batch_size, "json": fv.json}
+    return config, {
+        "workdir": path,
+        "step": fv.step,
+        "views": fv.views,
+        "split": split,
+        "batch_size": fv.batch_size,
+        "json": fv.json,
+    }
 
 
-def evaluate_checkpoint(workdir, config: ml_collections.ConfigDict | None = None, *, step: int | None = None,
-                        views: str = "both", split: str = "val", batch_size: int | None = None) -> dict:
+def evaluate_checkpoint(
+    workdir,
+    config: ml_collections.ConfigDict | None = None,
+    *,
+    step: int | None = None,
+    views: str = "both",
+    split: str = "val",
+    batch_size: int | None = None,
+) -> dict:
     """Error rates of a checkpoint on ``split``; ``config`` (default: the saved one) names the data."""
     from alexnet_jax import data as data_lib
     from alexnet_jax import parallel, steps
@@ -181,19 +218,20 @@ def evaluate_checkpoint(workdir, config: ml_collections.ConfigDict | None = None
     cfg = config.data
     classes = ckpt.classes
     if classes is None:
-        raise data_lib.DatasetError(f"{ckpt.path!r} does not record its class list; evaluate it where its "
-                                    "training data is, with launch.py.")
+        raise data_lib.DatasetError(
+            f"{ckpt.path!r} does not record its class list; evaluate it where its training data is, with launch.py."
+        )
     records = data_lib.split_records(cfg, split, classes)
     if cfg.mean_subtraction and ckpt.stats is None:
         raise data_lib.DatasetError(f"{ckpt.path!r} does not carry the mean image the run subtracted.")
     data = data_lib.ResolvedData({split: records}, ckpt.stats, list(classes), list(ckpt.class_names or classes))
     batch = batch_size or config.eval_batch_size
     if batch % mesh.shape[parallel.DATA_AXIS]:
-        raise data_lib.DatasetError(f"--batch_size={batch} must be a multiple of the {mesh.shape[parallel.DATA_AXIS]} "
-                                    "devices it is split over.")
+        raise data_lib.DatasetError(
+            f"--batch_size={batch} must be a multiple of the {mesh.shape[parallel.DATA_AXIS]} devices it is split over."
+        )
     mode = "center" if views == "center" else "whole"  # whole images to the device, cut into ten views there
-    passes = data_lib.EvalPasses(cfg, batch_size=batch, mode=mode, split=split, image_size=model.image_size,
-                                 data=data)
+    passes = data_lib.EvalPasses(cfg, batch_size=batch, mode=mode, split=split, image_size=model.image_size, data=data)
     try:
         with preemption.sigint_blocked_in_new_workers():
             eval_step = steps.make_eval_step(model, mesh, param_shardings, steps.make_input_fn(cfg, ckpt.stats))
@@ -204,8 +242,15 @@ def evaluate_checkpoint(workdir, config: ml_collections.ConfigDict | None = None
     finally:
         passes.close()
         data_lib.release_shared_memory()  # no 'leaked shared_memory' warning from the loader's workers at exit
-    return {"checkpoint": ckpt.path, "step": ckpt.step, "split": split, "images": len(records), **result,
-            "seconds": round(seconds, 2), "images_per_s": round(len(records) / seconds, 1)}
+    return {
+        "checkpoint": ckpt.path,
+        "step": ckpt.step,
+        "split": split,
+        "images": len(records),
+        **result,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(len(records) / seconds, 1),
+    }
 
 
 def _progress(batches, num_images: int, batch_size: int):
@@ -222,9 +267,11 @@ def _table(r: dict) -> str:
     rows = [("centre crop", r["top1_error"], r["top5_error"])]
     if "top1_error_ten_crop" in r:
         rows.append(("ten crops", r["top1_error_ten_crop"], r["top5_error_ten_crop"]))
-    lines = [f"{r['checkpoint']} (step {r['step']}) on {r['split']}: {r['n']:,} images in {r['seconds']:.1f} s "
-             f"({r['images_per_s']:,.0f} images/s, start-up included)",
-             f"{'protocol':<12} {'top-1 error':>11} {'top-5 error':>11}"]
+    lines = [
+        f"{r['checkpoint']} (step {r['step']}) on {r['split']}: {r['n']:,} images in {r['seconds']:.1f} s "
+        f"({r['images_per_s']:,.0f} images/s, start-up included)",
+        f"{'protocol':<12} {'top-1 error':>11} {'top-5 error':>11}",
+    ]
     lines += [f"{name:<12} {t1:>11.4f} {t5:>11.4f}" for name, t1, t5 in rows]
     return "\n".join(lines)
 
@@ -252,8 +299,14 @@ def _main(argv: list[str]) -> None:
     from alexnet_jax.model import ConfigError
 
     try:
-        r = evaluate_checkpoint(opts["workdir"], config, step=opts["step"], views=opts["views"],
-                                split=opts["split"], batch_size=opts["batch_size"])
+        r = evaluate_checkpoint(
+            opts["workdir"],
+            config,
+            step=opts["step"],
+            views=opts["views"],
+            split=opts["split"],
+            batch_size=opts["batch_size"],
+        )
     except (ConfigError, DatasetError, CheckpointError) as e:
         sys.exit(f"{_PROG}: {e}")
     print(_table(r))

@@ -29,9 +29,13 @@ def export(checkpoint: str, out: str, step: int | None = None):
     classes, names, stats = ckpt_lib.read_dataset(step_dir)
     origin = ckpt_lib.read_origin(step_dir) or {}
     return ckpt_lib.write_weights_only(
-        out, number, jax.device_get(params), config=ckpt_lib.read_config(step_dir),
+        out,
+        number,
+        jax.device_get(params),
+        config=ckpt_lib.read_config(step_dir),
         dataset={"classes": classes, "class_names": names, "stats": stats},
-        origin={**origin, "exported_from": str(step_dir)})
+        origin={**origin, "exported_from": str(step_dir)},
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,8 +46,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _main(argv: list[str]) -> None:
     fv = flags.FlagValues()
-    paths.DEFINE_path("checkpoint", None, "A training run's workdir or a checkpoints/<step> folder.",
-                        flag_values=fv)
+    paths.DEFINE_path("checkpoint", None, "A training run's workdir or a checkpoints/<step> folder.", flag_values=fv)
     paths.DEFINE_path("out", None, "The folder to write (new or empty).", flag_values=fv)
     flags.DEFINE_integer("step", None, "Which checkpoint step (default: the newest).", flag_values=fv)
     if cli.wants_help(argv):

@@ -49,13 +49,16 @@ class Gpu:
 
 
 GPUS = {
-    "h100": Gpu("NVIDIA H100 80GB HBM3", 132, 1.98, 81559 << 20, 3.35e12, 50 << 20, (9, 0), 233472, 232448,
-                989.4, 494.7),
+    "h100": Gpu(
+        "NVIDIA H100 80GB HBM3", 132, 1.98, 81559 << 20, 3.35e12, 50 << 20, (9, 0), 233472, 232448, 989.4, 494.7
+    ),
     "h200": Gpu("NVIDIA H200", 132, 1.98, 143771 << 20, 4.8e12, 50 << 20, (9, 0), 233472, 232448, 989.4, 494.7),
-    "a100-80": Gpu("NVIDIA A100-SXM4-80GB", 108, 1.41, 81920 << 20, 2.039e12, 40 << 20, (8, 0), 167936, 166912,
-                   312.0, 156.0),
-    "a100-40": Gpu("NVIDIA A100-SXM4-40GB", 108, 1.41, 40960 << 20, 1.555e12, 40 << 20, (8, 0), 167936, 166912,
-                   312.0, 156.0),
+    "a100-80": Gpu(
+        "NVIDIA A100-SXM4-80GB", 108, 1.41, 81920 << 20, 2.039e12, 40 << 20, (8, 0), 167936, 166912, 312.0, 156.0
+    ),
+    "a100-40": Gpu(
+        "NVIDIA A100-SXM4-40GB", 108, 1.41, 40960 << 20, 1.555e12, 40 << 20, (8, 0), 167936, 166912, 312.0, 156.0
+    ),
 }
 JAX_MEMORY_FRACTION = 0.75  # JAX takes this share of GPU memory at start (XLA_PYTHON_CLIENT_MEM_FRACTION)
 
@@ -102,11 +105,14 @@ def devices(target: str, count: int) -> list:
     from jax.experimental import topologies
 
     try:
-        topology = topologies.get_topology_desc(target, "cuda", target_config=target_config(GPUS[target]),
-                                                topology=f"1x1x{count}")
+        topology = topologies.get_topology_desc(
+            target, "cuda", target_config=target_config(GPUS[target]), topology=f"1x1x{count}"
+        )
     except NotImplementedError as e:
-        raise CompileForError(f"JAX's CUDA plugin did not start ({e}): run with JAX_PLATFORMS=cpu, set before "
-                              "JAX starts, to compile for a GPU on a machine without one") from None
+        raise CompileForError(
+            f"JAX's CUDA plugin did not start ({e}): run with JAX_PLATFORMS=cpu, set before "
+            "JAX starts, to compile for a GPU on a machine without one"
+        ) from None
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CompileForError(f"this jaxlib cannot read the {target} target description ({first})") from None
@@ -119,8 +125,11 @@ def devices(target: str, count: int) -> list:
 
 def _stats(size: int) -> dict:
     rng = np.random.default_rng(0)
-    return {"mean_image": rng.uniform(0, 255, (size, size, 3)).astype(np.float32),
-            "eigval": np.array([0.2, 0.02, 0.005], np.float32), "eigvec": np.eye(3, dtype=np.float32)}
+    return {
+        "mean_image": rng.uniform(0, 255, (size, size, 3)).astype(np.float32),
+        "eigval": np.array([0.2, 0.02, 0.005], np.float32),
+        "eigvec": np.eye(3, dtype=np.float32),
+    }
 
 
 def compile_steps(config, devs: list, batch: int) -> dict:
@@ -144,23 +153,34 @@ def compile_steps(config, devs: list, batch: int) -> dict:
     S, R = config.data.crop_size, config.data.resize_size
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(parallel.DATA_AXIS))
     sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rows)
-    train_batch = {"image": sds((batch, S, S, 3), jnp.uint8), "label": sds((batch,), jnp.int32),
-                   "mask": sds((batch,), jnp.bool_), "crop_yx": sds((batch, 2), jnp.int32),
-                   "flip": sds((batch,), jnp.bool_), "alpha": sds((batch, 3), jnp.float32)}
-    eval_batch = {"image": sds((batch, R, R, 3), jnp.uint8), "label": sds((batch,), jnp.int32),
-                  "mask": sds((batch,), jnp.bool_)}
+    train_batch = {
+        "image": sds((batch, S, S, 3), jnp.uint8),
+        "label": sds((batch,), jnp.int32),
+        "mask": sds((batch,), jnp.bool_),
+        "crop_yx": sds((batch, 2), jnp.int32),
+        "flip": sds((batch,), jnp.bool_),
+        "alpha": sds((batch, 3), jnp.float32),
+    }
+    eval_batch = {
+        "image": sds((batch, R, R, 3), jnp.uint8),
+        "label": sds((batch,), jnp.int32),
+        "mask": sds((batch,), jnp.bool_),
+    }
     train = steps.make_train_step(model, tx, mesh, shardings, inputs, layout)
     evaluate = steps.make_eval_step(model, mesh, shardings.params, inputs, layout)
     cache = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)  # a compile-only program cannot be read back
     try:
-        return {"train": train.trace(state, train_batch).lower().compile(),
-                "eval": evaluate.trace(state.params, eval_batch).lower().compile()}
+        return {
+            "train": train.trace(state, train_batch).lower().compile(),
+            "eval": evaluate.trace(state.params, eval_batch).lower().compile(),
+        }
     except Exception as e:
         text = str(e)
         if "libdevice" in text or "PTX" in text or "ptxas" in text:
-            raise CompileForError("the CUDA compiler tools are missing (ptxas, libdevice): "
-                                  "pip install -e '.[gpu-compile]'") from None
+            raise CompileForError(
+                "the CUDA compiler tools are missing (ptxas, libdevice): pip install -e '.[gpu-compile]'"
+            ) from None
         raise
     finally:
         jax.config.update("jax_enable_compilation_cache", cache)
@@ -169,15 +189,40 @@ def compile_steps(config, devs: list, batch: int) -> dict:
 # ---------------------------------------------------------------------------
 # Reading the optimised program
 
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-          "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+}
 _SHAPE = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
-_INSTR = re.compile(r"^\s+(?:ROOT )?%(?P<name>[\w.\-]+) = (?P<type>\(.*?\)|\S+) (?P<op>[\w\-]+)\((?P<args>.*?)\)"
-                    r"(?P<rest>,.*)?$")
-_NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
-               "replica-id", "opt-barrier"}
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute",
-               "collective-broadcast")
+_INSTR = re.compile(
+    r"^\s+(?:ROOT )?%(?P<name>[\w.\-]+) = (?P<type>\(.*?\)|\S+) (?P<op>[\w\-]+)\((?P<args>.*?)\)"
+    r"(?P<rest>,.*)?$"
+)
+_NO_TRAFFIC = {
+    "parameter",
+    "constant",
+    "get-tuple-element",
+    "tuple",
+    "bitcast",
+    "after-all",
+    "partition-id",
+    "replica-id",
+    "opt-barrier",
+}
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute", "collective-broadcast")
 
 
 def type_bytes(text: str) -> int:
@@ -194,13 +239,20 @@ def entry_instructions(hlo: str) -> list[dict]:
     lines = hlo.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("ENTRY "))
     out = []
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if line.startswith("}"):
             break
         m = _INSTR.match(line)
         if m:
-            out.append({"name": m["name"], "type": m["type"], "op": m["op"],
-                        "args": re.findall(r"%([\w.\-]+)", m["args"]), "rest": m["rest"] or ""})
+            out.append(
+                {
+                    "name": m["name"],
+                    "type": m["type"],
+                    "op": m["op"],
+                    "args": re.findall(r"%([\w.\-]+)", m["args"]),
+                    "rest": m["rest"] or "",
+                }
+            )
     return out
 
 
@@ -220,8 +272,14 @@ def _op_name(rest: str) -> str:
     return m[1].replace("jit(train_step)/", "").replace("jit(eval_step)/", "") if m else ""
 
 
-def analyse(compiled, batch: int, devices: int = 1, gpu: Gpu | None = None, flops_per_image: float | None = None,
-            dtype: str = "bfloat16") -> dict:
+def analyse(
+    compiled,
+    batch: int,
+    devices: int = 1,
+    gpu: Gpu | None = None,
+    flops_per_image: float | None = None,
+    dtype: str = "bfloat16",
+) -> dict:
     """Memory, kernels, collectives and HBM traffic of one device's program (every device runs the same).
 
     HBM bytes are counted at kernel boundaries: each top-level op reads its operands and writes its
@@ -280,22 +338,30 @@ def analyse(compiled, batch: int, devices: int = 1, gpu: Gpu | None = None, flop
             kernels["host_transfers"] += 1
     hbm = sum(r["bytes"] for r in rows)
     out = {
-        "argument_bytes": mem.argument_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
-        "output_bytes": mem.output_size_in_bytes, "alias_bytes": mem.alias_size_in_bytes,
+        "argument_bytes": mem.argument_size_in_bytes,
+        "temp_bytes": mem.temp_size_in_bytes,
+        "output_bytes": mem.output_size_in_bytes,
+        "alias_bytes": mem.alias_size_in_bytes,
         "peak_bytes_per_device": peak,
         "device_ops": len([r for r in rows if not r["op"].endswith("-done")]),
-        "fusions": kernels["fusions"], "cudnn_convolutions": kernels["cudnn_convolutions"],
-        "gemms": kernels["gemms"], "other_custom_calls": kernels["other_custom_calls"],
+        "fusions": kernels["fusions"],
+        "cudnn_convolutions": kernels["cudnn_convolutions"],
+        "gemms": kernels["gemms"],
+        "other_custom_calls": kernels["other_custom_calls"],
         "host_transfers": kernels["host_transfers"],
         "collectives": collectives,
-        "hbm_bytes_per_step": hbm, "hbm_bytes_per_image": hbm * devices / batch,
+        "hbm_bytes_per_step": hbm,
+        "hbm_bytes_per_image": hbm * devices / batch,
         "top_ops": sorted(rows, key=lambda r: -r["bytes"])[:10],
     }
     if gpu is not None:
         usable = gpu.memory_bytes * JAX_MEMORY_FRACTION
         tflops = gpu.tflops_bf16 if dtype == "bfloat16" else gpu.tflops_tf32
-        out |= {"device_memory_bytes": gpu.memory_bytes, "fits": peak <= usable,
-                "roofline_images_per_s": {"memory": devices * gpu.bandwidth / out["hbm_bytes_per_image"]}}
+        out |= {
+            "device_memory_bytes": gpu.memory_bytes,
+            "fits": peak <= usable,
+            "roofline_images_per_s": {"memory": devices * gpu.bandwidth / out["hbm_bytes_per_image"]},
+        }
         if flops_per_image:
             out["roofline_images_per_s"]["compute"] = devices * tflops * 1e12 / flops_per_image
     return out
@@ -313,7 +379,7 @@ def _async_result(start_type: str) -> int:
         if ch == "," and depth == 0:
             cut = i
             break
-    return type_bytes(inner[cut + 1:]) if cut is not None else type_bytes(start_type)
+    return type_bytes(inner[cut + 1 :]) if cut is not None else type_bytes(start_type)
 
 
 def dump(compiled: dict, folder: str | Path) -> list[Path]:

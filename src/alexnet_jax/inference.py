@@ -60,8 +60,10 @@ def _model_from(config: ml_collections.ConfigDict, model, step_dir) -> AlexNet:
     if model is not None:
         return from_config(model)
     if "model" not in config:
-        raise CheckpointError(f"The config saved in {str(step_dir)!r} has no model section: not an "
-                              "alexnet_jax checkpoint, or a damaged one.")
+        raise CheckpointError(
+            f"The config saved in {str(step_dir)!r} has no model section: not an "
+            "alexnet_jax checkpoint, or a damaged one."
+        )
     return from_config(config.model)
 
 
@@ -75,16 +77,26 @@ def _check_shapes(saved_params, model: AlexNet, step_dir, override: bool) -> Non
     x = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
     expected = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
     have, want = _flat_shapes(saved_params), _flat_shapes(expected)
-    diffs = [f"{k}: checkpoint {have.get(k)}, model {want.get(k)}"
-             for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+    diffs = [
+        f"{k}: checkpoint {have.get(k)}, model {want.get(k)}"
+        for k in sorted(set(have) | set(want))
+        if have.get(k) != want.get(k)
+    ]
     if diffs:
         fields = {f: getattr(model, f) for f in ("towers", "width", "num_classes", "image_size")}
-        fix = ("Omit model= to use the config saved with the checkpoint, or give the model config it was "
-               "trained with." if override else "Its saved config does not describe its parameters: the "
-               "folder mixes two runs. Pass model=<the model config it was trained with>.")
+        fix = (
+            "Omit model= to use the config saved with the checkpoint, or give the model config it was trained with."
+            if override
+            else "Its saved config does not describe its parameters: the "
+            "folder mixes two runs. Pass model=<the model config it was trained with>."
+        )
         raise CheckpointError(
             f"The parameters in {str(step_dir)!r} are from another model size than {fields}: "
-            + "; ".join(diffs[:3]) + (f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else "") + ". " + fix)
+            + "; ".join(diffs[:3])
+            + (f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else "")
+            + ". "
+            + fix
+        )
 
 
 def _placement(model: AlexNet, devices) -> tuple[Any, Any]:
@@ -96,8 +108,9 @@ def _placement(model: AlexNet, devices) -> tuple[Any, Any]:
     return None, jax.sharding.SingleDeviceSharding(devices[0])
 
 
-def load_checkpoint(path: str | os.PathLike, step: int | None = None, *, model=None,
-                    devices: Sequence[Any] | None = None) -> Checkpoint:
+def load_checkpoint(
+    path: str | os.PathLike, step: int | None = None, *, model=None, devices: Sequence[Any] | None = None
+) -> Checkpoint:
     """Restore the parameters and config of a checkpoint onto this process's devices.
 
     ``path``: a workdir, its ``checkpoints/`` folder or one ``checkpoints/<step>``
@@ -115,8 +128,17 @@ def load_checkpoint(path: str | os.PathLike, step: int | None = None, *, model=N
     classes, class_names, stats = checkpoint.read_dataset(step_dir)
     if number is None:  # a step folder copied under another name: the state knows its step
         number = checkpoint.read_step(step_dir)
-    return Checkpoint(params=params, config=config, step=number, path=str(step_dir),
-                      model=net, mesh=mesh, classes=classes, class_names=class_names, stats=stats)
+    return Checkpoint(
+        params=params,
+        config=config,
+        step=number,
+        path=str(step_dir),
+        model=net,
+        mesh=mesh,
+        classes=classes,
+        class_names=class_names,
+        stats=stats,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -139,29 +161,39 @@ def load_image(image, size: int, warp: bool = False) -> np.ndarray:
     if isinstance(image, (str, os.PathLike, epath.Path)):
         p = paths.absolute(image)
         if not p.is_file():
-            raise ImageError(f"No image file at {str(image)!r}. Give the path of a JPEG/PNG file, "
-                             "a PIL image or a uint8 HxWx3 array.")
+            raise ImageError(
+                f"No image file at {str(image)!r}. Give the path of a JPEG/PNG file, "
+                "a PIL image or a uint8 HxWx3 array."
+            )
         try:
             return sources.decode_image(p.read_bytes(), size, warp)
         except sources.DecodeError as e:
-            raise ImageError(f"Cannot read {str(image)!r} as an image ({e}). Give a readable JPEG/PNG "
-                             "file, a PIL image or a uint8 HxWx3 array.") from None
+            raise ImageError(
+                f"Cannot read {str(image)!r} as an image ({e}). Give a readable JPEG/PNG "
+                "file, a PIL image or a uint8 HxWx3 array."
+            ) from None
     if isinstance(image, Image.Image):
         return sources.rescale_center_square(image, size, warp)
     if isinstance(image, np.ndarray) or hasattr(image, "__array__"):
         arr = np.asarray(image)
         if arr.dtype != np.uint8:
-            raise ImageError(f"Image arrays must be uint8 (0..255), got {arr.dtype}. For floats in [0, 1] "
-                             "pass (x * 255).round().astype(np.uint8).")
+            raise ImageError(
+                f"Image arrays must be uint8 (0..255), got {arr.dtype}. For floats in [0, 1] "
+                "pass (x * 255).round().astype(np.uint8)."
+            )
         if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (1, 3, 4))):
-            raise ImageError(f"Image arrays must be HxW, HxWx3 or HxWx4 (RGB, channels last), got shape "
-                             f"{arr.shape}; a batch goes in as an (N, H, W, 3) array or a list.")
+            raise ImageError(
+                f"Image arrays must be HxW, HxWx3 or HxWx4 (RGB, channels last), got shape "
+                f"{arr.shape}; a batch goes in as an (N, H, W, 3) array or a list."
+            )
         if min(arr.shape[:2]) < 1:
             raise ImageError(f"Empty image array of shape {arr.shape}.")
-        return sources.rescale_center_square(Image.fromarray(arr.squeeze(-1) if arr.ndim == 3 and
-                                                             arr.shape[-1] == 1 else arr), size, warp)
-    raise ImageError(f"Cannot use a {type(image).__name__} as an image: give a file path, a PIL image "
-                     "or a uint8 HxWx3 array.")
+        return sources.rescale_center_square(
+            Image.fromarray(arr.squeeze(-1) if arr.ndim == 3 and arr.shape[-1] == 1 else arr), size, warp
+        )
+    raise ImageError(
+        f"Cannot use a {type(image).__name__} as an image: give a file path, a PIL image or a uint8 HxWx3 array."
+    )
 
 
 def _as_list(images) -> list:
@@ -211,31 +243,43 @@ class Classifier:
     the centre crop.
     """
 
-    def __init__(self, checkpoint: Checkpoint | str | os.PathLike, *, step: int | None = None,
-                 views: str | None = None, batch_size: int = 32):
+    def __init__(
+        self,
+        checkpoint: Checkpoint | str | os.PathLike,
+        *,
+        step: int | None = None,
+        views: str | None = None,
+        batch_size: int = 32,
+    ):
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, step)
         cfg = ckpt.config
         if cfg is None or "data" not in cfg:
-            raise CheckpointError(f"{ckpt.path!r} has no data config: the preprocessing it was trained with "
-                                  "is unknown.")
+            raise CheckpointError(
+                f"{ckpt.path!r} has no data config: the preprocessing it was trained with is unknown."
+            )
         self.checkpoint, self.model = ckpt, ckpt.model
         self.resize, self.crop = int(cfg.data.resize_size), int(cfg.data.crop_size)
         self.warp = cfg.data.get("resize_mode", "shorter_side") == "warp"
         if self.crop != self.model.image_size:
-            raise CheckpointError(f"data.crop_size={self.crop} differs from model.image_size="
-                                  f"{self.model.image_size} in {ckpt.path!r}.")
+            raise CheckpointError(
+                f"data.crop_size={self.crop} differs from model.image_size={self.model.image_size} in {ckpt.path!r}."
+            )
         self.views = views or ("ten_crop" if cfg.eval_ten_crop else "center")
         if self.views not in ("center", "ten_crop"):
             raise ValueError(f"views must be 'center' or 'ten_crop', got {self.views!r}.")
         self.mean = None
         if cfg.data.mean_subtraction:
             if ckpt.stats is None:
-                raise CheckpointError(f"The run subtracted the training mean image, but {ckpt.path!r} does not "
-                                      "carry it: the checkpoint is damaged (its dataset_stats item is missing).")
+                raise CheckpointError(
+                    f"The run subtracted the training mean image, but {ckpt.path!r} does not "
+                    "carry it: the checkpoint is damaged (its dataset_stats item is missing)."
+                )
             self.mean = np.asarray(ckpt.stats["mean_image"], np.float32)
             if self.mean.shape[:2] != (self.resize, self.resize):
-                raise CheckpointError(f"The mean image in {ckpt.path!r} is {self.mean.shape}, but the run "
-                                      f"rescaled images to {self.resize}.")
+                raise CheckpointError(
+                    f"The mean image in {ckpt.path!r} is {self.mean.shape}, but the run "
+                    f"rescaled images to {self.resize}."
+                )
         self.batch_size = batch_size
         self.num_classes = self.model.num_classes
         self._apply = jax.jit(self._make_apply())
@@ -252,8 +296,9 @@ class Classifier:
 
         def apply(params, images, crop_yx, flip):
             n, v = images.shape[:2]
-            x = data_device.normalize({"image": images, "crop_yx": crop_yx, "flip": flip}, mean, None, None,
-                                      lighting=False)
+            x = data_device.normalize(
+                {"image": images, "crop_yx": crop_yx, "flip": flip}, mean, None, None, lighting=False
+            )
             logits, fc7 = forward({"params": params}, x.reshape((n * v,) + x.shape[2:]), None)
             probs = average_views(jax.nn.softmax(logits.astype(jnp.float32)).reshape(n, v, -1))
             return probs, fc7.reshape(n, v, -1)
@@ -292,13 +337,12 @@ class Classifier:
         sharding = None if self.checkpoint.mesh is None else batch_sharding(self.checkpoint.mesh)
         probs, feats = [], []
         for start in range(0, n, chunk):
-            part = {k: batch[k][start:start + chunk] for k in ("image", "crop_yx", "flip")}
+            part = {k: batch[k][start : start + chunk] for k in ("image", "crop_yx", "flip")}
             m = part["image"].shape[0]
             part = {k: np.concatenate([v, np.zeros((chunk - m,) + v.shape[1:], v.dtype)]) for k, v in part.items()}
             if sharding is not None:
                 part = {k: jax.device_put(v, sharding) for k, v in part.items()}
-            p, f = jax.device_get(self._apply(self.checkpoint.params, part["image"], part["crop_yx"],
-                                              part["flip"]))
+            p, f = jax.device_get(self._apply(self.checkpoint.params, part["image"], part["crop_yx"], part["flip"]))
             probs.append(p[:m])
             feats.append(f[:m])
         return np.concatenate(probs), np.concatenate(feats)
@@ -313,9 +357,14 @@ class Classifier:
         top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         ids = self.checkpoint.classes or [str(i) for i in range(self.num_classes)]
         names = self.checkpoint.class_names or ids
-        return Prediction(probs=probs, top_k=top, top_probs=np.take_along_axis(probs, top, axis=1),
-                          classes=[[ids[j] for j in row] for row in top],
-                          names=[[names[j] for j in row] for row in top], sources=batch["sources"])
+        return Prediction(
+            probs=probs,
+            top_k=top,
+            top_probs=np.take_along_axis(probs, top, axis=1),
+            classes=[[ids[j] for j in row] for row in top],
+            names=[[names[j] for j in row] for row in top],
+            sources=batch["sources"],
+        )
 
     def features(self, images, *, views: str = "center") -> np.ndarray:
         """fc7 activations ``(N, 4096 * width)`` (both towers), the paper's Figure 4 features.
@@ -330,11 +379,20 @@ class Classifier:
         return names[index] if names else str(index)
 
 
-def predict(checkpoint: Checkpoint | str | os.PathLike, images, *, top_k: int = 5,
-            views: str | None = None) -> Prediction:
+def predict(
+    checkpoint: Checkpoint | str | os.PathLike, images, *, top_k: int = 5, views: str | None = None
+) -> Prediction:
     """One-off classification: ``predict("runs/demo", ["a.jpg", "b.png"])``. Reuse a ``Classifier`` for more."""
     return Classifier(checkpoint, views=views).predict(images, top_k=top_k)
 
 
-__all__ = ["Checkpoint", "CheckpointError", "Classifier", "ImageError", "Prediction",
-           "load_checkpoint", "load_image", "predict"]
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "Classifier",
+    "ImageError",
+    "Prediction",
+    "load_checkpoint",
+    "load_image",
+    "predict",
+]

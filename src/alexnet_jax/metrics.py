@@ -22,7 +22,6 @@ class Diverged(TrainingError):
     """The training loss became NaN or infinite: the run cannot go on with these settings."""
 
 
-
 class MetricWriter:
     """``<workdir>/metrics.jsonl`` (one object per line) and TensorBoard event files.
 
@@ -84,8 +83,9 @@ class _EventFile:
         logdir.mkdir(parents=True, exist_ok=True)
         self._writer = EventsWriter(str(logdir / "events"), filename_suffix=f".{os.getpid()}")
         if purge_step is not None:
-            self._writer.write_event(Event(step=purge_step, wall_time=time.time(),
-                                           session_log=SessionLog(status=SessionLog.START)))
+            self._writer.write_event(
+                Event(step=purge_step, wall_time=time.time(), session_log=SessionLog(status=SessionLog.START))
+            )
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         now = time.time()
@@ -117,8 +117,7 @@ def _move_rows_after(path: Path, step: int) -> str | None:
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(keep))
     os.replace(tmp, path)
-    return (f"metrics.jsonl: moved the {len(later)} row(s) an interrupted run wrote after step {step} "
-            f"to {aside.name}.")
+    return f"metrics.jsonl: moved the {len(later)} row(s) an interrupted run wrote after step {step} to {aside.name}."
 
 
 class DivergenceGuard:
@@ -137,20 +136,25 @@ class DivergenceGuard:
         bad = int(m["train/nonfinite_inputs"])
         if bad:
             self.bad_batches += 1
-            self.progress.note(escape(
-                f"Step {s}: its input batch (batch {s - 1} of the training stream) has {bad} NaN/Inf values; "
-                f"the step was skipped and the parameters left unchanged ({self.bad_batches} bad batch(es) "
-                f"so far, at most {self.max_bad})."))
+            self.progress.note(
+                escape(
+                    f"Step {s}: its input batch (batch {s - 1} of the training stream) has {bad} NaN/Inf values; "
+                    f"the step was skipped and the parameters left unchanged ({self.bad_batches} bad batch(es) "
+                    f"so far, at most {self.max_bad})."
+                )
+            )
             self.writer.write(s, {"train/nonfinite_inputs": bad})
             if self.bad_batches > self.max_bad:
                 raise TrainingError(
                     f"{self.bad_batches} input batches had NaN/Inf values, the last at step {s}; stopping. "
-                    f"{self.resume_hint()}. Check the data (and stats.npz), or raise --config.max_bad_batches.")
+                    f"{self.resume_hint()}. Check the data (and stats.npz), or raise --config.max_bad_batches."
+                )
             return False
         if not math.isfinite(float(m["train/loss"])):
             raise Diverged(
                 f"The training loss became {float(m['train/loss'])} at step {s}; stopping. "
-                f"{self.resume_hint()}. Lower --config.optim.lr, or check the data for NaN/Inf inputs.")
+                f"{self.resume_hint()}. Lower --config.optim.lr, or check the data for NaN/Inf inputs."
+            )
         return True
 
 
@@ -170,8 +174,16 @@ class PendingMetrics:
 
     INPUT_BOUND = 0.1
 
-    def __init__(self, writer: MetricWriter, progress, guard: DivergenceGuard, *, log_every: int, batch_size: int,
-                 input_wait: Callable[[], float] = lambda: 0.0):
+    def __init__(
+        self,
+        writer: MetricWriter,
+        progress,
+        guard: DivergenceGuard,
+        *,
+        log_every: int,
+        batch_size: int,
+        input_wait: Callable[[], float] = lambda: 0.0,
+    ):
         self.writer, self.progress, self.guard = writer, progress, guard
         self.log_every, self.batch_size, self.input_wait = log_every, batch_size, input_wait
         self.pending: list[tuple[int, dict]] = []
@@ -190,9 +202,11 @@ class PendingMetrics:
         perf = {}
         if self._clock is not None and newest > self._clock[1]:
             wall = max(now - self._clock[0], 1e-9)
-            perf = {"perf/images_per_s": (newest - self._clock[1]) * self.batch_size / wall,
-                    "perf/step_time_s": wall / (newest - self._clock[1]),
-                    "perf/input_wait_share": min(max((waited - self._clock[2]) / wall, 0.0), 1.0)}
+            perf = {
+                "perf/images_per_s": (newest - self._clock[1]) * self.batch_size / wall,
+                "perf/step_time_s": wall / (newest - self._clock[1]),
+                "perf/input_wait_share": min(max((waited - self._clock[2]) / wall, 0.0), 1.0),
+            }
         self._clock = (now, newest, waited)
         good = [(s, m) for s, m in rows if self.guard.passes(s, m)]
         for s, m in good:
@@ -200,8 +214,9 @@ class PendingMetrics:
                 self.writer.write(s, {**m, **perf} if s == newest else m)
         if good:
             s, m = good[-1]
-            self.progress.update(s, loss=float(m["train/loss"]), lr=float(m["train/lr"]),
-                                 input_wait=perf.get("perf/input_wait_share"))
+            self.progress.update(
+                s, loss=float(m["train/loss"]), lr=float(m["train/lr"]), input_wait=perf.get("perf/input_wait_share")
+            )
 
     def restart_clock(self) -> None:
         """The next interval starts now."""

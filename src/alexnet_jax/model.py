@@ -24,8 +24,13 @@ from alexnet_jax.tower_ops import OPS, TowerOps, divide_by_power, resolve
 
 ACTIVATIONS = {"relu": nn.relu, "tanh": jnp.tanh}  # tanh: the saturating unit of Section 3.1
 # The choice fields; from_config checks them, the forward pass trusts them.
-CHOICES = {"activation": tuple(ACTIVATIONS), "lrn_convention": ("paper", "alpha_over_n"),
-           "lrn_scope": ("tower", "layer"), "dtype": ("float32", "bfloat16"), "ops": ("auto", *OPS)}
+CHOICES = {
+    "activation": tuple(ACTIVATIONS),
+    "lrn_convention": ("paper", "alpha_over_n"),
+    "lrn_scope": ("tower", "layer"),
+    "dtype": ("float32", "bfloat16"),
+    "ops": ("auto", *OPS),
+}
 
 
 class ConfigError(ValueError):
@@ -47,8 +52,9 @@ def whole_net_widths(towers: int, conv_widths: tuple = (), fc_widths: tuple = ()
     return conv, tuple(fc_widths) or _FC
 
 
-def tower_widths(towers: int, width: float, num_classes: int, conv_widths: tuple = (),
-                 fc_widths: tuple = ()) -> dict[str, int]:
+def tower_widths(
+    towers: int, width: float, num_classes: int, conv_widths: tuple = (), fc_widths: tuple = ()
+) -> dict[str, int]:
     """Output width of each layer within one tower (``from_config`` has checked that they divide)."""
     conv, fc = whole_net_widths(towers, conv_widths, fc_widths)
     scaled = [max(1, int(round(w // towers * width))) for w in conv + fc]
@@ -86,14 +92,17 @@ class LRN(nn.Module):
     @nn.compact
     def __call__(self, x_NHWC: jax.Array, halo: tuple[jax.Array, jax.Array] | None = None, act=None) -> jax.Array:
         alpha, half = {"paper": self.alpha, "alpha_over_n": self.alpha / self.n}[self.convention], self.n // 2
+
         def normalise(x, halo):  # in float32 whatever x's dtype; returned in x's
             a = (x if act is None else act(x)).astype(jnp.float32)  # act: the layer's, recomputed with LRN
             squares, pad = jnp.square(a), (half, half)
             if halo is not None:  # the neighbours' channels instead of zeros
                 squares, pad = jnp.concatenate([jnp.square(halo[0]), squares, jnp.square(halo[1])], axis=-1), (0, 0)
-            window_sum = jax.lax.reduce_window(squares, 0.0, jax.lax.add, (1, 1, 1, 2 * half + 1),
-                                               (1, 1, 1, 1), ((0, 0), (0, 0), (0, 0), pad))
+            window_sum = jax.lax.reduce_window(
+                squares, 0.0, jax.lax.add, (1, 1, 1, 2 * half + 1), (1, 1, 1, 1), ((0, 0), (0, 0), (0, 0), pad)
+            )
             return self.divide(a, self.k + alpha * window_sum, self.beta).astype(x.dtype)
+
         return jax.lax.optimization_barrier(jax.checkpoint(normalise)(x_NHWC, halo))  # remat; out in x's dtype
 
 
@@ -153,8 +162,12 @@ class Tower(_Fields):
     def _layer(self, name):
         """Section 5's initialisation: weights N(0, init_std^2), biases init_bias or 0."""
         bias = self.init_bias if name in BIAS_ONE_LAYERS else 0.0
-        return dict(kernel_init=nn.initializers.normal(stddev=self.init_std),
-                    bias_init=nn.initializers.constant(bias), dtype=self.dtype, name=name)
+        return dict(
+            kernel_init=nn.initializers.normal(stddev=self.init_std),
+            bias_init=nn.initializers.constant(bias),
+            dtype=self.dtype,
+            name=name,
+        )
 
     def _conv(self, name, features, k, stride=1, padding=None):
         pad = ((k // 2, k // 2),) * 2 if padding is None else padding
@@ -217,14 +230,22 @@ class AlexNet(_Fields):
         """
         s = self.image_size
         if images_NHWC.shape[1:] != (s, s, 3):
-            raise ValueError(f"AlexNet expects NHWC images of shape (N, {s}, {s}, 3) "
-                             f"(model.image_size={s}); got {images_NHWC.shape}.")
+            raise ValueError(
+                f"AlexNet expects NHWC images of shape (N, {s}, {s}, 3) "
+                f"(model.image_size={s}); got {images_NHWC.shape}."
+            )
         key = self.make_rng("dropout") if (train and self.dropout > 0) else None
         # On one device vmap creates the tower axis; where the mesh has it, a vmap of size 1
         # only keeps the stacked parameter layout.
-        towers = nn.vmap(Tower, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
-                         in_axes=(None, None), out_axes=1, axis_size=1 if axes.tower else self.towers,
-                         axis_name=None if axes.tower else TOWER_AXIS)
+        towers = nn.vmap(
+            Tower,
+            variable_axes={"params": 0, "intermediates": 0},
+            split_rngs={"params": True},
+            in_axes=(None, None),
+            out_axes=1,
+            axis_size=1 if axes.tower else self.towers,
+            axis_name=None if axes.tower else TOWER_AXIS,
+        )
         fields = {name: getattr(self, name) for name in CONFIG_FIELDS}
         scores_NTK = towers(**fields, deterministic=not train, axes=axes, name="towers")(images_NHWC, key)
         return scores_NTK.reshape(scores_NTK.shape[0], -1)
@@ -247,8 +268,9 @@ def from_config(cfg: ml_collections.ConfigDict | dict) -> AlexNet:
     model = AlexNet(**items)
     for field, allowed in CHOICES.items():
         if not isinstance(getattr(model, field), TowerOps) and getattr(model, field) not in allowed:
-            raise ConfigError(f"model.{field} must be {' or '.join(map(repr, allowed))}, "
-                              f"got {getattr(model, field)!r}.")
+            raise ConfigError(
+                f"model.{field} must be {' or '.join(map(repr, allowed))}, got {getattr(model, field)!r}."
+            )
     _check_widths(model)
     _check_sizes(model)
     return model
@@ -259,15 +281,21 @@ def _check_widths(m: AlexNet) -> None:
         raise ConfigError(f"model.towers must be an integer >= 1, got {m.towers!r}.")
     conv, fc = whole_net_widths(m.towers, m.conv_widths, m.fc_widths)
     if len(conv) != 5 or len(fc) != 2:
-        raise ConfigError(f"model.conv_widths needs 5 widths (conv1..conv5) and model.fc_widths 2 (fc6, fc7); "
-                          f"got {m.conv_widths} and {m.fc_widths}.")
+        raise ConfigError(
+            f"model.conv_widths needs 5 widths (conv1..conv5) and model.fc_widths 2 (fc6, fc7); "
+            f"got {m.conv_widths} and {m.fc_widths}."
+        )
     for field, widths in (("conv_widths", conv), ("fc_widths", fc)):
         if any(w % m.towers for w in widths):
-            raise ConfigError(f"model.{field}={widths} must divide by model.towers={m.towers}: "
-                              "each tower computes an equal share of every layer.")
+            raise ConfigError(
+                f"model.{field}={widths} must divide by model.towers={m.towers}: "
+                "each tower computes an equal share of every layer."
+            )
     if m.num_classes % m.towers:
-        raise ConfigError(f"model.num_classes={m.num_classes} must be divisible by model.towers={m.towers}: "
-                          "each tower's fc8 computes an equal share of the class scores.")
+        raise ConfigError(
+            f"model.num_classes={m.num_classes} must be divisible by model.towers={m.towers}: "
+            "each tower's fc8 computes an equal share of the class scores."
+        )
     if not m.width > 0:
         raise ConfigError(f"model.width must be > 0, got {m.width}.")
     w = tower_widths(m.towers, m.width, m.num_classes, m.conv_widths, m.fc_widths)
@@ -285,8 +313,10 @@ def _check_sizes(m: AlexNet) -> None:
     size = (m.image_size + sum(conv1_padding(m.image_size, pad=m.conv1_pad)[0]) - 11) // 4 + 1  # < 1: < 11x11
     for _ in ("after conv1", "after conv2", "after conv5"):  # convs 2-5 keep the size
         if size < m.pool_window:
-            raise ConfigError(f"model.image_size={m.image_size} is too small: a feature map shrinks "
-                              f"below the {m.pool_window}x{m.pool_window} pooling window.")
+            raise ConfigError(
+                f"model.image_size={m.image_size} is too small: a feature map shrinks "
+                f"below the {m.pool_window}x{m.pool_window} pooling window."
+            )
         size = (size - m.pool_window) // m.pool_stride + 1
 
 

@@ -27,13 +27,12 @@ import optax
 
 def weights_only(params: Any) -> Any:
     """Decay mask: kernels yes, biases no (cuda-convnet's practice)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[-1], "key", None) != "bias", params
-    )
+    return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) != "bias", params)
 
 
-def paper_sgd(learning_rate: float, momentum: float = 0.9, weight_decay: float = 5e-4,
-              decay_biases: bool = False) -> optax.GradientTransformation:
+def paper_sgd(
+    learning_rate: float, momentum: float = 0.9, weight_decay: float = 5e-4, decay_biases: bool = False
+) -> optax.GradientTransformation:
     return optax.chain(
         optax.add_decayed_weights(weight_decay, mask=None if decay_biases else weights_only),
         optax.scale_by_learning_rate(learning_rate),  # -eps * (g + wd * w)
@@ -44,7 +43,9 @@ def paper_sgd(learning_rate: float, momentum: float = 0.9, weight_decay: float =
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """``cfg`` is the ``optim`` config section."""
     return optax.inject_hyperparams(paper_sgd, static_args=("decay_biases",))(
-        learning_rate=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        learning_rate=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
         decay_biases=cfg.decay_biases,
     )
 
@@ -94,8 +95,11 @@ class DropHistory:
             self.best_val, self.evals_since_best = val_error, 0
             return False
         self.evals_since_best += 1
-        if (cfg.plateau_patience > 0 and self.evals_since_best >= cfg.plateau_patience
-                and self.num_plateau_drops < cfg.plateau_max_drops):
+        if (
+            cfg.plateau_patience > 0
+            and self.evals_since_best >= cfg.plateau_patience
+            and self.num_plateau_drops < cfg.plateau_max_drops
+        ):
             self.evals_since_best = 0
             return True
         return False
@@ -133,9 +137,19 @@ class LearningRate:
     ``read_request``), a scheduled epoch, a plateau. ``on_drop(entry)`` reports each.
     """
 
-    def __init__(self, cfg: ml_collections.ConfigDict, history: DropHistory, *, lr: float, step: int,
-                 steps_per_epoch: int, request_every: int, read_request: Callable[[], float | None],
-                 manual_lr: float | None = None, on_drop: Callable[[dict], None] = lambda entry: None):
+    def __init__(
+        self,
+        cfg: ml_collections.ConfigDict,
+        history: DropHistory,
+        *,
+        lr: float,
+        step: int,
+        steps_per_epoch: int,
+        request_every: int,
+        read_request: Callable[[], float | None],
+        manual_lr: float | None = None,
+        on_drop: Callable[[dict], None] = lambda entry: None,
+    ):
         self.cfg, self.history, self.value = cfg, history, float(lr)
         self.steps_per_epoch, self.request_every, self.read_request = steps_per_epoch, request_every, read_request
         self.on_drop = on_drop
@@ -148,8 +162,13 @@ class LearningRate:
         new, reason = self._decide(step, val_error)
         if new is None:
             return state
-        entry = {"step": int(step), "epoch": round(step / self.steps_per_epoch, 4), "from": self.value, "to": new,
-                 "reason": reason}
+        entry = {
+            "step": int(step),
+            "epoch": round(step / self.steps_per_epoch, 4),
+            "from": self.value,
+            "to": new,
+            "reason": reason,
+        }
         self.history.drops.append(entry)
         self.value = new
         self.on_drop(entry)

@@ -42,8 +42,12 @@ class Layout:
 
     def axes(self, towers_split: bool) -> Axes:
         """The network's axes in this layout; ``towers_split``: one tower per device along ``tower``."""
-        return Axes(tower=self.tower if towers_split else None, conv_batch=self.conv_batch,
-                    fc_batch=self.fc_batch, fc_units=self.fc_units)
+        return Axes(
+            tower=self.tower if towers_split else None,
+            conv_batch=self.conv_batch,
+            fc_batch=self.fc_batch,
+            fc_units=self.fc_units,
+        )
 
 
 # The layouts, as data: the one mesh forward (mesh_forward) and the shardings read them.
@@ -129,8 +133,9 @@ def param_specs(tree: Any, layout: str = DEFAULT_LAYOUT) -> Any:
 
 def state_shardings(tree: Any, mesh: Mesh, layout: str = DEFAULT_LAYOUT) -> Any:
     """The sharding of every leaf of a train state (or parameter tree) in ``layout``."""
-    return jax.tree_util.tree_map(lambda spec: NamedSharding(mesh, spec), param_specs(tree, layout),
-                                  is_leaf=lambda x: isinstance(x, P))
+    return jax.tree_util.tree_map(
+        lambda spec: NamedSharding(mesh, spec), param_specs(tree, layout), is_leaf=lambda x: isinstance(x, P)
+    )
 
 
 def shard_variables(variables: Any, mesh: Mesh, layout: str = DEFAULT_LAYOUT) -> Any:
@@ -146,16 +151,20 @@ def indivisible_units(model: AlexNet, devices: int) -> dict[str, int]:
 def check_layout(model: AlexNet, mesh: Mesh, layout: str = DEFAULT_LAYOUT) -> None:
     """``ConfigError`` (saying what to change) if ``model`` cannot run in ``layout`` on ``mesh``."""
     if layout != "towers" and mesh.shape[TOWER_AXIS] != 1:
-        raise ConfigError(f"mesh.parallelism={layout!r} puts every device on the '{DATA_AXIS}' axis; "
-                          f"the mesh has tower={mesh.shape[TOWER_AXIS]}: build it with make_mesh(towers=1) "
-                          "(--config.mesh.tower=1).")
+        raise ConfigError(
+            f"mesh.parallelism={layout!r} puts every device on the '{DATA_AXIS}' axis; "
+            f"the mesh has tower={mesh.shape[TOWER_AXIS]}: build it with make_mesh(towers=1) "
+            "(--config.mesh.tower=1)."
+        )
     units = layout_named(layout).fc_units
     if units is not None:
         bad = indivisible_units(model, mesh.shape[units])
         if bad:
-            raise ConfigError(f"mesh.parallelism={layout!r} splits every FC layer's units over the "
-                              f"{mesh.shape[units]} devices of the '{units}' axis; per tower {bad} do not divide "
-                              "(fc8: num_classes / towers). Use another device count, or another layout.")
+            raise ConfigError(
+                f"mesh.parallelism={layout!r} splits every FC layer's units over the "
+                f"{mesh.shape[units]} devices of the '{units}' axis; per tower {bad} do not divide "
+                "(fc8: num_classes / towers). Use another device count, or another layout."
+            )
     if mesh.shape[TOWER_AXIS] not in (model.towers, 1):
         raise ConfigError(
             f"The model has towers={model.towers} but the mesh's '{TOWER_AXIS}' axis has size "
@@ -164,8 +173,9 @@ def check_layout(model: AlexNet, mesh: Mesh, layout: str = DEFAULT_LAYOUT) -> No
         )
 
 
-def mesh_forward(model: AlexNet, mesh: Mesh, *, train: bool = False, features: bool = False,
-                 layout: str = DEFAULT_LAYOUT):
+def mesh_forward(
+    model: AlexNet, mesh: Mesh, *, train: bool = False, features: bool = False, layout: str = DEFAULT_LAYOUT
+):
     """``f(variables, images_NHWC, dropout_key) -> logits`` ``(N, num_classes)`` as on one device, in ``layout``.
 
     Inside, each device holds the layout's block (towers: its tower's classes, as each paper GPU held half
@@ -183,8 +193,9 @@ def mesh_forward(model: AlexNet, mesh: Mesh, *, train: bool = False, features: b
 
     def per_device(variables, images_nHWC, key):
         rngs = {"dropout": key} if key is not None else {}
-        logits, state = model.apply(variables, images_nHWC, train, axes, rngs=rngs,
-                                    mutable=["intermediates"] if features else [])
+        logits, state = model.apply(
+            variables, images_nHWC, train, axes, rngs=rngs, mutable=["intermediates"] if features else []
+        )
         logits_nTK = logits.reshape(logits.shape[0], towers_here, -1)
         if not features:
             return logits_nTK
@@ -192,8 +203,12 @@ def mesh_forward(model: AlexNet, mesh: Mesh, *, train: bool = False, features: b
         return logits_nTK, jnp.moveaxis(fc7_TnF, 0, 1)
 
     def f(variables, images_NHWC, key):
-        sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(param_specs(variables, layout), BATCH_SPEC, P()),
-                                out_specs=(out_spec, out_spec) if features else out_spec)
+        sharded = jax.shard_map(
+            per_device,
+            mesh=mesh,
+            in_specs=(param_specs(variables, layout), BATCH_SPEC, P()),
+            out_specs=(out_spec, out_spec) if features else out_spec,
+        )
         # (N, towers, per tower) -> (N, towers * per tower): class tower * per_tower + j, as on one device.
         out = sharded(variables, images_NHWC, key)
         return tuple(o.reshape(o.shape[0], -1) for o in out) if features else out.reshape(out.shape[0], -1)
@@ -217,9 +232,7 @@ def apply_on_mesh(
     """
     n = images_NHWC.shape[0]
     if n % mesh.shape[DATA_AXIS]:
-        raise ValueError(
-            f"Batch size {n} does not divide over the mesh's data axis ({mesh.shape[DATA_AXIS]})."
-        )
+        raise ValueError(f"Batch size {n} does not divide over the mesh's data axis ({mesh.shape[DATA_AXIS]}).")
     key = None
     if train and model.dropout > 0:
         if not rngs or "dropout" not in rngs:
@@ -243,10 +256,14 @@ def mesh_for_config(towers: int, mesh_cfg) -> tuple[Mesh, str | None]:
         n = jax.device_count()
         if n % towers:
             tower_axis = 1
-            note = (f"{n} {jax.devices()[0].platform} device(s) for {towers} towers: every device runs all "
-                    f"towers (--config.mesh.tower=1; same results, no exchanges between devices).")
+            note = (
+                f"{n} {jax.devices()[0].platform} device(s) for {towers} towers: every device runs all "
+                f"towers (--config.mesh.tower=1; same results, no exchanges between devices)."
+            )
     try:
         return make_mesh(towers=tower_axis, data=None if mesh_cfg.data == -1 else mesh_cfg.data), note
     except ConfigError as e:
-        raise ConfigError(f"{e} With fewer devices, --config.mesh.tower=1 runs all towers on every device, "
-                          "and --config.mesh.data=N uses N of them.") from None
+        raise ConfigError(
+            f"{e} With fewer devices, --config.mesh.tower=1 runs all towers on every device, "
+            "and --config.mesh.data=N uses N of them."
+        ) from None

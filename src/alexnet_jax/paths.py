@@ -74,11 +74,13 @@ class _PathParser(flags.ArgumentParser):
 
 def DEFINE_path(name: str, default: str | None, help: str, flag_values: flags.FlagValues, **kwargs):
     """An absl flag holding a path, made absolute when parsed (relative to where the command runs)."""
-    return flags.DEFINE(_PathParser(), name, default, help, flag_values=flag_values,
-                        serializer=flags.ArgumentSerializer(), **kwargs)
+    return flags.DEFINE(
+        _PathParser(), name, default, help, flag_values=flag_values, serializer=flags.ArgumentSerializer(), **kwargs
+    )
 
 
 def DEFINE_multi_path(name: str, default, help: str, flag_values: flags.FlagValues, **kwargs):
     """A repeatable path flag (e.g. ``--images``), each value made absolute."""
-    return flags.DEFINE_multi(_PathParser(), flags.ArgumentSerializer(), name, default, help,
-                              flag_values=flag_values, **kwargs)
+    return flags.DEFINE_multi(
+        _PathParser(), flags.ArgumentSerializer(), name, default, help, flag_values=flag_values, **kwargs
+    )

@@ -21,16 +21,30 @@ _PROG = cli.program("predict")
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-    paths.DEFINE_path("checkpoint", None, "A training run's workdir, a checkpoints/<step> folder, or a folder "
-                        "written by alexnet_jax.convert.", flag_values=fv)
+    paths.DEFINE_path(
+        "checkpoint",
+        None,
+        "A training run's workdir, a checkpoints/<step> folder, or a folder written by alexnet_jax.convert.",
+        flag_values=fv,
+    )
     flags.DEFINE_integer("step", None, "Which checkpoint step (default: the newest).", flag_values=fv)
-    flags.DEFINE_enum("views", None, ["center", "ten_crop"], "Default: ten crops if the run evaluated them, "
-                      "else the centre crop.", flag_values=fv)
+    flags.DEFINE_enum(
+        "views",
+        None,
+        ["center", "ten_crop"],
+        "Default: ten crops if the run evaluated them, else the centre crop.",
+        flag_values=fv,
+    )
     flags.DEFINE_integer("top_k", 5, "How many classes to give per image.", lower_bound=1, flag_values=fv)
-    paths.DEFINE_path("json", None, "Write {image: [{class, name, prob}, ...]} to this file instead of "
-                        "printing.", flag_values=fv)
-    paths.DEFINE_multi_path("images", None, "An image file (JPEG, PNG, ...), as well as or instead of the "
-                              "files after the flags", flag_values=fv)
+    paths.DEFINE_path(
+        "json", None, "Write {image: [{class, name, prob}, ...]} to this file instead of printing.", flag_values=fv
+    )
+    paths.DEFINE_multi_path(
+        "images",
+        None,
+        "An image file (JPEG, PNG, ...), as well as or instead of the files after the flags",
+        flag_values=fv,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,8 +73,10 @@ def _main(argv: list[str]) -> None:
     if fv.json is None:
         print(pred)
         return
-    out = {src: [{"class": c, "name": n, "prob": float(p)} for c, n, p in zip(cs, ns, ps)]
-           for src, cs, ns, ps in zip(pred.sources, pred.classes, pred.names, pred.top_probs)}
+    out = {
+        src: [{"class": c, "name": n, "prob": float(p)} for c, n, p in zip(cs, ns, ps)]
+        for src, cs, ns, ps in zip(pred.sources, pred.classes, pred.names, pred.top_probs)
+    }
     try:
         Path(fv.json).write_text(json.dumps(out, indent=1) + "\n")
     except OSError as e:

@@ -56,8 +56,11 @@ class StopOnSignal:
             os.write(2, f"\n{name} again: exiting at once, without saving.\n".encode())
             os._exit(128 + signum)
         self.received = name
-        os.write(2, f"\n{name}: finishing the step in flight, then saving a checkpoint and stopping "
-                    f"(send it again to exit at once).\n".encode())
+        os.write(
+            2,
+            f"\n{name}: finishing the step in flight, then saving a checkpoint and stopping "
+            f"(send it again to exit at once).\n".encode(),
+        )
         if self.reached_sync_point is not None:
             os.kill(os.getpid(), signal.SIGTERM)  # to JAX's notifier, which tells every process
 
@@ -121,8 +124,10 @@ class StoppedBeforeTraining(Exception):
     """A signal came before the first training step: nothing was trained, nothing needs saving."""
 
     def __init__(self, signal_name: str):
-        super().__init__(f"stopped by {signal_name} before the first training step; nothing was written to "
-                         "the checkpoints. The same command starts again.")
+        super().__init__(
+            f"stopped by {signal_name} before the first training step; nothing was written to "
+            "the checkpoints. The same command starts again."
+        )
         self.signal_name = signal_name
         self.exit_code = 128 + signal.SIGINT if signal_name == "SIGINT" else EXIT_PREEMPTED
 

@@ -20,8 +20,15 @@ def _duration(seconds: float) -> str:
 
 
 class TrainProgress:
-    def __init__(self, total_steps: int, start_step: int, batch_size: int, enabled: bool = True,
-                 console: Console | None = None, plain_every_s: float = 30.0):
+    def __init__(
+        self,
+        total_steps: int,
+        start_step: int,
+        batch_size: int,
+        enabled: bool = True,
+        console: Console | None = None,
+        plain_every_s: float = 30.0,
+    ):
         self.enabled, self.batch_size, self.total, self._bound = enabled, batch_size, total_steps, ""
         self._t, self._step = time.perf_counter(), start_step
         if not enabled:
@@ -32,12 +39,16 @@ class TrainProgress:
         if not self.live:
             return
         self.bar = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[ips]} img/s{task.fields[bound]}"),
-            TimeRemainingColumn(), console=self.console,
+            TimeRemainingColumn(),
+            console=self.console,
         )
-        self.task = self.bar.add_task("train", total=total_steps, completed=start_step,
-                                      loss="-", lr="-", ips="-", bound="")
+        self.task = self.bar.add_task(
+            "train", total=total_steps, completed=start_step, loss="-", lr="-", ips="-", bound=""
+        )
         self.bar.start()
 
     def update(self, step: int, *, loss: float, lr: float, input_wait: float | None = None) -> None:
@@ -50,18 +61,22 @@ class TrainProgress:
         if self.live:
             ips = (step - self._step) * self.batch_size / max(now - self._t, 1e-9)
             self._t, self._step = now, step
-            self.bar.update(self.task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.3g}", ips=f"{ips:,.0f}",
-                            bound=self._bound)
+            self.bar.update(
+                self.task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.3g}", ips=f"{ips:,.0f}", bound=self._bound
+            )
             return
         if now - self._plain_t < self._plain_every and step < self.total:
             return
         steps = step - self._plain_step
         rate = steps / max(now - self._plain_t, 1e-9)  # steps/s over the interval since the last line
         left = (self.total - step) / rate if rate > 0 else float("nan")
-        self.console.print(f"train step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%)  "
-                           f"loss {loss:.4f}  lr {lr:.3g}  {rate * self.batch_size:,.0f} img/s  "
-                           f"left {_duration(left) if left == left else '?'}{self._bound}", highlight=False,
-                           soft_wrap=True)
+        self.console.print(
+            f"train step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%)  "
+            f"loss {loss:.4f}  lr {lr:.3g}  {rate * self.batch_size:,.0f} img/s  "
+            f"left {_duration(left) if left == left else '?'}{self._bound}",
+            highlight=False,
+            soft_wrap=True,
+        )
         self._plain_t, self._plain_step = now, step
 
     def note(self, text: str) -> None:

@@ -38,16 +38,18 @@ class TrainState:
     rng: jax.Array  # uint32 key data of the dropout key
 
 
-def create_train_state(model: AlexNet, tx: optax.GradientTransformation, seed: int, mesh,
-                       layout: str = parallel.DEFAULT_LAYOUT):
+def create_train_state(
+    model: AlexNet, tx: optax.GradientTransformation, seed: int, mesh, layout: str = parallel.DEFAULT_LAYOUT
+):
     """Initialise straight onto the mesh, laid out as ``layout`` says. Returns ``(state, shardings)``."""
 
     def init():
         k_init, k_drop = jax.random.split(jax.random.key(seed))
         x = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
         params = model.init(k_init, x)["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          rng=jax.random.key_data(k_drop))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=jax.random.key_data(k_drop)
+        )
 
     parallel.check_layout(model, mesh, layout)
     shardings = parallel.state_shardings(jax.eval_shape(init), mesh, layout)
@@ -56,8 +58,7 @@ def create_train_state(model: AlexNet, tx: optax.GradientTransformation, seed: i
 
 def abstract_state(state: TrainState, shardings: TrainState) -> TrainState:
     """Shapes, dtypes and shardings only: what a checkpoint is restored into."""
-    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                  state, shardings)
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
 def cross_entropy(logits, labels, mask):
@@ -97,8 +98,9 @@ def _images_as_given(batch, train):
     return batch["image"]
 
 
-def make_train_step(model: AlexNet, tx, mesh, shardings: TrainState, inputs=None,
-                    layout: str = parallel.DEFAULT_LAYOUT):
+def make_train_step(
+    model: AlexNet, tx, mesh, shardings: TrainState, inputs=None, layout: str = parallel.DEFAULT_LAYOUT
+):
     """``train_step(state, batch) -> (state, metrics)``, jitted once, the state donated.
 
     A batch with NaN/Inf inputs leaves the state unchanged but for the step count
@@ -120,8 +122,9 @@ def make_train_step(model: AlexNet, tx, mesh, shardings: TrainState, inputs=None
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        params, opt_state = jax.tree.map(lambda new, old: jnp.where(nonfinite == 0, new, old),
-                                         (params, opt_state), (state.params, state.opt_state))
+        params, opt_state = jax.tree.map(
+            lambda new, old: jnp.where(nonfinite == 0, new, old), (params, opt_state), (state.params, state.opt_state)
+        )
         wrong = (jnp.argmax(logits, -1) != batch["label"]).astype(jnp.float32)
         metrics = {
             "train/loss": loss,
@@ -132,8 +135,12 @@ def make_train_step(model: AlexNet, tx, mesh, shardings: TrainState, inputs=None
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), metrics
 
-    return jax.jit(train_step, in_shardings=(shardings, parallel.batch_sharding(mesh)),
-                   out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+    return jax.jit(
+        train_step,
+        in_shardings=(shardings, parallel.batch_sharding(mesh)),
+        out_shardings=(shardings, parallel.replicated(mesh)),
+        donate_argnums=0,
+    )
 
 
 def make_eval_step(model: AlexNet, mesh, param_shardings, inputs=None, layout: str = parallel.DEFAULT_LAYOUT):
@@ -172,8 +179,9 @@ def make_eval_step(model: AlexNet, mesh, param_shardings, inputs=None, layout: s
 def to_global(batch: dict, mesh) -> dict:
     """This process's slice of the batch -> global arrays sharded over 'data'."""
     sharding = parallel.batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in batch.items() if k in BATCH_KEYS}
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items() if k in BATCH_KEYS
+    }
 
 
 class DeviceBatches:

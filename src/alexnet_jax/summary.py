@@ -10,7 +10,9 @@ from rich.table import Table
 from alexnet_jax.model import LAYERS, AlexNet, layer_param_counts
 
 _AFTER = {
-    "conv1": "conv1_pooled", "conv2": "conv2_pooled", "conv5": "conv5_pooled",
+    "conv1": "conv1_pooled",
+    "conv2": "conv2_pooled",
+    "conv5": "conv5_pooled",
 }
 
 
@@ -31,15 +33,17 @@ def layer_rows(model: AlexNet) -> list[dict]:
         after = inter[_AFTER[name]][0].shape if name in _AFTER else None
         neurons = int(np.prod(out[:1] + out[2:]))
         channels = out[0] * out[-1]  # output channels (units), all towers
-        rows.append({
-            "layer": name,
-            "per_tower": tuple(out[2:]),
-            "neurons": neurons,
-            "after_pool": tuple(after[2:]) if after else None,
-            "params": params[name],
-            # every weight is used once per output position: positions x weights
-            "macs": (neurons // channels) * (params[name] - channels),
-        })
+        rows.append(
+            {
+                "layer": name,
+                "per_tower": tuple(out[2:]),
+                "neurons": neurons,
+                "after_pool": tuple(after[2:]) if after else None,
+                "params": params[name],
+                # every weight is used once per output position: positions x weights
+                "macs": (neurons // channels) * (params[name] - channels),
+            }
+        )
     return rows
 
 
@@ -57,9 +61,12 @@ def summary_table(model: AlexNet) -> Table:
     for col in ("layer", "output per tower", "neurons (all towers)", "after pool", "parameters"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(r["layer"], "x".join(map(str, r["per_tower"])), f"{r['neurons']:,}",
-                      "x".join(map(str, r["after_pool"])) if r["after_pool"] else "",
-                      f"{r['params']:,}")
+        table.add_row(
+            r["layer"],
+            "x".join(map(str, r["per_tower"])),
+            f"{r['neurons']:,}",
+            "x".join(map(str, r["after_pool"])) if r["after_pool"] else "",
+            f"{r['params']:,}",
+        )
     table.add_row("total", "", "", "", f"{sum(r['params'] for r in rows):,}", style="bold")
     return table
-

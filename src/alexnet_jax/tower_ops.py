@@ -26,8 +26,7 @@ ModuleDef = Any  # a flax Module class (or a functools.partial of one)
 
 
 def _conv_nhwc(x, kernel, strides, padding):
-    return jax.lax.conv_general_dilated(x, kernel, tuple(strides), padding,
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.lax.conv_general_dilated(x, kernel, tuple(strides), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def tower_conv(x_NHWC: jax.Array, kernel_HWIO: jax.Array, strides, padding) -> jax.Array:
@@ -83,6 +82,7 @@ def _varying_alike(*arrays):
     """Inside shard_map, mark each array as varying over every mesh axis any of them varies
     over, as JAX does implicitly for built-in ops; a custom_vjp needs it done explicitly,
     so that autodiff sums the kernel's gradient over the data axis."""
+
     def vma(a):  # the mesh axes a value varies over (empty outside shard_map)
         return frozenset(jax.typeof(a).mat.varying)
 
@@ -154,8 +154,7 @@ class TowerDense(nn.Module):
 
 def plain_max_pool(x_NHWC: jax.Array, window: int, stride: int) -> jax.Array:
     """Max-pooling, no padding; its gradient is XLA's select-and-scatter."""
-    return jax.lax.reduce_window(x_NHWC, -jnp.inf, jax.lax.max, (1, window, window, 1),
-                                 (1, stride, stride, 1), "VALID")
+    return jax.lax.reduce_window(x_NHWC, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1), "VALID")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -188,8 +187,11 @@ def _max_pool_bwd(window, stride, residuals, g):
             hit = (x[:, rows, cols, :] == out) & ~taken
             taken = taken | hit
             # Place each window's gradient at offset (i, j) of the window, on the input grid.
-            dx = dx + jax.lax.pad(jnp.where(hit, g, zero).astype(x.dtype), zero, (
-                (0, 0, 0), (i, H - rows.stop, stride - 1), (j, W - cols.stop, stride - 1), (0, 0, 0)))
+            dx = dx + jax.lax.pad(
+                jnp.where(hit, g, zero).astype(x.dtype),
+                zero,
+                ((0, 0, 0), (i, H - rows.stop, stride - 1), (j, W - cols.stop, stride - 1), (0, 0, 0)),
+            )
     return (dx,)
 
 

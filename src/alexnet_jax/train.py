@@ -38,9 +38,13 @@ __all__ = ["Diverged", "TrainingError", "train_and_evaluate"]
 EXIT_DIVERGED = 3  # launch.py's exit status when the loss became NaN/Inf
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
-                       manual_lr: float | None = None,
-                       after_checkpoint: Callable[[int, Checkpointer], None] | None = None) -> dict:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    *,
+    manual_lr: float | None = None,
+    after_checkpoint: Callable[[int, Checkpointer], None] | None = None,
+) -> dict:
     """Train (or resume) according to ``config``; returns the final metrics and the LR history.
 
     ``manual_lr``: on resume, set the LR to this (logged as a manual drop), once per distinct
@@ -114,8 +118,10 @@ class _Run:
         val = self.last_val = self.evaluator(state.params)
         epoch = step / self.steps_per_epoch
         self.writer.write(step, {**val, "epoch": epoch, "perf/eval_s": time.perf_counter() - start})
-        self.progress.note(f"step {step} (epoch {epoch:.2f}): val top-1 error {val['val/top1_error']:.4f}, "
-                           f"top-5 {val['val/top5_error']:.4f}")
+        self.progress.note(
+            f"step {step} (epoch {epoch:.2f}): val top-1 error {val['val/top1_error']:.4f}, "
+            f"top-5 {val['val/top5_error']:.4f}"
+        )
         return val
 
     def save(self, step: int, state, data_position: dict, val: dict | None) -> None:
@@ -123,9 +129,15 @@ class _Run:
         self.writer.flush()  # the curves are kept as far as the checkpoint is
         start = time.perf_counter()
         try:
-            self.ckpt.save(step, state, data_state=data_position, config=json.loads(self.config.to_json()),
-                           control=self.lr.history.to_json(), dataset=self.dataset,
-                           metrics={"val/top1_error": val["val/top1_error"]} if val else None)
+            self.ckpt.save(
+                step,
+                state,
+                data_state=data_position,
+                config=json.loads(self.config.to_json()),
+                control=self.lr.history.to_json(),
+                dataset=self.dataset,
+                metrics={"val/top1_error": val["val/top1_error"]} if val else None,
+            )
         except CheckpointWriteError as e:
             self.ckpt_error = e
             self.progress.note(escape(f"{e} Training goes on; the next checkpoint tries again."))
@@ -145,13 +157,17 @@ class _Run:
         if stopped_by is not None:
             self.console.quiet = False  # every process says why it ends: each has its own log under a scheduler
             who = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
-            self.console.print(f"{who}[bold]Stopped by {stopped_by} at step {step}[/bold]; saved "
-                               f"{self.ckpt.directory / str(step)}. Run the same command to resume from there.")
+            self.console.print(
+                f"{who}[bold]Stopped by {stopped_by} at step {step}[/bold]; saved "
+                f"{self.ckpt.directory / str(step)}. Run the same command to resume from there."
+            )
             return {**result, "stopped_by": stopped_by}
         if jax.process_index() == 0 and val:
-            self.console.print(f"[bold]Done at step {step}:[/bold] validation top-1 error "
-                               f"{val['val/top1_error']:.4f}, top-5 {val['val/top5_error']:.4f} "
-                               f"(chance: top-1 {1 - 1 / self.model.num_classes:.2f}).")
+            self.console.print(
+                f"[bold]Done at step {step}:[/bold] validation top-1 error "
+                f"{val['val/top1_error']:.4f}, top-5 {val['val/top5_error']:.4f} "
+                f"(chance: top-1 {1 - 1 / self.model.num_classes:.2f})."
+            )
         return result
 
 
@@ -198,42 +214,78 @@ def _open_run(config, workdir, manual_lr, stack: contextlib.ExitStack) -> _Run:
     if writer.note:
         console.print(writer.note)
     train_iter = data_lib.build_train_iter(
-        config.data, batch_size=config.batch_size, seed=config.seed, image_size=model.image_size,
-        shard_index=host_shard[0], shard_count=host_shard[1], data=data)
+        config.data,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        image_size=model.image_size,
+        shard_index=host_shard[0],
+        shard_count=host_shard[1],
+        data=data,
+    )
     stack.callback(train_iter.close)
     if data_state is not None:
         train_iter.set_state(data_state)
     inputs = steps.make_input_fn(config.data, data.stats)
     train_step = steps.make_train_step(model, tx, mesh, shardings, inputs, config.mesh.parallelism)
-    evaluator = stack.enter_context(contextlib.closing(
-        _Evaluator(config, model, mesh, shardings.params, inputs, data, host_shard)))
+    evaluator = stack.enter_context(
+        contextlib.closing(_Evaluator(config, model, mesh, shardings.params, inputs, data, host_shard))
+    )
     if is_main:
         _announce(console, config, model, mesh, state, data, (steps_per_epoch, total_steps), workdir)
-    progress = stack.enter_context(contextlib.closing(
-        TrainProgress(total_steps, step, config.batch_size, enabled=is_main, console=console)))
+    progress = stack.enter_context(
+        contextlib.closing(TrainProgress(total_steps, step, config.batch_size, enabled=is_main, console=console))
+    )
     guard = DivergenceGuard(writer, progress, max_bad=config.max_bad_batches, resume_hint=lambda: _last_good_text(ckpt))
     lr = optim.LearningRate(
-        config.optim, history, lr=optim.get_lr(state.opt_state), step=step, steps_per_epoch=steps_per_epoch,
-        request_every=config.log_every, manual_lr=manual_lr, on_drop=functools.partial(_log_drop, console, writer),
-        read_request=lambda: distributed.requested_drop_everywhere(workdir))
+        config.optim,
+        history,
+        lr=optim.get_lr(state.opt_state),
+        step=step,
+        steps_per_epoch=steps_per_epoch,
+        request_every=config.log_every,
+        manual_lr=manual_lr,
+        on_drop=functools.partial(_log_drop, console, writer),
+        read_request=lambda: distributed.requested_drop_everywhere(workdir),
+    )
     batches = steps.device_batches(train_iter, mesh)  # read and copied on a thread, two batches ahead
     stack.callback(batches.close)  # runs before train_iter.close: the thread stops reading first
-    return _Run(config=config, console=console, model=model, ckpt=ckpt, writer=writer, progress=progress,
-                metrics=PendingMetrics(writer, progress, guard, log_every=config.log_every,
-                                       batch_size=config.batch_size, input_wait=lambda: batches.waited),
-                lr=lr, evaluator=evaluator, train_step=train_step, batches=batches,
-                stop=stack.enter_context(StopOnSignal(ckpt.reached_preemption if jax.process_count() > 1 else None)),
-                state=lr(state, step), start_step=step, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                profile=stack.enter_context(contextlib.closing(_Profile(config.profile_steps, workdir / "profile",
-                                                                        console))),
-                dataset={"classes": data.classes, "class_names": data.class_names, "stats": data.stats})
+    return _Run(
+        config=config,
+        console=console,
+        model=model,
+        ckpt=ckpt,
+        writer=writer,
+        progress=progress,
+        metrics=PendingMetrics(
+            writer,
+            progress,
+            guard,
+            log_every=config.log_every,
+            batch_size=config.batch_size,
+            input_wait=lambda: batches.waited,
+        ),
+        lr=lr,
+        evaluator=evaluator,
+        train_step=train_step,
+        batches=batches,
+        stop=stack.enter_context(StopOnSignal(ckpt.reached_preemption if jax.process_count() > 1 else None)),
+        state=lr(state, step),
+        start_step=step,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        profile=stack.enter_context(contextlib.closing(_Profile(config.profile_steps, workdir / "profile", console))),
+        dataset={"classes": data.classes, "class_names": data.class_names, "stats": data.stats},
+    )
 
 
 def _log_drop(console: Console, writer: MetricWriter, drop: dict) -> None:
-    console.print(f"[yellow]LR {drop['from']:.3g} -> {drop['to']:.3g} at step {drop['step']} "
-                  f"(epoch {drop['epoch']:.2f}): {drop['reason']}[/yellow]")
-    writer.write(drop["step"], {"lr_drop/from": drop["from"], "lr_drop/to": drop["to"],
-                                "lr_drop/reason": drop["reason"]})
+    console.print(
+        f"[yellow]LR {drop['from']:.3g} -> {drop['to']:.3g} at step {drop['step']} "
+        f"(epoch {drop['epoch']:.2f}): {drop['reason']}[/yellow]"
+    )
+    writer.write(
+        drop["step"], {"lr_drop/from": drop["from"], "lr_drop/to": drop["to"], "lr_drop/reason": drop["reason"]}
+    )
 
 
 def _restore(ckpt: Checkpointer, state, shardings, config, console) -> tuple[Any, dict | None, optim.DropHistory]:
@@ -242,8 +294,10 @@ def _restore(ckpt: Checkpointer, state, shardings, config, console) -> tuple[Any
     if restored is None:
         return state, None, optim.DropHistory()
     _check_compatible(restored["config"], config)
-    console.print(f"Resumed from {ckpt.directory / str(restored['step'])} (step {restored['step']}, "
-                  f"lr {optim.get_lr(restored['state'].opt_state):.3g}).")
+    console.print(
+        f"Resumed from {ckpt.directory / str(restored['step'])} (step {restored['step']}, "
+        f"lr {optim.get_lr(restored['state'].opt_state):.3g})."
+    )
     return restored["state"], restored["data"], optim.DropHistory.from_json(restored["control"])
 
 
@@ -260,19 +314,22 @@ def _start(config, workdir, console) -> tuple[AlexNet, jax.sharding.Mesh, data_l
     if config.batch_size % mesh.shape[DATA_AXIS]:
         raise ConfigError(
             f"batch_size={config.batch_size} does not divide over the mesh's data axis "
-            f"({mesh.shape[DATA_AXIS]}); set --config.batch_size to a multiple of it.")
+            f"({mesh.shape[DATA_AXIS]}); set --config.batch_size to a multiple of it."
+        )
     workdir = Path(workdir)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise TrainingError(f"Cannot use --workdir={workdir}: {e}. Give a folder that can be created "
-                            "or written.") from None
+        raise TrainingError(
+            f"Cannot use --workdir={workdir}: {e}. Give a folder that can be created or written."
+        ) from None
     console.quiet = jax.process_index() != 0  # one voice: process 0's
     data = distributed.main_first(lambda: data_lib.resolve(config.data))  # the embedded set is made once
     if len(data.classes) != model.num_classes:
         raise ConfigError(
             f"The data has {len(data.classes)} classes but model.num_classes={model.num_classes}; "
-            f"set --config.model.num_classes={len(data.classes)}.")
+            f"set --config.model.num_classes={len(data.classes)}."
+        )
     return model, mesh, data, workdir
 
 
@@ -295,10 +352,12 @@ def _announce(console, config, model, mesh, state, data, schedule: tuple[int, in
 
     steps_per_epoch, total_steps = schedule
     devices = jax.devices()
-    console.print(f"[bold]alexnet_jax[/bold]: {len(devices)} x {devices[0].device_kind} "
-                  f"({devices[0].platform}), mesh {dict(mesh.shape)}, "
-                  f"{count_params(state.params):,} parameters, {len(data.records['train']):,} training images, "
-                  f"{steps_per_epoch} steps/epoch, {total_steps} steps, workdir {workdir}")
+    console.print(
+        f"[bold]alexnet_jax[/bold]: {len(devices)} x {devices[0].device_kind} "
+        f"({devices[0].platform}), mesh {dict(mesh.shape)}, "
+        f"{count_params(state.params):,} parameters, {len(data.records['train']):,} training images, "
+        f"{steps_per_epoch} steps/epoch, {total_steps} steps, workdir {workdir}"
+    )
     console.print(summary_table(model))
     console.print(f"config:\n{config}")
     (workdir / "config.json").write_text(config.to_json(indent=2))
@@ -322,8 +381,14 @@ class _Evaluator:
             c = self.config
             mode = "whole" if c.eval_ten_crop else "center"  # whole images: the ten views are cut on the device
             self.passes = data_lib.EvalPasses(
-                c.data, batch_size=c.eval_batch_size, mode=mode, image_size=self.model.image_size,
-                data=self.data, shard_index=self.host_shard[0], shard_count=self.host_shard[1])
+                c.data,
+                batch_size=c.eval_batch_size,
+                mode=mode,
+                image_size=self.model.image_size,
+                data=self.data,
+                shard_index=self.host_shard[0],
+                shard_count=self.host_shard[1],
+            )
         r = steps.evaluate(self.step, params, self.passes(), self.mesh)
         return {f"val/{k}": v for k, v in r.items() if k != "n"}
 
@@ -333,8 +398,14 @@ class _Evaluator:
 
 
 # Data fields that change only speed, never which pixels a step sees: free to change on resume.
-_DATA_SPEED_FIELDS = {"num_workers", "worker_buffer_size", "num_threads", "prefetch_buffer_size",
-                      "prepare_workers", "cache_dir"}
+_DATA_SPEED_FIELDS = {
+    "num_workers",
+    "worker_buffer_size",
+    "num_threads",
+    "prefetch_buffer_size",
+    "prepare_workers",
+    "cache_dir",
+}
 
 
 def _check_compatible(saved: dict, config: ml_collections.ConfigDict) -> None:
@@ -343,13 +414,16 @@ def _check_compatible(saved: dict, config: ml_collections.ConfigDict) -> None:
         now = json.loads(config[section].to_json())
         then = saved.get(section, {}) if section == "model" else data_lib.drop_legacy_fields(saved.get(section, {}))
         if section == "data":  # a run saved before paths were stored absolute: relative to this folder
-            then = {k: paths.absolute_str(v) if f"data.{k}" in paths.CONFIG_PATH_FIELDS and v else v
-                    for k, v in then.items()}
+            then = {
+                k: paths.absolute_str(v) if f"data.{k}" in paths.CONFIG_PATH_FIELDS and v else v
+                for k, v in then.items()
+            }
         diff = sorted(k for k in (set(now) | set(then)) - free if now.get(k) != then.get(k))
         if diff:
             raise TrainingError(
                 f"The checkpoint in this workdir was made with a different {section} config "
-                f"(fields {diff}). Use a new --workdir, or the checkpoint's own config.")
+                f"(fields {diff}). Use a new --workdir, or the checkpoint's own config."
+            )
 
 
 def _schedule(config, num_train: int) -> tuple[int, int]:
@@ -374,6 +448,8 @@ def _final_checkpoint_written(ckpt: Checkpointer, step: int, error: CheckpointWr
     except CheckpointWriteError as e:
         error = e
     if step > 0 and ckpt.last_good != step:
-        raise CheckpointError(f"{error or 'The final checkpoint was not written.'} The run reached step {step} "
-                              "but could not save it; once the disk is fixed, run the same command again: it "
-                              "resumes from the newest good checkpoint.")
+        raise CheckpointError(
+            f"{error or 'The final checkpoint was not written.'} The run reached step {step} "
+            "but could not save it; once the disk is fixed, run the same command again: it "
+            "resumes from the newest good checkpoint."
+        )

@@ -45,7 +45,7 @@ def colour_fraction(kernels_KHWC: np.ndarray) -> np.ndarray:
     """
     w = np.asarray(kernels_KHWC, np.float64)
     grey = w.mean(axis=-1, keepdims=True)
-    total = np.sum(w ** 2, axis=(1, 2, 3))
+    total = np.sum(w**2, axis=(1, 2, 3))
     colour = np.sum((w - grey) ** 2, axis=(1, 2, 3))
     return colour / np.maximum(total, 1e-30)
 
@@ -59,7 +59,7 @@ def kernel_mosaic(kernels_KHWC: np.ndarray, cols: int, gap: int = 1) -> np.ndarr
         lo, hi = ker.min(), ker.max()
         img = (ker - lo) / (hi - lo) if hi > lo else np.full_like(ker, 0.5)
         r, c = divmod(i, cols)
-        out[gap + r * (h + gap):gap + r * (h + gap) + h, gap + c * (w + gap):gap + c * (w + gap) + w] = img
+        out[gap + r * (h + gap) : gap + r * (h + gap) + h, gap + c * (w + gap) : gap + c * (w + gap) + w] = img
     return out
 
 
@@ -67,7 +67,7 @@ def nearest_neighbours(query_QF: np.ndarray, gallery_GF: np.ndarray, k: int) -> 
     """Indices ``(Q, k)`` of the ``k`` gallery rows nearest each query (Euclidean), and their distances."""
     q = np.asarray(query_QF, np.float64)
     g = np.asarray(gallery_GF, np.float64)
-    d2 = np.sum(q ** 2, 1)[:, None] + np.sum(g ** 2, 1)[None, :] - 2.0 * q @ g.T
+    d2 = np.sum(q**2, 1)[:, None] + np.sum(g**2, 1)[None, :] - 2.0 * q @ g.T
     dist = np.sqrt(np.maximum(d2, 0.0))
     k = min(k, g.shape[0])
     idx = np.argsort(dist, axis=1, kind="stable")[:, :k]
@@ -81,8 +81,9 @@ def read_metrics(workdir: str | os.PathLike) -> dict:
     """
     path = Path(workdir) / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"No metrics file {str(path)!r}: give the run's workdir (where launch.py "
-                                "wrote metrics.jsonl).")
+        raise FileNotFoundError(
+            f"No metrics file {str(path)!r}: give the run's workdir (where launch.py wrote metrics.jsonl)."
+        )
     values: dict[str, dict[int, float]] = {}
     drops: dict[int, dict] = {}
     for line in path.read_text().splitlines():
@@ -129,8 +130,9 @@ def conv1_kernels(params, *, cols: int = 16) -> Figure:
         ax.imshow(kernel_mosaic(kernels, cols), interpolation="nearest")
         ax.set_axis_off()
         share = colour_fraction(kernels).mean()
-        ax.set_title(f"tower {t + 1} (GPU {t + 1}): {per_tower} kernels, {share:.0%} of their energy in colour",
-                     fontsize=9)
+        ax.set_title(
+            f"tower {t + 1} (GPU {t + 1}): {per_tower} kernels, {share:.0%} of their energy in colour", fontsize=9
+        )
     fig.suptitle("conv1 kernels", fontsize=11)
     return fig
 
@@ -146,9 +148,13 @@ def training_curves(metrics: dict) -> Figure:
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("cross-entropy")
     ax_loss.set_title("training loss")
-    styles = {"val/top1_error": "top-1, centre", "val/top5_error": "top-5, centre",
-              "val/top1_error_ten_crop": "top-1, ten crops", "val/top5_error_ten_crop": "top-5, ten crops",
-              "train/top1_error": "top-1, training batches"}
+    styles = {
+        "val/top1_error": "top-1, centre",
+        "val/top5_error": "top-5, centre",
+        "val/top1_error_ten_crop": "top-1, ten crops",
+        "val/top5_error_ten_crop": "top-5, ten crops",
+        "train/top1_error": "top-1, training batches",
+    }
     for key, label in styles.items():
         if key in series:
             steps, vals = series[key]
@@ -160,17 +166,25 @@ def training_curves(metrics: dict) -> Figure:
     for ax in (ax_loss, ax_err):
         for d in drops:
             ax.axvline(d["step"], color="0.3", ls="--", lw=1)
-            ax.annotate(f"LR {d['lr_drop/from']:.2g}→{d['lr_drop/to']:.2g}", (d["step"], 1),
-                        xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right", fontsize=7,
-                        color="0.3")
+            ax.annotate(
+                f"LR {d['lr_drop/from']:.2g}→{d['lr_drop/to']:.2g}",
+                (d["step"], 1),
+                xycoords=("data", "axes fraction"),
+                rotation=90,
+                va="top",
+                ha="right",
+                fontsize=7,
+                color="0.3",
+            )
         if ax.lines:  # below the panel, clear of the curves and the LR labels
             ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3, frameon=False)
         ax.grid(alpha=0.3)
     return fig
 
 
-def predictions_figure(images_NHWC: np.ndarray, prediction, *, titles: list[str] | None = None,
-                       cols: int = 4) -> Figure:
+def predictions_figure(
+    images_NHWC: np.ndarray, prediction, *, titles: list[str] | None = None, cols: int = 4
+) -> Figure:
     """Each image above a bar chart of its top-5 classes."""
     n = len(images_NHWC)
     cols = min(cols, n)
@@ -194,9 +208,15 @@ def predictions_figure(images_NHWC: np.ndarray, prediction, *, titles: list[str]
     return fig
 
 
-def neighbours_figure(query_NHWC: np.ndarray, gallery_GHWC: np.ndarray, indices_QK: np.ndarray,
-                      distances_QK: np.ndarray, *, query_titles: list[str] | None = None,
-                      gallery_titles: list[str] | None = None) -> Figure:
+def neighbours_figure(
+    query_NHWC: np.ndarray,
+    gallery_GHWC: np.ndarray,
+    indices_QK: np.ndarray,
+    distances_QK: np.ndarray,
+    *,
+    query_titles: list[str] | None = None,
+    gallery_titles: list[str] | None = None,
+) -> Figure:
     """The paper's Figure 4: each query (first column) and its nearest gallery images by fc7 distance."""
     q, k = indices_QK.shape
     fig = Figure(figsize=(1.5 * (k + 1), 1.7 * q + 0.4), layout="constrained")
@@ -212,8 +232,10 @@ def neighbours_figure(query_NHWC: np.ndarray, gallery_GHWC: np.ndarray, indices_
             ax.set_axis_off()
             label = f"{gallery_titles[g][:24]}\n" if gallery_titles else ""
             ax.set_title(f"{label}d={distances_QK[i, j]:.3g}", fontsize=6)
-    fig.suptitle("queries (red, first column) and their nearest training images by Euclidean distance "
-                 "of fc7 features", fontsize=9)
+    fig.suptitle(
+        "queries (red, first column) and their nearest training images by Euclidean distance of fc7 features",
+        fontsize=9,
+    )
     return fig
 
 
@@ -262,8 +284,12 @@ def dataset_images(config, split: str, count: int) -> tuple[np.ndarray, np.ndarr
     data = data_lib.resolve(config.data)
     if split not in data.records:
         raise data_lib.DatasetError(f"The run's data has no {split!r} split.")
-    src = sources.DecodedSource(data.records[split], int(config.data.resize_size), on_error="mask",
-                                warp=config.data.get("resize_mode") == "warp")
+    src = sources.DecodedSource(
+        data.records[split],
+        int(config.data.resize_size),
+        on_error="mask",
+        warp=config.data.get("resize_mode") == "warp",
+    )
     picks = np.unique(np.linspace(0, len(src) - 1, min(count, len(src))).astype(int))
     images, labels = [], []
     for i in picks:
@@ -274,9 +300,18 @@ def dataset_images(config, split: str, count: int) -> tuple[np.ndarray, np.ndarr
     return np.stack(images), np.array(labels), [data.class_names[j] for j in labels]
 
 
-def write_all(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None,
-              images: list[str] | None = None, num_images: int = 8, num_queries: int = 5,
-              neighbours: int = 6, gallery_size: int = 1000, log=print) -> list[Path]:
+def write_all(
+    workdir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    step: int | None = None,
+    images: list[str] | None = None,
+    num_images: int = 8,
+    num_queries: int = 5,
+    neighbours: int = 6,
+    gallery_size: int = 1000,
+    log=print,
+) -> list[Path]:
     """Every figure for one run, as ``<out>/{conv1_kernels,curves,predictions,neighbours}.png``.
 
     Figures whose inputs are missing (no metrics file, no images and no
@@ -303,8 +338,10 @@ def write_all(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int |
         val = dataset_images(ckpt.config, "val", max(num_images, num_queries))
         gallery = dataset_images(ckpt.config, "train", gallery_size)
     except (DatasetError, OSError) as e:
-        log(f"the run's dataset is not available here ({str(e).splitlines()[0]}); "
-            "pass --images FILE... to classify your own")
+        log(
+            f"the run's dataset is not available here ({str(e).splitlines()[0]}); "
+            "pass --images FILE... to classify your own"
+        )
 
     if images:
         batch = clf.preprocess(images, "center")
@@ -325,8 +362,12 @@ def write_all(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int |
         queries = shown[:num_queries] if images else val[0][:num_queries]
         q_titles = titles[:num_queries] if images else val[2][:num_queries]
         idx, dist = nearest_neighbours(clf.features(list(queries)), clf.features(list(gallery[0])), neighbours)
-        written.append(save(neighbours_figure(queries, gallery[0], idx, dist, query_titles=q_titles,
-                                              gallery_titles=gallery[2]), out / "neighbours.png"))
+        written.append(
+            save(
+                neighbours_figure(queries, gallery[0], idx, dist, query_titles=q_titles, gallery_titles=gallery[2]),
+                out / "neighbours.png",
+            )
+        )
     else:
         log("skipped neighbours.png: needs the run's training images as the gallery")
     for p in written:
@@ -350,30 +391,46 @@ def _main(prog: str, argv: list[str]) -> int:
     from alexnet_jax import cli
 
     fv = flags.FlagValues()
-    paths.DEFINE_path("checkpoint", None, "A run's workdir, its checkpoints/ or a checkpoints/<step>/ folder.",
-                        flag_values=fv)
+    paths.DEFINE_path(
+        "checkpoint", None, "A run's workdir, its checkpoints/ or a checkpoints/<step>/ folder.", flag_values=fv
+    )
     paths.DEFINE_path("workdir", None, "Deprecated: the same as --checkpoint.", flag_values=fv)
     paths.DEFINE_path("out", "figures", "The folder for the PNG files (created).", flag_values=fv)
     flags.DEFINE_integer("step", None, "Which checkpoint step (default: the newest).", flag_values=fv)
-    paths.DEFINE_multi_path("images", None, "An image file to classify and use as a query (repeatable), as "
-                              "well as or instead of the files after the flags", flag_values=fv)
-    flags.DEFINE_integer("num_images", 8, "Validation images to classify without --images.", lower_bound=1,
-                         flag_values=fv)
+    paths.DEFINE_multi_path(
+        "images",
+        None,
+        "An image file to classify and use as a query (repeatable), as well as or instead of the files after the flags",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "num_images", 8, "Validation images to classify without --images.", lower_bound=1, flag_values=fv
+    )
     flags.DEFINE_integer("num_queries", 5, "Query images in the neighbours figure.", lower_bound=1, flag_values=fv)
     flags.DEFINE_integer("neighbours", 6, "Neighbours shown per query.", lower_bound=1, flag_values=fv)
-    flags.DEFINE_integer("gallery_size", 1000, "Training images searched for neighbours.", lower_bound=1,
-                         flag_values=fv)
+    flags.DEFINE_integer(
+        "gallery_size", 1000, "Training images searched for neighbours.", lower_bound=1, flag_values=fv
+    )
     if cli.wants_help(argv):
         cli.print_help(prog, "\n\n".join(__doc__.split("\n\n")[:4]), fv)
     after = cli.parse_flags(prog, fv, argv, positional=True)
     images = [*(fv.images or []), *after] or None  # --images FILE first, then the files after the flags
-    checkpoint = cli.checkpoint_path(prog, fv.checkpoint, fv.workdir,
-                                     "a training run's workdir or one of its checkpoints")
+    checkpoint = cli.checkpoint_path(
+        prog, fv.checkpoint, fv.workdir, "a training run's workdir or one of its checkpoints"
+    )
     from alexnet_jax.inference import CheckpointError, ImageError
 
     try:
-        write_all(checkpoint, fv.out, step=fv.step, images=images, num_images=fv.num_images,
-                  num_queries=fv.num_queries, neighbours=fv.neighbours, gallery_size=fv.gallery_size)
+        write_all(
+            checkpoint,
+            fv.out,
+            step=fv.step,
+            images=images,
+            num_images=fv.num_images,
+            num_queries=fv.num_queries,
+            neighbours=fv.neighbours,
+            gallery_size=fv.gallery_size,
+        )
     except (CheckpointError, ImageError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 1

@@ -38,10 +38,10 @@ class WorkdirLock:
             raise WorkdirBusy(
                 f"Another run is using --workdir={self.path.parent}: {describe_holder(holder)}. Two runs on one "
                 "workdir would overwrite each other's checkpoints. Wait for it to end or stop it, or give "
-                "another --workdir.") from None
+                "another --workdir."
+            ) from None
         self.stale = _read(fd) or None  # the kernel freed it: its holder is gone
-        me = {"host": socket.gethostname(), "pid": os.getpid(),
-              "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
         os.fsync(fd)

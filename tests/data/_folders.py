@@ -11,8 +11,9 @@ from alexnet_jax.data import embedded
 WNIDS = ("n01440764", "n01443537", "n01484850", "n01491361")  # tench, goldfish, white shark, tiger shark
 
 
-def write_imagenet_folder(root: Path, *, per_class: int = 6, val_per_class: int = 2, size=(300, 240),
-                          wnids=WNIDS) -> Path:
+def write_imagenet_folder(
+    root: Path, *, per_class: int = 6, val_per_class: int = 2, size=(300, 240), wnids=WNIDS
+) -> Path:
     """``root/train/<wnid>/*.JPEG`` and ``root/val/<wnid>/*.JPEG``: photo-sized q90 JPEGs with texture.
 
     Each class is one of the embedded set's drawings (so a net can learn them),
@@ -27,8 +28,7 @@ def write_imagenet_folder(root: Path, *, per_class: int = 6, val_per_class: int 
                 small = embedded.draw_example(2 * c, np.random.default_rng([7, c, i, split == "val"]), 48)
                 big = np.asarray(Image.fromarray(small).resize(size, Image.Resampling.BICUBIC), np.float32)
                 big += rng.normal(0, 8, big.shape)
-                Image.fromarray(np.clip(big, 0, 255).astype(np.uint8)).save(
-                    d / f"{wnid}_{i}.JPEG", quality=90)
+                Image.fromarray(np.clip(big, 0, 255).astype(np.uint8)).save(d / f"{wnid}_{i}.JPEG", quality=90)
     return Path(root)
 
 

@@ -26,13 +26,14 @@ def lighting(alpha_3, eigval_3, eigvec_33) -> np.ndarray:
     return 255.0 * shift
 
 
-def paper_view(image_HWC, mean_HWC, y: int, x: int, crop: int, flip: bool, alpha_3=None, eigval_3=None,
-               eigvec_33=None) -> np.ndarray:
+def paper_view(
+    image_HWC, mean_HWC, y: int, x: int, crop: int, flip: bool, alpha_3=None, eigval_3=None, eigvec_33=None
+) -> np.ndarray:
     """One model input from the whole uint8 image: (image - mean), cropped at (y, x), mirrored, + lighting."""
     centred = np.asarray(image_HWC, np.float64)
     if mean_HWC is not None:
         centred = centred - np.asarray(mean_HWC, np.float64)
-    view = centred[y:y + crop, x:x + crop]
+    view = centred[y : y + crop, x : x + crop]
     if flip:
         view = np.fliplr(view)
     if alpha_3 is not None:
@@ -60,7 +61,7 @@ def normalize_batch(batch: dict, mean_HWC, eigval_3=None, eigvec_33=None, *, wit
         y, x = int(yx[i, 0]), int(yx[i, 1])
         view = images[i]
         if mean_HWC is not None:
-            window = np.asarray(mean_HWC, np.float64)[y:y + crop, x:x + crop]
+            window = np.asarray(mean_HWC, np.float64)[y : y + crop, x : x + crop]
             view = view - (np.fliplr(window) if flips[i] else window)
         if with_lighting:
             view = view + lighting(alphas[i], eigval_3, eigvec_33)

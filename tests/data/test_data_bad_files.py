@@ -55,7 +55,7 @@ def bad_folder(tmp_path):
         (d1 / "png_named.JPEG").write_bytes(png.getvalue())
         (d2 / "grey.JPEG").write_bytes(jpeg_bytes(flat(COLOURS[2]), "L"))
         good = jpeg_bytes(flat(COLOURS[1], 64, 64))
-        (d1 / "truncated.JPEG").write_bytes(good[:len(good) // 2])
+        (d1 / "truncated.JPEG").write_bytes(good[: len(good) // 2])
         (d2 / "garbage.JPEG").write_bytes(b"this is not an image at all" * 10)
         (d0 / "empty.JPEG").write_bytes(b"")
         (d0 / "notes.txt").write_text("not an image")
@@ -217,7 +217,6 @@ def test_labels_file_ambiguous_forms_are_refused(tmp_path):
 
 def test_kaggle_csv_labels(tmp_path):
     root = make_flat_val(tmp_path, n=2)
-    (root / "LOC_val_solution.csv").write_text(
-        "ImageId,PredictionString\nv0,n00 1 2 3 4 n00 5 6 7 8\nv1,n01 1 2 3 4\n")
+    (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\nv0,n00 1 2 3 4 n00 5 6 7 8\nv1,n01 1 2 3 4\n")
     files = LA.scan_split(root, "val")
     assert files.rel_paths == ["v0.JPEG", "v1.JPEG"] and files.labels.tolist() == [0, 1]

@@ -62,8 +62,7 @@ def test_everything_else_goes_to_pillow():
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
 def test_damaged_jpegs_still_raise_decode_error(damage):
     good = CASES["rgb 4:2:0 q95 (prepare's encoding)"]()
-    data = {"truncated": good[: len(good) // 2], "garbage": good[:600] + bytes(range(256)) * 40,
-            "empty": b""}[damage]
+    data = {"truncated": good[: len(good) // 2], "garbage": good[:600] + bytes(range(256)) * 40, "empty": b""}[damage]
     assert sources._decode_square_jpeg(data, 256) is None  # libjpeg's warning is an error here
     with pytest.raises(DecodeError):
         sources.decode_image(data, 256)

@@ -37,8 +37,12 @@ def test_training_views_equal_the_papers_order():
     batch = stack(els)
     out = np.asarray(jax.jit(lambda b: device.normalize(b, mean, lam, vec, lighting=True))(batch))
     assert out.dtype == np.float32
-    paper = np.stack([R.paper_view(imgs[i], mean, *map(int, e["crop_yx"]), crop, bool(e["flip"]), e["alpha"],
-                                   lam, vec) for i, e in enumerate(els)])
+    paper = np.stack(
+        [
+            R.paper_view(imgs[i], mean, *map(int, e["crop_yx"]), crop, bool(e["flip"]), e["alpha"], lam, vec)
+            for i, e in enumerate(els)
+        ]
+    )
     np.testing.assert_allclose(out, paper, rtol=1e-5, atol=1e-3)
     # The reference's two forms agree: windows of the mean on the crops = the paper's order on whole images.
     np.testing.assert_allclose(R.normalize_batch(batch, mean, lam, vec, with_lighting=True), paper, atol=1e-9)

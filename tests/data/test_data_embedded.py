@@ -21,8 +21,9 @@ def test_layout_and_determinism(tmp_path):
     a = E.ensure_embedded_dataset(tmp_path / "a", num_train_per_class=3, num_val_per_class=2, image_size=32)
     b = E.ensure_embedded_dataset(tmp_path / "b", num_train_per_class=3, num_val_per_class=2, image_size=32)
     assert tree_digest(a) == tree_digest(b)
-    assert E.ensure_embedded_dataset(tmp_path / "a", num_train_per_class=3, num_val_per_class=2,
-                                     image_size=32) == a  # second call reuses it
+    assert (
+        E.ensure_embedded_dataset(tmp_path / "a", num_train_per_class=3, num_val_per_class=2, image_size=32) == a
+    )  # second call reuses it
     classes = sorted(p.name for p in (a / "train").iterdir())
     assert len(classes) == 10 and len(classes) % 2 == 0
     assert classes == sorted(p.name for p in (a / "val").iterdir())

@@ -41,16 +41,31 @@ def write_parquet(folder, dst, *, train_files=2, corrupt=False, in_data=True):
     wnids = imagenet_classes()[0]
     for split, name in (("train", "train"), ("val", "validation")):
         files = layout.scan_split(folder, split)
-        rows = [{"image": {"bytes": (folder / split / rel).read_bytes(), "path": rel.split("/")[-1]},
-                 "label": wnids.index(WNIDS[label])} for rel, label in zip(files.rel_paths, files.labels)]
+        rows = [
+            {
+                "image": {"bytes": (folder / split / rel).read_bytes(), "path": rel.split("/")[-1]},
+                "label": wnids.index(WNIDS[label]),
+            }
+            for rel, label in zip(files.rel_paths, files.labels)
+        ]
         if corrupt and split == "train":
             rows[3]["image"]["bytes"] = rows[3]["image"]["bytes"][:200]
         n = train_files if split == "train" else 1
         for i, part in enumerate(np.array_split(np.arange(len(rows)), n)):
-            pq.write_table(pa.Table.from_pylist([rows[j] for j in part], schema=SCHEMA),
-                           out / f"{name}-{i:05d}-of-{n:05d}.parquet", row_group_size=4)
-    test = [{"image": {"bytes": (folder / "val" / layout.scan_split(folder, "val").rel_paths[0]).read_bytes(),
-                       "path": "test_0.JPEG"}, "label": -1}]
+            pq.write_table(
+                pa.Table.from_pylist([rows[j] for j in part], schema=SCHEMA),
+                out / f"{name}-{i:05d}-of-{n:05d}.parquet",
+                row_group_size=4,
+            )
+    test = [
+        {
+            "image": {
+                "bytes": (folder / "val" / layout.scan_split(folder, "val").rel_paths[0]).read_bytes(),
+                "path": "test_0.JPEG",
+            },
+            "label": -1,
+        }
+    ]
     pq.write_table(pa.Table.from_pylist(test, schema=SCHEMA), out / "test-00000-of-00001.parquet")
     return dst
 
@@ -93,20 +108,65 @@ def test_a_subset_of_labels_trains_and_evaluates(folder, tmp_path):
     out = tmp_path / "packed"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    r = subprocess.run([sys.executable, "-m", "alexnet_jax.data.prepare", "--src", str(hub), "--dst", str(out),
-                        "--size", str(SIZE), "--workers", "0"], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alexnet_jax.data.prepare",
+            "--src",
+            str(hub),
+            "--dst",
+            str(out),
+            "--size",
+            str(SIZE),
+            "--workers",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "left out the test split (1 file(s))" in r.stderr and "train: 20 images in 2 shard(s)" in r.stdout
     w = tmp_path / "run"
-    r = subprocess.run([sys.executable, "launch.py", "--config=configs/demo.py", "--config.data.name=imagenet",
-                        f"--config.data.packed_dir={out}", "--config.model.num_classes=4", "--config.total_steps=2",
-                        "--config.batch_size=8",
-                        "--config.eval_batch_size=8", "--config.data.num_workers=0", f"--workdir={w}"],
-                       cwd=root, capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "launch.py",
+            "--config=configs/demo.py",
+            "--config.data.name=imagenet",
+            f"--config.data.packed_dir={out}",
+            "--config.model.num_classes=4",
+            "--config.total_steps=2",
+            "--config.batch_size=8",
+            "--config.eval_batch_size=8",
+            "--config.data.num_workers=0",
+            f"--workdir={w}",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert r.returncode == 0 and "Done at step 2" in r.stdout, r.stderr[-3000:]
-    r = subprocess.run([sys.executable, "-m", "alexnet_jax.evaluate", f"--checkpoint={w}", f"--data={out}",
-                        "--views=center", f"--json={tmp_path / 'val.json'}"], cwd=root, capture_output=True,
-                       text=True, env=env, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alexnet_jax.evaluate",
+            f"--checkpoint={w}",
+            f"--data={out}",
+            "--views=center",
+            f"--json={tmp_path / 'val.json'}",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "val.json").read_text())["images"] == 8
 
@@ -150,11 +210,23 @@ def test_a_stopped_prepare_resumes_to_the_same_output(folder, tmp_path):
     hub = write_parquet(folder, tmp_path / "hub", train_files=4)
     whole = P.prepare(hub, tmp_path / "whole", size=SIZE, workers=0, progress=False)
     dst = tmp_path / "stopped"
-    cmd = [sys.executable, "-m", "alexnet_jax.data.prepare", "--src", str(hub), "--dst", str(dst), "--size",
-           str(SIZE), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "alexnet_jax.data.prepare",
+        "--src",
+        str(hub),
+        "--dst",
+        str(dst),
+        "--size",
+        str(SIZE),
+        "--workers",
+        "1",
+    ]
     env = {**os.environ, "ALEXNET_JAX_PROGRESS_EVERY_S": "0"}
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                         start_new_session=True)
+    p = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
     deadline = time.time() + 120
     while not any(dst.glob("*.done.json")):
         assert p.poll() is None, p.communicate()

@@ -114,6 +114,7 @@ def test_state_portable_across_host_counts_and_checked(cfg, data):
 def test_grain_orbax_handler_saves_and_restores(cfg, data, tmp_path):
     import grain
     from etils import epath
+
     ref = take(PL.build_train_iter(cfg, batch_size=16, seed=7, num_workers=0, data=data), 4)
     it = PL.build_train_iter(cfg, batch_size=16, seed=7, num_workers=0, data=data)
     next(it), next(it)
@@ -140,8 +141,10 @@ def test_first_epoch_visits_every_image_once(cfg, data):
 
 def test_host_shards_union_is_the_global_batch(cfg, data):
     glob = take(PL.build_train_iter(cfg, batch_size=16, seed=4, num_workers=0, data=data), 3)
-    hosts = [take(PL.build_train_iter(cfg, batch_size=16, seed=4, shard_index=h, shard_count=2,
-                                      num_workers=0, data=data), 3) for h in range(2)]
+    hosts = [
+        take(PL.build_train_iter(cfg, batch_size=16, seed=4, shard_index=h, shard_count=2, num_workers=0, data=data), 3)
+        for h in range(2)
+    ]
     for t in range(3):
         assert hosts[0][t]["image"].shape[0] == 8
         union = sorted(digest(x) for h in hosts for x in h[t]["image"])
@@ -154,15 +157,28 @@ def test_host_batches_in_host_order_are_the_global_batch_in_order(cfg, data):
     glob = take(PL.build_train_iter(cfg, batch_size=16, seed=4, num_workers=0, data=data), 3)
     assert set(glob[0]) == {"image", "label", "mask", "crop_yx", "flip", "alpha"}
     for hosts in (2, 4):
-        parts = [take(PL.build_train_iter(cfg, batch_size=16, seed=4, shard_index=h, shard_count=hosts,
-                                          num_workers=0, data=data), 3) for h in range(hosts)]
+        parts = [
+            take(
+                PL.build_train_iter(
+                    cfg, batch_size=16, seed=4, shard_index=h, shard_count=hosts, num_workers=0, data=data
+                ),
+                3,
+            )
+            for h in range(hosts)
+        ]
         for t in range(3):
             for key in glob[t]:
                 np.testing.assert_array_equal(np.concatenate([p[t][key] for p in parts]), glob[t][key])
     for mode in ("center", "whole"):
         ev = list(PL.build_eval_iter(cfg, batch_size=16, mode=mode, num_workers=0, data=data))
-        ev_parts = [list(PL.build_eval_iter(cfg, batch_size=16, mode=mode, shard_index=h, shard_count=2,
-                                            num_workers=0, data=data)) for h in range(2)]
+        ev_parts = [
+            list(
+                PL.build_eval_iter(
+                    cfg, batch_size=16, mode=mode, shard_index=h, shard_count=2, num_workers=0, data=data
+                )
+            )
+            for h in range(2)
+        ]
         for t, b in enumerate(ev):
             for key in b:
                 np.testing.assert_array_equal(np.concatenate([p[t][key] for p in ev_parts]), b[key])
@@ -182,21 +198,28 @@ def test_eval_covers_validation_once(cfg, data, mode, shape):
 
 def test_eval_sharded_over_hosts(cfg, data):
     n = 10 * N_VAL
-    per_host = [list(PL.build_eval_iter(cfg, batch_size=16, shard_index=h, shard_count=2, num_workers=0,
-                                        data=data)) for h in range(2)]
+    per_host = [
+        list(PL.build_eval_iter(cfg, batch_size=16, shard_index=h, shard_count=2, num_workers=0, data=data))
+        for h in range(2)
+    ]
     assert len(per_host[0]) == len(per_host[1]) == 4  # same number of steps on every host
     imgs = [digest(i) for h in per_host for b in h for i, m in zip(b["image"], b["mask"]) if m]
     assert len(imgs) == n
-    single = [digest(i) for b in PL.build_eval_iter(cfg, batch_size=16, num_workers=0, data=data)
-              for i, m in zip(b["image"], b["mask"]) if m]
+    single = [
+        digest(i)
+        for b in PL.build_eval_iter(cfg, batch_size=16, num_workers=0, data=data)
+        for i, m in zip(b["image"], b["mask"])
+        if m
+    ]
     assert sorted(imgs) == sorted(single)
 
 
 def test_folder_form_matches_packed_form_labels(cfg, data):
     folder = cfg.copy_and_resolve_references()
     folder.format = "folder"
-    folder.root = str(embedded.ensure_embedded_dataset(
-        cfg.root, num_train_per_class=N_TRAIN, num_val_per_class=N_VAL, image_size=40))
+    folder.root = str(
+        embedded.ensure_embedded_dataset(cfg.root, num_train_per_class=N_TRAIN, num_val_per_class=N_VAL, image_size=40)
+    )
     folder.stats_path = str(Path(cfg.root) / (Path(folder.root).name + "_packed36") / "stats.npz")
     fdata = LO.resolve(folder)
     a = list(PL.build_eval_iter(folder, batch_size=50, num_workers=0, data=fdata))[0]
@@ -209,6 +232,7 @@ def test_folder_form_matches_packed_form_labels(cfg, data):
 @pytest.mark.parametrize("mode", ["train", "center"])
 def test_device_normalisation_of_loader_batches_equals_the_reference(cfg, data, mode):
     from alexnet_jax.data import device
+
     if mode == "train":
         batches = take(PL.build_train_iter(cfg, batch_size=16, seed=3, num_workers=0, data=data), 2)
     else:
@@ -234,8 +258,9 @@ def test_whole_images_cut_into_ten_views_on_device_equal_the_papers(cfg, data):
     for w, c in zip(whole, center):
         assert w["image"].dtype == np.uint8 and w["image"].shape == (16, cfg.resize_size, cfg.resize_size, 3)
         views = np.asarray(cut(w["image"]))
-        np.testing.assert_allclose(views, np.stack([R.ten_views(im, mean, cfg.crop_size) for im in w["image"]]),
-                                   atol=1e-4)
+        np.testing.assert_allclose(
+            views, np.stack([R.ten_views(im, mean, cfg.crop_size) for im in w["image"]]), atol=1e-4
+        )
         np.testing.assert_array_equal(w["label"], c["label"])
         np.testing.assert_allclose(views[:, 4], R.normalize_batch(c, mean, with_lighting=False), atol=1e-4)
     with pytest.raises(ValueError, match="'whole'.*ten .*views on the device"):

@@ -24,7 +24,7 @@ def write_png_folder(root, n_classes=3, n_per_class=4, seed=0):
             d.mkdir(parents=True)
             for i in range(n):
                 a = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
-                a[..., 1] = (a[..., 0] // 2 + a[..., 1] // 2)  # correlated channels
+                a[..., 1] = a[..., 0] // 2 + a[..., 1] // 2  # correlated channels
                 Image.fromarray(a).save(d / f"img_{c}_{i}.png")
                 arrays[split].append((c, a))
     return arrays
@@ -53,8 +53,9 @@ def test_stats_match_numpy(tmp_path):
 
 def test_packed_records_roundtrip(tmp_path):
     arrays = write_png_folder(tmp_path / "src")
-    dst = P.prepare(tmp_path / "src", tmp_path / "dst", size=SIZE, subsampling="444", shard_size=5, workers=0,
-                    progress=False)
+    dst = P.prepare(
+        tmp_path / "src", tmp_path / "dst", size=SIZE, subsampling="444", shard_size=5, workers=0, progress=False
+    )
     rec = S.PackedRecords(P.shard_paths(dst, "train"))
     assert len(rec) == 12
     by_name = {}
@@ -100,8 +101,21 @@ def test_resume_refuses_different_settings(tmp_path):
 
 def test_cli_with_worker_processes(tmp_path, capsys):
     write_png_folder(tmp_path / "src")
-    rc = P.main(["--src", str(tmp_path / "src"), "--dst", str(tmp_path / "dst"), "--size", str(SIZE),
-                 "--shard-size", "6", "--workers", "2", "--quiet"])
+    rc = P.main(
+        [
+            "--src",
+            str(tmp_path / "src"),
+            "--dst",
+            str(tmp_path / "dst"),
+            "--size",
+            str(SIZE),
+            "--shard-size",
+            "6",
+            "--workers",
+            "2",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "train: 12 images in 2 shard(s), 0 skipped" in out
@@ -122,6 +136,7 @@ def test_decode_rescales_shorter_side_and_centre_crops():
     x = np.arange(40)[None, :].repeat(20, 0)
     a = np.stack([x * 6, np.zeros_like(x), np.zeros_like(x)], -1).astype(np.uint8)
     import io
+
     buf = io.BytesIO()
     Image.fromarray(a).save(buf, format="PNG")
     out = S.decode_image(buf.getvalue(), 10)

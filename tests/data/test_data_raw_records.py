@@ -93,14 +93,16 @@ def test_same_statistics_and_format_recorded(both):
     assert (mj["records"], mj["format"]) == ("jpeg", "alexnet_jax.packed/1")  # jpeg folders: format as before
     assert (mr["records"], mr["format"]) == ("raw", P.FORMAT_RAW)
     assert json.loads((raw / "metadata.json").read_text())["records"] == "raw"
-    assert json.loads((raw / "plan.json").read_text())["digest"] != json.loads(
-        (jpeg / "plan.json").read_text())["digest"]
+    assert (
+        json.loads((raw / "plan.json").read_text())["digest"] != json.loads((jpeg / "plan.json").read_text())["digest"]
+    )
     assert dict(mj["splits"].items()) == dict(mr["splits"].items())
 
 
 def test_folder_without_records_key_reads_as_jpeg(both, tmp_path):
     _, jpeg, _, _, _ = both
     import shutil
+
     old = tmp_path / "old"
     shutil.copytree(jpeg, old)
     meta = json.loads((old / "metadata.json").read_text())
@@ -157,8 +159,10 @@ def kept_only(tmp_path_factory):
     """A folder whose images the jpeg format all keeps (RGB JPEGs, shorter side == SIZE), prepared both ways."""
     tmp = tmp_path_factory.mktemp("kept")
     src = write_imagenet_folder(tmp / "src", per_class=4, val_per_class=3, size=(44, SIZE))
-    out = {r: P.prepare(src, tmp / r, size=SIZE, shard_size=5, workers=0, progress=False, records=r)
-           for r in ("jpeg", "raw")}
+    out = {
+        r: P.prepare(src, tmp / r, size=SIZE, shard_size=5, workers=0, progress=False, records=r)
+        for r in ("jpeg", "raw")
+    }
     _, by_name = records_by_name(out["jpeg"], "train")
     assert all(data == (src / "train" / name).read_bytes() for name, (_, data) in by_name.items())
     return out

@@ -58,14 +58,16 @@ def test_cached_by_dataset_and_reused(tmp_path, caplog):
     mtime = first.stat().st_mtime_ns
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        again = ST.ensure_stats(LA.scan_split(tmp_path / "src", "train"), SIZE, cache_dir=tmp_path / "c",
-                                workers=0, progress=False)
+        again = ST.ensure_stats(
+            LA.scan_split(tmp_path / "src", "train"), SIZE, cache_dir=tmp_path / "c", workers=0, progress=False
+        )
     assert again == first and again.stat().st_mtime_ns == mtime and "computing" not in caplog.text
     # Another size, or a changed folder, is another dataset.
     assert ST.stats_file(files, SIZE + 1, tmp_path / "c") != first
     Image.fromarray(np.zeros((SIZE, SIZE, 3), np.uint8)).save(tmp_path / "src" / "train" / "n00000000" / "new.png")
-    changed = ST.ensure_stats(LA.scan_split(tmp_path / "src", "train"), SIZE, cache_dir=tmp_path / "c", workers=0,
-                              progress=False)
+    changed = ST.ensure_stats(
+        LA.scan_split(tmp_path / "src", "train"), SIZE, cache_dir=tmp_path / "c", workers=0, progress=False
+    )
     assert changed != first and int(P.load_stats(changed)["num_images"]) == 16
 
 
@@ -79,15 +81,34 @@ def test_two_processes_at_once_compute_once(tmp_path):
         for i in range(150):
             Image.fromarray(rng.integers(0, 256, (160, 120, 3), dtype=np.uint8)).save(d / f"{i}.JPEG", quality=90)
     cache = tmp_path / "cache"
-    cmd = [sys.executable, "-m", "alexnet_jax.data.prepare", "--src", str(root), "--stats-only", "--size", "96",
-           "--workers", "0", "--quiet", "--cache-dir", str(cache)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "alexnet_jax.data.prepare",
+        "--src",
+        str(root),
+        "--stats-only",
+        "--size",
+        "96",
+        "--workers",
+        "0",
+        "--quiet",
+        "--cache-dir",
+        str(cache),
+    ]
     lock_path = ST.stats_file(LA.scan_split(root, "train"), 96, cache).with_suffix(".lock")
     lock_path.parent.mkdir(parents=True)
     logs = [tmp_path / f"log{i}" for i in range(2)]
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # both start while "someone else" computes
-        procs = [subprocess.Popen(cmd, stdout=open(log, "w"),  # noqa: SIM115  the child process writes it
-                                  stderr=subprocess.STDOUT) for log in logs]
+        procs = [
+            subprocess.Popen(
+                cmd,
+                stdout=open(log, "w"),  # noqa: SIM115  the child process writes it
+                stderr=subprocess.STDOUT,
+            )
+            for log in logs
+        ]
         deadline = time.time() + 120
         while not all("waiting for another process" in log.read_text() for log in logs):
             assert time.time() < deadline and all(p.poll() is None for p in procs), [x.read_text() for x in logs]
@@ -96,8 +117,9 @@ def test_two_processes_at_once_compute_once(tmp_path):
     assert [p.wait(timeout=120) for p in procs] == [0, 0], [x.read_text() for x in logs]
     text = "".join(log.read_text() for log in logs)
     assert text.count("computing the mean image") == 1, text
-    paths = {ln.rsplit(": ", 1)[1] for log in logs for ln in log.read_text().splitlines()
-             if ln.startswith("statistics")}
+    paths = {
+        ln.rsplit(": ", 1)[1] for log in logs for ln in log.read_text().splitlines() if ln.startswith("statistics")
+    }
     assert len(paths) == 1 and int(P.load_stats(paths.pop())["num_images"]) == 300
     assert not [f for f in os.listdir(cache / "stats") if ".tmp" in f]
 

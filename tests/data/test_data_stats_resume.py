@@ -34,8 +34,21 @@ def folder(tmp_path_factory):
 
 
 def stats_cmd(src, cache, workers, *extra):
-    return [sys.executable, "-m", "alexnet_jax.data.prepare", "--src", str(src), "--stats-only", "--size", str(SIZE),
-            "--cache-dir", str(cache), "--workers", str(workers), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "alexnet_jax.data.prepare",
+        "--src",
+        str(src),
+        "--stats-only",
+        "--size",
+        str(SIZE),
+        "--cache-dir",
+        str(cache),
+        "--workers",
+        str(workers),
+        *extra,
+    ]
 
 
 def env(**kw):
@@ -62,8 +75,9 @@ def assert_clean_stop(rc, err, what):
 
 
 def uninterrupted(folder, tmp_path):
-    path = ST.ensure_stats(LA.scan_split(folder, "train"), SIZE, cache_dir=tmp_path / "whole", workers=0,
-                           progress=False)
+    path = ST.ensure_stats(
+        LA.scan_split(folder, "train"), SIZE, cache_dir=tmp_path / "whole", workers=0, progress=False
+    )
     return P.load_stats(path)
 
 
@@ -73,8 +87,14 @@ def test_sigterm_to_the_process_group_mid_pass_then_resume_gives_the_same_stats(
     files = LA.scan_split(folder, "train")
     final = ST.stats_file(files, SIZE, cache)
     partial = ST.partial_file(final)
-    proc = subprocess.Popen(stats_cmd(folder, cache, 2, "--chunk-size", "2"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env(), start_new_session=True)
+    proc = subprocess.Popen(
+        stats_cmd(folder, cache, 2, "--chunk-size", "2"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(),
+        start_new_session=True,
+    )
     rc, out, err = stop_when(proc, partial.is_file, signal.SIGTERM, group=True)
     assert_clean_stop(rc, err, "statistics pass stopped by SIGTERM")
     assert partial.is_file() and not final.exists()
@@ -96,8 +116,13 @@ def test_ctrl_c_inline_stops_cleanly_and_progress_lines_go_to_the_log(folder, tm
     """Ctrl-C with --workers 0 (the pass in the main process); stdout is a pipe: plain lines, count and ETA."""
     cache = tmp_path / "cache"
     partial = ST.partial_file(ST.stats_file(LA.scan_split(folder, "train"), SIZE, cache))
-    proc = subprocess.Popen(stats_cmd(folder, cache, 0, "--chunk-size", "3"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env())
+    proc = subprocess.Popen(
+        stats_cmd(folder, cache, 0, "--chunk-size", "3"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(),
+    )
     rc, out, err = stop_when(proc, partial.is_file, signal.SIGINT)
     assert_clean_stop(rc, err, "statistics pass stopped by SIGINT")
     assert "KeyboardInterrupt" not in err
@@ -129,10 +154,24 @@ def test_progress_lines_off_a_terminal():
 def test_prepare_stopped_by_sigterm_exits_cleanly_and_resumes(tmp_path):
     src = write_imagenet_folder(tmp_path / "src", per_class=10, val_per_class=1)
     dst = tmp_path / "packed"
-    cmd = [sys.executable, "-m", "alexnet_jax.data.prepare", "--src", str(src), "--dst", str(dst), "--size", "128",
-           "--shard-size", "2", "--workers", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "alexnet_jax.data.prepare",
+        "--src",
+        str(src),
+        "--dst",
+        str(dst),
+        "--size",
+        "128",
+        "--shard-size",
+        "2",
+        "--workers",
+        "1",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), start_new_session=True
+    )
     rc, out, err = stop_when(proc, lambda: any(dst.glob("*.done.json")), signal.SIGTERM, group=True)
     assert_clean_stop(rc, err, "preparation stopped by SIGTERM")
     assert not (dst / P.METADATA).exists()
@@ -155,16 +194,21 @@ def test_published_stats_need_no_pass(folder, tmp_path):
     assert not (tmp_path / "cache").exists()  # no pass, no stats file, no partial sums
     s = data.stats
     assert s["mean_image"].shape == (SIZE, SIZE, 3)
-    np.testing.assert_array_equal(s["mean_image"],
-                                  np.broadcast_to(np.float32(np.array([0.485, 0.456, 0.406]) * 255), (SIZE, SIZE, 3)))
+    np.testing.assert_array_equal(
+        s["mean_image"], np.broadcast_to(np.float32(np.array([0.485, 0.456, 0.406]) * 255), (SIZE, SIZE, 3))
+    )
     np.testing.assert_array_equal(s["eigval"], np.float32([0.2175, 0.0188, 0.0045]))
-    np.testing.assert_array_equal(s["eigvec"], np.float32([[-0.5675, 0.7192, 0.4009],
-                                                           [-0.5808, -0.0045, -0.8140],
-                                                           [-0.5836, -0.6948, 0.4203]]))
+    np.testing.assert_array_equal(
+        s["eigvec"], np.float32([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
+    )
     # The first principal component (the largest eigenvalue) is brightness: alpha on it alone moves R, G and B
     # alike (a transposed matrix would give -0.57, 0.72, 0.40: a colour shift).
-    one = {"image": np.zeros((1, 1, 1, 3), np.uint8), "crop_yx": np.zeros((1, 2), np.int32),
-           "flip": np.zeros(1, bool), "alpha": np.float32([[1.0, 0, 0]])}
+    one = {
+        "image": np.zeros((1, 1, 1, 3), np.uint8),
+        "crop_yx": np.zeros((1, 2), np.int32),
+        "flip": np.zeros(1, bool),
+        "alpha": np.float32([[1.0, 0, 0]]),
+    }
     offset = np.asarray(device.normalize(one, None, s["eigval"], s["eigvec"]))[0, 0, 0]
     np.testing.assert_allclose(offset, -255 * 0.2175 * np.array([0.5675, 0.5808, 0.5836]), rtol=1e-6)
     assert np.ptp(offset) < 0.03 * np.abs(offset).max()
@@ -214,8 +258,9 @@ def test_a_signal_during_the_folder_scan_stops_as_during_the_pass(folder, tmp_pa
 
     monkeypatch.setattr(LA, "_is_image_file", is_image_file)
     cache = tmp_path / "cache"
-    rc = P.main(["--src", str(folder), "--stats-only", "--size", str(SIZE), "--cache-dir", str(cache),
-                 "--workers", "0"])
+    rc = P.main(
+        ["--src", str(folder), "--stats-only", "--size", str(SIZE), "--cache-dir", str(cache), "--workers", "0"]
+    )
     err = capsys.readouterr().err
     assert rc == 75, err
     (line,) = [ln for ln in err.splitlines() if ln.startswith("stopped:")]

@@ -19,7 +19,7 @@ def imported_modules(path: Path) -> set[str]:
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("alexnet_jax.data"):
-            rest = node.module[len("alexnet_jax.data"):].lstrip(".")
+            rest = node.module[len("alexnet_jax.data") :].lstrip(".")
             if rest:
                 out.add(rest.split(".")[0])
             else:  # from alexnet_jax.data import x: a submodule, or a name of the package itself
@@ -32,8 +32,12 @@ def imported_modules(path: Path) -> set[str]:
 def test_the_command_module_is_imported_by_nothing_in_the_package():
     """``python -m`` runs prepare.py as __main__; imported from the package as well, it would run twice."""
     assert [name for name, path in MODULES.items() if "prepare" in imported_modules(path)] == []
-    r = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "alexnet_jax.data.prepare", "--help"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-m", "alexnet_jax.data.prepare", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0 and "Warning" not in r.stderr, r.stderr[-2000:]
     assert "--src" in r.stdout and "--stats_only" in r.stdout
 
@@ -41,8 +45,19 @@ def test_the_command_module_is_imported_by_nothing_in_the_package():
 def test_the_package_names_import_plainly():
     from alexnet_jax import data as data_lib
 
-    for name in ("DatasetError", "ResolvedData", "check_config", "resolve", "split_records", "default_data_config",
-                 "demo_data_config", "build_train_iter", "build_eval_iter", "EvalPasses", "release_shared_memory",
-                 "ensure_embedded_dataset"):
+    for name in (
+        "DatasetError",
+        "ResolvedData",
+        "check_config",
+        "resolve",
+        "split_records",
+        "default_data_config",
+        "demo_data_config",
+        "build_train_iter",
+        "build_eval_iter",
+        "EvalPasses",
+        "release_shared_memory",
+        "ensure_embedded_dataset",
+    ):
         assert name in data_lib.__all__ and callable(getattr(data_lib, name)), name
     assert not hasattr(data_lib, "__getattr__")  # no lazy table

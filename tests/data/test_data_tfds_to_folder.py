@@ -20,10 +20,14 @@ def fake_tfds(examples: dict):
     """The few calls the script makes: builder(...).info / as_dataset, decode.SkipDecoding, as_numpy."""
     wnids = imagenet_classes()[0]
     label = types.SimpleNamespace(int2str=lambda i: wnids[i])
-    builder = types.SimpleNamespace(info=types.SimpleNamespace(features={"label": label}),
-                                    as_dataset=lambda split, decoders: examples[split])
-    return types.SimpleNamespace(builder=lambda name, data_dir: builder, as_numpy=lambda ds: iter(ds),
-                                 decode=types.SimpleNamespace(SkipDecoding=lambda: None))
+    builder = types.SimpleNamespace(
+        info=types.SimpleNamespace(features={"label": label}), as_dataset=lambda split, decoders: examples[split]
+    )
+    return types.SimpleNamespace(
+        builder=lambda name, data_dir: builder,
+        as_numpy=lambda ds: iter(ds),
+        decode=types.SimpleNamespace(SkipDecoding=lambda: None),
+    )
 
 
 def test_the_folder_it_writes_is_the_original(tmp_path, monkeypatch, capsys):
@@ -32,9 +36,14 @@ def test_the_folder_it_writes_is_the_original(tmp_path, monkeypatch, capsys):
     examples = {}
     for split, theirs in (("train", "train"), ("val", "validation")):
         files = layout.scan_split(src, split)
-        examples[theirs] = [{"image": (src / split / rel).read_bytes(), "label": np.int64(wnids.index(WNIDS[lab])),
-                             "file_name": rel.split("/")[-1].encode()}
-                            for rel, lab in zip(files.rel_paths, files.labels)]
+        examples[theirs] = [
+            {
+                "image": (src / split / rel).read_bytes(),
+                "label": np.int64(wnids.index(WNIDS[lab])),
+                "file_name": rel.split("/")[-1].encode(),
+            }
+            for rel, lab in zip(files.rel_paths, files.labels)
+        ]
     out = tmp_path / "out"
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake_tfds(examples))
     tfds_to_folder.main(["--data-dir", "~/tensorflow_datasets", "--out", str(out)])

@@ -23,7 +23,7 @@ def test_random_crop_flip_matches_slicing_and_covers_all_positions():
     for i in range(400):
         out = tf.random_map(element(img), np.random.default_rng(i))
         y, x = out["crop_yx"]
-        expected = img[y:y + 7, x:x + 7]
+        expected = img[y : y + 7, x : x + 7]
         if out["flip"]:
             expected = expected[:, ::-1]
         np.testing.assert_array_equal(out["image"], expected)
@@ -71,7 +71,7 @@ def test_ten_crop_views_are_the_slices():
     assert got == corners
     for k in range(10):
         y, x = out["crop_yx"][k]
-        ref = img[y:y + 6, x:x + 6]
+        ref = img[y : y + 6, x : x + 6]
         ref = ref[:, ::-1] if k >= 5 else ref
         np.testing.assert_array_equal(out["image"][k], ref)
     np.testing.assert_array_equal(out["crop_yx"][5:], out["crop_yx"][:5])

@@ -26,8 +26,12 @@ from alexnet_jax.data.errors import DatasetError
 # The devkit numbers its classes in its own order, not the sorted wnids the folders use: here
 # id 1 is the third sorted wnid, like the real devkit (id 1 is n02119789, a kit fox).
 DEVKIT_IDS = {WNIDS[2]: 1, WNIDS[0]: 2, WNIDS[3]: 3, WNIDS[1]: 4}
-WORDS = {WNIDS[0]: "tench, Tinca tinca", WNIDS[1]: "goldfish, Carassius auratus",
-         WNIDS[2]: "great white shark", WNIDS[3]: "tiger shark, Galeocerdo cuvieri"}
+WORDS = {
+    WNIDS[0]: "tench, Tinca tinca",
+    WNIDS[1]: "goldfish, Carassius auratus",
+    WNIDS[2]: "great white shark",
+    WNIDS[3]: "tiger shark, Galeocerdo cuvieri",
+}
 
 
 def write_devkit_meta(path):
@@ -74,8 +78,7 @@ def layout(kind, source_root, dst):
     elif kind == "devkit":  # the devkit tarball unpacked into ROOT, as it ships
         data = dst / "ILSVRC2012_devkit_t12" / "data"
         data.mkdir(parents=True)
-        (data / "ILSVRC2012_validation_ground_truth.txt").write_text(
-            "".join(f"{DEVKIT_IDS[w]}\n" for _, w in pairs))
+        (data / "ILSVRC2012_validation_ground_truth.txt").write_text("".join(f"{DEVKIT_IDS[w]}\n" for _, w in pairs))
         write_devkit_meta(data / "meta.mat")
     return dst
 
@@ -127,8 +130,10 @@ def test_devkit_ground_truth_as_val_labels_and_through_prepare(source, tmp_path)
     cfg = val_config(root)
     cfg.val_labels = str(gt)
     data = LO.resolve(cfg)
-    assert {digest(data.records["val"][i][2]): data.classes[data.records["val"][i][1]]
-            for i in range(len(data.records["val"]))} == truth
+    assert {
+        digest(data.records["val"][i][2]): data.classes[data.records["val"][i][1]]
+        for i in range(len(data.records["val"]))
+    } == truth
 
     packed = tmp_path / "packed"
     P.prepare(root, packed, size=64, val_labels=str(gt), progress=False)

@@ -13,14 +13,26 @@ from alexnet_jax.data.embedded import ensure_embedded_dataset
 from alexnet_jax.data.errors import DatasetError
 from alexnet_jax.data.locate import ResolvedData, check_config, drop_legacy_fields, resolve, split_records
 from alexnet_jax.data.pipeline import (
-                                       EvalPasses,
-                                       build_eval_iter,
-                                       build_train_iter,
-                                       default_data_config,
-                                       demo_data_config,
-                                       release_shared_memory,
+    EvalPasses,
+    build_eval_iter,
+    build_train_iter,
+    default_data_config,
+    demo_data_config,
+    release_shared_memory,
 )
 
-__all__ = ["DatasetError", "EvalPasses", "ResolvedData", "build_eval_iter", "build_train_iter", "check_config",
-           "default_data_config", "demo_data_config", "drop_legacy_fields", "ensure_embedded_dataset",
-           "release_shared_memory", "resolve", "split_records"]
+__all__ = [
+    "DatasetError",
+    "EvalPasses",
+    "ResolvedData",
+    "build_eval_iter",
+    "build_train_iter",
+    "check_config",
+    "default_data_config",
+    "demo_data_config",
+    "drop_legacy_fields",
+    "ensure_embedded_dataset",
+    "release_shared_memory",
+    "resolve",
+    "split_records",
+]

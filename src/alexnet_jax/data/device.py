@@ -51,6 +51,6 @@ def eval_views(image_BSSC: jax.Array, mean_image, crop: int) -> jax.Array:
         img = img - jnp.asarray(mean_image, jnp.float32)
     views = []
     for y, x, flip in ten_crop_params(img.shape[1:3], crop):
-        v = img[:, y:y + crop, x:x + crop]
+        v = img[:, y : y + crop, x : x + crop]
         views.append(v[:, :, ::-1] if flip else v)
     return jnp.stack(views, axis=1)

@@ -45,7 +45,7 @@ def shape_mask(shape: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray
     """Boolean mask of ``shape`` of radius ``r`` in centred, rotated coordinates (v points down)."""
     r = r * _AREA_SCALE[shape]
     if shape == "disk":
-        return u ** 2 + v ** 2 <= r ** 2
+        return u**2 + v**2 <= r**2
     if shape == "square":
         return np.maximum(np.abs(u), np.abs(v)) <= r
     if shape == "triangle":  # apex up at v = -r, base at v = r / 2
@@ -54,8 +54,8 @@ def shape_mask(shape: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray
         w = r / 3
         return ((np.abs(u) <= w) & (np.abs(v) <= r)) | ((np.abs(v) <= w) & (np.abs(u) <= r))
     if shape == "ring":
-        d2 = u ** 2 + v ** 2
-        return (d2 <= r ** 2) & (d2 >= (0.6 * r) ** 2)
+        d2 = u**2 + v**2
+        return (d2 <= r**2) & (d2 >= (0.6 * r) ** 2)
     raise ValueError(shape)
 
 
@@ -97,7 +97,7 @@ def draw_example(class_index: int, rng: np.random.Generator, size: int = 96) -> 
 
 
 def _class_names() -> list[str]:
-    return [f'{s}, {a.replace("_", " ")}' for s in SHAPES for a in ARRANGEMENTS]
+    return [f"{s}, {a.replace('_', ' ')}" for s in SHAPES for a in ARRANGEMENTS]
 
 
 def folder_name(class_index: int) -> str:
@@ -105,8 +105,15 @@ def folder_name(class_index: int) -> str:
     return f"c{class_index:02d}_{CLASSES[class_index]}"
 
 
-def generate(dst: str | os.PathLike, *, num_train_per_class: int = 300, num_val_per_class: int = 50,
-             image_size: int = 96, seed: int = 0, quality: int = 90) -> Path:
+def generate(
+    dst: str | os.PathLike,
+    *,
+    num_train_per_class: int = 300,
+    num_val_per_class: int = 50,
+    image_size: int = 96,
+    seed: int = 0,
+    quality: int = 90,
+) -> Path:
     """Write the dataset as JPEG files under ``dst`` (ImageNet layout). Deterministic in ``seed``."""
     dst = Path(dst)
     for split_id, (split, n) in enumerate((("train", num_train_per_class), ("val", num_val_per_class))):
@@ -116,23 +123,35 @@ def generate(dst: str | os.PathLike, *, num_train_per_class: int = 300, num_val_
             for i in range(n):
                 rng = np.random.default_rng([seed, split_id, c, i])
                 Image.fromarray(draw_example(c, rng, image_size)).save(
-                    d / f"{split}_{c:02d}_{i:05d}.JPEG", format="JPEG", quality=quality)
+                    d / f"{split}_{c:02d}_{i:05d}.JPEG", format="JPEG", quality=quality
+                )
     with open(dst / "class_names.txt", "w") as f:
         for c, name in enumerate(_class_names()):
             f.write(f"{folder_name(c)} {name}\n")
     return dst
 
 
-def ensure_embedded_dataset(root: str | os.PathLike | None = None, *, num_train_per_class: int = 300,
-                            num_val_per_class: int = 50, image_size: int = 96, seed: int = 0) -> Path:
+def ensure_embedded_dataset(
+    root: str | os.PathLike | None = None,
+    *,
+    num_train_per_class: int = 300,
+    num_val_per_class: int = 50,
+    image_size: int = 96,
+    seed: int = 0,
+) -> Path:
     """The dataset's folder (``root/images_<settings>``), generated on first use.
 
     Generated into a temporary folder and renamed, so a crash or a concurrent
     caller never leaves a half-written dataset behind.
     """
     root = Path(root) if root is not None else default_root()
-    params = dict(version=VERSION, num_train_per_class=num_train_per_class,
-                  num_val_per_class=num_val_per_class, image_size=image_size, seed=seed)
+    params = dict(
+        version=VERSION,
+        num_train_per_class=num_train_per_class,
+        num_val_per_class=num_val_per_class,
+        image_size=image_size,
+        seed=seed,
+    )
     tag = f"v{VERSION}_n{num_train_per_class}-{num_val_per_class}_s{image_size}_seed{seed}"
     path = root / f"images_{tag}"
     if (path / "embedded.json").is_file():
@@ -140,8 +159,13 @@ def ensure_embedded_dataset(root: str | os.PathLike | None = None, *, num_train_
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp_images_", dir=root))
     try:
-        generate(tmp, num_train_per_class=num_train_per_class, num_val_per_class=num_val_per_class,
-                 image_size=image_size, seed=seed)
+        generate(
+            tmp,
+            num_train_per_class=num_train_per_class,
+            num_val_per_class=num_val_per_class,
+            image_size=image_size,
+            seed=seed,
+        )
         (tmp / "embedded.json").write_text(json.dumps(params, indent=1))
         try:
             os.rename(tmp, path)

@@ -34,8 +34,16 @@ def tick() -> None:
         _inline_stop.check()
 
 
-def run_jobs(fn, jobs: list, workers: int, total: int, progress: bool, label: str = "preparing",
-             on_result=None, done_before: int = 0) -> None:
+def run_jobs(
+    fn,
+    jobs: list,
+    workers: int,
+    total: int,
+    progress: bool,
+    label: str = "preparing",
+    on_result=None,
+    done_before: int = 0,
+) -> None:
     """``on_result(fn(job))`` for every job, on ``workers`` processes, with progress over ``total`` images.
 
     ``fn`` calls :func:`tick` once per image; ``done_before`` images were done by an earlier (resumed) run.
@@ -159,14 +167,16 @@ def _start_workers(ctx, fn, counts, workers: int) -> tuple[list, list]:
     import signal
     import threading
 
-    handlers = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)} if (
-        threading.current_thread() is threading.main_thread()) else {}
+    handlers = (
+        {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+        if (threading.current_thread() is threading.main_thread())
+        else {}
+    )
     procs, conns = [], []
     try:
         for i in range(workers):
             here, there = ctx.Pipe()
-            p = ctx.Process(target=_worker_main, args=(fn, there, counts, i), daemon=True,
-                            name=f"alexnet_jax-pass-{i}")
+            p = ctx.Process(target=_worker_main, args=(fn, there, counts, i), daemon=True, name=f"alexnet_jax-pass-{i}")
             p.start()
             there.close()
             procs.append(p)
@@ -210,8 +220,10 @@ def _run_in_workers(fn, jobs: list, workers: int, on_result, report, stop: _Stop
                 busy[i] = True
         while any(busy):
             stop.check()
-            ready = wait([conns[i] for i in range(workers) if busy[i]] +
-                         [procs[i].sentinel for i in range(workers) if busy[i]], timeout=0.25)
+            ready = wait(
+                [conns[i] for i in range(workers) if busy[i]] + [procs[i].sentinel for i in range(workers) if busy[i]],
+                timeout=0.25,
+            )
             for i in range(workers):
                 if not busy[i]:
                     continue
@@ -232,8 +244,10 @@ def _run_in_workers(fn, jobs: list, workers: int, on_result, report, stop: _Stop
                 if not procs[i].is_alive():
                     time.sleep(0.2)  # killed along with us by a signal to the group: that is a stop
                     stop.check()
-                    raise DatasetError(f"a worker process died (exit code {procs[i].exitcode}), e.g. killed "
-                                       "for lack of memory; run again with fewer workers")
+                    raise DatasetError(
+                        f"a worker process died (exit code {procs[i].exitcode}), e.g. killed "
+                        "for lack of memory; run again with fewer workers"
+                    )
             report(sum(counts))
         stop.check()  # asked while the last jobs ran: the jobs not started are not done
         report(sum(counts))
@@ -250,5 +264,6 @@ def stop_if_signalled(what: str) -> None:
 
     name = held_signal()
     if name is not None:
-        raise PassInterrupted(f"{what} stopped by {name}; nothing was written, and the same command starts "
-                              "it again.", name)
+        raise PassInterrupted(
+            f"{what} stopped by {name}; nothing was written, and the same command starts it again.", name
+        )

@@ -20,8 +20,11 @@ from alexnet_jax.data.errors import DatasetError
 
 DEVKIT_GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
 _LABEL_FILE_CANDIDATES = (
-    "val_labels.txt", "LOC_val_solution.csv", "val_labels.csv",
-    "ILSVRC2012_validation_labels.txt", DEVKIT_GROUND_TRUTH,
+    "val_labels.txt",
+    "LOC_val_solution.csv",
+    "val_labels.csv",
+    "ILSVRC2012_validation_labels.txt",
+    DEVKIT_GROUND_TRUTH,
 )
 # Where the ILSVRC 2012 devkit puts its ground truth and meta.mat, relative to ROOT.
 _DEVKIT_DATA_DIRS = ("ILSVRC2012_devkit_t12/data", "devkit/data", "ILSVRC2012_devkit_t12")
@@ -59,11 +62,16 @@ def read_devkit_meta(path: str | os.PathLike) -> dict[int, tuple[str, str]]:
         ids = [int(i) for i in synsets["ILSVRC2012_ID"]]
         wnids = [str(w) for w in synsets["WNID"]]
     except Exception as e:
-        raise DatasetError(f"{str(path)!r} is not the ILSVRC 2012 devkit's meta.mat (a MATLAB file with a "
-                           f"'synsets' struct holding ILSVRC2012_ID and WNID): {e}") from None
+        raise DatasetError(
+            f"{str(path)!r} is not the ILSVRC 2012 devkit's meta.mat (a MATLAB file with a "
+            f"'synsets' struct holding ILSVRC2012_ID and WNID): {e}"
+        ) from None
     words = [str(w) for w in synsets["words"]] if "words" in synsets.dtype.names else wnids
-    leaf = ([int(n) == 0 for n in synsets["num_children"]] if "num_children" in synsets.dtype.names
-            else [i <= 1000 for i in ids])
+    leaf = (
+        [int(n) == 0 for n in synsets["num_children"]]
+        if "num_children" in synsets.dtype.names
+        else [i <= 1000 for i in ids]
+    )
     return {i: (w, t) for i, w, t, is_leaf in zip(ids, wnids, words, leaf) if is_leaf}
 
 
@@ -72,20 +80,24 @@ def devkit_file_name(line: int) -> str:
     return f"ILSVRC2012_val_{line:08d}.JPEG"
 
 
-def _read_devkit_ground_truth(path: Path, ids: list[str], file_names: Sequence[str],
-                              search: Sequence[Path]) -> dict[str, str]:
+def _read_devkit_ground_truth(
+    path: Path, ids: list[str], file_names: Sequence[str], search: Sequence[Path]
+) -> dict[str, str]:
     meta_path = find_devkit_meta(path.parent, *search)
     if meta_path is None:
         raise DatasetError(
             f"labels file {str(path)!r} holds integer class ids (the ILSVRC devkit ground truth). They "
             "are the devkit's own ids, not the order of the class folders, and only its meta.mat maps "
             f"them to wnids; meta.mat was not found next to it or in {[str(p) for p in search]}. Put "
-            "the devkit's data/meta.mat next to the ground truth file.")
+            "the devkit's data/meta.mat next to the ground truth file."
+        )
     table = read_devkit_meta(meta_path)
     unknown = sorted({int(i) for i in ids} - set(table))
     if unknown:
-        raise DatasetError(f"{str(path)!r} has class ids {unknown[:5]} that {str(meta_path)!r} does not list "
-                           "as leaf classes; is it the meta.mat of the same devkit?")
+        raise DatasetError(
+            f"{str(path)!r} has class ids {unknown[:5]} that {str(meta_path)!r} does not list "
+            "as leaf classes; is it the meta.mat of the same devkit?"
+        )
     by_stem = {os.path.splitext(f)[0]: f for f in file_names}
     out = {}
     for line, i in enumerate(ids, start=1):
@@ -94,8 +106,9 @@ def _read_devkit_ground_truth(path: Path, ids: list[str], file_names: Sequence[s
     return out
 
 
-def read_labels_file(path: str | os.PathLike, file_names: Sequence[str],
-                     search: Sequence[str | os.PathLike] = ()) -> dict[str, str]:
+def read_labels_file(
+    path: str | os.PathLike, file_names: Sequence[str], search: Sequence[str | os.PathLike] = ()
+) -> dict[str, str]:
     """Labels file -> ``{file name: wnid}``.
 
     Accepted: lines ``<file name> <wnid>`` (space, tab or comma separated);
@@ -127,7 +140,8 @@ def read_labels_file(path: str | os.PathLike, file_names: Sequence[str],
         if len(rows) != len(names):
             raise DatasetError(
                 f"labels file {str(path)!r} has {len(rows)} labels (one per line, no file names) but "
-                f"the folder has {len(names)} images; cannot pair them safely.")
+                f"the folder has {len(names)} images; cannot pair them safely."
+            )
         return {n: r[0] for n, r in zip(names, rows)}
     if any(len(r) < 2 for r in rows):
         bad = next(ln for ln, r in zip(lines, rows) if len(r) < 2)

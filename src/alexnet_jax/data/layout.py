@@ -63,9 +63,11 @@ def list_classes(root: str | os.PathLike) -> list[str]:
     from alexnet_jax.data.parquet import shard_folder
 
     if not train.is_dir() and shard_folder(root) is not None:
-        raise DatasetError(f"{str(root)!r} holds parquet shards (Hugging Face's ILSVRC/imagenet-1k); training reads "
-                           f"them packed: python -m alexnet_jax.data.prepare --src {root} --dst OUT, then "
-                           "--config.data.packed_dir=OUT")
+        raise DatasetError(
+            f"{str(root)!r} holds parquet shards (Hugging Face's ILSVRC/imagenet-1k); training reads "
+            f"them packed: python -m alexnet_jax.data.prepare --src {root} --dst OUT, then "
+            "--config.data.packed_dir=OUT"
+        )
     _require_dir(train, "training folder")
     classes = sorted(d.name for d in train.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
@@ -98,21 +100,29 @@ def scan_class_folders(split_dir: str | os.PathLike, classes: Sequence[str]) -> 
         rel_paths.extend(f"{d.name}/{f}" for f in files)
         labels.extend([index[d.name]] * len(files))
     if empty:
-        warnings.warn(f'{split_dir}: {len(empty)} empty class folder(s): {", ".join(empty[:20])}', stacklevel=2)
+        warnings.warn(f"{split_dir}: {len(empty)} empty class folder(s): {', '.join(empty[:20])}", stacklevel=2)
     if unknown and not rel_paths:  # nothing usable: one clear error, not a warning and a layout lecture
-        raise DatasetError(f'{str(split_dir)!r} holds no folder of the {len(classes)} known classes; its folders '
-                           f'{", ".join(unknown[:5])}{" ..." if len(unknown) > 5 else ""} are class ids the '
-                           f'model does not know (its classes run {classes[0]} ... {classes[-1]}).')
+        raise DatasetError(
+            f"{str(split_dir)!r} holds no folder of the {len(classes)} known classes; its folders "
+            f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''} are class ids the "
+            f"model does not know (its classes run {classes[0]} ... {classes[-1]})."
+        )
     if unknown:
-        warnings.warn(f'{split_dir}: skipping {len(unknown)} folder(s) that are not training classes: '
-                      f'{", ".join(unknown[:20])}', stacklevel=2)
+        warnings.warn(
+            f"{split_dir}: skipping {len(unknown)} folder(s) that are not training classes: {', '.join(unknown[:20])}",
+            stacklevel=2,
+        )
     if not rel_paths:
         raise DatasetError(f"no images found under {str(split_dir)!r}; {EXPECTED_LAYOUT}")
     return SplitFiles(str(split_dir), rel_paths, np.asarray(labels, np.int32), skipped)
 
 
-def scan_flat_folder(split_dir: str | os.PathLike, labels_file: str | os.PathLike,
-                     classes: Sequence[str], search: Sequence[str | os.PathLike] = ()) -> SplitFiles:
+def scan_flat_folder(
+    split_dir: str | os.PathLike,
+    labels_file: str | os.PathLike,
+    classes: Sequence[str],
+    search: Sequence[str | os.PathLike] = (),
+) -> SplitFiles:
     """Flat ``split_dir/*.JPEG`` + labels file -> files with labels.
 
     Files without a label, labels without a file and wnids that are not
@@ -140,15 +150,21 @@ def scan_flat_folder(split_dir: str | os.PathLike, labels_file: str | os.PathLik
     for k in missing:
         skipped.append((str(split_dir / k), "in labels file but no such image"))
     if skipped:
-        warnings.warn(f"{split_dir}: {len(skipped)} file(s)/label(s) left out while matching "
-                      f"{labels_file}, e.g. {skipped[:5]}", stacklevel=2)
+        warnings.warn(
+            f"{split_dir}: {len(skipped)} file(s)/label(s) left out while matching {labels_file}, e.g. {skipped[:5]}",
+            stacklevel=2,
+        )
     if not rel_paths:
         raise DatasetError(f"no image in {str(split_dir)!r} matched a label in {str(labels_file)!r}")
     return SplitFiles(str(split_dir), rel_paths, np.asarray(labels, np.int32), skipped)
 
 
-def scan_split(root: str | os.PathLike, split: str, classes: Sequence[str] | None = None,
-               labels_file: str | os.PathLike | None = None) -> SplitFiles:
+def scan_split(
+    root: str | os.PathLike,
+    split: str,
+    classes: Sequence[str] | None = None,
+    labels_file: str | os.PathLike | None = None,
+) -> SplitFiles:
     """One split of an ImageNet-layout folder, whichever of the two layouts it uses."""
     root = Path(root)
     classes = list(classes) if classes is not None else list_classes(root)
@@ -160,6 +176,7 @@ def scan_split(root: str | os.PathLike, split: str, classes: Sequence[str] | Non
         return scan_class_folders(split_dir, classes)
     labels_file = labels_file or find_labels_file(root, split_dir)
     if labels_file is None:
-        raise DatasetError(f"{str(split_dir)!r} is a flat folder but no labels file was given or found; "
-                           f"{EXPECTED_LAYOUT}")
+        raise DatasetError(
+            f"{str(split_dir)!r} is a flat folder but no labels file was given or found; {EXPECTED_LAYOUT}"
+        )
     return scan_flat_folder(split_dir, labels_file, classes, search=(split_dir, root))

@@ -31,20 +31,22 @@ _NO_IMAGENET = (
     "--config.data.root=/path/to/imagenet (train/<wnid>/*.JPEG, and val/<wnid>/*.JPEG or a flat val/ with "
     "a labels file), or at prepared shards with --config.data.format=packed "
     "--config.data.packed_dir=/path/to/packed (python -m alexnet_jax.data.prepare --src ... --dst ...). "
-    "Without ImageNet, try --config=configs/demo.py.")
+    "Without ImageNet, try --config=configs/demo.py."
+)
 
 
 def _choice(cfg, field: str, allowed: tuple) -> None:
     if cfg[field] not in allowed:
-        raise DatasetError(f"data.{field} must be one of {', '.join(map(repr, allowed))}, "
-                           f"got {cfg[field]!r}")
+        raise DatasetError(f"data.{field} must be one of {', '.join(map(repr, allowed))}, got {cfg[field]!r}")
 
 
 def _existing(path, field: str, what: str, is_dir: bool) -> None:
     p = Path(path)
     if not (p.is_dir() if is_dir else p.is_file()):
-        raise DatasetError(f'--config.data.{field}={path}: {what} {str(p)!r} does not exist or is not a '
-                           f'{"folder" if is_dir else "file"}.')
+        raise DatasetError(
+            f"--config.data.{field}={path}: {what} {str(p)!r} does not exist or is not a "
+            f"{'folder' if is_dir else 'file'}."
+        )
 
 
 def source_form(cfg) -> str:
@@ -80,16 +82,22 @@ def check_config(cfg) -> None:
     _check_legacy_fields(cfg)  # an older run's saved config: checked, then ignored
     _choice(cfg, "resize_mode", ("shorter_side", "warp"))
     if cfg.resize_mode == "warp" and (cfg.name == "embedded" or source_form(cfg) == "packed"):
-        raise DatasetError("data.resize_mode='warp' needs the JPEG folder (--config.data.format=folder): packed "
-                           "shards hold shorter-side squares, and the warp needs the whole image.")
+        raise DatasetError(
+            "data.resize_mode='warp' needs the JPEG folder (--config.data.format=folder): packed "
+            "shards hold shorter-side squares, and the warp needs the whole image."
+        )
     if cfg.crop_size > cfg.resize_size:
-        raise DatasetError(f"data.crop_size={cfg.crop_size} is larger than data.resize_size="
-                           f"{cfg.resize_size}: crops are taken from the resized image.")
+        raise DatasetError(
+            f"data.crop_size={cfg.crop_size} is larger than data.resize_size="
+            f"{cfg.resize_size}: crops are taken from the resized image."
+        )
     _choice(cfg, "stats", ("computed", "published"))
     if cfg.stats == "published" and cfg.stats_path is not None:
-        raise DatasetError(f"data.stats='published' uses ImageNet's published mean and PCA eigens, and "
-                           f"data.stats_path={cfg.stats_path!r} names a statistics file: give one or the other "
-                           "(--config.data.stats=computed to use the file).")
+        raise DatasetError(
+            f"data.stats='published' uses ImageNet's published mean and PCA eigens, and "
+            f"data.stats_path={cfg.stats_path!r} names a statistics file: give one or the other "
+            "(--config.data.stats=computed to use the file)."
+        )
     if cfg.stats_path is not None:
         _existing(cfg.stats_path, "stats_path", "statistics file", is_dir=False)
     if cfg.val_labels is not None:
@@ -98,20 +106,26 @@ def check_config(cfg) -> None:
         return
     if source_form(cfg) == "packed":
         if cfg.packed_dir is None:
-            raise DatasetError(_NO_IMAGENET if cfg.root is None else
-                               "data.format='packed' needs --config.data.packed_dir (the --dst of "
-                               "`python -m alexnet_jax.data.prepare`), or use --config.data.format=folder")
+            raise DatasetError(
+                _NO_IMAGENET
+                if cfg.root is None
+                else "data.format='packed' needs --config.data.packed_dir (the --dst of "
+                "`python -m alexnet_jax.data.prepare`), or use --config.data.format=folder"
+            )
         meta = packed.read_metadata(cfg.packed_dir)  # a finished preparation, in a format we read
         if meta["size"] != cfg.resize_size:
             raise DatasetError(
                 f"{cfg.packed_dir!r} holds {meta['size']}x{meta['size']} images but data.resize_size is "
                 f"{cfg.resize_size}; prepare with --size {cfg.resize_size}, or set --config.data.resize_size="
-                f"{meta['size']}.")
+                f"{meta['size']}."
+            )
         return
     if cfg.root is None:
         if cfg.packed_dir is not None:
-            raise DatasetError("data.packed_dir is set but data.format is folder; add "
-                               "--config.data.format=packed to train on the packed shards.")
+            raise DatasetError(
+                "data.packed_dir is set but data.format is folder; add "
+                "--config.data.format=packed to train on the packed shards."
+            )
         raise DatasetError(_NO_IMAGENET)
     layout.list_classes(cfg.root)  # root/ and root/train/ exist and hold class folders
 
@@ -130,13 +144,24 @@ def resolve(cfg, *, progress: bool = True) -> ResolvedData:
     if cfg.name == "embedded":
         e = cfg.embedded
         root = embedded.ensure_embedded_dataset(
-            Path(root) if root is not None else None, num_train_per_class=e.num_train_per_class,
-            num_val_per_class=e.num_val_per_class, image_size=e.image_size, seed=e.seed)
+            Path(root) if root is not None else None,
+            num_train_per_class=e.num_train_per_class,
+            num_val_per_class=e.num_val_per_class,
+            image_size=e.image_size,
+            seed=e.seed,
+        )
         if packed_dir is None:
             packed_dir = root.parent / f"{root.name}_packed{cfg.resize_size}"
             # Full-resolution chroma: at tens of pixels, 4:2:0 would visibly smear the colour halves.
-            packing.prepare(root, packed_dir, size=cfg.resize_size, subsampling="444", shard_size=512,
-                            workers=cfg.prepare_workers, progress=False)
+            packing.prepare(
+                root,
+                packed_dir,
+                size=cfg.resize_size,
+                subsampling="444",
+                shard_size=512,
+                workers=cfg.prepare_workers,
+                progress=False,
+            )
     published = cfg.stats == "published"  # no pass and no file: ImageNet's published statistics
     needs_stats = cfg.mean_subtraction or cfg.pca_lighting_std > 0
     stats_path = cfg.stats_path or (Path(packed_dir) / packed.STATS if packed_dir is not None else None)
@@ -152,17 +177,23 @@ def resolve(cfg, *, progress: bool = True) -> ResolvedData:
             records["val"] = _folder_split(root, "val", classes, cfg.val_labels)
         class_names = labels.read_class_names(root, classes)
         if needs_stats and stats_path is None and not published:
-            stats_path = stats_lib.ensure_stats(train_files, cfg.resize_size, warp=cfg.resize_mode == "warp",
-                                                cache_dir=cfg.cache_dir,
-                                                workers=cfg.prepare_workers, progress=progress)
+            stats_path = stats_lib.ensure_stats(
+                train_files,
+                cfg.resize_size,
+                warp=cfg.resize_mode == "warp",
+                cache_dir=cfg.cache_dir,
+                workers=cfg.prepare_workers,
+                progress=progress,
+            )
     stats = None
     if needs_stats and published:
         stats = stats_lib.published_stats(cfg.resize_size)
     elif needs_stats:
         stats = stats_lib.load_stats(stats_path)
         if stats["mean_image"].shape[:2] != (cfg.resize_size, cfg.resize_size):
-            raise DatasetError(f'{stats_path}: mean image is {stats["mean_image"].shape}, but '
-                               f'resize_size is {cfg.resize_size}')
+            raise DatasetError(
+                f"{stats_path}: mean image is {stats['mean_image'].shape}, but resize_size is {cfg.resize_size}"
+            )
     return ResolvedData(records, stats, list(classes), list(class_names))
 
 
@@ -180,14 +211,17 @@ def split_records(cfg, split: str, classes: list[str]):
         return data.records[split]
     if source_form(cfg) == "packed":
         if cfg.packed_dir is None:
-            raise DatasetError("data.format is packed but data.packed_dir is not set; add "
-                               "--config.data.packed_dir=DIR.")
+            raise DatasetError(
+                "data.format is packed but data.packed_dir is not set; add --config.data.packed_dir=DIR."
+            )
         meta = packed.read_metadata(cfg.packed_dir)
         if split not in meta["splits"]:
-            raise DatasetError(f'{cfg.packed_dir!r} has no {split!r} split (it has {list(meta["splits"])}).')
+            raise DatasetError(f"{cfg.packed_dir!r} has no {split!r} split (it has {list(meta['splits'])}).")
         if list(meta["classes"]) != list(classes):
-            raise DatasetError(f'{cfg.packed_dir!r} was packed with other classes than the model '
-                               f'knows ({len(meta["classes"])} vs {len(classes)}, or another order).')
+            raise DatasetError(
+                f"{cfg.packed_dir!r} was packed with other classes than the model "
+                f"knows ({len(meta['classes'])} vs {len(classes)}, or another order)."
+            )
         return packed.packed_records(cfg.packed_dir, split)
     if cfg.root is None:
         raise DatasetError(_NO_IMAGENET)

@@ -35,14 +35,16 @@ def read_metadata(dst: str | os.PathLike) -> dict:
     if not path.is_file():
         raise DatasetError(
             f"{str(dst)!r} is not a finished packed dataset (no {METADATA}); "
-            f"run `python -m alexnet_jax.data.prepare --src IMAGENET_DIR --dst {dst}`")
+            f"run `python -m alexnet_jax.data.prepare --src IMAGENET_DIR --dst {dst}`"
+        )
     meta = json.loads(path.read_text())
     if meta.get("format") not in FORMATS.values():
-        raise DatasetError(f'{str(path)!r}: unknown format {meta.get("format")!r}, expected one of '
-                           f'{sorted(FORMATS.values())}')
+        raise DatasetError(
+            f"{str(path)!r}: unknown format {meta.get('format')!r}, expected one of {sorted(FORMATS.values())}"
+        )
     records = meta.setdefault("records", plan_records(meta))  # absent in folders older than --records: jpeg
     if records not in RECORD_FORMATS or FORMATS[records] != meta["format"]:
-        raise DatasetError(f'{str(path)!r}: records {records!r} do not go with format {meta["format"]!r}')
+        raise DatasetError(f"{str(path)!r}: records {records!r} do not go with format {meta['format']!r}")
     return meta
 
 
@@ -56,4 +58,3 @@ def shard_paths(dst: str | os.PathLike, split: str) -> list[str]:
 def packed_records(dst: str | os.PathLike, split: str) -> sources.PackedRecords:
     """One split of a finished packed folder as a record source, in the record format its metadata names."""
     return sources.PackedRecords(shard_paths(dst, split), records=read_metadata(dst)["records"])
-

@@ -107,8 +107,9 @@ def _parquet_items(job: dict):
         yield name or f"{Path(job['parquet']).name}:{row}", index.get(label), lambda blob=blob: blob, where
 
 
-def _plan(src: Path, size: int, quality: int, subsampling: str, shard_size: int, val_labels,
-          records: str = "jpeg") -> dict:
+def _plan(
+    src: Path, size: int, quality: int, subsampling: str, shard_size: int, val_labels, records: str = "jpeg"
+) -> dict:
     folder = parquet.shard_folder(src) if not (src / "train").is_dir() else None
     if folder is not None:  # the Hugging Face hub's parquet shards
         from alexnet_jax.data.labels import imagenet_classes
@@ -117,10 +118,17 @@ def _plan(src: Path, size: int, quality: int, subsampling: str, shard_size: int,
         wnids, names = imagenet_classes()
         if present[-1] >= len(wnids):
             raise DatasetError(f"{str(folder)!r}: label {present[-1]} is not one of the 1000 ILSVRC-2012 classes")
-        plan = {"format": FORMATS[records], "src": str(src), "size": size, "quality": quality,
-                "subsampling": subsampling, "classes": [wnids[i] for i in present],
-                "class_names": [names[i] for i in present], "splits": splits,
-                "label_index": {str(label): i for i, label in enumerate(present)}}
+        plan = {
+            "format": FORMATS[records],
+            "src": str(src),
+            "size": size,
+            "quality": quality,
+            "subsampling": subsampling,
+            "classes": [wnids[i] for i in present],
+            "class_names": [names[i] for i in present],
+            "splits": splits,
+            "label_index": {str(label): i for i, label in enumerate(present)},
+        }
         plan["digest"] = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
         plan["records"] = records
         return plan
@@ -137,13 +145,24 @@ def _plan(src: Path, size: int, quality: int, subsampling: str, shard_size: int,
         shards = []
         for i in range(num_shards):
             sl = slice(bounds[i], bounds[i + 1])
-            shards.append({"name": f"{split}-{i:05d}-of-{num_shards:05d}.array_record",
-                           "rel_paths": files.rel_paths[sl],
-                           "labels": files.labels[sl].tolist()})
+            shards.append(
+                {
+                    "name": f"{split}-{i:05d}-of-{num_shards:05d}.array_record",
+                    "rel_paths": files.rel_paths[sl],
+                    "labels": files.labels[sl].tolist(),
+                }
+            )
         splits[split] = {"root": files.root, "shards": shards, "scan_skipped": files.skipped}
-    plan = {"format": FORMATS[records], "src": str(src), "size": size, "quality": quality,
-            "subsampling": subsampling, "classes": classes, "class_names": read_class_names(src, classes),
-            "splits": splits}
+    plan = {
+        "format": FORMATS[records],
+        "src": str(src),
+        "size": size,
+        "quality": quality,
+        "subsampling": subsampling,
+        "classes": classes,
+        "class_names": read_class_names(src, classes),
+        "splits": splits,
+    }
     # The digest covers the record format through 'format'; a jpeg plan's digest is what it was
     # before 'records' existed, so an interrupted older preparation still resumes.
     plan["digest"] = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
@@ -153,15 +172,31 @@ def _plan(src: Path, size: int, quality: int, subsampling: str, shard_size: int,
 
 def _other_format_message(dst: Path, theirs: str, ours: str, finished: bool) -> str:
     state = "a finished" if finished else "an unfinished"
-    return (f"{str(dst)!r} holds {state} preparation with --records {theirs} ({theirs} records), not --records "
-            f"{ours}; " + ("train on it as it is (training reads either format), or " if finished else
-                           f"resume it with --records {theirs}, or ") +
-            f"prepare --records {ours} into another --dst (or delete {str(dst)!r}).")
+    return (
+        f"{str(dst)!r} holds {state} preparation with --records {theirs} ({theirs} records), not --records "
+        f"{ours}; "
+        + (
+            "train on it as it is (training reads either format), or "
+            if finished
+            else f"resume it with --records {theirs}, or "
+        )
+        + f"prepare --records {ours} into another --dst (or delete {str(dst)!r})."
+    )
 
 
-def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = 256, quality: int = 95,
-            subsampling: str = "420", shard_size: int = 1024, workers: int | None = None, val_labels=None,
-            progress: bool = True, records: str = "jpeg") -> Path:
+def prepare(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    size: int = 256,
+    quality: int = 95,
+    subsampling: str = "420",
+    shard_size: int = 1024,
+    workers: int | None = None,
+    val_labels=None,
+    progress: bool = True,
+    records: str = "jpeg",
+) -> Path:
     """Convert ``src`` (ImageNet layout) into shards, ``stats.npz`` and ``metadata.json`` under ``dst``.
 
     ``records``: ``'jpeg'`` (JPEG bytes) or ``'raw'`` (the ``size x size x 3``
@@ -171,7 +206,7 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = 256, 
     Returns ``dst``.
     """
     if records not in RECORD_FORMATS:
-        raise DatasetError(f'records must be one of {", ".join(RECORD_FORMATS)}, got {records!r}')
+        raise DatasetError(f"records must be one of {', '.join(RECORD_FORMATS)}, got {records!r}")
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     if (dst / METADATA).is_file():
@@ -179,7 +214,7 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = 256, 
         if meta["records"] != records:
             raise DatasetError(_other_format_message(dst, meta["records"], records, finished=True))
         if meta["size"] != size:
-            raise DatasetError(f'{str(dst)!r} was prepared with size {meta["size"]}, not {size}')
+            raise DatasetError(f"{str(dst)!r} was prepared with size {meta['size']}, not {size}")
         return dst
     plan = _plan(src, size, quality, subsampling, shard_size, val_labels, records)
     plan_path = dst / PLAN
@@ -189,8 +224,9 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = 256, 
             raise DatasetError(_other_format_message(dst, plan_records(old), records, finished=False))
         if old.get("digest") != plan["digest"]:
             raise DatasetError(
-                f'{str(dst)!r} holds an unfinished preparation of different data or settings '
-                f'(src={old.get("src")}, size={old.get("size")}); use another --dst or delete it.')
+                f"{str(dst)!r} holds an unfinished preparation of different data or settings "
+                f"(src={old.get('src')}, size={old.get('size')}); use another --dst or delete it."
+            )
     else:
         atomic_write_json(plan_path, plan)
 
@@ -198,12 +234,31 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = 256, 
     for split, info in plan["splits"].items():
         for shard in info["shards"]:
             if not (dst / (shard["name"] + ".done.json")).is_file():
-                source = ({"parquet": os.path.join(info["root"], shard["parquet"]), "count": shard["rows"],
-                           "label_index": plan["label_index"]} if "parquet" in shard else
-                          {"root": info["root"], "rel_paths": shard["rel_paths"], "labels": shard["labels"],
-                           "count": len(shard["rel_paths"])})
-                todo.append({**source, "out": str(dst / shard["name"]), "size": size, "quality": quality,
-                             "subsampling": subsampling, "records": records, "with_stats": split == "train"})
+                source = (
+                    {
+                        "parquet": os.path.join(info["root"], shard["parquet"]),
+                        "count": shard["rows"],
+                        "label_index": plan["label_index"],
+                    }
+                    if "parquet" in shard
+                    else {
+                        "root": info["root"],
+                        "rel_paths": shard["rel_paths"],
+                        "labels": shard["labels"],
+                        "count": len(shard["rel_paths"]),
+                    }
+                )
+                todo.append(
+                    {
+                        **source,
+                        "out": str(dst / shard["name"]),
+                        "size": size,
+                        "quality": quality,
+                        "subsampling": subsampling,
+                        "records": records,
+                        "with_stats": split == "train",
+                    }
+                )
     total = sum(j["count"] for j in todo)
     workers = min(os.cpu_count() or 1, len(todo)) if workers is None else min(workers, len(todo))
     t0 = time.time()
@@ -216,7 +271,9 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = 256, 
             raise PassInterrupted(
                 f"preparation stopped by {e.signal_name}: {left} of {len(plan_shards(plan))} shards left to do; "
                 f"the finished ones are kept in {str(dst)!r}, and the same command continues from them.",
-                e.signal_name, e.done) from None
+                e.signal_name,
+                e.done,
+            ) from None
     log.info("prepared %d images in %.1fs with %d workers", total, time.time() - t0, workers)
     _write_metadata(dst, plan)
     for stale in dst.glob(".*.tmp*"):  # left by an interrupted earlier run; every shard is done now
@@ -246,8 +303,12 @@ def _write_metadata(dst: Path, plan: dict) -> Path:
             if split == "train" and (dst / (shard["name"] + ".sums.npz")).is_file():
                 with np.load(dst / (shard["name"] + ".sums.npz")) as z:
                     sums = add_sums(sums, {k: z[k] for k in z.files})
-        meta["splits"][split] = {"shards": shards, "num_examples": int(per_class.sum()),
-                                 "per_class": per_class.tolist(), "skipped": skipped}
+        meta["splits"][split] = {
+            "shards": shards,
+            "num_examples": int(per_class.sum()),
+            "per_class": per_class.tolist(),
+            "skipped": skipped,
+        }
         if skipped:
             log.warning("%s: skipped %d file(s), e.g. %s", split, len(skipped), skipped[:5])
     if sums is None:

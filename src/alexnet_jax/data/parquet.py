@@ -38,8 +38,10 @@ def shards(folder: Path) -> dict[str, list[Path]]:
     for path in sorted(folder.glob("*.parquet")):
         split = path.name.split("-", 1)[0]
         if split not in (*SPLITS, "test"):
-            raise DatasetError(f"{str(path)!r}: a parquet file of no known split; expected names like "
-                               "train-00000-of-00294.parquet, validation-... or test-...")
+            raise DatasetError(
+                f"{str(path)!r}: a parquet file of no known split; expected names like "
+                "train-00000-of-00294.parquet, validation-... or test-..."
+            )
         out.setdefault(SPLITS.get(split, split), []).append(path)
     if "train" not in out:
         raise DatasetError(f"{str(folder)!r} holds parquet files but no train-*.parquet shards")
@@ -56,14 +58,23 @@ def check_schema(path: Path) -> None:
     except Exception as e:
         raise DatasetError(f"{str(path)!r} is not a readable parquet file ({type(e).__name__}: {e})") from None
     image = schema.field("image").type if "image" in schema.names else None
-    blob = image.field("bytes").type if image is not None and pa.types.is_struct(image) and (
-        image.get_field_index("bytes") >= 0) else None
+    blob = (
+        image.field("bytes").type
+        if image is not None and pa.types.is_struct(image) and (image.get_field_index("bytes") >= 0)
+        else None
+    )
     label = schema.field("label").type if "label" in schema.names else None
-    if blob is None or not (pa.types.is_binary(blob) or pa.types.is_large_binary(blob)) or label is None or (
-            not pa.types.is_integer(label)):
+    if (
+        blob is None
+        or not (pa.types.is_binary(blob) or pa.types.is_large_binary(blob))
+        or label is None
+        or (not pa.types.is_integer(label))
+    ):
         found = ", ".join(f"{f.name}: {f.type}" for f in schema)
-        raise DatasetError(f"{str(path)!r} is not an ImageNet parquet shard: expected the columns image "
-                           f"(struct of bytes, path) and label (integer), as ILSVRC/imagenet-1k has; found {found}")
+        raise DatasetError(
+            f"{str(path)!r} is not an ImageNet parquet shard: expected the columns image "
+            f"(struct of bytes, path) and label (integer), as ILSVRC/imagenet-1k has; found {found}"
+        )
 
 
 def num_rows(path: Path) -> int:
@@ -86,8 +97,10 @@ def rows(path: Path):
     i = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=_ROWS_PER_READ, columns=["image", "label"]):
         images, labels = batch.column("image"), batch.column("label").to_pylist()
-        data, names = images.field("bytes").to_pylist(), images.field("path").to_pylist() if (
-            images.type.get_field_index("path") >= 0) else [None] * len(labels)
+        data, names = (
+            images.field("bytes").to_pylist(),
+            images.field("path").to_pylist() if (images.type.get_field_index("path") >= 0) else [None] * len(labels),
+        )
         for name, blob, label in zip(names, data, labels):
             yield i, name, blob, label
             i += 1
@@ -105,8 +118,9 @@ def plan_splits(folder: Path, shard_size: int) -> tuple[list[int], dict]:
         for path in paths:
             check_schema(path)
     if "test" in files:
-        log.warning("parquet: left out the test split (%d file(s)): its images have no labels (label -1)",
-                    len(files["test"]))
+        log.warning(
+            "parquet: left out the test split (%d file(s)): its images have no labels (label -1)", len(files["test"])
+        )
     from alexnet_jax.data.jobs import stop_if_signalled
 
     present = set()
@@ -121,7 +135,17 @@ def plan_splits(folder: Path, shard_size: int) -> tuple[list[int], dict]:
         if split not in files:
             continue
         n = len(files[split])
-        splits[split] = {"root": str(folder), "scan_skipped": [], "shards": [
-            {"name": f"{split}-{i:05d}-of-{n:05d}.array_record", "parquet": path.name, "rows": num_rows(path),
-             "bytes": path.stat().st_size} for i, path in enumerate(files[split])]}
+        splits[split] = {
+            "root": str(folder),
+            "scan_skipped": [],
+            "shards": [
+                {
+                    "name": f"{split}-{i:05d}-of-{n:05d}.array_record",
+                    "parquet": path.name,
+                    "rows": num_rows(path),
+                    "bytes": path.stat().st_size,
+                }
+                for i, path in enumerate(files[split])
+            ],
+        }
     return present, splits

@@ -34,8 +34,17 @@ def duration(seconds: float) -> str:
 class PassProgress:
     """``update(done)`` with the images done so far (``start`` of them before this run, if resumed)."""
 
-    def __init__(self, label: str, total: int, *, enabled: bool = True, start: int = 0,
-                 every_s: float | None = None, unit: str = "images", stream=None):
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        *,
+        enabled: bool = True,
+        start: int = 0,
+        every_s: float | None = None,
+        unit: str = "images",
+        stream=None,
+    ):
         self.label, self.total, self.enabled, self.unit = label, int(total), enabled, unit
         self.start = self.done = int(start)
         self._t0 = self._last = time.perf_counter()
@@ -50,13 +59,16 @@ class PassProgress:
         if console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                console=console)
+            self.bar = Progress(
+                TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
+            )
             self._task = self.bar.add_task(label, total=self.total, completed=self.start)
             self.bar.start()
         elif self.start:
-            self._print(f"{label}: resuming at {self.start:,}/{self.total:,} {unit} "
-                        f"({self._percent(self.start)}), done by an earlier run")
+            self._print(
+                f"{label}: resuming at {self.start:,}/{self.total:,} {unit} "
+                f"({self._percent(self.start)}), done by an earlier run"
+            )
 
     def _percent(self, n: int) -> str:
         return f"{100 * n // max(self.total, 1)}%"
@@ -71,7 +83,7 @@ class PassProgress:
         head = f"{self.label}: {done:,}/{self.total:,} {self.unit} ({self._percent(done)}), {rate:,.0f} img/s"
         if final:
             return f"{head}, took {duration(elapsed)}"
-        return f'{head}, ETA {duration((self.total - done) / rate) if rate > 0 else "?"}'
+        return f"{head}, ETA {duration((self.total - done) / rate) if rate > 0 else '?'}"
 
     def update(self, done: int) -> None:
         self.done = int(done)

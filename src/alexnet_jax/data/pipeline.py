@@ -26,9 +26,9 @@ from alexnet_jax.data.locate import ResolvedData, resolve
 def default_data_config() -> ml_collections.ConfigDict:
     """Every field of the input pipeline, with the paper's values where it has one."""
     c = ml_collections.ConfigDict()
-    c.name = "embedded"          # 'embedded' (generated on first use, no download) | 'imagenet'
+    c.name = "embedded"  # 'embedded' (generated on first use, no download) | 'imagenet'
     # ImageNet-layout folder (train/<wnid>/, val/...)
-    c.root = placeholder(str)    # embedded: None = ~/.cache/alexnet_jax/embedded (or $ALEXNET_JAX_DATA/embedded)
+    c.root = placeholder(str)  # embedded: None = ~/.cache/alexnet_jax/embedded (or $ALEXNET_JAX_DATA/embedded)
     # 'auto': packed if packed_dir is set (or the embedded set), else folder
     # | 'packed' (ArrayRecord shards from prepare) | 'folder' (decode the JPEG folder directly)
     c.format = "auto"
@@ -42,17 +42,17 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.stats = "computed"
     # labels file for a flat val/ folder
     c.val_labels = placeholder(str)  # None = look for val_labels.txt / LOC_val_solution.csv
-    c.resize_size = 256          # shorter side rescaled to this, then the central square kept (paper: 256)
+    c.resize_size = 256  # shorter side rescaled to this, then the central square kept (paper: 256)
     # 'shorter_side' (the paper) | 'warp': whole image to resize_size^2, aspect ignored (Caffe's bvlc_alexnet)
     c.resize_mode = "shorter_side"
-    c.crop_size = 224            # training crops and evaluation views (paper: 224)
-    c.flip = True                # random horizontal reflections in training (paper: yes)
-    c.pca_lighting_std = 0.1     # std of alpha in the PCA lighting noise (paper: 0.1); 0 turns it off
-    c.mean_subtraction = True    # subtract the training-set mean image (paper: yes)
-    c.num_workers = 2            # grain worker processes; 0 = decode in the calling process
-    c.worker_buffer_size = 2     # batches each worker keeps ready
-    c.num_threads = 2            # threads reading/decoding inside each process (Pillow releases the GIL)
-    c.prefetch_buffer_size = 4   # elements read ahead per process
+    c.crop_size = 224  # training crops and evaluation views (paper: 224)
+    c.flip = True  # random horizontal reflections in training (paper: yes)
+    c.pca_lighting_std = 0.1  # std of alpha in the PCA lighting noise (paper: 0.1); 0 turns it off
+    c.mean_subtraction = True  # subtract the training-set mean image (paper: yes)
+    c.num_workers = 2  # grain worker processes; 0 = decode in the calling process
+    c.worker_buffer_size = 2  # batches each worker keeps ready
+    c.num_threads = 2  # threads reading/decoding inside each process (Pillow releases the GIL)
+    c.prefetch_buffer_size = 4  # elements read ahead per process
     # processes for automatic preparation (embedded set, folder statistics)
     c.prepare_workers = placeholder(int)  # None = all cores
     # where folder statistics are cached
@@ -60,9 +60,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     # Embedded dataset only.
     c.embedded = ml_collections.ConfigDict()
     c.embedded.num_train_per_class = 300  # 10 classes
-    c.embedded.num_val_per_class = 50     # held-out validation images per class
-    c.embedded.image_size = 96            # size the JPEG files are drawn at
-    c.embedded.seed = 0                   # generation seed (the dataset is a pure function of it)
+    c.embedded.num_val_per_class = 50  # held-out validation images per class
+    c.embedded.image_size = 96  # size the JPEG files are drawn at
+    c.embedded.seed = 0  # generation seed (the dataset is a pure function of it)
     return c
 
 
@@ -76,6 +76,7 @@ def demo_data_config() -> ml_collections.ConfigDict:
 def _host_shard(shard_index, shard_count) -> tuple[int, int]:
     if shard_index is None or shard_count is None:
         import jax
+
         return jax.process_index(), jax.process_count()
     return int(shard_index), int(shard_count)
 
@@ -91,19 +92,22 @@ def _host_batches(ds: grain.MapDataset, batch_size: int, shard_index, shard_coun
 def _ensure_absl_flags_parsed() -> None:
     """grain's worker processes read absl flags; outside an absl app nobody parsed them."""
     from absl import flags
+
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
 
 def _to_iter(cfg, ds: grain.MapDataset, num_workers: int | None):
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
-                                                 prefetch_buffer_size=cfg.prefetch_buffer_size))
+    it_ds = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch_buffer_size)
+    )
     n = cfg.num_workers if num_workers is None else num_workers
     if n > 0:
         _ensure_absl_flags_parsed()
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=n,
-                                                               per_worker_buffer_size=cfg.worker_buffer_size),
-                                  worker_init_fn=_worker_init)
+        it_ds = it_ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=n, per_worker_buffer_size=cfg.worker_buffer_size),
+            worker_init_fn=_worker_init,
+        )
     return it_ds
 
 
@@ -177,14 +181,22 @@ class EpochShuffle(grain.MapDataset):
         return self._parent[int(self._order[i])]
 
 
-def build_train_dataset(cfg, *, batch_size: int, seed: int, image_size: int | None = None,
-                        shard_index: int | None = 0, shard_count: int | None = 1,
-                        data: ResolvedData | None = None) -> grain.MapDataset:
+def build_train_dataset(
+    cfg,
+    *,
+    batch_size: int,
+    seed: int,
+    image_size: int | None = None,
+    shard_index: int | None = 0,
+    shard_count: int | None = 1,
+    data: ResolvedData | None = None,
+) -> grain.MapDataset:
     """The infinite training stream as a ``MapDataset`` of this host's batches (before workers)."""
     data = data or resolve(cfg)
     crop = image_size or cfg.crop_size
-    src = sources.DecodedSource(data.records["train"], cfg.resize_size, on_error="substitute",
-                                warp=cfg.resize_mode == "warp")
+    src = sources.DecodedSource(
+        data.records["train"], cfg.resize_size, on_error="substitute", warp=cfg.resize_mode == "warp"
+    )
     ds = EpochShuffle(grain.MapDataset.source(src), seed=seed)
     ds = ds.random_map(transforms.RandomCropFlip(crop, cfg.flip, cfg.pca_lighting_std), seed=seed + 1)
     return _host_batches(ds, batch_size, shard_index, shard_count)
@@ -206,7 +218,7 @@ class TrainIterator(grain.DatasetIterator):
 
     def _ensure(self):
         if self._it is None:
-            self._it = self._make_iter(self._ds[self._next_batch:])
+            self._it = self._make_iter(self._ds[self._next_batch :])
         return self._it
 
     def __next__(self):
@@ -237,9 +249,17 @@ class TrainIterator(grain.DatasetIterator):
         return f"TrainIterator(next_batch={self._next_batch}, {self._fingerprint})"
 
 
-def build_train_iter(cfg, *, batch_size: int, seed: int, image_size: int | None = None,
-                     shard_index: int | None = 0, shard_count: int | None = 1,
-                     num_workers: int | None = None, data: ResolvedData | None = None) -> TrainIterator:
+def build_train_iter(
+    cfg,
+    *,
+    batch_size: int,
+    seed: int,
+    image_size: int | None = None,
+    shard_index: int | None = 0,
+    shard_count: int | None = 1,
+    num_workers: int | None = None,
+    data: ResolvedData | None = None,
+) -> TrainIterator:
     """Endless iterator of ``{'image': uint8 (B, crop, crop, 3), 'label': int32 (B,), 'mask': bool (B,),
     'crop_yx', 'flip', 'alpha'}``, the last three for :func:`alexnet_jax.data.device.normalize`.
 
@@ -248,11 +268,22 @@ def build_train_iter(cfg, *, batch_size: int, seed: int, image_size: int | None 
     config and seed; ``close()`` stops the workers.
     """
     data = data or resolve(cfg)
-    ds = build_train_dataset(cfg, batch_size=batch_size, seed=seed, image_size=image_size,
-                             shard_index=shard_index, shard_count=shard_count, data=data)
-    fingerprint = {"seed": seed, "global_batch_size": batch_size,
-                   "crop_size": image_size or cfg.crop_size, "resize_size": cfg.resize_size,
-                   "num_train_examples": len(data.records["train"])}
+    ds = build_train_dataset(
+        cfg,
+        batch_size=batch_size,
+        seed=seed,
+        image_size=image_size,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        data=data,
+    )
+    fingerprint = {
+        "seed": seed,
+        "global_batch_size": batch_size,
+        "crop_size": image_size or cfg.crop_size,
+        "resize_size": cfg.resize_size,
+        "num_train_examples": len(data.records["train"]),
+    }
     return TrainIterator(ds, lambda d: iter(_to_iter(cfg, d, num_workers)), fingerprint)
 
 
@@ -268,8 +299,11 @@ class _Padded:
     def __getitem__(self, i: int) -> dict:
         if i < len(self.src):
             return self.src[i]
-        return {"image": np.zeros((self.src.size, self.src.size, 3), np.uint8),
-                "label": np.int32(0), "mask": np.bool_(False)}
+        return {
+            "image": np.zeros((self.src.size, self.src.size, 3), np.uint8),
+            "label": np.int32(0),
+            "mask": np.bool_(False),
+        }
 
 
 def eval_num_batches(num_examples: int, batch_size: int) -> int:
@@ -277,16 +311,26 @@ def eval_num_batches(num_examples: int, batch_size: int) -> int:
     return -(-num_examples // batch_size)
 
 
-def build_eval_dataset(cfg, *, batch_size: int, mode: str = "center", split: str = "val",
-                       image_size: int | None = None, shard_index: int | None = 0,
-                       shard_count: int | None = 1, data: ResolvedData | None = None) -> grain.MapDataset:
+def build_eval_dataset(
+    cfg,
+    *,
+    batch_size: int,
+    mode: str = "center",
+    split: str = "val",
+    image_size: int | None = None,
+    shard_index: int | None = 0,
+    shard_count: int | None = 1,
+    data: ResolvedData | None = None,
+) -> grain.MapDataset:
     if mode == "center":
         view = transforms.CenterCrop(image_size or cfg.crop_size)
     elif mode == "whole":
         view = transforms.Whole()
     else:  # 'ten_crop', the host's ten views, is gone: 'whole' gives the same views, cut on the device
-        raise ValueError(f"mode must be 'center' (the centre crop) or 'whole' (whole images, cut into the ten "
-                         f"views on the device by data.device.eval_views), got {mode!r}")
+        raise ValueError(
+            f"mode must be 'center' (the centre crop) or 'whole' (whole images, cut into the ten "
+            f"views on the device by data.device.eval_views), got {mode!r}"
+        )
     data = data or resolve(cfg)
     if split not in data.records:
         raise DatasetError(f"no {split!r} split in the data ({sorted(data.records)})")
@@ -296,15 +340,32 @@ def build_eval_dataset(cfg, *, batch_size: int, mode: str = "center", split: str
     return _host_batches(ds, batch_size, shard_index, shard_count)
 
 
-def build_eval_iter(cfg, *, batch_size: int, mode: str = "center", split: str = "val",
-                    image_size: int | None = None, shard_index: int | None = 0, shard_count: int | None = 1,
-                    num_workers: int | None = None, data: ResolvedData | None = None):
+def build_eval_iter(
+    cfg,
+    *,
+    batch_size: int,
+    mode: str = "center",
+    split: str = "val",
+    image_size: int | None = None,
+    shard_index: int | None = 0,
+    shard_count: int | None = 1,
+    num_workers: int | None = None,
+    data: ResolvedData | None = None,
+):
     """One pass over ``split``: ``{'image': uint8 (B, crop, crop, 3) ('center', with ``crop_yx``, ``flip``,
     ``alpha``) or (B, resize, resize, 3) ('whole'), 'label': int32 (B,), 'mask': bool (B,)}``; count only
     ``mask`` rows. Every host yields as many batches, so a collective eval step never waits on one.
     """
-    ds = build_eval_dataset(cfg, batch_size=batch_size, mode=mode, split=split, image_size=image_size,
-                            shard_index=shard_index, shard_count=shard_count, data=data)
+    ds = build_eval_dataset(
+        cfg,
+        batch_size=batch_size,
+        mode=mode,
+        split=split,
+        image_size=image_size,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        data=data,
+    )
     return iter(_to_iter(cfg, ds, num_workers))
 
 
@@ -315,11 +376,29 @@ class EvalPasses:
     evaluation (about 3 s each), and decode the next pass's first batches while training runs.
     """
 
-    def __init__(self, cfg, *, batch_size: int, mode: str = "center", split: str = "val",
-                 image_size: int | None = None, shard_index: int | None = 0, shard_count: int | None = 1,
-                 num_workers: int | None = None, data: ResolvedData | None = None):
-        ds = build_eval_dataset(cfg, batch_size=batch_size, mode=mode, split=split, image_size=image_size,
-                                shard_index=shard_index, shard_count=shard_count, data=data)
+    def __init__(
+        self,
+        cfg,
+        *,
+        batch_size: int,
+        mode: str = "center",
+        split: str = "val",
+        image_size: int | None = None,
+        shard_index: int | None = 0,
+        shard_count: int | None = 1,
+        num_workers: int | None = None,
+        data: ResolvedData | None = None,
+    ):
+        ds = build_eval_dataset(
+            cfg,
+            batch_size=batch_size,
+            mode=mode,
+            split=split,
+            image_size=image_size,
+            shard_index=shard_index,
+            shard_count=shard_count,
+            data=data,
+        )
         self.num_batches = len(ds)
         self._make = lambda: iter(_to_iter(cfg, ds.repeat(), num_workers))
         self._it, self._taken = None, 0

@@ -115,14 +115,14 @@ def raw_record_bytes(size: int) -> int:
 
 def encode_raw(img_HWC: np.ndarray) -> bytes:
     """uint8 ``(size, size, 3)`` -> the ``'raw'`` payload: its bytes in row-major (H, W, C) order."""
-    if img_HWC.dtype != np.uint8 or img_HWC.ndim != 3 or img_HWC.shape[2] != 3 or \
-            img_HWC.shape[0] != img_HWC.shape[1]:
+    if img_HWC.dtype != np.uint8 or img_HWC.ndim != 3 or img_HWC.shape[2] != 3 or img_HWC.shape[0] != img_HWC.shape[1]:
         raise ValueError(f"a raw record holds a uint8 (size, size, 3) image, got {img_HWC.dtype} {img_HWC.shape}")
     return np.ascontiguousarray(img_HWC).tobytes()
 
 
-def decode_record_pixels(payload: bytes, size: int, records: str = "jpeg", *, warp: bool = False,
-                         name: str | None = None) -> np.ndarray:
+def decode_record_pixels(
+    payload: bytes, size: int, records: str = "jpeg", *, warp: bool = False, name: str | None = None
+) -> np.ndarray:
     """One record's payload -> uint8 ``(size, size, 3)`` RGB, for either record format.
 
     ``'jpeg'``: :func:`decode_image`. ``'raw'``: a read-only view of ``payload`` (no copy; ``warp`` does
@@ -136,8 +136,7 @@ def decode_record_pixels(payload: bytes, size: int, records: str = "jpeg", *, wa
     expected = raw_record_bytes(size)
     if len(payload) != expected:
         what = f"raw record {name!r}" if name is not None else "raw record"
-        raise DecodeError(f"{what} holds {len(payload)} bytes, expected {expected} "
-                          f"({size}x{size}x3 uint8)")
+        raise DecodeError(f"{what} holds {len(payload)} bytes, expected {expected} ({size}x{size}x3 uint8)")
     return np.frombuffer(payload, np.uint8).reshape(size, size, 3)
 
 
@@ -158,8 +157,8 @@ def unpack_record(rec: bytes) -> tuple[str, int, bytes]:
     if rec[:4] != _MAGIC:
         raise DecodeError("not an alexnet_jax packed record")
     label, n = struct.unpack_from("<iH", rec, 4)
-    name = rec[10:10 + n].decode("utf-8")
-    return name, label, rec[10 + n:]
+    name = rec[10 : 10 + n].decode("utf-8")
+    return name, label, rec[10 + n :]
 
 
 class FolderRecords:
@@ -193,6 +192,7 @@ class PackedRecords:
 
     def __init__(self, shard_paths: Sequence[str], records: str = "jpeg"):
         import grain  # Imported lazily: sources.py must stay importable in prepare's workers.
+
         if not shard_paths:
             raise DatasetError(f"no ArrayRecord shards given; {EXPECTED_LAYOUT}")
         if records not in RECORD_FORMATS:
@@ -255,8 +255,11 @@ class DecodedSource:
         if img is not None:
             return {"image": img, "label": np.int32(label), "mask": np.bool_(True)}
         if self.on_error == "mask":
-            return {"image": np.zeros((self.size, self.size, 3), np.uint8),
-                    "label": np.int32(max(label, 0)), "mask": np.bool_(False)}
+            return {
+                "image": np.zeros((self.size, self.size, 3), np.uint8),
+                "label": np.int32(max(label, 0)),
+                "mask": np.bool_(False),
+            }
         for k in range(1, n):
             img, label = self._try((i + k) % n)
             if img is not None:

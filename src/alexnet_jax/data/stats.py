@@ -30,8 +30,7 @@ def image_sums(img_HWC: np.ndarray) -> dict:
     """The sufficient statistics one uint8 image contributes."""
     x = img_HWC.astype(np.float64)
     px = x.reshape(-1, 3)
-    return {"sum_image": x, "sum_rgb": px.sum(0), "sum_outer": px.T @ px,
-            "n_images": 1, "n_pixels": px.shape[0]}
+    return {"sum_image": x, "sum_rgb": px.sum(0), "sum_outer": px.T @ px, "n_images": 1, "n_pixels": px.shape[0]}
 
 
 def add_sums(a: dict | None, b: dict) -> dict:
@@ -43,16 +42,21 @@ def finish_stats(sums: dict) -> dict:
     n_img, n_px = sums["n_images"], sums["n_pixels"]
     mean_image = sums["sum_image"] / n_img
     mu = sums["sum_rgb"] / n_px
-    cov = (sums["sum_outer"] / n_px - np.outer(mu, mu)) / 255.0 ** 2
+    cov = (sums["sum_outer"] / n_px - np.outer(mu, mu)) / 255.0**2
     cov = (cov + cov.T) / 2
     eigval, eigvec = np.linalg.eigh(cov)
     order = np.argsort(eigval)[::-1]
     eigval, eigvec = eigval[order], eigvec[:, order]
     # A fixed sign per eigenvector (largest component positive) keeps runs comparable.
     eigvec = eigvec * np.sign(eigvec[np.abs(eigvec).argmax(0), np.arange(3)])
-    return {"mean_image": mean_image.astype(np.float32), "rgb_mean": (mu / 255.0).astype(np.float32),
-            "rgb_cov": cov.astype(np.float32), "eigval": eigval.astype(np.float32),
-            "eigvec": eigvec.astype(np.float32), "num_images": np.int64(n_img)}
+    return {
+        "mean_image": mean_image.astype(np.float32),
+        "rgb_mean": (mu / 255.0).astype(np.float32),
+        "rgb_cov": cov.astype(np.float32),
+        "eigval": eigval.astype(np.float32),
+        "eigvec": eigvec.astype(np.float32),
+        "num_images": np.int64(n_img),
+    }
 
 
 def load_stats(path: str | os.PathLike) -> dict:
@@ -61,7 +65,6 @@ def load_stats(path: str | os.PathLike) -> dict:
         raise DatasetError(f"no statistics file {str(path)!r}; run `python -m alexnet_jax.data.prepare`")
     with np.load(path) as z:
         return {k: z[k] for k in z.files}
-
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -77,7 +80,7 @@ def stats_file(files: layout.SplitFiles, size: int, cache_dir=None, warp: bool =
     what = {"root": str(root), "size": size, "files": files.rel_paths, **({"warp": True} if warp else {})}
     key = hashlib.sha256(json.dumps(what).encode())
     name = root.parent.name or "data"  # the dataset folder (root is its train/ folder)
-    return cache_root(cache_dir) / "stats" / f'{name}-{size}px{"-warp" if warp else ""}-{key.hexdigest()[:16]}.npz'
+    return cache_root(cache_dir) / "stats" / f"{name}-{size}px{'-warp' if warp else ''}-{key.hexdigest()[:16]}.npz"
 
 
 # ImageNet's published statistics (data.stats='published'): no pass over the training set.
@@ -93,9 +96,7 @@ PUBLISHED_RGB_MEAN = (0.485, 0.456, 0.406)
 # The first column is the luminance direction (all three components about -0.58; the sign does not
 # matter, alpha is symmetric about 0).
 PUBLISHED_EIGVAL = (0.2175, 0.0188, 0.0045)
-PUBLISHED_EIGVEC = ((-0.5675, 0.7192, 0.4009),
-                    (-0.5808, -0.0045, -0.8140),
-                    (-0.5836, -0.6948, 0.4203))
+PUBLISHED_EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
 
 
 def published_stats(size: int) -> dict:
@@ -107,11 +108,14 @@ def published_stats(size: int) -> dict:
     mean = np.asarray(PUBLISHED_RGB_MEAN, np.float64)
     eigval = np.asarray(PUBLISHED_EIGVAL, np.float64)
     eigvec = np.asarray(PUBLISHED_EIGVEC, np.float64)
-    return {"mean_image": np.broadcast_to(255.0 * mean, (size, size, 3)).astype(np.float32),
-            "rgb_mean": mean.astype(np.float32),
-            "rgb_cov": (eigvec @ np.diag(eigval) @ eigvec.T).astype(np.float32),
-            "eigval": eigval.astype(np.float32), "eigvec": eigvec.astype(np.float32),
-            "num_images": np.int64(0)}
+    return {
+        "mean_image": np.broadcast_to(255.0 * mean, (size, size, 3)).astype(np.float32),
+        "rgb_mean": mean.astype(np.float32),
+        "rgb_cov": (eigvec @ np.diag(eigval) @ eigvec.T).astype(np.float32),
+        "eigval": eigval.astype(np.float32),
+        "eigvec": eigvec.astype(np.float32),
+        "num_images": np.int64(0),
+    }
 
 
 def partial_file(stats_path: Path) -> Path:
@@ -147,7 +151,7 @@ def _read_partial(path: Path, num_files: int) -> dict | None:
         with np.load(path) as z:
             state = {k: z[k] for k in z.files}
         if int(state["num_files"]) != num_files:
-            raise ValueError(f'{int(state["num_files"])} files, not {num_files}')
+            raise ValueError(f"{int(state['num_files'])} files, not {num_files}")
         done = state["done"].astype(bool)
         if len(done) != -(-num_files // int(state["chunk_size"])):
             raise ValueError("chunk count")
@@ -157,13 +161,21 @@ def _read_partial(path: Path, num_files: int) -> dict | None:
     sums = {k: state[k] for k in SUM_KEYS} if done.any() else None
     if sums is not None:
         sums["n_images"], sums["n_pixels"] = int(sums["n_images"]), int(sums["n_pixels"])
-    return {"chunk_size": int(state["chunk_size"]), "done": done, "sums": sums,
-            "skipped": json.loads(str(state["skipped"]))}
+    return {
+        "chunk_size": int(state["chunk_size"]),
+        "done": done,
+        "sums": sums,
+        "skipped": json.loads(str(state["skipped"])),
+    }
 
 
 def _save_partial(path: Path, state: dict, num_files: int) -> None:
-    arrays = {"num_files": np.int64(num_files), "chunk_size": np.int64(state["chunk_size"]),
-              "done": state["done"], "skipped": np.asarray(json.dumps(state["skipped"]))}
+    arrays = {
+        "num_files": np.int64(num_files),
+        "chunk_size": np.int64(state["chunk_size"]),
+        "done": state["done"],
+        "skipped": np.asarray(json.dumps(state["skipped"])),
+    }
     if state["sums"] is not None:
         arrays.update({k: np.asarray(state["sums"][k]) for k in SUM_KEYS})
     atomic_savez(path, arrays)
@@ -175,9 +187,16 @@ def default_chunk_size(n: int) -> int:
     return max(16, min(512, -(-n // 64)))
 
 
-def compute_stats(files: layout.SplitFiles, size: int, *, workers: int | None = None,
-                  progress: bool = True, warp: bool = False, partial: str | os.PathLike | None = None,
-                  chunk_size: int | None = None) -> dict:
+def compute_stats(
+    files: layout.SplitFiles,
+    size: int,
+    *,
+    workers: int | None = None,
+    progress: bool = True,
+    warp: bool = False,
+    partial: str | os.PathLike | None = None,
+    chunk_size: int | None = None,
+) -> dict:
     """Mean image and RGB eigens of ``files`` decoded at ``size``, as preparation computes them.
 
     With ``partial`` (a file path) the pass resumes: the finished chunks' sums are saved there atomically
@@ -196,8 +215,11 @@ def compute_stats(files: layout.SplitFiles, size: int, *, workers: int | None = 
     else:
         chunk = chunk_size or default_chunk_size(n)
         state = {"chunk_size": chunk, "done": np.zeros(-(-n // chunk), bool), "sums": None, "skipped": []}
-    jobs = [{"index": k, "root": files.root, "rel_paths": files.rel_paths[i:i + chunk], "size": size,
-             "warp": warp} for k, i in enumerate(range(0, n, chunk)) if not state["done"][k]]
+    jobs = [
+        {"index": k, "root": files.root, "rel_paths": files.rel_paths[i : i + chunk], "size": size, "warp": warp}
+        for k, i in enumerate(range(0, n, chunk))
+        if not state["done"][k]
+    ]
     done_before = n - sum(len(j["rel_paths"]) for j in jobs)
     if done_before:
         log.warning("statistics: resuming: %d of %d images already summed (%s)", done_before, n, partial)
@@ -218,18 +240,29 @@ def compute_stats(files: layout.SplitFiles, size: int, *, workers: int | None = 
 
     if jobs:
         try:
-            run_jobs(_sums_job, jobs, min(workers, len(jobs)), n - done_before, progress, "statistics",
-                             on_result=reduce, done_before=done_before)
+            run_jobs(
+                _sums_job,
+                jobs,
+                min(workers, len(jobs)),
+                n - done_before,
+                progress,
+                "statistics",
+                on_result=reduce,
+                done_before=done_before,
+            )
         except PassInterrupted as e:
             save()
             summed = int(sum(min(chunk, n - k * chunk) for k in np.flatnonzero(state["done"])))
             raise PassInterrupted(
                 f"statistics pass stopped by {e.signal_name} at {summed:,}/{n:,} images; the sums so far are "
                 f"saved in {str(partial)!r} and the same command continues from them."
-                if partial is not None else f"statistics pass stopped by {e.signal_name}",
-                e.signal_name, summed) from None
+                if partial is not None
+                else f"statistics pass stopped by {e.signal_name}",
+                e.signal_name,
+                summed,
+            ) from None
     if not state["done"].all():  # run_jobs returns only when every job is done; never finish on a part
-        raise DatasetError(f'statistics: {int((~state["done"]).sum())} chunk(s) of images were not summed')
+        raise DatasetError(f"statistics: {int((~state['done']).sum())} chunk(s) of images were not summed")
     skipped = state["skipped"]
     if skipped:
         log.warning("statistics: skipped %d unreadable file(s), e.g. %s", len(skipped), skipped[:5])
@@ -238,8 +271,16 @@ def compute_stats(files: layout.SplitFiles, size: int, *, workers: int | None = 
     return finish_stats(state["sums"])
 
 
-def ensure_stats(files: layout.SplitFiles, size: int, *, cache_dir=None, workers: int | None = None,
-                 progress: bool = True, warp: bool = False, chunk_size: int | None = None) -> Path:
+def ensure_stats(
+    files: layout.SplitFiles,
+    size: int,
+    *,
+    cache_dir=None,
+    workers: int | None = None,
+    progress: bool = True,
+    warp: bool = False,
+    chunk_size: int | None = None,
+) -> Path:
     """The cached statistics file for ``files`` at ``size``, computed now if it is not there yet.
 
     The pass is resumable: a run stopped by SIGTERM or Ctrl-C (:class:`PassInterrupted`)
@@ -254,7 +295,8 @@ def ensure_stats(files: layout.SplitFiles, size: int, *, cache_dir=None, workers
     except OSError as e:
         raise DatasetError(
             f"cannot write the statistics cache {str(path.parent)!r}: {e}. Set --config.data.cache_dir to a "
-            "writable folder, or give a ready stats.npz with --config.data.stats_path.") from None
+            "writable folder, or give a ready stats.npz with --config.data.stats_path."
+        ) from None
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -264,15 +306,34 @@ def ensure_stats(files: layout.SplitFiles, size: int, *, cache_dir=None, workers
         if path.is_file():  # made by the process we waited for
             return path
         t0 = time.time()
-        log.warning("computing the mean image (%dx%d) and RGB eigens over %d training images into %s; "
-                    "done once, later runs reuse it", size, size, len(files), path)
+        log.warning(
+            "computing the mean image (%dx%d) and RGB eigens over %d training images into %s; "
+            "done once, later runs reuse it",
+            size,
+            size,
+            len(files),
+            path,
+        )
         for stale in path.parent.glob(f".{partial_file(path).name}.tmp*"):  # a save cut short by SIGKILL
             stale.unlink(missing_ok=True)
-        stats = compute_stats(files, size, workers=workers, progress=progress, warp=warp,
-                              partial=partial_file(path), chunk_size=chunk_size)
+        stats = compute_stats(
+            files,
+            size,
+            workers=workers,
+            progress=progress,
+            warp=warp,
+            partial=partial_file(path),
+            chunk_size=chunk_size,
+        )
         atomic_savez(path, stats)
-        atomic_write_json(path.with_suffix(".json"), {
-            "root": str(Path(files.root).resolve()), "size": size, "num_images": int(stats["num_images"]),
-            "seconds": round(time.time() - t0, 1)})
+        atomic_write_json(
+            path.with_suffix(".json"),
+            {
+                "root": str(Path(files.root).resolve()),
+                "size": size,
+                "num_images": int(stats["num_images"]),
+                "seconds": round(time.time() - t0, 1),
+            },
+        )
         partial_file(path).unlink(missing_ok=True)
     return path

@@ -22,7 +22,7 @@ def center_offset(size_hw: tuple[int, int], crop: int) -> tuple[int, int]:
 
 def crop_HWC(img_HWC: np.ndarray, y: int, x: int, crop: int, flip: bool = False) -> np.ndarray:
     """The ``crop x crop`` window at (y, x), mirrored left-right if ``flip`` (a view when not mirrored)."""
-    out = img_HWC[y:y + crop, x:x + crop]
+    out = img_HWC[y : y + crop, x : x + crop]
     return mirror_HWC(out) if flip else out
 
 
@@ -39,8 +39,9 @@ def mirror_HWC(img_HWC: np.ndarray) -> np.ndarray:
     return out
 
 
-def random_crop_params(rng: np.random.Generator, size_hw: tuple[int, int], crop: int,
-                       allow_flip: bool) -> tuple[int, int, bool]:
+def random_crop_params(
+    rng: np.random.Generator, size_hw: tuple[int, int], crop: int, allow_flip: bool
+) -> tuple[int, int, bool]:
     """Uniform top-left corner over all valid positions and a fair coin for the mirror."""
     h, w = size_hw
     y = int(rng.integers(0, h - crop + 1))
@@ -94,10 +95,14 @@ class CenterCrop(grain.transforms.Map):
     def map(self, element):
         img = element["image"]
         y, x = center_offset(img.shape[:2], self.crop)
-        return {"image": np.ascontiguousarray(crop_HWC(img, y, x, self.crop)),
-                "label": element["label"], "mask": element["mask"],
-                "crop_yx": np.array([y, x], np.int32), "flip": np.bool_(False),
-                "alpha": np.zeros(3, np.float32)}
+        return {
+            "image": np.ascontiguousarray(crop_HWC(img, y, x, self.crop)),
+            "label": element["label"],
+            "mask": element["mask"],
+            "crop_yx": np.array([y, x], np.int32),
+            "flip": np.bool_(False),
+            "alpha": np.zeros(3, np.float32),
+        }
 
 
 class TenCrop(grain.transforms.Map):
@@ -111,10 +116,14 @@ class TenCrop(grain.transforms.Map):
         img = element["image"]
         params = ten_crop_params(img.shape[:2], self.crop)
         views = np.stack([crop_HWC(img, y, x, self.crop, f) for y, x, f in params])
-        return {"image": views, "label": element["label"], "mask": element["mask"],
-                "crop_yx": np.array([[y, x] for y, x, _ in params], np.int32),
-                "flip": np.array([f for _, _, f in params]),
-                "alpha": np.zeros((10, 3), np.float32)}
+        return {
+            "image": views,
+            "label": element["label"],
+            "mask": element["mask"],
+            "crop_yx": np.array([[y, x] for y, x, _ in params], np.int32),
+            "flip": np.array([f for _, _, f in params]),
+            "alpha": np.zeros((10, 3), np.float32),
+        }
 
 
 class Whole(grain.transforms.Map):
