@@ -17,6 +17,7 @@ from ml_collections.config_dict import config_dict as cd
 
 from alexnet_jax import config_check, model, train
 from alexnet_jax.data import locate
+from alexnet_jax.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -162,5 +163,5 @@ def test_a_bad_field_is_refused_by_name(field, value, message):
     node = c[section[0]] if section else c
     with c.unlocked():
         node[name] = value
-    with pytest.raises(model.ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         config_check.validate_config(c)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from alexnet_jax import optim, steps, train
+from alexnet_jax.errors import TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -256,7 +257,7 @@ def test_run_reports_each_bad_batch_with_its_step_then_stops(tmp_path):
     np.savez(tmp_path / "stats.npz", **stats)
     wd = tmp_path / "run"
     with pytest.raises(
-        train.TrainingError,
+        TrainingError,
         match=r"3 input batches had NaN/Inf values, the last at step 3.*"
         r"last good checkpoint, step 2",
     ):

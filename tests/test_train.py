@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from alexnet_jax import optim, parallel, steps, train
+from alexnet_jax.errors import TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -250,7 +251,7 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path, caplog):
 def test_resume_refuses_another_network_but_allows_speed_knobs(tmp_path):
     wd = tmp_path / "run"
     train.train_and_evaluate(tiny_config(total_steps=2, checkpoint_every=2), wd)
-    with pytest.raises(train.TrainingError, match=r"different model config \(fields \['lrn'\]\)"):
+    with pytest.raises(TrainingError, match=r"different model config \(fields \['lrn'\]\)"):
         train.train_and_evaluate(tiny_config(**{"total_steps": 4, "model.lrn": False}), wd)
     r = train.train_and_evaluate(tiny_config(**{"total_steps": 4, "checkpoint_every": 2, "data.num_threads": 1}), wd)
     assert r["step"] == 4
@@ -259,7 +260,7 @@ def test_resume_refuses_another_network_but_allows_speed_knobs(tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     wd = tmp_path / "run"
     train.train_and_evaluate(tiny_config(total_steps=2, checkpoint_every=2), wd)
-    with pytest.raises(train.TrainingError, match=r"loss became (nan|inf).*last good checkpoint, step 2"):
+    with pytest.raises(TrainingError, match=r"loss became (nan|inf).*last good checkpoint, step 2"):
         train.train_and_evaluate(
             tiny_config(**{"total_steps": 8, "checkpoint_every": 2, "optim.lr": 1e30}), wd, manual_lr=1e30
         )

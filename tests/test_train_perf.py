@@ -104,7 +104,7 @@ def test_a_run_logs_its_times_and_writes_a_profile_with_the_exchanges(tmp_path):
 @pytest.mark.parametrize("value", [(3, 2), (0, 1), (1,), "1,2"])
 def test_profile_steps_is_checked(value):
     from alexnet_jax.config_check import validate_config
-    from alexnet_jax.model import ConfigError
+    from alexnet_jax.errors import ConfigError
 
     c = tiny_config()
     with pytest.raises((ConfigError, TypeError)):

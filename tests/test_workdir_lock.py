@@ -6,7 +6,8 @@ import socket
 
 import pytest
 
-from alexnet_jax.workdir_lock import WorkdirBusy, WorkdirLock, describe_holder
+from alexnet_jax.errors import WorkdirBusy
+from alexnet_jax.workdir_lock import WorkdirLock, describe_holder
 
 
 def test_a_held_workdir_is_refused_naming_its_holder(tmp_path):

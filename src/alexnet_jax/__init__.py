@@ -5,16 +5,15 @@ The names a notebook needs, imported plainly so that go-to-definition finds them
 """
 
 from alexnet_jax.devices import use_virtual_cpu_devices
+from alexnet_jax.errors import CheckpointError, ConfigError, ImageError
 from alexnet_jax.inference import (
     Checkpoint,
-    CheckpointError,
     Classifier,
-    ImageError,
     Prediction,
     load_checkpoint,
     predict,
 )
-from alexnet_jax.model import LRN, AlexNet, ConfigError, count_params, default_config, from_config
+from alexnet_jax.model import LRN, AlexNet, count_params, default_config, from_config
 from alexnet_jax.parallel import apply_on_mesh, make_mesh
 
 __all__ = [

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from alexnet_jax import cli, paths
+from alexnet_jax.errors import EXIT_DIVERGED, EXIT_INTERRUPTED
 
 _PROG = cli.program("ablate")
 ROOT = Path(__file__).resolve().parents[2]  # the repository checkout: launch.py, configs/
@@ -42,7 +43,6 @@ FIELDS = [
     "wall_s",
     "diverged",
 ]
-EXIT_DIVERGED = 3  # launch.py's status when the loss became NaN/Inf (alexnet_jax.train.EXIT_DIVERGED)
 
 
 def ablations_config():
@@ -276,7 +276,7 @@ def _main(argv: list[str]) -> None:
                 sys.exit(f"{_PROG}: {e}")
             except Interrupted as e:
                 print(f"{_PROG}: interrupted (Ctrl-C): {e}", file=sys.stderr)
-                sys.exit(cli.EXIT_INTERRUPTED)
+                sys.exit(EXIT_INTERRUPTED)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     with open(out / "results.csv", "w", newline="") as f:

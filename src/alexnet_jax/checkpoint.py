@@ -25,28 +25,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from alexnet_jax import distributed, paths
+from alexnet_jax.errors import CheckpointError, CheckpointWriteError
 
 log = logging.getLogger(__name__)
 
 BEST_METRIC = "val/top1_error"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint directory cannot be used (see the message for what to do)."""
-
-
-class ConvertError(ValueError):
-    """Weights from elsewhere (Caffe's, torchvision's) cannot become a checkpoint: the message says which file
-    and why. Here, beside ``write_weights_only``, for both converters (``alexnet_jax.convert`` and
-    ``convert_torchvision``) and for ``python -m alexnet_jax.convert``, whose ``__main__`` is a second copy."""
-
-
-class CheckpointWriteError(CheckpointError):
-    """A checkpoint could not be written; ``step`` is the one lost, ``last_good`` the newest on disk."""
-
-    def __init__(self, message: str, *, step: int | None, last_good: int | None):
-        super().__init__(message)
-        self.step, self.last_good = step, last_good
 
 
 def _first_line(error: BaseException) -> str:

@@ -21,6 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from alexnet_jax import paths
+from alexnet_jax.errors import EXIT_INTERRUPTED, EXIT_USAGE, Diverged, TrainingError
 
 LAUNCH_DEFAULT_CONFIG = "configs/demo.py"
 _KEY_HINT = "; the keys are those of the --config file, e.g. --config.model.lrn=False"
@@ -111,12 +112,17 @@ def launch(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
         config = _config_value(config_flag, argv)
         from alexnet_jax import train
-        from alexnet_jax.checkpoint import CheckpointError
-        from alexnet_jax.data import DatasetError, release_shared_memory
-        from alexnet_jax.data.errors import PassInterrupted
-        from alexnet_jax.model import ConfigError
-        from alexnet_jax.preemption import EXIT_PREEMPTED, StoppedBeforeTraining, sigint_blocked_in_new_workers
-        from alexnet_jax.train import EXIT_DIVERGED
+        from alexnet_jax.data import release_shared_memory
+        from alexnet_jax.errors import (
+            EXIT_DIVERGED,
+            EXIT_PREEMPTED,
+            CheckpointError,
+            ConfigError,
+            DatasetError,
+            PassInterrupted,
+            StoppedBeforeTraining,
+        )
+        from alexnet_jax.preemption import sigint_blocked_in_new_workers
 
         try:
             with sigint_blocked_in_new_workers():
@@ -128,13 +134,13 @@ def launch(argv: list[str]) -> None:
             sys.exit(e.exit_code)
         except ConfigError as e:
             sys.exit(f"launch.py: bad config: {e}")
-        except train.Diverged as e:
+        except Diverged as e:
             print(f"launch.py: {e}", file=sys.stderr)
             sys.exit(EXIT_DIVERGED)  # its own status: a runner (alexnet_jax.ablate) records it as a result
         except PassInterrupted as e:  # the statistics pass, stopped: its sums are kept, the same command goes on
             print(f"launch.py: {e}", file=sys.stderr)
             sys.exit(EXIT_PREEMPTED)
-        except (DatasetError, CheckpointError, train.TrainingError) as e:
+        except (DatasetError, CheckpointError, TrainingError) as e:
             sys.exit(f"launch.py: {e}")
         finally:
             release_shared_memory()  # no 'leaked shared_memory' warnings from the loader at exit
@@ -157,8 +163,6 @@ def launch(argv: list[str]) -> None:
 # ---------------------------------------------------------------------------
 # What every entry point shares: --help, flag spelling, usage errors, Ctrl-C.
 
-EXIT_USAGE = 2  # a bad command line (argparse's status, kept by the programs that used it)
-EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as a shell reports it
 HELP_ARGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")
 
 

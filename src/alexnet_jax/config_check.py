@@ -13,7 +13,8 @@ from collections.abc import Callable
 import ml_collections
 
 from alexnet_jax import data as data_lib
-from alexnet_jax.model import AlexNet, ConfigError, from_config
+from alexnet_jax.errors import ConfigError
+from alexnet_jax.model import AlexNet, from_config
 from alexnet_jax.parallel import LAYOUTS
 
 _Rule = tuple[Callable[[object], bool], str]  # (accepts the value, what it must be)

@@ -45,8 +45,9 @@ import ml_collections
 import numpy as np
 
 from alexnet_jax import paths
-from alexnet_jax.checkpoint import CheckpointError, ConvertError, write_weights_only
+from alexnet_jax.checkpoint import write_weights_only
 from alexnet_jax.data.labels import imagenet_classes
+from alexnet_jax.errors import CheckpointError, ConvertError
 from alexnet_jax.model import LAYERS  # bvlc_alexnet's layers have our names
 
 GROUPS = {"conv1": 1, "conv2": 2, "conv3": 1, "conv4": 2, "conv5": 2}

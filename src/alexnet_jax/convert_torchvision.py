@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from alexnet_jax.checkpoint import CheckpointError, ConvertError, write_weights_only
+from alexnet_jax.checkpoint import write_weights_only
 from alexnet_jax.data.labels import imagenet_classes
+from alexnet_jax.errors import CheckpointError, ConvertError
 from alexnet_jax.model import LAYERS
 
 MEAN_RGB = (0.485, 0.456, 0.406)

@@ -35,7 +35,8 @@ import sys
 from fractions import Fraction
 
 from alexnet_jax import cli, paths
-from alexnet_jax.model import LAYERS, AlexNet, ConfigError, from_config
+from alexnet_jax.errors import CompileForError, ConfigError
+from alexnet_jax.model import LAYERS, AlexNet, from_config
 from alexnet_jax.parallel import LAYOUTS, indivisible_units, layout_named, mesh_shape
 
 _PROG = cli.program("costs")
@@ -261,7 +262,7 @@ def _compiled(config, target: str, count: int, batch: int, json_path: str | None
         start = time.perf_counter()
         compiled = G.compile_steps(config, G.devices(target, count), batch)
         seconds = time.perf_counter() - start
-    except (G.CompileForError, ValueError, ConfigError) as e:
+    except (CompileForError, ValueError, ConfigError) as e:
         sys.exit(f"{_PROG}: {e}")
     gpu = G.GPUS[target]
     result = {

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from alexnet_jax.model import ConfigError
+from alexnet_jax.errors import ConfigError
 
 ENV = {
     "coordinator_address": "JAX_COORDINATOR_ADDRESS",

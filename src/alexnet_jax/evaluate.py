@@ -42,6 +42,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from alexnet_jax import cli, paths, preemption
+from alexnet_jax.errors import DatasetError
 
 _PROG = cli.program("evaluate")
 _CONFIG_HELP = (
@@ -125,7 +126,8 @@ def config_for_evaluation(saved: dict) -> ml_collections.ConfigDict:
 
 def parse_command_line(argv: list[str]):
     """``(config, options)``: the checkpoint's config with the command line's overrides, and the other flags."""
-    from alexnet_jax.checkpoint import CheckpointError, find_step_dir, read_config
+    from alexnet_jax.checkpoint import find_step_dir, read_config
+    from alexnet_jax.errors import CheckpointError
 
     argv = list(argv)
     if cli.wants_help(argv):
@@ -218,16 +220,16 @@ def evaluate_checkpoint(
     cfg = config.data
     classes = ckpt.classes
     if classes is None:
-        raise data_lib.DatasetError(
+        raise DatasetError(
             f"{ckpt.path!r} does not record its class list; evaluate it where its training data is, with launch.py."
         )
     records = data_lib.split_records(cfg, split, classes)
     if cfg.mean_subtraction and ckpt.stats is None:
-        raise data_lib.DatasetError(f"{ckpt.path!r} does not carry the mean image the run subtracted.")
+        raise DatasetError(f"{ckpt.path!r} does not carry the mean image the run subtracted.")
     data = data_lib.ResolvedData({split: records}, ckpt.stats, list(classes), list(ckpt.class_names or classes))
     batch = batch_size or config.eval_batch_size
     if batch % mesh.shape[parallel.DATA_AXIS]:
-        raise data_lib.DatasetError(
+        raise DatasetError(
             f"--batch_size={batch} must be a multiple of the {mesh.shape[parallel.DATA_AXIS]} devices it is split over."
         )
     mode = "center" if views == "center" else "whole"  # whole images to the device, cut into ten views there
@@ -294,9 +296,7 @@ def _main(argv: list[str]) -> None:
         except OSError as e:
             sys.exit(f"{_PROG}: cannot write --json={out}: {e}")
     logging.set_verbosity(logging.WARNING)
-    from alexnet_jax.checkpoint import CheckpointError
-    from alexnet_jax.data import DatasetError
-    from alexnet_jax.model import ConfigError
+    from alexnet_jax.errors import CheckpointError, ConfigError, DatasetError
 
     try:
         r = evaluate_checkpoint(

@@ -53,7 +53,7 @@ def _main(argv: list[str]) -> None:
         cli.print_help(_PROG, __doc__, fv)
     cli.parse_flags(_PROG, fv, argv)
     cli.require(_PROG, fv, "checkpoint", "out")
-    from alexnet_jax.checkpoint import CheckpointError
+    from alexnet_jax.errors import CheckpointError
 
     try:
         step_dir = export(fv.checkpoint, fv.out, fv.step)

@@ -26,9 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-class CompileForError(RuntimeError):
-    """Compiling for a GPU cannot be done here; the message says why and what to do."""
+from alexnet_jax.errors import CompileForError
 
 
 @dataclasses.dataclass(frozen=True)

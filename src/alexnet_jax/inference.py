@@ -23,16 +23,12 @@ from etils import epath
 from PIL import Image
 
 from alexnet_jax import checkpoint, paths
-from alexnet_jax.checkpoint import CheckpointError
 from alexnet_jax.data import device as data_device
 from alexnet_jax.data import sources, transforms
+from alexnet_jax.errors import CheckpointError, DecodeError, ImageError
 from alexnet_jax.model import AlexNet, from_config
 from alexnet_jax.parallel import DATA_AXIS, batch_sharding, make_mesh, mesh_forward, param_sharding
 from alexnet_jax.steps import average_views
-
-
-class ImageError(ValueError):
-    """An input image cannot be used (the message names it and says what would work)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +163,7 @@ def load_image(image, size: int, warp: bool = False) -> np.ndarray:
             )
         try:
             return sources.decode_image(p.read_bytes(), size, warp)
-        except sources.DecodeError as e:
+        except DecodeError as e:
             raise ImageError(
                 f"Cannot read {str(image)!r} as an image ({e}). Give a readable JPEG/PNG "
                 "file, a PIL image or a uint8 HxWx3 array."

@@ -13,13 +13,7 @@ from pathlib import Path
 import jax
 from rich.markup import escape
 
-
-class TrainingError(RuntimeError):
-    """The run stopped for a reason the researcher must act on (message says what)."""
-
-
-class Diverged(TrainingError):
-    """The training loss became NaN or infinite: the run cannot go on with these settings."""
+from alexnet_jax.errors import Diverged, TrainingError
 
 
 class MetricWriter:

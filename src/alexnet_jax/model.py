@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from alexnet_jax.axes import TOWER_AXIS, Axes
+from alexnet_jax.errors import ConfigError
 from alexnet_jax.tower_ops import OPS, TowerOps, divide_by_power, resolve
 
 ACTIVATIONS = {"relu": nn.relu, "tanh": jnp.tanh}  # tanh: the saturating unit of Section 3.1
@@ -31,10 +32,6 @@ CHOICES = {
     "dtype": ("float32", "bfloat16"),
     "ops": ("auto", *OPS),
 }
-
-
-class ConfigError(ValueError):
-    """A model config field has a value the network cannot be built with."""
 
 
 _TWO_TOWER_CONV = (96, 256, 384, 384, 256)  # whole-net widths of the two-tower net (Section 3.5, Figure 2)

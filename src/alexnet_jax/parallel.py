@@ -20,7 +20,8 @@ from jax.sharding import PartitionSpec as P
 
 from alexnet_jax import tower_ops
 from alexnet_jax.axes import TOWER_AXIS, Axes
-from alexnet_jax.model import FC_LAYERS, LAYERS, AlexNet, ConfigError, tower_widths
+from alexnet_jax.errors import ConfigError
+from alexnet_jax.model import FC_LAYERS, LAYERS, AlexNet, tower_widths
 
 DATA_AXIS = "data"
 

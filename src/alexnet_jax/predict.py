@@ -63,8 +63,8 @@ def _main(argv: list[str]) -> None:
     cli.require(_PROG, fv, "checkpoint", what=" and image files")
     if not images:
         cli.usage_error(_PROG, "give image files to classify (after the flags, or --images FILE)")
-    from alexnet_jax.checkpoint import CheckpointError
-    from alexnet_jax.inference import Classifier, ImageError
+    from alexnet_jax.errors import CheckpointError, ImageError
+    from alexnet_jax.inference import Classifier
 
     try:
         pred = Classifier(fv.checkpoint, step=fv.step, views=fv.views).predict(images, top_k=fv.top_k)

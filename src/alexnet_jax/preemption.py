@@ -15,9 +15,10 @@ import signal
 import threading
 from collections.abc import Callable
 
+from alexnet_jax.errors import StoppedBeforeTraining
+
 # Exit status of a run stopped by a signal after saving: EX_TEMPFAIL ("try again"), so a
 # requeue script can tell "stopped, run me again" (75) from "done" (0) and "broken" (1).
-EXIT_PREEMPTED = 75
 
 
 class StopOnSignal:
@@ -118,18 +119,6 @@ class SignalsHeld:
 def held_signal() -> str | None:
     """The signal a :class:`SignalsHeld` has recorded and nothing has taken yet, else None."""
     return _held.name if _held is not None else None
-
-
-class StoppedBeforeTraining(Exception):
-    """A signal came before the first training step: nothing was trained, nothing needs saving."""
-
-    def __init__(self, signal_name: str):
-        super().__init__(
-            f"stopped by {signal_name} before the first training step; nothing was written to "
-            "the checkpoints. The same command starts again."
-        )
-        self.signal_name = signal_name
-        self.exit_code = 128 + signal.SIGINT if signal_name == "SIGINT" else EXIT_PREEMPTED
 
 
 @contextlib.contextmanager

@@ -24,18 +24,18 @@ from rich.markup import escape
 
 from alexnet_jax import data as data_lib
 from alexnet_jax import distributed, optim, paths, steps
-from alexnet_jax.checkpoint import Checkpointer, CheckpointError, CheckpointWriteError
+from alexnet_jax.checkpoint import Checkpointer
 from alexnet_jax.config_check import validate_config
 from alexnet_jax.devices import devices_note, prepare_devices
-from alexnet_jax.metrics import Diverged, DivergenceGuard, MetricWriter, PendingMetrics, TrainingError
-from alexnet_jax.model import AlexNet, ConfigError, count_params
+from alexnet_jax.errors import CheckpointError, CheckpointWriteError, ConfigError, Diverged, TrainingError, WorkdirBusy
+from alexnet_jax.metrics import DivergenceGuard, MetricWriter, PendingMetrics
+from alexnet_jax.model import AlexNet, count_params
 from alexnet_jax.parallel import DATA_AXIS, check_layout, mesh_for_config
 from alexnet_jax.preemption import StopOnSignal
 from alexnet_jax.progress import TrainProgress
-from alexnet_jax.workdir_lock import WorkdirBusy, WorkdirLock, describe_holder
+from alexnet_jax.workdir_lock import WorkdirLock, describe_holder
 
 __all__ = ["Diverged", "TrainingError", "train_and_evaluate"]
-EXIT_DIVERGED = 3  # launch.py's exit status when the loss became NaN/Inf
 
 
 def train_and_evaluate(

@@ -32,6 +32,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from alexnet_jax import paths
+from alexnet_jax.errors import DatasetError
 
 # ---------------------------------------------------------------------------
 # Pure helpers
@@ -283,7 +284,7 @@ def dataset_images(config, split: str, count: int) -> tuple[np.ndarray, np.ndarr
 
     data = data_lib.resolve(config.data)
     if split not in data.records:
-        raise data_lib.DatasetError(f"The run's data has no {split!r} split.")
+        raise DatasetError(f"The run's data has no {split!r} split.")
     src = sources.DecodedSource(
         data.records[split],
         int(config.data.resize_size),
@@ -318,7 +319,7 @@ def write_all(
     dataset on this machine) are skipped with a note saying what to give.
     """
     from alexnet_jax.checkpoint import find_step_dir
-    from alexnet_jax.data import DatasetError
+    from alexnet_jax.errors import DatasetError
     from alexnet_jax.inference import Classifier, load_checkpoint
 
     out = Path(out)
@@ -418,7 +419,7 @@ def _main(prog: str, argv: list[str]) -> int:
     checkpoint = cli.checkpoint_path(
         prog, fv.checkpoint, fv.workdir, "a training run's workdir or one of its checkpoints"
     )
-    from alexnet_jax.inference import CheckpointError, ImageError
+    from alexnet_jax.errors import CheckpointError, ImageError
 
     try:
         write_all(

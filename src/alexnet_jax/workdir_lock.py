@@ -17,9 +17,7 @@ import socket
 import time
 from pathlib import Path
 
-
-class WorkdirBusy(RuntimeError):
-    """Another live run holds the workdir (the message names it)."""
+from alexnet_jax.errors import WorkdirBusy
 
 
 class WorkdirLock:

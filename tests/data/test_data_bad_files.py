@@ -12,7 +12,7 @@ from alexnet_jax.data import layout as LA
 from alexnet_jax.data import locate as LO
 from alexnet_jax.data import pipeline as PL
 from alexnet_jax.data import prepare as P
-from alexnet_jax.data.errors import DatasetError
+from alexnet_jax.errors import DatasetError
 
 SIZE = 16
 # Each class is one flat colour whose grey level is distinct too, so a grayscale file still tells its label.

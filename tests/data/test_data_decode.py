@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from alexnet_jax.data import sources
-from alexnet_jax.data.errors import DecodeError
+from alexnet_jax.errors import DecodeError
 
 
 def photo(size=256, seed=0):

@@ -19,10 +19,10 @@ from array_record.python.array_record_module import ArrayRecordReader
 
 from alexnet_jax.data import layout, sources
 from alexnet_jax.data import prepare as P
-from alexnet_jax.data.errors import DatasetError
 from alexnet_jax.data.labels import imagenet_classes
 from alexnet_jax.data.locate import resolve
 from alexnet_jax.data.pipeline import default_data_config
+from alexnet_jax.errors import DatasetError
 
 SIZE = 72  # the demo recipe's resize_size: its 64-pixel crops are cut from these
 SCHEMA = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("label", pa.int64())])

@@ -275,7 +275,7 @@ def test_an_older_runs_saved_output_field_is_accepted_and_ignored(cfg, data, val
     import ml_collections
 
     from alexnet_jax import data as data_lib
-    from alexnet_jax.data.errors import DatasetError
+    from alexnet_jax.errors import DatasetError
 
     saved = {**json.loads(cfg.to_json()), "output": value}  # as config.json and checkpoints hold it
     old = ml_collections.ConfigDict(saved)

@@ -9,7 +9,7 @@ from PIL import Image
 from alexnet_jax.data import layout as LA
 from alexnet_jax.data import prepare as P
 from alexnet_jax.data import sources as S
-from alexnet_jax.data.errors import DatasetError
+from alexnet_jax.errors import DatasetError
 
 SIZE = 8
 

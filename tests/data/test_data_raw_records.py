@@ -14,7 +14,7 @@ from alexnet_jax.data import locate as LO
 from alexnet_jax.data import pipeline as PL
 from alexnet_jax.data import prepare as P
 from alexnet_jax.data import sources as S
-from alexnet_jax.data.errors import DatasetError, DecodeError
+from alexnet_jax.errors import DatasetError, DecodeError
 
 SIZE = 32
 

@@ -18,10 +18,10 @@ from alexnet_jax.data import layout as LA
 from alexnet_jax.data import prepare as P
 from alexnet_jax.data import stats as ST
 from alexnet_jax.data.atomic import atomic_savez
-from alexnet_jax.data.errors import DatasetError
 from alexnet_jax.data.locate import resolve
 from alexnet_jax.data.passprogress import PassProgress
 from alexnet_jax.data.pipeline import build_train_iter, default_data_config
+from alexnet_jax.errors import DatasetError
 
 SIZE = 256  # photo-sized images at the paper's size: the pass takes seconds, long enough to stop
 N = 120

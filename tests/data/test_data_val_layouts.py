@@ -21,7 +21,7 @@ from alexnet_jax.data import locate as LO
 from alexnet_jax.data import pipeline as PL
 from alexnet_jax.data import prepare as P
 from alexnet_jax.data import sources as S
-from alexnet_jax.data.errors import DatasetError
+from alexnet_jax.errors import DatasetError
 
 # The devkit numbers its classes in its own order, not the sorted wnids the folders use: here
 # id 1 is the third sorted wnid, like the real devkit (id 1 is n02119789, a kit fox).

@@ -10,7 +10,6 @@ imported here, so running it does not load its module twice.
 """
 
 from alexnet_jax.data.embedded import ensure_embedded_dataset
-from alexnet_jax.data.errors import DatasetError
 from alexnet_jax.data.locate import ResolvedData, check_config, drop_legacy_fields, resolve, split_records
 from alexnet_jax.data.pipeline import (
     EvalPasses,
@@ -22,7 +21,6 @@ from alexnet_jax.data.pipeline import (
 )
 
 __all__ = [
-    "DatasetError",
     "EvalPasses",
     "ResolvedData",
     "build_eval_iter",

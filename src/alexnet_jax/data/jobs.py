@@ -12,8 +12,8 @@ import multiprocessing as mp
 import os
 import time
 
-from alexnet_jax.data.errors import DatasetError, PassInterrupted
 from alexnet_jax.data.passprogress import PassProgress
+from alexnet_jax.errors import DatasetError, PassInterrupted
 
 _counter = None  # (per-worker counts, this worker's slot), or a one-slot list inline
 _inline_stop = None  # inline (workers=0): the pass's _StopRequest, checked between images by tick()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from alexnet_jax.data.errors import DatasetError
+from alexnet_jax.errors import DatasetError
 
 DEVKIT_GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
 _LABEL_FILE_CANDIDATES = (

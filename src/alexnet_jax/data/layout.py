@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from alexnet_jax.data.errors import DatasetError
 from alexnet_jax.data.jobs import stop_if_signalled
 from alexnet_jax.data.labels import DEVKIT_GROUND_TRUTH, find_labels_file, read_labels_file
+from alexnet_jax.errors import DatasetError
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 

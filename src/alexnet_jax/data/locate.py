@@ -13,7 +13,7 @@ from pathlib import Path
 
 from alexnet_jax.data import embedded, labels, layout, packed, packing, sources
 from alexnet_jax.data import stats as stats_lib
-from alexnet_jax.data.errors import DatasetError
+from alexnet_jax.errors import DatasetError
 
 
 @dataclasses.dataclass

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from alexnet_jax.data import sources
-from alexnet_jax.data.errors import DatasetError
+from alexnet_jax.errors import DatasetError
 
 FORMAT = "alexnet_jax.packed/1"  # the metadata 'format' of jpeg records (as before --records existed)
 # Raw records get their own format string, so code older than --records refuses such a folder

@@ -20,11 +20,11 @@ import numpy as np
 
 from alexnet_jax.data import layout, parquet, sources
 from alexnet_jax.data.atomic import atomic_savez, atomic_write_json
-from alexnet_jax.data.errors import DatasetError, DecodeError, PassInterrupted
 from alexnet_jax.data.jobs import run_jobs, tick
 from alexnet_jax.data.labels import read_class_names
 from alexnet_jax.data.packed import FORMATS, METADATA, PLAN, RECORD_FORMATS, STATS, plan_records, read_metadata
 from alexnet_jax.data.stats import add_sums, finish_stats, image_sums
+from alexnet_jax.errors import DatasetError, DecodeError, PassInterrupted
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import logging
 import os
 from pathlib import Path
 
-from alexnet_jax.data.errors import DatasetError
+from alexnet_jax.errors import DatasetError
 
 log = logging.getLogger(__name__)
 

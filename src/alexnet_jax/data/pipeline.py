@@ -19,8 +19,8 @@ import numpy as np
 from ml_collections.config_dict import placeholder
 
 from alexnet_jax.data import sources, transforms
-from alexnet_jax.data.errors import DatasetError
 from alexnet_jax.data.locate import ResolvedData, resolve
+from alexnet_jax.errors import DatasetError
 
 
 def default_data_config() -> ml_collections.ConfigDict:

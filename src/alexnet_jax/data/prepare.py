@@ -26,7 +26,6 @@ import sys
 
 from alexnet_jax import paths, preemption
 from alexnet_jax.data import layout, stats
-from alexnet_jax.data.errors import DatasetError, PassInterrupted
 
 # This module is the command (run as __main__ by `python -m`, so nothing in the package imports it); the
 # preparation API it has always offered lives in packed/packing/stats and is re-exported here for callers.
@@ -42,6 +41,7 @@ from alexnet_jax.data.packed import (  # noqa: F401  re-exported
 )
 from alexnet_jax.data.packing import prepare
 from alexnet_jax.data.stats import load_stats  # noqa: F401
+from alexnet_jax.errors import DatasetError, PassInterrupted
 
 
 def _stats_only(a) -> int:

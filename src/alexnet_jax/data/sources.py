@@ -19,8 +19,8 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from alexnet_jax.data.errors import DatasetError, DecodeError
 from alexnet_jax.data.layout import EXPECTED_LAYOUT, SplitFiles
+from alexnet_jax.errors import DatasetError, DecodeError
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import numpy as np
 
 from alexnet_jax.data import layout, sources
 from alexnet_jax.data.atomic import atomic_savez, atomic_write_json
-from alexnet_jax.data.errors import DatasetError, DecodeError, PassInterrupted
 from alexnet_jax.data.jobs import run_jobs, tick
+from alexnet_jax.errors import DatasetError, DecodeError, PassInterrupted
 
 log = logging.getLogger(__name__)
 
