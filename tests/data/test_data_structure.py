@@ -46,7 +46,6 @@ def test_the_package_names_import_plainly():
     from alexnet_jax import data as data_lib
 
     for name in (
-        "DatasetError",
         "ResolvedData",
         "check_config",
         "resolve",
