@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from alexnet_jax import AlexNet, apply_on_mesh, make_mesh, use_virtual_cpu_devices
-from alexnet_jax.parallel import batch_sharding, mesh_forward, shard_variables
+from alexnet_jax.parallel import batch_sharding, check_layout, mesh_forward, shard_variables
 
 NARROW = dict(width=0.125, image_size=96, num_classes=10, init_std=0.03)
 ABLATIONS = {
@@ -221,16 +221,17 @@ def test_one_tower_net_has_no_exchange():
 
 
 def test_mesh_errors_are_clear():
+    """Checked once, where a run (or apply_on_mesh) meets its mesh: check_layout."""
     with pytest.raises(ValueError, match="puts every device on the 'data' axis"):
-        mesh_forward(AlexNet(), make_mesh(towers=2, data=1), layout="hybrid")
+        check_layout(AlexNet(), make_mesh(towers=2, data=1), layout="hybrid")
     with pytest.raises(ValueError, match=r"per tower \{'fc8': 500\} do not divide"):
-        mesh_forward(AlexNet(), make_mesh(towers=1, data=8), layout="hybrid")
+        check_layout(AlexNet(), make_mesh(towers=1, data=8), layout="hybrid")
     with pytest.raises(ValueError, match="choose one of 'towers', 'data', 'hybrid'"):
         mesh_forward(AlexNet(), make_mesh(towers=1, data=2), layout="model")
     with pytest.raises(ValueError, match="needs 18 devices"):
         make_mesh(towers=2, data=9)
     with pytest.raises(ValueError, match="towers=1 but the mesh"):
-        mesh_forward(AlexNet(towers=1), make_mesh(towers=2, data=1))
+        check_layout(AlexNet(towers=1), make_mesh(towers=2, data=1))
     with pytest.raises(ValueError, match="does not divide"):
         model = AlexNet(**NARROW)
         apply_on_mesh(model, None, jnp.zeros((3, 96, 96, 3)), make_mesh(towers=2, data=2))

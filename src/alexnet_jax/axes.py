@@ -1,12 +1,11 @@
-"""The named axes the network runs over, and every exchange along them, in one place.
+"""Where each of the network's axes goes, and every exchange along them, in one place.
 
-The network (``model.py``) is one tower's computation. Where the paper's two GPUs
-talked (the inputs of conv3, fc6, fc7 and fc8) it calls ``Axes.exchange``; where a
-device layout splits the FC layers differently from the conv layers, it calls the
-other methods here. Which axes exist is the ``Axes`` value it is given: ``Axes()``
-on one device, or what ``parallel.Layout.axes`` builds for a layout on a mesh. The
-network itself never names a layout. Each exchange carries a ``jax.named_scope``,
-so tests and profiles find it by name in the lowered program.
+An ``Axes`` value says which mesh axis splits the towers, the conv and FC layers' examples and the
+FC units; ``parallel.LAYOUTS`` holds one per device layout, and the network, the shardings and the
+costs all read it. The network (``model.py``) is one tower's computation: where the paper's two GPUs
+talked (the inputs of conv3, fc6, fc7 and fc8) it calls ``Axes.exchange``; where a layout splits
+the FC layers differently from the conv layers, it calls the other methods here. ``Axes()`` is one
+device. Each exchange carries a ``jax.named_scope``, so tests and profiles find it by name.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 TOWER_AXIS = "tower"  # the towers' axis inside the network: vmapped on one device, or the mesh's
 
@@ -27,6 +27,12 @@ class Axes:
     conv_batch: str | None = None  # the examples of conv1..conv5
     fc_batch: str | None = None  # the examples of fc6..fc8; differing from conv_batch: gathered before fc6
     fc_units: str | None = None  # the FC layers' output units (kernel columns, fc8's classes)
+
+    def spec(self, layer: str, ndim: int) -> P:
+        """The PartitionSpec of a layer's kernel or bias (or its momentum): FC kernels ``(tower, in, out)``."""
+        if layer.startswith("fc"):
+            return P(self.tower, *([None] * (ndim - 2)), self.fc_units)
+        return P(self.tower)
 
     @property
     def tower_name(self) -> str:

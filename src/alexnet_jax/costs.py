@@ -51,13 +51,16 @@ def layer_costs(model: AlexNet, layout: str, devices: int, batch: int) -> dict:
     """The per-layer table (exact byte counts as ``Fraction``) and the mesh it assumes."""
     from alexnet_jax.summary import layer_rows
 
-    layout_named(layout)
+    axes = layout_named(layout)
     data, tower = mesh_shape(model, layout, devices)
     if batch % data:
         raise ValueError(f"batch_size={batch} does not divide over the mesh's data axis ({data}).")
     rows = {r["layer"]: r for r in layer_rows(model)}
     T, b = model.towers, batch // data
-    split = layout == "towers" and tower == T and T > 1  # one tower per device: the exchanges cross devices
+    split = axes.tower is not None and tower == T and T > 1  # one tower per device: the exchanges cross devices
+    regroup = {"fc6"} if axes.fc_batch != axes.conv_batch else set()  # batch_to_fc6: every device's examples
+    if axes.fc_units is not None:
+        regroup |= {"fc7", "fc8"}  # units_to_<layer>: every device's units
     act = 2 if model.dtype == "bfloat16" else 4  # bytes of an exchanged activation (compute dtype)
     inputs = {  # whole-net features of one example at each exchange's layer
         "conv3": rows["conv2"]["after_pool"],
@@ -74,10 +77,9 @@ def layer_costs(model: AlexNet, layout: str, devices: int, batch: int) -> dict:
         if split and model.lrn and model.lrn_scope == "layer" and name in ("conv1", "conv2"):
             h, w, _ = rows[name]["per_tower"]  # 2 * (n // 2) edge channels of every tower, float32
             exchange = _gather(T * b * h * w * 4 * 4, T)
-        if layout == "hybrid" and name in size and name != "conv3":  # the whole batch, over all devices
+        if name in regroup:  # the whole batch, over all devices
             exchange = _gather(batch * size[name] * act, devices)
-        fc = name.startswith("fc")
-        if layout == "hybrid" and fc:
+        if name.startswith("fc") and axes.fc_units is not None and axes.fc_batch is None:
             grad = Fraction(0)  # each device's units are its own, for the whole batch
         else:  # replicated over 'data': each device holds one tower (split) or all
             held = rows[name]["params"] // (T if split else 1)

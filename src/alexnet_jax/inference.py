@@ -27,7 +27,7 @@ from alexnet_jax.data import device as data_device
 from alexnet_jax.data import sources, transforms
 from alexnet_jax.errors import CheckpointError, DecodeError, ImageError
 from alexnet_jax.model import AlexNet, from_config
-from alexnet_jax.parallel import DATA_AXIS, batch_sharding, make_mesh, mesh_forward, param_sharding
+from alexnet_jax.parallel import DATA_AXIS, TOWER_AXIS, batch_sharding, make_mesh, mesh_forward
 from alexnet_jax.steps import average_views
 
 
@@ -100,7 +100,7 @@ def _placement(model: AlexNet, devices) -> tuple[Any, Any]:
     devices = list(devices)
     if len(devices) >= model.towers and len(devices) % model.towers == 0 and len(devices) > 1:
         mesh = make_mesh(towers=model.towers, data=len(devices) // model.towers, devices=devices)
-        return mesh, param_sharding(mesh)
+        return mesh, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(TOWER_AXIS))  # the towers layout
     return None, jax.sharding.SingleDeviceSharding(devices[0])
 
 

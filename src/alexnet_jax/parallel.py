@@ -21,56 +21,29 @@ from jax.sharding import PartitionSpec as P
 from alexnet_jax import tower_ops
 from alexnet_jax.axes import TOWER_AXIS, Axes
 from alexnet_jax.errors import ConfigError
-from alexnet_jax.model import FC_LAYERS, LAYERS, AlexNet, tower_widths
+from alexnet_jax.model import LAYERS, AlexNet, tower_widths
 
 DATA_AXIS = "data"
 
 
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """Which mesh axis each logical axis of the network is split over (None: every device holds all of it)."""
-
-    tower: str | None  # the towers: the parameters' leading axis, and the tower computations
-    conv_batch: str | None  # the examples in conv1..conv5 (and the input batch)
-    fc_batch: str | None  # the examples in fc6..fc8 (and the logits)
-    fc_units: str | None  # the FC layers' output units: kernel columns, biases, activations, fc8's classes
-
-    def spec(self, layer: str, ndim: int) -> P:
-        """The PartitionSpec of a layer's parameter (or momentum) leaf: its kernel or its bias."""
-        if layer in FC_LAYERS:  # kernel (tower, in, out), bias (tower, out)
-            return P(self.tower, *([None] * (ndim - 2)), self.fc_units)
-        return P(self.tower)
-
-    def axes(self, towers_split: bool) -> Axes:
-        """The network's axes in this layout; ``towers_split``: one tower per device along ``tower``."""
-        return Axes(
-            tower=self.tower if towers_split else None,
-            conv_batch=self.conv_batch,
-            fc_batch=self.fc_batch,
-            fc_units=self.fc_units,
-        )
-
-
-# The layouts, as data: the one mesh forward (mesh_forward) and the shardings read them.
+# The layouts, as data: the network (mesh_forward), the shardings (param_specs) and the costs read them.
 LAYOUTS = {
-    "towers": Layout(tower=TOWER_AXIS, conv_batch=DATA_AXIS, fc_batch=DATA_AXIS, fc_units=None),
-    "data": Layout(tower=None, conv_batch=DATA_AXIS, fc_batch=DATA_AXIS, fc_units=None),
-    "hybrid": Layout(tower=None, conv_batch=DATA_AXIS, fc_batch=None, fc_units=DATA_AXIS),
+    "towers": Axes(tower=TOWER_AXIS, conv_batch=DATA_AXIS, fc_batch=DATA_AXIS),
+    "data": Axes(conv_batch=DATA_AXIS, fc_batch=DATA_AXIS),
+    "hybrid": Axes(conv_batch=DATA_AXIS, fc_units=DATA_AXIS),
 }
 DEFAULT_LAYOUT = "towers"
-
-PARAM_SPEC = P(TOWER_AXIS)  # the towers layout's parameters: each device holds its own tower
 BATCH_SPEC = P(DATA_AXIS)  # input examples split over the data axis (every layout)
 
 
 def mesh_shape(model: AlexNet, layout: str, devices: int) -> tuple[int, int]:
     """``(data, tower)``: the mesh ``launch.py`` builds for this layout on ``devices`` devices (``mesh.tower=-1``)."""
-    if layout == "towers" and devices % model.towers == 0:
+    if LAYOUTS[layout].tower is not None and devices % model.towers == 0:
         return devices // model.towers, model.towers
     return devices, 1
 
 
-def layout_named(name: str) -> Layout:
+def layout_named(name: str) -> Axes:
     if name not in LAYOUTS:
         raise ConfigError(f"mesh.parallelism={name!r}: choose one of {', '.join(map(repr, LAYOUTS))}.")
     return LAYOUTS[name]
@@ -102,17 +75,8 @@ def make_mesh(towers: int = 2, data: int | None = None, devices=None) -> Mesh:
     return Mesh(grid, (DATA_AXIS, TOWER_AXIS), axis_types=(AxisType.Auto,) * 2)
 
 
-def param_sharding(mesh: Mesh) -> NamedSharding:
-    """Every parameter in the towers layout: leading tower axis split over the mesh's ``tower`` axis."""
-    return NamedSharding(mesh, PARAM_SPEC)
-
-
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, BATCH_SPEC)
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
 
 
 def param_specs(tree: Any, layout: str = DEFAULT_LAYOUT) -> Any:
@@ -183,14 +147,14 @@ def mesh_forward(
     of fc8). ``features=True``: ``(logits, fc7)``, fc7's activations ``(N, towers * units)`` (the paper's
     Figure 4 features). The variables must be laid out as ``state_shardings`` says.
     """
-    check_layout(model, mesh, layout)
     model = model.clone(ops=tower_ops.for_devices(model.ops, mesh.devices.flat))  # 'auto': by these devices
-    rules = LAYOUTS[layout]
-    axes = rules.axes(towers_split=rules.tower is not None and mesh.shape[rules.tower] == model.towers)
+    axes = layout_named(layout)
+    if axes.tower is not None and mesh.shape[axes.tower] != model.towers:  # every tower on each device
+        axes = dataclasses.replace(axes, tower=None)
     towers_here = 1 if axes.tower else model.towers
     # (N, towers, per tower), split as the layout says. The tower axis is named even where the
     # layout does not split it (it has size 1 there): the towers' vmapped axis shares its name.
-    out_spec = P(rules.fc_batch, TOWER_AXIS, rules.fc_units)
+    out_spec = P(axes.fc_batch, TOWER_AXIS, axes.fc_units)
 
     def per_device(variables, images_nHWC, key):
         rngs = {"dropout": key} if key is not None else {}
@@ -231,6 +195,7 @@ def apply_on_mesh(
 
     ``variables`` may live anywhere (they are placed on the mesh first); the batch must divide by ``data``.
     """
+    check_layout(model, mesh, layout)
     n = images_NHWC.shape[0]
     if n % mesh.shape[DATA_AXIS]:
         raise ValueError(f"Batch size {n} does not divide over the mesh's data axis ({mesh.shape[DATA_AXIS]}).")

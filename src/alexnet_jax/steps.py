@@ -51,7 +51,6 @@ def create_train_state(
             step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=jax.random.key_data(k_drop)
         )
 
-    parallel.check_layout(model, mesh, layout)
     shardings = parallel.state_shardings(jax.eval_shape(init), mesh, layout)
     return jax.jit(init, out_shardings=shardings)(), shardings
 
@@ -138,7 +137,7 @@ def make_train_step(
     return jax.jit(
         train_step,
         in_shardings=(shardings, parallel.batch_sharding(mesh)),
-        out_shardings=(shardings, parallel.replicated(mesh)),
+        out_shardings=(shardings, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())),
         donate_argnums=0,
     )
 
