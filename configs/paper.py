@@ -12,44 +12,20 @@ One GPU: the default runs both towers on it (mesh.tower=1); set --config.data.nu
 
 import ml_collections
 
+from alexnet_jax import model
 from alexnet_jax.data import default_data_config
 
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
-    c.model = ml_collections.ConfigDict()
-    # 2: the two-GPU net; 1: the paper's one-GPU net (conv 48-128-192-192-256)
-    c.model.towers = 2  # K: the widths split K ways
-    # conv1..conv5 maps of the whole net
-    c.model.conv_widths = ()  # (): the paper's (96-256-384-384-256; one tower: footnote 2's)
-    c.model.fc_widths = ()  # fc6, fc7 units of the whole net; (): 4096, 4096
-    c.model.conv1_pad = -1  # conv1 zero padding: -1 as cuda-convnet (far edge, 224 -> 55x55); 2: torchvision's
-    c.model.lrn = True  # local response normalisation after conv1 and conv2 (Section 3.3)
-    c.model.lrn_convention = "paper"  # 'paper': alpha as printed; 'alpha_over_n': cuda-convnet/Caffe/PyTorch
-    c.model.lrn_k = 2.0  # LRN's k (Section 3.3); Caffe's bvlc_alexnet uses 1
-    c.model.lrn_scope = "tower"  # LRN's window stays within a tower (each GPU's maps); 'layer': across both, as Caffe
-    c.model.pool_window = 3  # max-pool window z; 3 with stride 2 overlaps (Section 3.4)
-    c.model.pool_stride = 2  # max-pool stride s; 2/2 is the non-overlapping ablation
-    c.model.dropout = 0.5  # dropout rate in fc6 and fc7 (Section 4.2)
-    c.model.activation = "relu"  # 'relu' (Section 3.1) or 'tanh', the saturating unit it replaced
-    c.model.num_classes = 1000  # ILSVRC classes; split evenly across the towers' fc8
-    c.model.width = 1.0  # multiplier on every layer's width except fc8 (1.0 = paper)
-    c.model.image_size = 224  # crop size fed to conv1 (55x55 after it, cuda-convnet rounding)
-    c.model.init_std = 0.01  # weights ~ N(0, 0.01^2) (Section 5)
-    c.model.init_bias = 1.0  # bias of conv2, conv4, conv5, fc6, fc7; the others start at 0
-    c.model.dtype = "float32"  # compute dtype; 'bfloat16' for accelerators (parameters, optimizer stay float32)
-    # how convs/pooling/LRN are computed: 'auto' = 'fast' forms on CPU,
-    c.model.ops = "auto"  # 'plain' (grouped convs, select-and-scatter) elsewhere
+    # The model and data sections start from their defaults, each field commented where it is defined;
+    # only what differs is set here. The optimiser, run, mesh and hosts sections have no defaults elsewhere.
+    c.model = model.default_config()  # the paper's net as it is: fields and defaults in alexnet_jax/model.py
 
-    c.data = default_data_config()  # every field is commented in alexnet_jax/data/pipeline.py
-    c.data.name = "imagenet"  # ILSVRC-2012 in its folder layout: train/<wnid>/*.JPEG, val/...
-    c.data.root = ml_collections.config_dict.placeholder(str)  # set --config.data.root=/path/to/imagenet
-    c.data.format = "auto"  # 'auto': the packed shards if packed_dir is set, else the JPEG folder; or 'folder'/'packed'
-    c.data.num_workers = 8  # grain worker processes decoding and augmenting
-    # 'computed' (Section 4.1): the training set's own mean image and RGB eigens, one cached pass over a folder
-    # (~50 min); 'published': ImageNet's published RGB mean and fb.resnet.torch's PCA, no pass.
-    c.data.stats = "computed"  # the mean image and lighting eigens: 'computed' or 'published' (above)
+    c.data = default_data_config()  # the paper's preprocessing; fields in alexnet_jax/data/pipeline.py
+    c.data.name = "imagenet"  # ILSVRC-2012 (Section 2) in its folder layout: train/<wnid>/*.JPEG, val/...
+    c.data.num_workers = 8  # not the paper's: grain decoding processes an ImageNet run needs to keep up
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 0.01  # initial learning rate epsilon (Section 5); on resume, a new value is a manual drop

@@ -4,11 +4,18 @@ A short demo run records which fields of its config are read (validation, copyin
 into checkpoints and printing do not count). The few fields only other data
 sources or several hosts read are named below with the reason, and must at
 least be read somewhere in the package's source.
+
+Every config field is documented too: a config file comments each value it sets,
+and a section it takes from a defaults builder (``model.default_config``,
+``data.default_data_config``) has each field commented where the builder defines it.
 """
 
 import ast
 import contextlib
+import io
+import re
 import sys
+import tokenize
 from pathlib import Path
 
 import ml_collections
@@ -21,7 +28,7 @@ from alexnet_jax.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from configs import demo, paper  # noqa: E402
+from configs import demo, owt, paper  # noqa: E402
 
 # Read only on paths this run does not take (an ImageNet folder, worker processes, several hosts).
 OTHER_PATHS = {
@@ -165,3 +172,81 @@ def test_a_bad_field_is_refused_by_name(field, value, message):
         node[name] = value
     with pytest.raises(ConfigError, match=message):
         config_check.validate_config(c)
+
+
+# A section a config file takes whole from a defaults builder: where the builder's fields are written out.
+DEFAULTS = {
+    "default_config": ("src/alexnet_jax/model.py", "_Fields"),  # AlexNet's fields
+    "default_data_config": ("src/alexnet_jax/data/pipeline.py", "default_data_config"),
+    "demo_data_config": ("src/alexnet_jax/data/pipeline.py", "default_data_config"),  # those fields, two resized
+}
+
+
+def assignments(path: Path, scope: str) -> dict[str, tuple[bool, ast.expr]]:
+    """``{field: (commented, value)}`` for each field set in function or class ``scope`` of ``path``.
+
+    A field is ``c.a.b = ...`` in a function, ``name: type = ...`` in a class; it is commented when a
+    comment is beside it or on the line above.
+    """
+    text = path.read_text()
+    comments = {}  # line -> the comment is the whole line
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.line.strip().startswith("#")
+    (node,) = [
+        n for n in ast.walk(ast.parse(text)) if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == scope
+    ]
+
+    def dotted(t):  # c.a.b -> 'a.b'; anything else -> None
+        parts = []
+        while isinstance(t, ast.Attribute):
+            parts.append(t.attr)
+            t = t.value
+        return ".".join(reversed(parts)) if isinstance(t, ast.Name) and t.id == "c" and parts else None
+
+    fields = {}
+    for n in ast.walk(node):
+        if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and isinstance(node, ast.ClassDef):
+            names = [n.target.id]
+        elif isinstance(n, ast.Assign):
+            targets = [e for t in n.targets for e in (t.elts if isinstance(t, ast.Tuple) else [t])]
+            names = [d for d in map(dotted, targets) if d]
+        else:
+            continue
+        commented = any(line in comments for line in range(n.lineno, n.end_lineno + 1)) or comments.get(n.lineno - 1)
+        fields.update({name: (bool(commented), n.value) for name in names})
+    return fields
+
+
+def undocumented(config: ml_collections.ConfigDict, config_file: Path) -> list[str]:
+    """The fields of ``config`` (built by ``config_file``) that a reader finds no comment for.
+
+    A file that starts from another config file's ``get_config()`` answers only for what it sets;
+    the other file's own test covers the rest.
+    """
+    own = assignments(config_file, "get_config")
+    based = re.search(r"^\s+c = \w+\.get_config\(\)", config_file.read_text(), re.MULTILINE)  # c = paper.get_config()
+    builders = {}  # section -> its builder's fields
+    for path, (_, value) in own.items():
+        node = config
+        for part in path.split("."):
+            node = node[part]
+        if isinstance(node, ml_collections.ConfigDict) and isinstance(value, ast.Call):
+            func = value.func.attr if isinstance(value.func, ast.Attribute) else value.func.id
+            if func != "ConfigDict":
+                assert func in DEFAULTS, f"{path} comes from {func}(): add where its fields are written to DEFAULTS"
+                builders[path] = assignments(ROOT / DEFAULTS[func][0], DEFAULTS[func][1])
+    empty = "ml_collections.ConfigDict()"  # a section filled field by field below needs no comment of its own
+    missing = [path for path, (commented, v) in own.items() if not commented and ast.unparse(v) != empty]
+    for leaf in leaf_paths(config):
+        section = max((s for s in builders if leaf.startswith(s + ".")), key=len, default=None)
+        if leaf in own or (section is None and based):
+            continue
+        if section is None or not builders[section].get(leaf[len(section) + 1 :], (False,))[0]:
+            missing.append(leaf)
+    return sorted(set(missing))
+
+
+@pytest.mark.parametrize("module", [paper, demo, owt], ids=["paper", "demo", "owt"])
+def test_every_config_field_is_commented_here_or_where_its_default_is(module):
+    assert not undocumented(module.get_config(), Path(module.__file__)), "fields with no comment"

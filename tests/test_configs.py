@@ -20,6 +20,10 @@ PAPER = {
     "model.towers": 2,
     "model.lrn": True,
     "model.lrn_convention": "paper",  # Section 3.3's formula read literally: alpha not divided by n
+    "model.lrn_k": 2.0,  # Section 3.3: k = 2
+    "model.lrn_scope": "tower",  # Section 3.2: the GPUs communicate only in certain layers, not in LRN
+    "model.conv_widths": (),  # (): Figure 2's 96-256-384-384-256 (Section 3.5)
+    "model.fc_widths": (),  # (): Section 3.5's 4096, 4096
     "model.pool_window": 3,  # Section 3.4: z = 3
     "model.pool_stride": 2,  # Section 3.4: s = 2
     "model.activation": "relu",  # Section 3.1
@@ -46,6 +50,8 @@ PAPER = {
     # reflections, PCA lighting with alpha ~ N(0, 0.1); Section 4.1: ten-view test averaging.
     "data.name": "imagenet",
     "data.resize_size": 256,
+    "data.resize_mode": "shorter_side",
+    "data.stats": "computed",  # Sections 2 and 4.1: the training set's own mean image and RGB PCA
     "data.crop_size": 224,
     "data.mean_subtraction": True,
     "data.flip": True,

@@ -128,7 +128,7 @@ COMMANDS = {
     # docs/testing.md
     ".venv/bin/python -m pytest -q -m slow": ".ci/run",
     ".venv/bin/python -m pytest -q -m heavy": ".ci/run",
-    ".venv/bin/ruff check .": ".ci/run",
+    ".venv/bin/ruff format --check src tests benchmarks configs scripts launch.py && .venv/bin/ruff check .": ".ci/run",
     ".venv/bin/python -m pytest -q -n 0 -k lrn": "not run: an example of picking tests",
     # docs/training.md
     "python launch.py --config=configs/demo.py --config.total_steps=100 --workdir=runs/short": "tests/test_train.py::test_resume_after_kill_is_exact",

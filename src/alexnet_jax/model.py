@@ -110,19 +110,19 @@ class _Fields(nn.Module):
     conv_widths: tuple[int, ...] = ()  # conv1..conv5 maps, whole net (summed over towers); () = the paper's
     fc_widths: tuple[int, ...] = ()  # fc6, fc7 units, whole net; () = the paper's 4096, 4096
     conv1_pad: int = -1  # conv1 zero padding: -1 = cuda-convnet's (far edge, as needed); n = n on every side
-    lrn: bool = True  # local response normalisation after conv1 and conv2
+    lrn: bool = True  # local response normalisation after conv1 and conv2 (Section 3.3)
     lrn_convention: str = "paper"  # 'paper' (alpha as printed) or 'alpha_over_n'
-    lrn_k: float = 2.0  # LRN's additive constant k (the paper: 2; Caffe's bvlc_alexnet: 1)
+    lrn_k: float = 2.0  # LRN's additive constant k (Section 3.3: 2; Caffe's bvlc_alexnet: 1)
     lrn_scope: str = "tower"  # LRN's channel window within each 'tower' (the paper's GPUs) or the whole 'layer' (Caffe)
-    pool_window: int = 3  # max-pool window z (3: overlapping; 2 with stride 2: not)
+    pool_window: int = 3  # max-pool window z (Section 3.4; 3: overlapping; 2 with stride 2: not)
     pool_stride: int = 2  # max-pool stride s
-    dropout: float = 0.5  # dropout rate in fc6 and fc7
+    dropout: float = 0.5  # dropout rate in fc6 and fc7 (Section 4.2)
     activation: str = "relu"  # 'relu' or 'tanh' (the saturating unit of the paper's Section 3.1)
     num_classes: int = 1000  # split evenly between the towers' fc8
     width: float = 1.0  # multiplier on every layer's width except fc8
-    image_size: int = 224  # input crops are image_size x image_size x 3
-    init_std: float = 0.01  # weights ~ N(0, init_std^2)
-    init_bias: float = 1.0  # bias of conv2, conv4, conv5, fc6, fc7 (others 0)
+    image_size: int = 224  # input crops are image_size x image_size x 3 (Section 4.1: 224)
+    init_std: float = 0.01  # weights ~ N(0, init_std^2) (Section 5)
+    init_bias: float = 1.0  # bias of conv2, conv4, conv5, fc6, fc7 (others 0; Section 5)
     dtype: str = "float32"  # compute dtype: 'float32', or 'bfloat16' (parameters stay float32)
     ops: str | TowerOps = "auto"  # how each op is computed: 'auto' (by the devices), 'fast', 'plain'; or a bundle
 
