@@ -46,9 +46,10 @@ def main() -> None:
 
     from alexnet_jax import optim
     from alexnet_jax.costs import layer_costs, rounded
+    from alexnet_jax.data.prefetch import to_global
     from alexnet_jax.model import from_config
     from alexnet_jax.parallel import make_mesh
-    from alexnet_jax.steps import create_train_state, make_train_step, to_global
+    from alexnet_jax.steps import create_train_state, make_train_step
 
     sys.path.insert(0, str(ROOT))
     from configs import owt, paper

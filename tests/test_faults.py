@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from alexnet_jax import optim, steps, train
+from alexnet_jax.data import prefetch
 from alexnet_jax.errors import TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,7 +237,7 @@ def test_batch_with_nan_input_is_skipped_and_counted_in_its_step():
     batches[1]["image"][6, 0, 0, 0] = np.inf
     seen, snapshots = [], []
     for b in batches:
-        state, m = step(state, steps.to_global(b, mesh))
+        state, m = step(state, prefetch.to_global(b, mesh))
         seen.append(int(m["train/nonfinite_inputs"]))
         snapshots.append(jax.device_get((state.params, state.opt_state)))
     assert seen == [0, 2, 0]

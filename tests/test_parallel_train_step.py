@@ -61,9 +61,10 @@ import pytest
 from _hlo import hlo_collectives, hlo_replica_groups
 
 from alexnet_jax import optim
+from alexnet_jax.data.prefetch import to_global
 from alexnet_jax.model import LAYERS, from_config, tower_widths
 from alexnet_jax.parallel import DATA_AXIS, TOWER_AXIS, mesh_for_config, state_shardings
-from alexnet_jax.steps import create_train_state, make_train_step, to_global
+from alexnet_jax.steps import create_train_state, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -1,4 +1,4 @@
-"""steps.DeviceBatches and steps.evaluate: prefetching changes when a batch reaches the devices,
+"""data.prefetch.DevicePrefetch and evaluate.error_rates: prefetching changes when a batch reaches the devices,
 never which batch a step gets, which loader state is saved with it, or what evaluation counts."""
 
 import sys
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from alexnet_jax import data as data_lib
-from alexnet_jax import parallel, steps
+from alexnet_jax import evaluate, parallel, steps
+from alexnet_jax.data import prefetch
 from alexnet_jax.model import from_config
 from alexnet_jax.parallel import make_mesh
 
@@ -64,12 +65,12 @@ def test_each_batch_comes_with_the_loader_state_after_it(setup):
     expected = [next(ref) for _ in range(5)]
     ref.close()
     it = make_iter()
-    batches = steps.device_batches(it, mesh, depth=2)
+    batches = prefetch.DevicePrefetch(it, mesh, depth=2, with_state=True)
     got = [next(batches) for _ in range(4)]
     batches.close()
     it.close()
     for k, (batch, state) in enumerate(got):
-        assert set(batch) == set(steps.BATCH_KEYS) & set(expected[k])
+        assert set(batch) == set(prefetch.BATCH_KEYS) & set(expected[k])
         for key, value in batch.items():
             assert isinstance(value, jax.Array) and value.sharding == parallel.batch_sharding(mesh)
             np.testing.assert_array_equal(np.asarray(value), expected[k][key], err_msg=f"batch {k} {key}")
@@ -82,7 +83,7 @@ def test_each_batch_comes_with_the_loader_state_after_it(setup):
 def test_the_loader_is_read_ahead_off_the_training_thread_and_not_after_close(setup):
     _, _, make_iter, mesh = setup
     it = _Recording(make_iter())
-    batches = steps.device_batches(it, mesh, depth=2)
+    batches = prefetch.DevicePrefetch(it, mesh, depth=2, with_state=True)
     next(batches)
     # One taken, two waiting in the queue, and the thread holding the next one until there is room.
     assert _wait_for(lambda: len(it.threads) == 4), len(it.threads)
@@ -98,7 +99,7 @@ def test_the_loader_is_read_ahead_off_the_training_thread_and_not_after_close(se
 def test_a_loader_error_is_raised_by_the_next_that_would_get_that_batch(setup):
     _, _, make_iter, mesh = setup
     it = _Recording(make_iter(), fail_at=3)
-    batches = steps.device_batches(it, mesh, depth=2)
+    batches = prefetch.DevicePrefetch(it, mesh, depth=2, with_state=True)
     next(batches), next(batches)  # the two batches read before the failure still arrive
     with pytest.raises(OSError, match="planted"):
         next(batches)
@@ -109,7 +110,7 @@ def test_a_loader_error_is_raised_by_the_next_that_would_get_that_batch(setup):
 
 
 def test_evaluate_counts_every_batch_once(setup):
-    """steps.evaluate (copies two batches ahead, one fetch at the end) against the same eval step fetched
+    """evaluate.error_rates (copies two batches ahead, one fetch at the end) against the same eval step fetched
     batch by batch, and ``n`` against the mask count of the host batches."""
     c, data, _, mesh = setup
     model = from_config(c.model)
@@ -118,14 +119,14 @@ def test_evaluate_counts_every_batch_once(setup):
     eval_step = steps.make_eval_step(model, mesh, jax.tree.map(lambda x: x.sharding, params), inputs)
     it = data_lib.build_eval_iter(c.data, batch_size=48, mode="center", image_size=64, data=data)
     host = list(it)  # 500 images: 11 batches, the last one padded (masked)
-    assert len(host) > steps._EVAL_IN_FLIGHT + 3
+    assert len(host) > evaluate._EVAL_IN_FLIGHT + 3
     by_batch = {}
     for b in host:
-        for name, count in jax.device_get(eval_step(params, steps.to_global(b, mesh))).items():
+        for name, count in jax.device_get(eval_step(params, prefetch.to_global(b, mesh))).items():
             by_batch[name] = by_batch.get(name, 0) + int(count)
-    got = steps.evaluate(eval_step, params, host, mesh)
+    got = evaluate.error_rates(eval_step, params, host, mesh)
     assert got["n"] == by_batch["n"] == int(sum(np.sum(b["mask"]) for b in host)) == 500
-    assert got["top1_error"] == by_batch["top1_wrong"] / 500 and got["top5_error"] == by_batch["top5_wrong"] / 500
+    assert got["top1_error"] == by_batch["top1_error"] / 500 and got["top5_error"] == by_batch["top5_error"] / 500
 
 
 def test_whole_images_as_large_as_the_crop_still_become_ten_views():

@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from alexnet_jax import optim, parallel, steps, train
+from alexnet_jax.data import prefetch
 from alexnet_jax.errors import TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -311,15 +312,15 @@ def test_eval_step_counts_match_numpy_for_center_and_ten_crop():
         if p.shape[1] == 10:  # labels at the edge of the centre view's top 5: another view would count otherwise
             rank = np.argsort(-centre, axis=1)
             label = np.where(np.arange(8) % 2 == 0, rank[:, 4], rank[:, 5]).astype(np.int32)
-        got = jax.device_get(step(params, steps.to_global({"image": images, "label": label, "mask": mask}, mesh)))
+        got = jax.device_get(step(params, prefetch.to_global({"image": images, "label": label, "mask": mask}, mesh)))
 
         def wrong(q):
             rank = np.argsort(-q, axis=1)
             return (np.sum((rank[:, 0] != label) & mask), np.sum(~np.any(rank[:, :5] == label[:, None], axis=1) & mask))
 
-        assert (int(got["n"]), int(got["top1_wrong"]), int(got["top5_wrong"])) == (6, *wrong(centre))
+        assert (int(got["n"]), int(got["top1_error"]), int(got["top5_error"])) == (6, *wrong(centre))
         if p.shape[1] == 10:
-            assert (int(got["ten_crop/top1_wrong"]), int(got["ten_crop/top5_wrong"])) == wrong(p.mean(1))
+            assert (int(got["top1_error_ten_crop"]), int(got["top5_error_ten_crop"])) == wrong(p.mean(1))
             assert wrong(centre) != wrong(p.mean(1)) and wrong(centre) != wrong(p[:, 0])  # both protocols seen
 
 

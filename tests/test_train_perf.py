@@ -13,13 +13,14 @@ import pytest
 from rich.console import Console
 from test_train import tiny_config
 
-from alexnet_jax import parallel, steps, train
+from alexnet_jax import parallel, train
+from alexnet_jax.data import prefetch
 from alexnet_jax.metrics import DivergenceGuard, MetricWriter, PendingMetrics
 from alexnet_jax.progress import TrainProgress
 
 
 def run_loop(tmp_path, loader_sleep: float, step_work: int, n: int = 24):
-    """The training loop's input path (DeviceBatches -> a jitted step -> PendingMetrics), ``n`` steps."""
+    """The training loop's input path (DevicePrefetch -> a jitted step -> PendingMetrics), ``n`` steps."""
     mesh = parallel.make_mesh(towers=1, data=1, devices=jax.devices()[:1])
 
     def loader():
@@ -27,7 +28,7 @@ def run_loop(tmp_path, loader_sleep: float, step_work: int, n: int = 24):
             time.sleep(loader_sleep)
             yield {"image": np.full((4, 8, 8, 3), i, np.uint8), "label": np.zeros(4, np.int32)}
 
-    class Source:  # what DeviceBatches reads: an iterator with get_state()
+    class Source:  # what DevicePrefetch reads: an iterator with get_state()
         def __init__(self):
             self.it, self.i = loader(), 0
 
@@ -50,12 +51,12 @@ def run_loop(tmp_path, loader_sleep: float, step_work: int, n: int = 24):
         }
 
     x = jnp.eye(384) * 0.5
-    jax.block_until_ready(step(x, steps.to_global(next(loader()), mesh)))  # compiled before the clock starts
+    jax.block_until_ready(step(x, prefetch.to_global(next(loader()), mesh)))  # compiled before the clock starts
     out = io.StringIO()
     progress = TrainProgress(n, 0, 4, console=Console(file=out, force_terminal=False, width=200), plain_every_s=0)
     tmp_path.mkdir(parents=True)
     writer = MetricWriter(tmp_path, enabled=True)
-    batches = steps.device_batches(Source(), mesh)
+    batches = prefetch.DevicePrefetch(Source(), mesh, with_state=True)
     metrics = PendingMetrics(
         writer,
         progress,

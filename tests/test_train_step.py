@@ -11,9 +11,10 @@ import pytest
 
 from alexnet_jax import data as data_lib
 from alexnet_jax import optim
+from alexnet_jax.data.prefetch import to_global
 from alexnet_jax.model import from_config
 from alexnet_jax.parallel import make_mesh
-from alexnet_jax.steps import create_train_state, make_input_fn, make_train_step, to_global
+from alexnet_jax.steps import create_train_state, make_input_fn, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

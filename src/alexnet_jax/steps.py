@@ -9,16 +9,11 @@ lighting are applied inside the step (``make_input_fn``).
 
 from __future__ import annotations
 
-import collections
-import queue
-import threading
-import time
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from alexnet_jax import parallel
@@ -27,7 +22,6 @@ from alexnet_jax.model import AlexNet
 from alexnet_jax.parallel import mesh_forward
 
 CENTER_VIEW = 4  # the centre crop's place among the ten views (transforms.ten_crop_params)
-BATCH_KEYS = ("image", "label", "mask", "crop_yx", "flip", "alpha")  # the last three: what the step normalises with
 
 
 @flax.struct.dataclass
@@ -142,142 +136,49 @@ def make_train_step(
     )
 
 
-def make_eval_step(model: AlexNet, mesh, param_shardings, inputs=None, layout: str = parallel.DEFAULT_LAYOUT):
-    """Counts of top-1/top-5 errors on a batch, masked rows left out.
-
-    A batch of single views gives ``n``, ``top1_wrong``, ``top5_wrong``. A
-    batch of the ten views gives those for the centre view and, under
-    ``ten_crop/``, for the softmax averaged over the ten (the paper's
-    protocol): both protocols from one pass over the data.
-    """
-    forward = mesh_forward(model, mesh, train=False, layout=layout)
+def make_view_probs(
+    model: AlexNet, mesh, inputs=None, layout: str = parallel.DEFAULT_LAYOUT, *, features: bool = False
+):
+    """``view_probs(params, batch) -> softmax (N, V, classes)``, V views per image (1 or the ten);
+    ``features``: also fc7's activations ``(N, V, units)``. The eval step and the ``Classifier`` both run it."""
+    forward = mesh_forward(model, mesh, train=False, features=features, layout=layout)
     inputs = inputs or _images_as_given
+
+    def view_probs(params, batch):
+        images = inputs(batch, False)
+        n, views = batch["image"].shape[0], images.shape[1] if images.ndim == 5 else 1
+        out = forward({"params": params}, images.reshape((-1,) + images.shape[-3:]), None)
+        logits, fc7 = out if features else (out, None)
+        probs = jax.nn.softmax(logits.astype(jnp.float32)).reshape(n, views, -1)
+        return (probs, fc7.reshape(n, views, -1)) if features else probs
+
+    return view_probs
+
+
+def make_eval_step(model: AlexNet, mesh, param_shardings, inputs=None, layout: str = parallel.DEFAULT_LAYOUT):
+    """Counts of top-1/top-5 errors on a batch, masked rows left out, under the names of their rates.
+
+    A batch of single views gives ``n``, ``top1_error``, ``top5_error`` (counts; a pass divides them by
+    ``n``). A batch of the ten views gives those for the centre view and ``top1_error_ten_crop``,
+    ``top5_error_ten_crop`` for the softmax averaged over the ten (the paper's protocol): both
+    protocols from one pass over the data.
+    """
+    view_probs = make_view_probs(model, mesh, inputs, layout)
     k = min(5, model.num_classes)
 
     def eval_step(params, batch):
-        images = inputs(batch, False)
-        views = images.shape[1] if images.ndim == 5 else 1
-        images = images.reshape((-1,) + images.shape[-3:])
-        probs = jax.nn.softmax(forward({"params": params}, images, None).astype(jnp.float32))
-        probs = probs.reshape(batch["label"].shape[0], views, -1)
+        probs = view_probs(params, batch)
         label, mask = batch["label"], batch["mask"]
 
         def wrong(p):
             _, top = jax.lax.top_k(p, k)
             return (jnp.sum((top[:, 0] != label) & mask), jnp.sum(~jnp.any(top == label[:, None], axis=1) & mask))
 
+        views = probs.shape[1]
         out = {"n": jnp.sum(mask)}
-        out["top1_wrong"], out["top5_wrong"] = wrong(probs[:, CENTER_VIEW if views == 10 else 0])
+        out["top1_error"], out["top5_error"] = wrong(probs[:, CENTER_VIEW if views == 10 else 0])
         if views == 10:
-            out["ten_crop/top1_wrong"], out["ten_crop/top5_wrong"] = wrong(average_views(probs))
+            out["top1_error_ten_crop"], out["top5_error_ten_crop"] = wrong(average_views(probs))
         return out
 
     return jax.jit(eval_step, in_shardings=(param_shardings, parallel.batch_sharding(mesh)))
-
-
-def to_global(batch: dict, mesh) -> dict:
-    """This process's slice of the batch -> global arrays sharded over 'data'."""
-    sharding = parallel.batch_sharding(mesh)
-    return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items() if k in BATCH_KEYS
-    }
-
-
-class DeviceBatches:
-    """Yields ``(global batch on the devices, iterator state after that batch)``, ``depth`` ahead.
-
-    A thread reads the loader and copies to the devices while steps dispatch, so neither sits between two
-    steps. It runs ahead: checkpoint a step with the state that came with its batch, not
-    ``train_iter.get_state()``. A loader error is raised by the ``next`` that would have returned that
-    batch. :meth:`close` before closing ``train_iter`` (not thread-safe: nothing else may read it meanwhile).
-    ``waited``: the seconds ``next`` has spent waiting for the loader (the loop was input-bound then).
-    """
-
-    _END = object()
-
-    def __init__(self, train_iter, mesh, depth: int = 2):
-        self._iter, self._mesh, self.waited = train_iter, mesh, 0.0
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._fill, name="alexnet_jax-device-batches", daemon=True)
-        self._thread.start()
-
-    def _fill(self) -> None:
-        try:
-            while not self._stop.is_set():
-                item = (to_global(next(self._iter), self._mesh), self._iter.get_state())
-                self._put(item)
-        except StopIteration:
-            self._put(self._END)
-        except BaseException as e:
-            self._put(e)
-
-    def _put(self, item) -> None:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self._stop.is_set():
-            raise StopIteration
-        start = time.perf_counter()
-        item = self._queue.get()
-        self.waited += time.perf_counter() - start
-        if item is self._END:
-            self._stop.set()
-            raise StopIteration
-        if isinstance(item, BaseException):
-            self._stop.set()
-            raise item
-        return item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        while not self._queue.empty():
-            self._queue.get_nowait()
-
-
-def device_batches(train_iter, mesh, depth: int = 2) -> DeviceBatches:
-    """See :class:`DeviceBatches`."""
-    return DeviceBatches(train_iter, mesh, depth)
-
-
-def prefetch_to_devices(batches, mesh, depth: int = 2):
-    """``to_global`` of each host batch, ``depth`` ahead (the copies overlap the steps in flight)."""
-    ahead: collections.deque = collections.deque()
-    for batch in batches:
-        ahead.append(to_global(batch, mesh))
-        if len(ahead) > depth:
-            yield ahead.popleft()
-    while ahead:
-        yield ahead.popleft()
-
-
-_EVAL_IN_FLIGHT = 4
-
-
-def evaluate(eval_step, params, batches, mesh) -> dict:
-    """Error rates over one pass: ``top1_error``, ``top5_error`` (centre view) and, for ten-view
-    batches, ``top1_error_ten_crop``, ``top5_error_ten_crop``; ``n`` examples counted."""
-    counts = []
-    for batch in prefetch_to_devices(batches, mesh):
-        counts.append(eval_step(params, batch))  # dispatched, not waited on
-        if len(counts) > _EVAL_IN_FLIGHT:  # bounded: a fast loader cannot queue the whole split on the devices
-            counts[-_EVAL_IN_FLIGHT - 1]["n"].block_until_ready()
-    totals = collections.Counter()
-    for out in jax.device_get(counts):  # one fetch at the end of the pass
-        for name, count in out.items():
-            totals[name] += int(count)
-    n = max(totals["n"], 1)
-    out = {"top1_error": totals["top1_wrong"] / n, "top5_error": totals["top5_wrong"] / n, "n": totals["n"]}
-    if "ten_crop/top1_wrong" in totals:
-        out["top1_error_ten_crop"] = totals["ten_crop/top1_wrong"] / n
-        out["top5_error_ten_crop"] = totals["ten_crop/top5_wrong"] / n
-    return out

@@ -26,8 +26,10 @@ from alexnet_jax import data as data_lib
 from alexnet_jax import distributed, optim, paths, steps
 from alexnet_jax.checkpoint import Checkpointer
 from alexnet_jax.config_check import validate_config
+from alexnet_jax.data.prefetch import DevicePrefetch
 from alexnet_jax.devices import devices_note, prepare_devices
 from alexnet_jax.errors import CheckpointError, CheckpointWriteError, ConfigError, Diverged, TrainingError, WorkdirBusy
+from alexnet_jax.evaluate import error_rates
 from alexnet_jax.metrics import DivergenceGuard, MetricWriter, PendingMetrics
 from alexnet_jax.model import AlexNet, count_params
 from alexnet_jax.parallel import DATA_AXIS, check_layout, mesh_for_config
@@ -57,6 +59,7 @@ def train_and_evaluate(
         stack.callback(data_lib.release_shared_memory)  # a notebook or a second run: the loader's batches freed
         run = _open_run(config, workdir, manual_lr, stack)
         state, step, stopped_by = run.state, run.start_step, None
+        stack.enter_context(jax.transfer_guard("disallow"))  # every host<->device copy below is explicit, named
         while step < run.total_steps and stopped_by is None:
             batch, data_position = next(run.batches)
             run.profile.before(step + 1)
@@ -95,7 +98,7 @@ class _Run:
     lr: optim.LearningRate
     evaluator: _Evaluator
     train_step: Callable
-    batches: steps.DeviceBatches
+    batches: DevicePrefetch
     stop: StopOnSignal
     state: steps.TrainState  # after an LR given at resume
     start_step: int
@@ -247,7 +250,7 @@ def _open_run(config, workdir, manual_lr, stack: contextlib.ExitStack) -> _Run:
         on_drop=functools.partial(_log_drop, console, writer),
         read_request=lambda: distributed.requested_drop_everywhere(workdir),
     )
-    batches = steps.device_batches(train_iter, mesh)  # read and copied on a thread, two batches ahead
+    batches = DevicePrefetch(train_iter, mesh, with_state=True)  # read and copied on a thread, two ahead
     stack.callback(batches.close)  # runs before train_iter.close: the thread stops reading first
     return _Run(
         config=config,
@@ -389,7 +392,7 @@ class _Evaluator:
                 shard_index=self.host_shard[0],
                 shard_count=self.host_shard[1],
             )
-        r = steps.evaluate(self.step, params, self.passes(), self.mesh)
+        r = error_rates(self.step, params, self.passes(), self.mesh)
         return {f"val/{k}": v for k, v in r.items() if k != "n"}
 
     def close(self) -> None:
