@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -147,6 +148,25 @@ def test_resume_after_kill_is_exact(tmp_path):
 
 def lr_by_step(workdir):
     return {m["step"]: m["train/lr"] for m in metrics(workdir) if "train/lr" in m}
+
+
+def test_the_training_loop_refuses_implicit_transfers(tmp_path):
+    """The loop runs under jax.transfer_guard('disallow'): the LR drop at step 3 (epoch 0.03) is an explicit
+    device_put, the checkpoint an explicit read; an implicit host-to-device copy there is an error."""
+    refused = []
+
+    def inside_the_loop(step, ckpt):
+        with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+            jnp.asarray(1.0) + 1  # what an unnamed copy in the loop would do
+        refused.append(step)
+
+    r = train.train_and_evaluate(
+        tiny_config(**{"total_steps": 4, "optim.drop_epochs": (0.03,), "checkpoint_every": 4}),
+        tmp_path / "run",
+        after_checkpoint=inside_the_loop,
+    )
+    assert refused == [4] and r["lr"] == pytest.approx(0.001)
+    assert [d["reason"].split()[0] for d in r["lr_drops"]] == ["scheduled"]
 
 
 @pytest.mark.slow

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 
@@ -51,13 +51,13 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
 
 
 def get_lr(opt_state) -> float:
-    return float(opt_state.hyperparams["learning_rate"])
+    return float(jax.device_get(opt_state.hyperparams["learning_rate"]))
 
 
 def set_lr(opt_state, lr: float):
     """A copy of ``opt_state`` with a new learning rate; everything else untouched."""
     old = opt_state.hyperparams["learning_rate"]
-    new = jax.device_put(jnp.asarray(lr, old.dtype), old.sharding)
+    new = jax.device_put(np.asarray(lr, old.dtype), old.sharding)  # explicit: the loop refuses implicit copies
     return opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": new})
 
 
