@@ -88,7 +88,7 @@ COMMANDS = {
     "--config.model.dtype=bfloat16 --config.batch_size=1024 --config.data.num_workers=32 "
     "--config.mesh.parallelism=data --workdir=runs/paper8": "tests/test_launch_imagenet.py::test_the_gpu_commands_on_raw_records",
     "pip install -e '.[gpu-compile]'": "not run: installs a package (the test extra has it)",
-    "python -m alexnet_jax.costs --compile-for=h100 --devices=1 --dtype=bfloat16 --batch=128": "tests/test_gpu_compile.py::test_the_command_as_docs_type_it",
+    "python -m alexnet_jax.costs --compile_for=h100 --devices=1 --dtype=bfloat16 --batch=128": "tests/test_gpu_compile.py::test_the_command_as_docs_type_it",
     "python benchmarks/bench_gpu.py --json gpu.json": "not run: the full-size benchmark, for a GPU (--quick is tested)",
     "python benchmarks/bench_gpu.py --quick --json q.json": "tests/test_bench_gpu.py::test_bench_gpu_quick",
     "pip install torch==2.13.0": "not run: installs a package (the test extra has torch)",
@@ -100,7 +100,7 @@ COMMANDS = {
     "python -m alexnet_jax.data.prepare --src /path/to/imagenet-1k --dst /path/to/packed": "tests/data/test_data_parquet.py::test_a_subset_of_labels_trains_and_evaluates",
     "pip install tensorflow tensorflow-datasets": "not run: installs TensorFlow (the script's test stands in for it)",
     "python scripts/tfds_to_folder.py --data-dir ~/tensorflow_datasets --out /path/to/imagenet": "tests/data/test_data_tfds_to_folder.py::test_the_folder_it_writes_is_the_original",
-    "python -m alexnet_jax.data.prepare --src /path/to/imagenet --stats-only": "tests/data/test_data_stats.py::test_two_processes_at_once_compute_once",
+    "python -m alexnet_jax.data.prepare --src /path/to/imagenet --stats_only": "tests/data/test_data_stats.py::test_two_processes_at_once_compute_once",
     "python launch.py --config=configs/demo.py --config.data.name=imagenet --config.data.root=/path/to/folder "
     "--config.model.num_classes=N --workdir=runs/mine": "tests/test_launch_imagenet.py::test_demo_recipe_on_a_users_folder_computes_stats_once",
     "python -m alexnet_jax.data.prepare --src /path/to/imagenet --dst /path/to/packed": "tests/test_launch_imagenet.py::test_packed_form_and_stats_path_from_the_command_line",

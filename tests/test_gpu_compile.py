@@ -176,7 +176,7 @@ ENTRY %main (p0: f32[4,8], p1: bf16[16]) -> bf16[2,16] {
 
 
 def test_the_command_as_docs_type_it(tmp_path):
-    """docs/gpu.md's command as typed, in the repository root (with --json and --dump-hlo added)."""
+    """docs/gpu.md's command as typed, in the repository root (with --json and --dump_hlo added)."""
     import json
     import os
     import subprocess
@@ -188,12 +188,12 @@ def test_the_command_as_docs_type_it(tmp_path):
             sys.executable,
             "-m",
             "alexnet_jax.costs",
-            "--compile-for=h100",
+            "--compile_for=h100",
             "--devices=1",
             "--dtype=bfloat16",
             "--batch=128",
             f"--json={tmp_path}/out/h100.json",
-            f"--dump-hlo={tmp_path}/out/hlo",
+            f"--dump_hlo={tmp_path}/out/hlo",
         ],
         cwd=root,
         env=env,
@@ -225,15 +225,15 @@ def test_clear_one_line_errors(tmp_path, monkeypatch, capsys):
         message = str(e.value.code) if isinstance(e.value.code, str) else err
         return message.strip()
 
-    assert "h100" in fails("--compile-for=v100")  # a usage error listing the choices
+    assert "h100" in fails("--compile_for=v100")  # a usage error listing the choices
     assert "does not divide over the mesh's data axis (8)" in fails(
-        "--compile-for=h100", "--devices=8", "--batch=100", "--config.mesh.parallelism=data"
+        "--compile_for=h100", "--devices=8", "--batch=100", "--config.mesh.parallelism=data"
     )
     monkeypatch.setattr(G, "cuda_plugin_installed", lambda: False)
-    assert "pip install -e '.[gpu-compile]'" in fails("--compile-for=h100", "--devices=1")
+    assert "pip install -e '.[gpu-compile]'" in fails("--compile_for=h100", "--devices=1")
     monkeypatch.setattr(G, "cuda_plugin_installed", lambda: True)
     monkeypatch.setattr(G, "target_config", lambda gpu: "gpu_device_info { no_such_field: 1 }")
-    assert "cannot read the h100 target description" in fails("--compile-for=h100", "--devices=1")
+    assert "cannot read the h100 target description" in fails("--compile_for=h100", "--devices=1")
 
 
 def test_a_cuda_plugin_without_a_gpu_is_a_cpu_machine():

@@ -1,19 +1,19 @@
 """The command line of every entry point: ``launch.py``'s config file and overrides, and what all share.
 
-``launch.py`` is only ``cli.launch(sys.argv)``. Flags are defined on a
-``FlagValues`` the caller chooses, so the tests parse exactly what a user types
-through exactly this code (:func:`parse_command_line`) without starting a run.
-A mistake on the command line ends in one line and exit status 2; an exception
-raised by a config file's own code is a bug and keeps its traceback
-(:func:`command_line_mistake` tells the two apart).
+``launch.py`` is only ``cli.launch(sys.argv)``; the tests parse what a user types through the same code
+(:func:`parse_command_line`). The ``--config`` file's ``get_config()`` runs here outside any ``try``
+(:func:`parse_with_config`): what it raises is a bug in it and keeps its traceback. ml_collections then
+only applies the ``--config.FIELD=VALUE`` overrides to that config, so whatever absl or ml_collections
+refuse is a mistake on the command line: one line on stderr, exit status 2.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
+import runpy
 import sys
-import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import NoReturn
 
 import ml_collections
@@ -21,72 +21,23 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from alexnet_jax import paths
-from alexnet_jax.errors import EXIT_INTERRUPTED, EXIT_USAGE, Diverged, TrainingError
+from alexnet_jax.errors import (
+    EXIT_DIVERGED,
+    EXIT_INTERRUPTED,
+    EXIT_PREEMPTED,
+    EXIT_USAGE,
+    CheckpointError,
+    ConfigError,
+    DatasetError,
+    Diverged,
+    StoppedBeforeTraining,
+    TrainingError,
+)
 
-LAUNCH_DEFAULT_CONFIG = "configs/demo.py"
-_KEY_HINT = "; the keys are those of the --config file, e.g. --config.model.lrn=False"
+flags.disclaim_key_flags()  # a flag defined here is its caller's (--help lists it with the caller's flags)
 
-
-def _launch_prog(argv: list[str]) -> str:
-    return "launch.py" if argv and argv[0].endswith("launch.py") else "alexnet-train"
-
-
-def define_flags(flag_values: flags.FlagValues, argv: list[str]):
-    """``--config`` (a ``get_config()`` file, locked, overridable field by field) and ``--workdir``.
-
-    ``argv`` is the whole command line: config_flags reads the overrides from
-    it as soon as the flag is defined.
-    """
-    try:
-        config = config_flags.DEFINE_config_file(
-            "config",
-            LAUNCH_DEFAULT_CONFIG,
-            "Run config (a get_config() file).",
-            flag_values=flag_values,
-            sys_argv=list(argv),
-        )
-    except Exception as e:
-        _exit_on_mistake(e, argv)
-        raise
-    workdir = paths.DEFINE_path(
-        "workdir", "runs/demo", "Directory for checkpoints and metrics.", flag_values=flag_values
-    )
-    return config, workdir
-
-
-def _exit_on_mistake(e: Exception, argv: list[str]) -> None:
-    exit_on_command_line_mistake(_launch_prog(argv), e, config_files(argv, LAUNCH_DEFAULT_CONFIG), _KEY_HINT)
-
-
-def _config_value(config_flag, argv: list[str]):
-    try:
-        config = config_flag.value
-        config.get("model")  # a config file that could not be read raises only when first touched
-    except Exception as e:  # e.g. a --config file that does not exist
-        _exit_on_mistake(e, argv)
-        raise
-    return config
-
-
-def parse_command_line(argv: list[str]):
-    """``(config, workdir)`` from a ``launch.py`` command line (``argv[0]`` is the program name)."""
-    fv = flags.FlagValues()
-    config_flag, workdir_flag = define_flags(fv, argv)
-    try:
-        rest = fv(list(argv))
-    except Exception as e:
-        _exit_on_mistake(e, argv)
-        raise
-    if len(rest) > 1:
-        usage_error(_launch_prog(argv), f"unexpected arguments {rest[1:]}")
-    return _config_value(config_flag, argv), workdir_flag.value
-
-
-def lr_on_command_line(argv: list[str]) -> bool:
-    """Whether ``--config.optim.lr`` was typed: on resume that is a manual LR drop; its absence is not."""
-    return any(a == "--config.optim.lr" or a.startswith("--config.optim.lr=") for a in argv[1:])
-
-
+HELP_ARGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")
+KEY_HINT = "; the keys are those of the --config file, e.g. --config.model.lrn=False"
 TRAIN_USAGE = """Train AlexNet, or resume the run in --workdir from its newest checkpoint.
 
     {prog} --config=configs/demo.py --workdir=runs/demo
@@ -97,80 +48,17 @@ CONFIG_HELP = """--config.FIELD=VALUE: any field of the --config file, e.g. --co
   --config.data.root=/path/to/imagenet (ml_collections syntax; a wrong key or type is refused)."""
 
 
-def launch(argv: list[str]) -> None:
-    """Parse, then train (or resume); every expected failure ends in one line on stderr."""
-    if wants_help(argv):
-        fv = flags.FlagValues()
-        define_flags(fv, argv)
-        prog = _launch_prog(argv)
-        print_help(prog, TRAIN_USAGE.format(prog=prog), fv, CONFIG_HELP)
-    config_flag, workdir_flag = define_flags(flags.FLAGS, argv)
-
-    def main(rest):
-        if len(rest) > 1:
-            raise app.UsageError(f"Unexpected arguments: {rest[1:]}")
-        logging.set_verbosity(logging.WARNING)
-        config = _config_value(config_flag, argv)
-        from alexnet_jax import train
-        from alexnet_jax.data import release_shared_memory
-        from alexnet_jax.errors import (
-            EXIT_DIVERGED,
-            EXIT_PREEMPTED,
-            CheckpointError,
-            ConfigError,
-            DatasetError,
-            PassInterrupted,
-            StoppedBeforeTraining,
-        )
-        from alexnet_jax.preemption import sigint_blocked_in_new_workers
-
-        try:
-            with sigint_blocked_in_new_workers():
-                result = train.train_and_evaluate(
-                    config, workdir_flag.value, manual_lr=config.optim.lr if lr_on_command_line(argv) else None
-                )
-        except StoppedBeforeTraining as e:
-            print(f"launch.py: {e}", file=sys.stderr)
-            sys.exit(e.exit_code)
-        except ConfigError as e:
-            sys.exit(f"launch.py: bad config: {e}")
-        except Diverged as e:
-            print(f"launch.py: {e}", file=sys.stderr)
-            sys.exit(EXIT_DIVERGED)  # its own status: a runner (alexnet_jax.ablate) records it as a result
-        except PassInterrupted as e:  # the statistics pass, stopped: its sums are kept, the same command goes on
-            print(f"launch.py: {e}", file=sys.stderr)
-            sys.exit(EXIT_PREEMPTED)
-        except (DatasetError, CheckpointError, TrainingError) as e:
-            sys.exit(f"launch.py: {e}")
-        finally:
-            release_shared_memory()  # no 'leaked shared_memory' warnings from the loader at exit
-        if result.get("stopped_by"):
-            sys.exit(EXIT_PREEMPTED)  # saved; the same command resumes
-
-    def parse(args):
-        try:
-            return flags.FLAGS(args)
-        except Exception as e:
-            _exit_on_mistake(e, argv)
-            raise
-
-    from alexnet_jax.preemption import SignalsHeld
-
-    with SignalsHeld():  # a signal before the training loop waits for a safe point (see SignalsHeld)
-        app.run(main, argv=list(argv), flags_parser=parse)
-
-
-# ---------------------------------------------------------------------------
-# What every entry point shares: --help, flag spelling, usage errors, Ctrl-C.
-
-HELP_ARGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")
-
-
 def program(module: str) -> str:
     """The name messages start with: the console script's (``alexnet-evaluate``) when run as one,
     else ``python -m alexnet_jax.<module>``."""
-    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    name = os.path.basename(sys.argv[0] if sys.argv else "")
     return name if name.startswith("alexnet-") else f"python -m alexnet_jax.{module}"
+
+
+def usage_error(prog: str, message: str) -> NoReturn:
+    """A bad command line: one line on stderr, exit status 2."""
+    print(f"{prog}: bad command line: {message} (--help lists the flags)", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
 
 
 def require(prog: str, fv: flags.FlagValues, *names: str, what: str = "") -> None:
@@ -180,178 +68,121 @@ def require(prog: str, fv: flags.FlagValues, *names: str, what: str = "") -> Non
         usage_error(prog, f"give {' and '.join(missing)}{what}")
 
 
-def own_args(argv: list[str]) -> list[str]:
-    """The program's own arguments: those after ``argv[0]`` and before a ``--``."""
-    args = list(argv[1:])
-    return args[: args.index("--")] if "--" in args else args
-
-
 def wants_help(argv: list[str]) -> bool:
-    return any(a in HELP_ARGS for a in own_args(argv))
+    """Whether a help flag is among the program's own arguments (those before a ``--``)."""
+    return any(a in HELP_ARGS for a in argv[1 : (argv + ["--"]).index("--")])
 
 
-def flag_lines(fv: flags.FlagValues) -> str:
-    """The flags defined on ``fv``, one entry each (absl's own format, without its per-module headings)."""
-    text = fv.get_help(include_special_flags=False)
-    return "\n".join(line for line in text.splitlines() if line.startswith("  "))
-
-
-def print_help(prog: str, doc: str | None, fv: flags.FlagValues, extra: str = "") -> None:
-    """``--help``: the module's docstring (its usage lines), the program's own flags; exit 0."""
-    parts = [
-        f"usage: {prog} [flags]",
-        (doc or "").strip(),
-        "flags (--flag=value or --flag value; --flag_name and --flag-name are the same):",
-        flag_lines(fv),
-    ]
-    if extra:
-        parts.append(extra.strip("\n"))
-    print("\n\n".join(p for p in parts if p))
+def print_help(prog: str, doc: str | None, fv: flags.FlagValues, extra: str = "") -> NoReturn:
+    """``--help``: the module's docstring (its usage lines), the flags defined on ``fv``, ``extra``; exit 0."""
+    text = fv.get_help(include_special_flags=False)  # absl's format, less its per-module headings
+    listed = "\n".join(line for line in text.splitlines() if line.startswith("  "))
+    parts = [f"usage: {prog} [flags]", doc, "flags (--flag=value or --flag value):", listed, extra]
+    print("\n\n".join(p.strip("\n") for p in parts if p))
     sys.exit(0)
 
 
-def usage_error(prog: str, message: str) -> NoReturn:
-    """A bad command line: one line on stderr, exit status 2."""
-    print(f"{prog}: bad command line: {message} (--help lists the flags)", file=sys.stderr)
-    sys.exit(EXIT_USAGE)
-
-
-def checkpoint_path(prog: str, checkpoint: str | None, workdir: str | None, what: str) -> str:
-    """``--checkpoint``, or its deprecated name ``--workdir`` (with a note); both, differing, or neither: exit 2."""
-    if workdir is not None:
-        if checkpoint is not None and checkpoint != workdir:
-            usage_error(
-                prog,
-                f"--workdir={workdir} and --checkpoint={checkpoint}: give one "
-                "(--workdir is a deprecated name for --checkpoint)",
-            )
-        print(f"{prog}: --workdir is deprecated: use --checkpoint={workdir}", file=sys.stderr)
-    path = checkpoint or workdir
-    if path is None:
-        usage_error(prog, f"give --checkpoint=PATH: {what}")
-    return path
-
-
-def dashes_to_underscores(argv: list[str], fv: flags.FlagValues) -> list[str]:
-    """``--num-images=8`` as ``--num_images=8`` where the underscore form is a flag of ``fv``
-    (argparse's spelling, kept working); nothing after a ``--``."""
-    out, own = [argv[0]], True
-    for a in argv[1:]:
-        if a == "--":
-            own = False
-        elif own and a.startswith("--") and "-" in a[2:].split("=", 1)[0]:
-            name, eq, value = a[2:].partition("=")
-            fixed = name.replace("-", "_")
-            if name not in fv and fixed in fv:
-                a = f"--{fixed}{eq}{value}"
-        out.append(a)
-    return out
-
-
 def parse_flags(
-    prog: str, fv: flags.FlagValues, argv: list[str], *, positional: bool = False, config_files: Sequence[str] = ()
+    prog: str,
+    fv: flags.FlagValues,
+    argv: list[str],
+    *,
+    positional: bool = False,
+    known_only: bool = False,
+    config: ml_collections.ConfigDict | None = None,
+    key_hint: str = KEY_HINT,
 ) -> list[str]:
-    """Parse ``argv`` into ``fv``; returns the positional arguments (refused unless ``positional``).
-    A command-line mistake is a usage error (one line, exit 2); ``config_files``: those a config flag
-    of ``fv`` loads while parsing, whose own exceptions are bugs (see :func:`command_line_mistake`)."""
+    """Parse ``argv`` into ``fv``; returns the positional arguments (refused unless ``positional``). With
+    ``config``: ``--config.FIELD=VALUE`` overrides its fields, and it is locked. Whatever absl and
+    ml_collections refuse is a usage error; ``key_hint`` follows a 'no such config key' message."""
     try:
-        rest = fv(dashes_to_underscores(list(argv), fv))
-    except Exception as e:
-        exit_on_command_line_mistake(prog, e, config_files)
-        raise
-    if rest[1:] and not positional:
-        usage_error(prog, f"unexpected arguments {rest[1:]}")
-    return rest[1:]
+        if config is not None:  # config_flags reads the overrides from argv as the flag is defined
+            config_flags.DEFINE_config_dict("config", config, "The run config.", flag_values=fv, sys_argv=argv)
+        rest = fv(argv, known_only=known_only)[1:]
+    except (flags.Error, KeyError, AttributeError) as e:  # flags.Error: an unknown flag, a value of the wrong
+        # type, an override of a field after one inside it; KeyError, AttributeError: an override key the config lacks
+        while e.args and isinstance(e.args[0], Exception):  # AttributeError(KeyError("'lrm'"))
+            e = e.args[0]
+        message = "; ".join(str(e.args[0] if e.args else e).splitlines())
+        usage_error(prog, message if isinstance(e, flags.Error) else f"no such config key: {message}{key_hint}")
+    if rest and not positional:
+        usage_error(prog, f"unexpected arguments {rest}")
+    return rest
 
 
-# ---------------------------------------------------------------------------
-# A mistake on the command line, or a bug?
-#
-# What absl and ml_collections (1.1) raise for a command line they refuse:
-# * ``flags.Error``: an unknown flag, a value of the wrong type (``IllegalFlagValueError``), an override
-#   before ``--config`` or one overwriting another (``FlagOrderError``), a field type that cannot be
-#   overridden (``UnsupportedOperationError``);
-# * ``KeyError`` or ``AttributeError`` from ml_collections' own code: an override key the config lacks;
-# * ``OSError`` from ml_collections' own code, when the config is first used: a config file it could
-#   not read (it keeps the error until then).
-# A config file's code runs inside the same calls: what it raises (an ``AttributeError`` from a typo in
-# ``get_config()``; a ``TypeError`` or ``ValueError``, which absl wraps in an ``IllegalFlagValueError``)
-# is told apart by the frames it passed through, which include that file's. One case cannot be: a
-# FileNotFoundError from a config file's top-level code, which ml_collections reports as the file not
-# found, without its frames (the one-line message then names the file that is missing).
-
-_ML_COLLECTIONS = os.path.dirname(os.path.abspath(ml_collections.__file__))
-
-
-def _chain(e: BaseException):
-    """``e`` and the exceptions it was raised from or while handling."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        yield e
-        e = e.__cause__ or e.__context__
-
-
-def _ran_in(e: BaseException, files: Sequence[str]) -> bool:
-    """Whether ``e`` (or an exception it came from) passed through the code of one of ``files``."""
-    wanted = {os.path.realpath(f) for f in files}
-    return any(
-        os.path.realpath(frame.f_code.co_filename) in wanted
-        for x in _chain(e)
-        for frame, _ in traceback.walk_tb(x.__traceback__)
-    )
+def parse_with_config(prog: str, fv: flags.FlagValues, argv: list[str], default: str, doc: str, extra: str):
+    """The ``--config=PATH`` (or ``PATH:ARG``: ``get_config(ARG)``) file's config, default ``default``, with
+    the overrides on ``argv`` and ``fv``'s flags parsed (:func:`parse_flags`); ``--help``: ``doc``, ``fv``'s
+    flags and ``--config``, then ``extra``. A file that cannot be read, or an argument its ``get_config()``
+    does not take, is a usage error; its code runs outside any ``try``: what it raises keeps its traceback."""
+    if wants_help(argv):
+        flags.DEFINE_string("config", default, "Run config (a get_config() file).", flag_values=fv)
+        print_help(prog, doc, fv, extra)
+    spec, rest, args = default, [], iter(argv)
+    for a in args:
+        name, eq, value = a.partition("=")
+        if name == "--config":
+            spec = value if eq else next(args, "")
+        else:
+            rest.append(a)
+    path, *arg = spec.split(":", 1)
+    try:
+        open(path).close()
+    except OSError as e:
+        usage_error(prog, f"cannot read the config file: {e}")
+    get_config = runpy.run_path(path)["get_config"]
+    try:
+        inspect.signature(get_config).bind(*arg)
+    except TypeError as e:
+        usage_error(prog, f"--config={spec}: get_config() of {path}: {e}")
+    config = get_config(*arg)
+    parse_flags(prog, fv, rest, config=config)
+    return config
 
 
-def _raised_by_ml_collections(e: BaseException) -> bool:
-    frames = list(traceback.walk_tb(e.__traceback__))  # the last: where it was raised
-    return bool(frames) and os.path.abspath(frames[-1][0].f_code.co_filename).startswith(_ML_COLLECTIONS + os.sep)
+def parse_command_line(argv: list[str], fv: flags.FlagValues | None = None):
+    """``(config, workdir)`` from a ``launch.py`` command line (``argv[0]`` is the program name), parsed
+    into ``fv`` (default: new ``FlagValues``)."""
+    fv = flags.FlagValues() if fv is None else fv
+    prog = os.path.basename(argv[0])
+    workdir = paths.DEFINE_path("workdir", "runs/demo", "Directory for checkpoints and metrics.", flag_values=fv)
+    config = parse_with_config(prog, fv, argv, "configs/demo.py", TRAIN_USAGE.format(prog=prog), CONFIG_HELP)
+    return config, workdir.value
 
 
-def _message(e: BaseException) -> str:
-    while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError('lrm'))
-        e = e.args[0]
-    return e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+def lr_on_command_line(argv: list[str]) -> bool:
+    """Whether ``--config.optim.lr`` was typed: on resume that is a manual LR drop; its absence is not."""
+    return any(a.partition("=")[0] == "--config.optim.lr" for a in argv[1:])
 
 
-def command_line_mistake(e: BaseException, config_files: Sequence[str] = ()) -> str | None:
-    """What is wrong with the command line, in one line, if ``e`` is how absl or ml_collections refuse
-    it (see above); None for anything else, such as an exception from the code of one of
-    ``config_files``: a bug, to be raised with its traceback."""
-    if _ran_in(e, config_files):
-        return None
-    if isinstance(e, flags.Error):
-        lines = str(e).strip().splitlines() or [type(e).__name__]
-        return lines[0] if len(lines) == 1 else f"{lines[0].rstrip(':')}: {lines[-1].strip()}"
-    if not _raised_by_ml_collections(e):
-        return None
-    if isinstance(e, (KeyError, AttributeError)):
-        return "no such config key: " + "; ".join(_message(e).strip('"').splitlines())
-    if isinstance(e, OSError):
-        root = [x for x in _chain(e) if isinstance(x, OSError)][-1]
-        return f"cannot read the config file: {str(root).strip().splitlines()[-1].strip()}"
-    return None
+def launch(argv: list[str]) -> None:
+    """Parse, then train (or resume); every expected failure ends in one line on stderr."""
+    from alexnet_jax.preemption import SignalsHeld
 
+    def main(_):
+        from alexnet_jax import train
+        from alexnet_jax.data import release_shared_memory
+        from alexnet_jax.preemption import sigint_blocked_in_new_workers
 
-def exit_on_command_line_mistake(
-    prog: str, e: BaseException, config_files: Sequence[str] = (), key_hint: str = ""
-) -> None:
-    """A usage error (one line, exit 2) if ``e`` is a command-line mistake; else nothing: the caller
-    re-raises. ``key_hint`` follows a 'no such config key' message."""
-    what = command_line_mistake(e, config_files)
-    if what is not None:
-        usage_error(prog, what + (key_hint if what.startswith("no such config key") else ""))
+        logging.set_verbosity(logging.WARNING)
+        try:
+            with sigint_blocked_in_new_workers():
+                manual_lr = config.optim.lr if lr_on_command_line(argv) else None
+                result = train.train_and_evaluate(config, workdir, manual_lr=manual_lr)
+        except (StoppedBeforeTraining, ConfigError, DatasetError, CheckpointError, TrainingError) as e:
+            # Diverged: a status of its own, which a runner (alexnet_jax.ablate) records as a result;
+            # PassInterrupted (the statistics pass, its sums kept) and StoppedBeforeTraining: their exit_code.
+            print(f"{prog}: {'bad config: ' if isinstance(e, ConfigError) else ''}{e}", file=sys.stderr)
+            sys.exit(EXIT_DIVERGED if isinstance(e, Diverged) else getattr(e, "exit_code", 1))
+        finally:
+            release_shared_memory()  # no 'leaked shared_memory' warnings from the loader at exit
+        if result.get("stopped_by"):
+            sys.exit(EXIT_PREEMPTED)  # saved; the same command resumes
 
-
-def config_files(argv: list[str], default: str | None = None) -> list[str]:
-    """The files ``--config`` names on ``argv`` (an ``:argument`` after the path dropped), and ``default``."""
-    args, found = own_args(argv), []
-    for i, a in enumerate(args):
-        name, eq, value = a.lstrip("-").partition("=")
-        if a.startswith("-") and name == "config":
-            value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
-            if value:
-                found.append(value.split(":", 1)[0])
-    return found + ([default] if default else [])
+    prog = os.path.basename(argv[0])
+    with SignalsHeld():  # a signal before the training loop waits for a safe point (see SignalsHeld)
+        config, workdir = parse_command_line(argv)  # on FlagValues of its own: absl's flags are not launch.py's
+        app.run(main, argv=argv[:1])
 
 
 def run_main(prog: str, body: Callable[[], int | None]) -> int | None:
@@ -363,33 +194,13 @@ def run_main(prog: str, body: Callable[[], int | None]) -> int | None:
         print(f"{prog}: interrupted (Ctrl-C)", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     finally:
-        release_loader_memory()
+        if "grain" in sys.modules:  # a loader may have run
+            from alexnet_jax.data import release_shared_memory
 
-
-def release_loader_memory() -> None:
-    """``alexnet_jax.data.release_shared_memory()`` where a grain loader ran in this process."""
-    if "grain" in sys.modules:
-        from alexnet_jax.data import release_shared_memory
-
-        release_shared_memory()
+            release_shared_memory()
 
 
 def main() -> None:
-    """The ``alexnet-train`` console script: ``launch.py`` as an installed command."""
-    configs_importable(sys.argv)
+    """The ``alexnet-train`` console script: ``launch.py`` as an installed command, in the checkout."""
+    sys.path.insert(0, os.getcwd())  # config files import configs.paper, as under python launch.py
     launch(sys.argv)
-
-
-def configs_importable(argv: list[str]) -> None:
-    """The working directory first on ``sys.path``, as under ``python -m`` or ``python launch.py`` from the
-    checkout: config files import ``configs.paper``. (A console script has its own folder there instead.)
-    A ``--config`` file in a ``configs/`` folder elsewhere: the folder above that one too."""
-    from pathlib import Path
-
-    folders = [os.getcwd()]
-    for path in config_files(argv):
-        if Path(path).absolute().parent.name == "configs":
-            folders.append(str(Path(path).absolute().parent.parent))
-    for folder in reversed(folders):
-        if folder not in sys.path:
-            sys.path.insert(0, folder)

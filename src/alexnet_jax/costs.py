@@ -1,7 +1,7 @@
 """What each device layout costs: per layer, parameters, multiply-adds and the bytes devices exchange.
 
     python -m alexnet_jax.costs --config=configs/paper.py --devices=8 [--config.mesh.parallelism=hybrid] [--json OUT]
-    python -m alexnet_jax.costs --compile-for=h100 [--devices=1] [--batch=128] [--dtype=bfloat16] [--dump-hlo=DIR]
+    python -m alexnet_jax.costs --compile_for=h100 [--devices=1] [--batch=128] [--dtype=bfloat16] [--dump_hlo=DIR]
 
 For one training step of ``batch_size`` images on ``--devices`` devices in the
 config's layout (``mesh.parallelism``: ``towers``, ``data`` or ``hybrid``), each
@@ -31,6 +31,7 @@ training program's collectives.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from fractions import Fraction
 
@@ -153,28 +154,15 @@ def table(costs: dict):
 def main(argv: list[str] | None = None) -> None:
     """``python -m alexnet_jax.costs ARGS`` (and ``alexnet-costs``); ``argv`` defaults to ``sys.argv[1:]``."""
     argv = [_PROG, *(sys.argv[1:] if argv is None else argv)]
-    cli.configs_importable(argv)  # the config files import configs.paper
+    sys.path.insert(0, os.getcwd())  # config files import configs.paper, as under python -m
     cli.run_main(_PROG, lambda: _main(argv))
 
 
 def _main(argv: list[str]) -> None:
     from absl import flags
-    from ml_collections import config_flags
     from rich.console import Console
 
     fv = flags.FlagValues()
-    files = cli.config_files(argv, _DEFAULT_CONFIG)  # their own exceptions are bugs, shown as such
-    try:
-        config_flag = config_flags.DEFINE_config_file(
-            "config",
-            _DEFAULT_CONFIG,
-            "Run config (a get_config() file).",
-            flag_values=fv,
-            sys_argv=cli.dashes_to_underscores(argv, fv),
-        )
-    except Exception as e:
-        cli.exit_on_command_line_mistake(_PROG, e, files)
-        raise
     devices = flags.DEFINE_integer("devices", 2, "How many devices (the paper: 2 GPUs).", flag_values=fv)
     out = paths.DEFINE_path("json", None, "Also write the table to this JSON file.", flag_values=fv)
     from alexnet_jax.gpu_compile import GPUS
@@ -192,23 +180,18 @@ def _main(argv: list[str]) -> None:
         "dtype", None, ["float32", "bfloat16"], "Compute dtype (default: the config's model.dtype).", flag_values=fv
     )
     dump_hlo = paths.DEFINE_path(
-        "dump_hlo", None, "With --compile-for: write the optimised HLO text here.", flag_values=fv
+        "dump_hlo", None, "With --compile_for: write the optimised HLO text here.", flag_values=fv
     )
-    if cli.wants_help(argv):
-        cli.print_help(
-            _PROG,
-            "\n\n".join(__doc__.split("\n\n")[:2]),
-            fv,
-            "--config.FIELD=VALUE: any field of the --config file, e.g. --config.mesh.parallelism=hybrid, "
-            "--config.batch_size=256.",
-        )
-    cli.parse_flags(_PROG, fv, argv, config_files=files)
-    try:
-        config = config_flag.value
-        model_config, layout, batch_size = config.model, config.mesh.get("parallelism", "towers"), config.batch_size
-    except Exception as e:  # a config file that could not be read, or one without these fields
-        cli.exit_on_command_line_mistake(_PROG, e, files)
-        raise
+    config = cli.parse_with_config(
+        _PROG,
+        fv,
+        argv,
+        _DEFAULT_CONFIG,
+        "\n\n".join(__doc__.split("\n\n")[:2]),
+        "--config.FIELD=VALUE: any field of the --config file, e.g. --config.mesh.parallelism=hybrid, "
+        "--config.batch_size=256.",
+    )
+    model_config, layout, batch_size = config.model, config.mesh.get("parallelism", "towers"), config.batch_size
     if layout not in LAYOUTS:
         cli.usage_error(_PROG, f"mesh.parallelism={layout!r}: choose one of {', '.join(LAYOUTS)}")
     if devices.value < 1:
@@ -246,7 +229,7 @@ def _main(argv: list[str]) -> None:
 
 
 def _compiled(config, target: str, count: int, batch: int, json_path: str | None, hlo_dir: str | None) -> None:
-    """``--compile-for``: compile both steps for ``target`` and print what one device runs."""
+    """``--compile_for``: compile both steps for ``target`` and print what one device runs."""
     import time
 
     import jax
@@ -294,7 +277,7 @@ def _compiled(config, target: str, count: int, batch: int, json_path: str | None
 
 
 def compiled_table(r: dict):
-    """The ``--compile-for`` report: one device's train step (and eval step's memory)."""
+    """The ``--compile_for`` report: one device's train step (and eval step's memory)."""
     from rich.console import Group
     from rich.table import Table
 

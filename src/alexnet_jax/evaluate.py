@@ -5,9 +5,8 @@
     python -m alexnet_jax.evaluate --checkpoint=runs/demo --json=val.json       # the data it trained on
 
 ``--checkpoint`` is a training run's workdir, its ``checkpoints/<step>``
-folder or a folder written by ``alexnet_jax.convert`` (``--workdir`` is a
-deprecated name for it); ``--data=DIR`` is an ImageNet-layout folder (``val/``
-inside it) or that ``val/`` folder itself, and stands for
+folder or a folder written by ``alexnet_jax.convert``; ``--data=DIR`` is an
+ImageNet-layout folder (``val/`` inside it) or that ``val/`` folder itself, and stands for
 ``--config.data.name=imagenet --config.data.format=folder --config.data.root=DIR``.
 Labels are mapped through the checkpoint's own class list, so a folder that
 holds only some of the classes is scored correctly.
@@ -40,7 +39,6 @@ from pathlib import Path
 import jax
 import ml_collections
 from absl import flags, logging
-from ml_collections import config_flags
 
 from alexnet_jax import cli, paths, preemption
 from alexnet_jax.errors import DatasetError
@@ -60,7 +58,6 @@ def _define_run_flags(fv: flags.FlagValues) -> None:
         "A training run's workdir, its checkpoints/<step> folder, or a folder written by alexnet_jax.convert.",
         flag_values=fv,
     )
-    paths.DEFINE_path("workdir", None, "Deprecated: the same as --checkpoint.", flag_values=fv)
     paths.DEFINE_path(
         "data",
         None,
@@ -137,17 +134,14 @@ def parse_command_line(argv: list[str]):
         cli.print_help(_PROG, "\n\n".join(__doc__.split("\n\n")[:3]), fv, _CONFIG_HELP)
     first = flags.FlagValues()
     _define_run_flags(first)
-    try:
-        first(cli.dashes_to_underscores(argv, first), known_only=True)
-    except Exception as e:
-        cli.exit_on_command_line_mistake(_PROG, e)
-        raise
-    path = cli.checkpoint_path(
+    cli.parse_flags(_PROG, first, argv, positional=True, known_only=True)
+    cli.require(
         _PROG,
-        first.checkpoint,
-        first.workdir,
-        "a training run's workdir, or a folder written by python -m alexnet_jax.convert",
+        first,
+        "checkpoint",
+        what="=PATH: a training run's workdir, or a folder written by python -m alexnet_jax.convert",
     )
+    path = first.checkpoint
     try:
         step_dir, _ = find_step_dir(path, first.step)
     except CheckpointError as e:
@@ -156,21 +150,9 @@ def parse_command_line(argv: list[str]):
 
     fv = flags.FlagValues()
     _define_run_flags(fv)
-    argv = cli.dashes_to_underscores(argv, fv)
-    try:  # config_flags applies the overrides as soon as the flag is defined
-        config_flag = config_flags.DEFINE_config_dict(
-            "config", base, "The run's saved config; override fields with --config.X=...", flag_values=fv, sys_argv=argv
-        )
-        rest = fv(argv)
-        config = config_flag.value
-    except Exception as e:
-        cli.exit_on_command_line_mistake(
-            _PROG, e, key_hint="; config keys are those the run saved, e.g. --config.data.root=/path/to/imagenet"
-        )
-        raise
-    if len(rest) > 1:
-        cli.usage_error(_PROG, f"unexpected arguments {rest[1:]}")
-    split = fv.split
+    hint = "; config keys are those the run saved, e.g. --config.data.root=/path/to/imagenet"
+    cli.parse_flags(_PROG, fv, argv, config=base, key_hint=hint)
+    config, split = base, fv.split
     if fv.data is not None and (Path(fv.data) / "metadata.json").is_file():  # prepare's packed output
         config.data.name, config.data.format, config.data.packed_dir = "imagenet", "packed", fv.data
         config.data.root = None

@@ -9,7 +9,7 @@ defaults, so kernel choice and speed may differ on a real GPU; fusion and the me
 on tuning.
 
 The target descriptions are written here from each GPU's published figures (SM count, clock, memory,
-bandwidth, caches, compute capability). ``python -m alexnet_jax.costs --compile-for=h100`` prints the
+bandwidth, caches, compute capability). ``python -m alexnet_jax.costs --compile_for=h100`` prints the
 analysis; ``docs/gpu.md`` has the figures for the paper's net.
 """
 

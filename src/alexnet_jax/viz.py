@@ -395,7 +395,6 @@ def _main(prog: str, argv: list[str]) -> int:
     paths.DEFINE_path(
         "checkpoint", None, "A run's workdir, its checkpoints/ or a checkpoints/<step>/ folder.", flag_values=fv
     )
-    paths.DEFINE_path("workdir", None, "Deprecated: the same as --checkpoint.", flag_values=fv)
     paths.DEFINE_path("out", "figures", "The folder for the PNG files (created).", flag_values=fv)
     flags.DEFINE_integer("step", None, "Which checkpoint step (default: the newest).", flag_values=fv)
     paths.DEFINE_multi_path(
@@ -416,14 +415,12 @@ def _main(prog: str, argv: list[str]) -> int:
         cli.print_help(prog, "\n\n".join(__doc__.split("\n\n")[:4]), fv)
     after = cli.parse_flags(prog, fv, argv, positional=True)
     images = [*(fv.images or []), *after] or None  # --images FILE first, then the files after the flags
-    checkpoint = cli.checkpoint_path(
-        prog, fv.checkpoint, fv.workdir, "a training run's workdir or one of its checkpoints"
-    )
+    cli.require(prog, fv, "checkpoint", what="=PATH: a training run's workdir or one of its checkpoints")
     from alexnet_jax.errors import CheckpointError, ImageError
 
     try:
         write_all(
-            checkpoint,
+            fv.checkpoint,
             fv.out,
             step=fv.step,
             images=images,

@@ -109,7 +109,7 @@ def test_cli_with_worker_processes(tmp_path, capsys):
             str(tmp_path / "dst"),
             "--size",
             str(SIZE),
-            "--shard-size",
+            "--shard_size",
             "6",
             "--workers",
             "2",

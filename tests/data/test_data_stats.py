@@ -72,7 +72,7 @@ def test_cached_by_dataset_and_reused(tmp_path, caplog):
 
 
 def test_two_processes_at_once_compute_once(tmp_path):
-    """Two `prepare --stats-only` started together: one computes, the other waits and reads its file."""
+    """Two `prepare --stats_only` started together: one computes, the other waits and reads its file."""
     root = tmp_path / "src"
     rng = np.random.default_rng(1)
     for c in range(2):
@@ -87,13 +87,13 @@ def test_two_processes_at_once_compute_once(tmp_path):
         "alexnet_jax.data.prepare",
         "--src",
         str(root),
-        "--stats-only",
+        "--stats_only",
         "--size",
         "96",
         "--workers",
         "0",
         "--quiet",
-        "--cache-dir",
+        "--cache_dir",
         str(cache),
     ]
     lock_path = ST.stats_file(LA.scan_split(root, "train"), 96, cache).with_suffix(".lock")

@@ -40,10 +40,10 @@ def stats_cmd(src, cache, workers, *extra):
         "alexnet_jax.data.prepare",
         "--src",
         str(src),
-        "--stats-only",
+        "--stats_only",
         "--size",
         str(SIZE),
-        "--cache-dir",
+        "--cache_dir",
         str(cache),
         "--workers",
         str(workers),
@@ -88,7 +88,7 @@ def test_sigterm_to_the_process_group_mid_pass_then_resume_gives_the_same_stats(
     final = ST.stats_file(files, SIZE, cache)
     partial = ST.partial_file(final)
     proc = subprocess.Popen(
-        stats_cmd(folder, cache, 2, "--chunk-size", "2"),
+        stats_cmd(folder, cache, 2, "--chunk_size", "2"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -117,7 +117,7 @@ def test_ctrl_c_inline_stops_cleanly_and_progress_lines_go_to_the_log(folder, tm
     cache = tmp_path / "cache"
     partial = ST.partial_file(ST.stats_file(LA.scan_split(folder, "train"), SIZE, cache))
     proc = subprocess.Popen(
-        stats_cmd(folder, cache, 0, "--chunk-size", "3"),
+        stats_cmd(folder, cache, 0, "--chunk_size", "3"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -164,7 +164,7 @@ def test_prepare_stopped_by_sigterm_exits_cleanly_and_resumes(tmp_path):
         str(dst),
         "--size",
         "128",
-        "--shard-size",
+        "--shard_size",
         "2",
         "--workers",
         "1",
@@ -259,7 +259,7 @@ def test_a_signal_during_the_folder_scan_stops_as_during_the_pass(folder, tmp_pa
     monkeypatch.setattr(LA, "_is_image_file", is_image_file)
     cache = tmp_path / "cache"
     rc = P.main(
-        ["--src", str(folder), "--stats-only", "--size", str(SIZE), "--cache-dir", str(cache), "--workers", "0"]
+        ["--src", str(folder), "--stats_only", "--size", str(SIZE), "--cache_dir", str(cache), "--workers", "0"]
     )
     err = capsys.readouterr().err
     assert rc == 75, err

@@ -1,7 +1,7 @@
 """One-time conversion of an ImageNet-layout folder into fast ArrayRecord shards.
 
     python -m alexnet_jax.data.prepare --src DIR --dst DIR [--size 256] [--workers N] [--records jpeg|raw]
-    python -m alexnet_jax.data.prepare --src DIR --stats-only [--size 256]   # statistics only, into the cache
+    python -m alexnet_jax.data.prepare --src DIR --stats_only [--size 256]   # statistics only, into the cache
 
 Every image is decoded once, rescaled to shorter side ``size`` and
 centre-cropped to ``size x size``, so training only decodes a small JPEG
@@ -14,7 +14,7 @@ either.
 
 Progress is a bar on a terminal and a plain line every 30 s otherwise
 (``$ALEXNET_JAX_PROGRESS_EVERY_S`` sets the interval). SIGTERM or Ctrl-C stops
-either pass cleanly: what is finished is kept (shards; for ``--stats-only``
+either pass cleanly: what is finished is kept (shards; for ``--stats_only``
 the sums so far), one line says so on stderr, and the exit status is 75
 (EX_TEMPFAIL): run the same command again to continue.
 """
@@ -154,7 +154,7 @@ def _run(a, cli) -> int:
     if a.stats_only:
         return _stats_only(a)
     if a.dst is None:
-        cli.usage_error(_PROG, "give --dst (unless --stats-only)")
+        cli.usage_error(_PROG, "give --dst (unless --stats_only)")
     try:
         dst = prepare(
             a.src,
