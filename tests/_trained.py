@@ -71,7 +71,7 @@ def _train(workdir: str, devices: int, data_axis: int) -> None:
     from alexnet_jax import data as data_lib
     from alexnet_jax import optim, parallel, steps, train
     from alexnet_jax.checkpoint import Checkpointer
-    from alexnet_jax.data import sources, transforms
+    from alexnet_jax.data import sources
     from alexnet_jax.model import from_config
     from alexnet_jax.parallel import DATA_AXIS, make_mesh, mesh_forward
 
@@ -90,17 +90,23 @@ def _train(workdir: str, devices: int, data_axis: int) -> None:
     params = ckpt.restore_latest(abstract)["state"].params
     ckpt.close()
     data = data_lib.resolve(config.data)
-    inputs = steps.make_input_fn(config.data, data.stats)
     forward = jax.jit(mesh_forward(model, mesh, train=False))
     resize, crop = config.data.resize_size, config.data.crop_size
     images = list(val_images(config)) + [sources.decode_image(Path(p).read_bytes(), resize) for p in photo_paths()]
     out = {"val_images": np.stack(images[:-2])}
-    for mode, view in (("center", transforms.CenterCrop(crop)), ("ten_crop", transforms.TenCrop(crop))):
-        elems = [view.map({"image": im, "label": np.int32(0), "mask": np.bool_(True)}) for im in images]
-        n = len(elems) + (-len(elems)) % mesh.shape[DATA_AXIS]
-        elems += [elems[0]] * (n - len(elems))
-        batch = {k: np.stack([e[k] for e in elems]) for k in ("image", "crop_yx", "flip")}
-        x = np.asarray(inputs(batch, False))
+    sys.path.insert(0, str(ROOT / "tests" / "data"))
+    import _reference as R  # the paper's views in float64 NumPy, not the package's code
+
+    mean = data.stats["mean_image"] if config.data.mean_subtraction else None
+    c = (resize - crop) // 2
+    cuts = {
+        "center": lambda im: R.paper_view(im, mean, c, c, crop, False)[None],
+        "ten_crop": lambda im: R.ten_views(im, mean, crop),
+    }
+    for mode, cut in cuts.items():
+        views = [cut(im).astype(np.float32) for im in images]
+        n = len(views) + (-len(views)) % mesh.shape[DATA_AXIS]
+        x = np.stack(views + [views[0]] * (n - len(views)))
         x = x.reshape((-1,) + x.shape[-3:])
         probs = np.asarray(jax.nn.softmax(forward({"params": params}, x, None).astype("float32")))
         out[f"probs_{mode}"] = probs.reshape(n, -1, probs.shape[-1]).mean(axis=1)[: len(images)]

@@ -140,7 +140,8 @@ def broadcast_from_main(value: float | None) -> float | None:
     from jax.experimental import multihost_utils
 
     bits = np.array([np.nan if value is None else value], np.float64).view(np.uint32)  # no x64 needed
-    out = float(np.asarray(multihost_utils.broadcast_one_to_all(bits), np.uint32).view(np.float64)[0])
+    with jax.transfer_guard("allow"):  # the collective's own copies, inside the training loop's guard
+        out = float(np.asarray(multihost_utils.broadcast_one_to_all(bits), np.uint32).view(np.float64)[0])
     return None if np.isnan(out) else out
 
 
@@ -168,7 +169,8 @@ def processes_with(flag: bool) -> list[int]:
         return [0] if flag else []
     from jax.experimental import multihost_utils
 
-    return [int(i) for i in np.flatnonzero(np.asarray(multihost_utils.process_allgather(np.int32(flag))))]
+    with jax.transfer_guard("allow"):  # the collective's own copies, inside the training loop's guard
+        return [int(i) for i in np.flatnonzero(np.asarray(multihost_utils.process_allgather(np.int32(flag))))]
 
 
 def on_any_process(flag: bool) -> bool:

@@ -24,8 +24,8 @@ def export(checkpoint: str, out: str, step: int | None = None):
     from alexnet_jax import checkpoint as ckpt_lib
 
     step_dir, number = ckpt_lib.find_step_dir(checkpoint, step)
-    number = ckpt_lib.read_step(step_dir) if number is None else number
-    params = ckpt_lib.read_params(step_dir, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    saved_step, params = ckpt_lib.read_params(step_dir, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    number = saved_step if number is None else number
     classes, names, stats = ckpt_lib.read_dataset(step_dir)
     origin = ckpt_lib.read_origin(step_dir) or {}
     return ckpt_lib.write_weights_only(

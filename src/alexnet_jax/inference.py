@@ -22,13 +22,11 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from alexnet_jax import checkpoint, paths
-from alexnet_jax.data import device as data_device
+from alexnet_jax import checkpoint, paths, steps
 from alexnet_jax.data import sources, transforms
 from alexnet_jax.errors import CheckpointError, DecodeError, ImageError
 from alexnet_jax.model import AlexNet, from_config
-from alexnet_jax.parallel import DATA_AXIS, TOWER_AXIS, batch_sharding, make_mesh, mesh_forward
-from alexnet_jax.steps import average_views
+from alexnet_jax.parallel import DATA_AXIS, TOWER_AXIS, batch_sharding, make_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,10 +118,10 @@ def load_checkpoint(
     net = _model_from(config, model, step_dir)
     _check_shapes(checkpoint.saved_params(step_dir), net, step_dir, override=model is not None)
     mesh, sharding = _placement(net, devices or jax.local_devices())
-    params = checkpoint.read_params(step_dir, sharding)
+    saved_step, params = checkpoint.read_params(step_dir, sharding)
     classes, class_names, stats = checkpoint.read_dataset(step_dir)
     if number is None:  # a step folder copied under another name: the state knows its step
-        number = checkpoint.read_step(step_dir)
+        number = saved_step
     return Checkpoint(
         params=params,
         config=config,
@@ -223,6 +221,9 @@ class Prediction:
         return "\n".join(lines)
 
 
+_INPUT_KEYS = ("image", "crop_yx", "flip")  # what the input function reads in evaluation
+
+
 def _next_bucket(n: int, multiple: int, cap: int) -> int:
     """Batch sizes come from a few values (powers of two), so jit compiles a few programs, not one per call."""
     b = multiple
@@ -278,36 +279,25 @@ class Classifier:
                 )
         self.batch_size = batch_size
         self.num_classes = self.model.num_classes
-        self._apply = jax.jit(self._make_apply())
-
-    # -- the network on this process's devices --------------------------------
-
-    def _make_apply(self):
-        """``f(params, images_NV, crop_yx, flip) -> (probs (N, C) averaged over views, fc7 (N, V, F))``."""
-        mesh, mean = self.checkpoint.mesh, self.mean
+        # The evaluation's own pieces: its input function (the ten views cut on the device from whole
+        # images) and the eval step's forward, which also returns fc7.
+        mesh = self.checkpoint.mesh
         if mesh is None:  # parameters on one device: a 1x1 mesh of it, both towers there
             device = next(iter(jax.tree_util.tree_leaves(self.checkpoint.params)[0].devices()))
             mesh = make_mesh(towers=1, data=1, devices=[device])
-        forward = mesh_forward(self.model, mesh, features=True)
-
-        def apply(params, images, crop_yx, flip):
-            n, v = images.shape[:2]
-            x = data_device.normalize(
-                {"image": images, "crop_yx": crop_yx, "flip": flip}, mean, None, None, lighting=False
-            )
-            logits, fc7 = forward({"params": params}, x.reshape((n * v,) + x.shape[2:]), None)
-            probs = average_views(jax.nn.softmax(logits.astype(jnp.float32)).reshape(n, v, -1))
-            return probs, fc7.reshape(n, v, -1)
-
-        return apply
+        self._inputs = steps.make_input_fn(cfg.data, ckpt.stats)
+        self._view_probs = jax.jit(steps.make_view_probs(self.model, mesh, self._inputs, features=True))
 
     def preprocess(self, images, views: str | None = None) -> dict:
-        """Images -> ``{'image': uint8 (N, V, crop, crop, 3), 'crop_yx', 'flip', 'resized', 'sources'}``."""
+        """Images -> ``{'image', 'resized', 'sources'}`` (+ ``'crop_yx', 'flip'`` for the centre view).
+
+        ``image``: the centre crops, uint8 ``(N, 1, crop, crop, 3)``; for ten crops the whole resized images
+        ``(N, resize, resize, 3)``, cut into the views on the device as evaluation does."""
         items = _as_list(images)
         if not items:
             raise ImageError("No images given.")
         views = views or self.views
-        view = {"center": transforms.CenterCrop, "ten_crop": transforms.TenCrop}[views](self.crop)
+        view = transforms.CenterCrop(self.crop) if views == "center" else transforms.Whole()
         resized, out = [], []
         for i, image in enumerate(items):
             try:
@@ -316,7 +306,7 @@ class Classifier:
                 raise ImageError(f"Image {i}: {e}") from None
             resized.append(img)
             out.append(view.map({"image": img, "label": np.int32(0), "mask": np.bool_(True)}))
-        batch = {k: np.stack([o[k] for o in out]) for k in ("image", "crop_yx", "flip")}
+        batch = {k: np.stack([o[k] for o in out]) for k in ("image", "crop_yx", "flip") if k in out[0]}
         if views == "center":  # one view: give it its own axis like ten_crop's
             batch = {k: v[:, None] for k, v in batch.items()}
         return {**batch, "resized": np.stack(resized), "sources": [_describe(x, i) for i, x in enumerate(items)]}
@@ -324,7 +314,7 @@ class Classifier:
     def model_inputs(self, images, views: str | None = None) -> np.ndarray:
         """What the network sees: float32 ``(N, V, crop, crop, 3)``, the mean image's windows subtracted."""
         b = self.preprocess(images, views)
-        return np.asarray(data_device.normalize(b, self.mean, None, None, lighting=False))
+        return np.asarray(jax.jit(self._inputs, static_argnums=1)({k: b[k] for k in _INPUT_KEYS if k in b}, False))
 
     def _run(self, batch: dict) -> tuple[np.ndarray, np.ndarray]:
         n = batch["image"].shape[0]
@@ -333,12 +323,13 @@ class Classifier:
         sharding = None if self.checkpoint.mesh is None else batch_sharding(self.checkpoint.mesh)
         probs, feats = [], []
         for start in range(0, n, chunk):
-            part = {k: batch[k][start : start + chunk] for k in ("image", "crop_yx", "flip")}
+            part = {k: batch[k][start : start + chunk] for k in _INPUT_KEYS if k in batch}
             m = part["image"].shape[0]
             part = {k: np.concatenate([v, np.zeros((chunk - m,) + v.shape[1:], v.dtype)]) for k, v in part.items()}
             if sharding is not None:
                 part = {k: jax.device_put(v, sharding) for k, v in part.items()}
-            p, f = jax.device_get(self._apply(self.checkpoint.params, part["image"], part["crop_yx"], part["flip"]))
+            p, f = jax.device_get(self._view_probs(self.checkpoint.params, part))
+            p = steps.average_views(p)
             probs.append(p[:m])
             feats.append(f[:m])
         return np.concatenate(probs), np.concatenate(feats)

@@ -59,26 +59,26 @@ def train_and_evaluate(
         stack.callback(data_lib.release_shared_memory)  # a notebook or a second run: the loader's batches freed
         run = _open_run(config, workdir, manual_lr, stack)
         state, step, stopped_by = run.state, run.start_step, None
-        stack.enter_context(jax.transfer_guard("disallow"))  # every host<->device copy below is explicit, named
-        while step < run.total_steps and stopped_by is None:
-            batch, data_position = next(run.batches)
-            run.profile.before(step + 1)
-            state, metrics = run.train_step(state, batch)
-            step += 1
-            run.profile.after(step, state)
-            run.metrics.add(step, metrics)  # fetches the earlier steps' rows every log_every steps
-            stopped_by = run.stop.due(step)  # SIGTERM / Ctrl-C: save this step and stop
-            evaluate, save = run.due(step, stopped_by)
-            if evaluate or save:
-                run.metrics.fetch()  # the state is read next: a NaN loss stops the run before it is saved
-            val = run.evaluate(step, state) if evaluate else None
-            state = run.lr(state, step, val and val["val/top1_error"])
-            if save:
-                run.save(step, state, data_position, val)
-                if after_checkpoint is not None:
-                    after_checkpoint(step, run.ckpt)
-            if evaluate or save:
-                run.metrics.restart_clock()  # images/s counts training only
+        with jax.transfer_guard("disallow"):  # every host<->device copy in the loop is explicit and named
+            while step < run.total_steps and stopped_by is None:
+                batch, data_position = next(run.batches)
+                run.profile.before(step + 1)
+                state, metrics = run.train_step(state, batch)
+                step += 1
+                run.profile.after(step, state)
+                run.metrics.add(step, metrics)  # fetches the earlier steps' rows every log_every steps
+                stopped_by = run.stop.due(step)  # SIGTERM / Ctrl-C: save this step and stop
+                evaluate, save = run.due(step, stopped_by)
+                if evaluate or save:
+                    run.metrics.fetch()  # the state is read next: a NaN loss stops the run before it is saved
+                val = run.evaluate(step, state) if evaluate else None
+                state = run.lr(state, step, val and val["val/top1_error"])
+                if save:
+                    run.save(step, state, data_position, val)
+                    if after_checkpoint is not None:
+                        after_checkpoint(step, run.ckpt)
+                if evaluate or save:
+                    run.metrics.restart_clock()  # images/s counts training only
         run.metrics.fetch()
         result = run.finish(step, state)
     return run.report(result, stopped_by)
@@ -132,15 +132,16 @@ class _Run:
         self.writer.flush()  # the curves are kept as far as the checkpoint is
         start = time.perf_counter()
         try:
-            self.ckpt.save(
-                step,
-                state,
-                data_state=data_position,
-                config=json.loads(self.config.to_json()),
-                control=self.lr.history.to_json(),
-                dataset=self.dataset,
-                metrics={"val/top1_error": val["val/top1_error"]} if val else None,
-            )
+            with jax.transfer_guard("allow"):  # the checkpoint: Orbax copies the state to the host
+                self.ckpt.save(
+                    step,
+                    state,
+                    data_state=data_position,
+                    config=json.loads(self.config.to_json()),
+                    control=self.lr.history.to_json(),
+                    dataset=self.dataset,
+                    metrics={"val/top1_error": val["val/top1_error"]} if val else None,
+                )
         except CheckpointWriteError as e:
             self.ckpt_error = e
             self.progress.note(escape(f"{e} Training goes on; the next checkpoint tries again."))
@@ -271,7 +272,7 @@ def _open_run(config, workdir, manual_lr, stack: contextlib.ExitStack) -> _Run:
         evaluator=evaluator,
         train_step=train_step,
         batches=batches,
-        stop=stack.enter_context(StopOnSignal(ckpt.reached_preemption if jax.process_count() > 1 else None)),
+        stop=stack.enter_context(StopOnSignal(ckpt.manager.reached_preemption if jax.process_count() > 1 else None)),
         state=lr(state, step),
         start_step=step,
         steps_per_epoch=steps_per_epoch,

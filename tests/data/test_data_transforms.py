@@ -62,21 +62,6 @@ def test_ten_crop_positions_paper_size():
     assert views == [(y, x, False) for y, x in five] + [(y, x, True) for y, x in five]
 
 
-def test_ten_crop_views_are_the_slices():
-    img = coded_image(11, 13)
-    out = T.TenCrop(6).map(element(img))
-    assert out["image"].shape == (10, 6, 6, 3)
-    corners = {(0, 0), (0, 7), (5, 0), (5, 7)}
-    got = {tuple(map(int, yx)) for yx in out["crop_yx"][:4]}
-    assert got == corners
-    for k in range(10):
-        y, x = out["crop_yx"][k]
-        ref = img[y : y + 6, x : x + 6]
-        ref = ref[:, ::-1] if k >= 5 else ref
-        np.testing.assert_array_equal(out["image"][k], ref)
-    np.testing.assert_array_equal(out["crop_yx"][5:], out["crop_yx"][:5])
-
-
 @pytest.mark.parametrize("flip", [False, True])
 def test_crop_hwc(flip):
     img = coded_image(5, 6)

@@ -105,27 +105,6 @@ class CenterCrop(grain.transforms.Map):
         }
 
 
-class TenCrop(grain.transforms.Map):
-    """Ten views ``(10, crop, crop, 3)`` in :func:`ten_crop_params` order, for images classified one by one
-    (:class:`alexnet_jax.inference.Classifier`); the evaluation loader sends :class:`Whole` images instead."""
-
-    def __init__(self, crop: int):
-        self.crop = crop
-
-    def map(self, element):
-        img = element["image"]
-        params = ten_crop_params(img.shape[:2], self.crop)
-        views = np.stack([crop_HWC(img, y, x, self.crop, f) for y, x, f in params])
-        return {
-            "image": views,
-            "label": element["label"],
-            "mask": element["mask"],
-            "crop_yx": np.array([[y, x] for y, x, _ in params], np.int32),
-            "flip": np.array([f for _, _, f in params]),
-            "alpha": np.zeros((10, 3), np.float32),
-        }
-
-
 class Whole(grain.transforms.Map):
     """The whole resized image, for evaluation views cut on the device (:func:`device.eval_views`)."""
 
