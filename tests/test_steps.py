@@ -1,4 +1,4 @@
-"""data.prefetch.DevicePrefetch and evaluate.error_rates: prefetching changes when a batch reaches the devices,
+"""data.prefetch.DevicePrefetch and metrics.error_rates: prefetching changes when a batch reaches the devices,
 never which batch a step gets, which loader state is saved with it, or what evaluation counts."""
 
 import sys
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from alexnet_jax import data as data_lib
-from alexnet_jax import evaluate, parallel, steps
+from alexnet_jax import metrics, parallel, steps
 from alexnet_jax.data import prefetch
 from alexnet_jax.model import from_config
 from alexnet_jax.parallel import make_mesh
@@ -110,7 +110,7 @@ def test_a_loader_error_is_raised_by_the_next_that_would_get_that_batch(setup):
 
 
 def test_evaluate_counts_every_batch_once(setup):
-    """evaluate.error_rates (copies two batches ahead, one fetch at the end) against the same eval step fetched
+    """metrics.error_rates (copies two batches ahead, one fetch at the end) against the same eval step fetched
     batch by batch, and ``n`` against the mask count of the host batches."""
     c, data, _, mesh = setup
     model = from_config(c.model)
@@ -119,12 +119,12 @@ def test_evaluate_counts_every_batch_once(setup):
     eval_step = steps.make_eval_step(model, mesh, jax.tree.map(lambda x: x.sharding, params), inputs)
     it = data_lib.build_eval_iter(c.data, batch_size=48, mode="center", image_size=64, data=data)
     host = list(it)  # 500 images: 11 batches, the last one padded (masked)
-    assert len(host) > evaluate._EVAL_IN_FLIGHT + 3
+    assert len(host) > metrics._EVAL_IN_FLIGHT + 3
     by_batch = {}
     for b in host:
         for name, count in jax.device_get(eval_step(params, prefetch.to_global(b, mesh))).items():
             by_batch[name] = by_batch.get(name, 0) + int(count)
-    got = evaluate.error_rates(eval_step, params, host, mesh)
+    got = metrics.error_rates(eval_step, params, host, mesh)
     assert got["n"] == by_batch["n"] == int(sum(np.sum(b["mask"]) for b in host)) == 500
     assert got["top1_error"] == by_batch["top1_error"] / 500 and got["top5_error"] == by_batch["top5_error"] / 500
 

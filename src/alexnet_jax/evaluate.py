@@ -29,7 +29,6 @@ One process; all its devices.
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import sys
@@ -188,6 +187,7 @@ def evaluate_checkpoint(
     from alexnet_jax import data as data_lib
     from alexnet_jax import parallel, steps
     from alexnet_jax.inference import load_checkpoint
+    from alexnet_jax.metrics import error_rates
 
     ckpt = load_checkpoint(workdir, step)
     if config is None:
@@ -236,28 +236,6 @@ def evaluate_checkpoint(
         "seconds": round(seconds, 2),
         "images_per_s": round(len(records) / seconds, 1),
     }
-
-
-_EVAL_IN_FLIGHT = 4
-
-
-def error_rates(eval_step, params, batches, mesh) -> dict:
-    """Error rates over one pass of ``batches`` (``make_eval_step``'s counts, each divided by the images
-    counted, ``n``); the batches are copied two ahead and the counts fetched once at the end, every other
-    host-device transfer refused (a transfer guard)."""
-    from alexnet_jax.data.prefetch import DevicePrefetch
-
-    counts = []
-    with jax.transfer_guard("disallow"), DevicePrefetch(batches, mesh) as on_device:
-        for batch in on_device:
-            counts.append(eval_step(params, batch))  # dispatched, not waited on
-            if len(counts) > _EVAL_IN_FLIGHT:  # bounded: a fast loader cannot queue the split on the devices
-                counts[-_EVAL_IN_FLIGHT - 1]["n"].block_until_ready()
-        totals = collections.Counter()
-        for out in jax.device_get(counts):  # the one fetch of the pass
-            totals.update({name: int(count) for name, count in out.items()})
-    n = totals.pop("n")
-    return {**{name: wrong / max(n, 1) for name, wrong in totals.items()}, "n": n}
 
 
 def _progress(batches, num_images: int, batch_size: int):

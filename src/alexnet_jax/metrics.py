@@ -3,6 +3,7 @@ and the checks that stop a run (a non-finite loss, too many bad input batches)."
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -216,3 +217,25 @@ class PendingMetrics:
         """The next interval starts now."""
         if self._clock is not None:
             self._clock = (time.perf_counter(), self._clock[1], self.input_wait())
+
+
+_EVAL_IN_FLIGHT = 4
+
+
+def error_rates(eval_step, params, batches, mesh) -> dict:
+    """Error rates over one pass of ``batches`` (``make_eval_step``'s counts, each divided by the images
+    counted, ``n``); the batches are copied two ahead and the counts fetched once at the end, every other
+    host-device transfer refused (a transfer guard)."""
+    from alexnet_jax.data.prefetch import DevicePrefetch
+
+    counts = []
+    with jax.transfer_guard("disallow"), DevicePrefetch(batches, mesh) as on_device:
+        for batch in on_device:
+            counts.append(eval_step(params, batch))  # dispatched, not waited on
+            if len(counts) > _EVAL_IN_FLIGHT:  # bounded: a fast loader cannot queue the split on the devices
+                counts[-_EVAL_IN_FLIGHT - 1]["n"].block_until_ready()
+        totals = collections.Counter()
+        for out in jax.device_get(counts):  # the one fetch of the pass
+            totals.update({name: int(count) for name, count in out.items()})
+    n = totals.pop("n")
+    return {**{name: wrong / max(n, 1) for name, wrong in totals.items()}, "n": n}

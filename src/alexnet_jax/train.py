@@ -29,8 +29,7 @@ from alexnet_jax.config_check import validate_config
 from alexnet_jax.data.prefetch import DevicePrefetch
 from alexnet_jax.devices import devices_note, prepare_devices
 from alexnet_jax.errors import CheckpointError, CheckpointWriteError, ConfigError, Diverged, TrainingError, WorkdirBusy
-from alexnet_jax.evaluate import error_rates
-from alexnet_jax.metrics import DivergenceGuard, MetricWriter, PendingMetrics
+from alexnet_jax.metrics import DivergenceGuard, MetricWriter, PendingMetrics, error_rates
 from alexnet_jax.model import AlexNet, count_params
 from alexnet_jax.parallel import DATA_AXIS, check_layout, mesh_for_config
 from alexnet_jax.preemption import StopOnSignal
