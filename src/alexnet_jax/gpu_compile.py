@@ -46,18 +46,14 @@ class Gpu:
     tflops_tf32: float  # dense tensor-core peak for float32 inputs (XLA's default precision on Ampere and later)
 
 
-GPUS = {
-    "h100": Gpu(
-        "NVIDIA H100 80GB HBM3", 132, 1.98, 81559 << 20, 3.35e12, 50 << 20, (9, 0), 233472, 232448, 989.4, 494.7
-    ),
-    "h200": Gpu("NVIDIA H200", 132, 1.98, 143771 << 20, 4.8e12, 50 << 20, (9, 0), 233472, 232448, 989.4, 494.7),
-    "a100-80": Gpu(
-        "NVIDIA A100-SXM4-80GB", 108, 1.41, 81920 << 20, 2.039e12, 40 << 20, (8, 0), 167936, 166912, 312.0, 156.0
-    ),
-    "a100-40": Gpu(
-        "NVIDIA A100-SXM4-40GB", 108, 1.41, 40960 << 20, 1.555e12, 40 << 20, (8, 0), 167936, 166912, 312.0, 156.0
-    ),
+# fmt: off
+GPUS = {  # the fields of Gpu, in order: one row per GPU, aligned
+    "h100":    Gpu("NVIDIA H100 80GB HBM3",  132, 1.98, 81559 << 20,  3.35e12,  50 << 20, (9, 0), 233472, 232448, 989.4, 494.7),
+    "h200":    Gpu("NVIDIA H200",            132, 1.98, 143771 << 20, 4.8e12,   50 << 20, (9, 0), 233472, 232448, 989.4, 494.7),
+    "a100-80": Gpu("NVIDIA A100-SXM4-80GB",  108, 1.41, 81920 << 20,  2.039e12, 40 << 20, (8, 0), 167936, 166912, 312.0, 156.0),
+    "a100-40": Gpu("NVIDIA A100-SXM4-40GB",  108, 1.41, 40960 << 20,  1.555e12, 40 << 20, (8, 0), 167936, 166912, 312.0, 156.0),
 }
+# fmt: on
 JAX_MEMORY_FRACTION = 0.75  # JAX takes this share of GPU memory at start (XLA_PYTHON_CLIENT_MEM_FRACTION)
 
 
