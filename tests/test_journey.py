@@ -49,10 +49,13 @@ def env() -> dict:
     return out
 
 
-def check(r: subprocess.CompletedProcess, what: str) -> None:
+def check(r: subprocess.CompletedProcess, what: str, *, cells_only: bool = False) -> None:
+    """Status 0, no traceback, no leak. ``cells_only``: tracebacks are looked for in the cells' output (stdout)
+    only: ipykernel may log a 'Task was destroyed' error, traceback and all, on its own stderr as it shuts
+    down after the last cell; a cell that raised fails the run (status 1) before that."""
     text = r.stdout + r.stderr
     assert r.returncode == 0, f"{what}: rc {r.returncode}\n{text[-3000:]}"
-    assert "Traceback" not in text, f"{what}\n{text[-3000:]}"
+    assert "Traceback" not in (r.stdout if cells_only else text), f"{what}\n{text[-3000:]}"
     assert not re.search(r"leak", text, re.I), f"{what}\n{text[-3000:]}"
 
 
@@ -122,6 +125,6 @@ def test_a_newcomers_journey_verbatim(tmp_path):
         text=True,
         timeout=900,
     )
-    check(r, "the notebook")
+    check(r, "the notebook", cells_only=True)
     assert f"step {step} from" in r.stdout, r.stdout[-3000:]
     assert (repo / "notebooks" / "figures" / "conv1_kernels.png").is_file()
