@@ -285,8 +285,9 @@ class Classifier:
         if mesh is None:  # parameters on one device: a 1x1 mesh of it, both towers there
             device = next(iter(jax.tree_util.tree_leaves(self.checkpoint.params)[0].devices()))
             mesh = make_mesh(towers=1, data=1, devices=[device])
-        self._inputs = steps.make_input_fn(cfg.data, ckpt.stats)
-        self._view_probs = jax.jit(steps.make_view_probs(self.model, mesh, self._inputs, features=True))
+        inputs = steps.make_input_fn(cfg.data, ckpt.stats)
+        self._inputs = jax.jit(lambda batch: inputs(batch, False))  # what the network sees (model_inputs)
+        self._view_probs = jax.jit(steps.make_view_probs(self.model, mesh, inputs, features=True))
 
     def preprocess(self, images, views: str | None = None) -> dict:
         """Images -> ``{'image', 'resized', 'sources'}`` (+ ``'crop_yx', 'flip'`` for the centre view).
@@ -314,7 +315,7 @@ class Classifier:
     def model_inputs(self, images, views: str | None = None) -> np.ndarray:
         """What the network sees: float32 ``(N, V, crop, crop, 3)``, the mean image's windows subtracted."""
         b = self.preprocess(images, views)
-        return np.asarray(jax.jit(self._inputs, static_argnums=1)({k: b[k] for k in _INPUT_KEYS if k in b}, False))
+        return np.asarray(self._inputs({k: b[k] for k in _INPUT_KEYS if k in b}))
 
     def _run(self, batch: dict) -> tuple[np.ndarray, np.ndarray]:
         n = batch["image"].shape[0]
