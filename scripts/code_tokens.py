@@ -29,7 +29,11 @@ def code_tokens(source: str) -> int:
 def main(roots: list[str]) -> None:
     total = 0
     for root in roots:
+        if not Path(root).exists():
+            sys.exit(f"code_tokens.py: {root}: no such file or folder (give Python files or folders of them)")
         files = sorted(Path(root).rglob("*.py")) if Path(root).is_dir() else [Path(root)]
+        if any(f.suffix != ".py" for f in files):
+            sys.exit(f"code_tokens.py: {root}: not a Python file (give .py files or folders of them)")
         for f in files:
             n = code_tokens(f.read_text())
             total += n
