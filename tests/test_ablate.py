@@ -59,9 +59,10 @@ def test_two_variants_run_write_results_and_resume_without_retraining(tmp_path):
         ][-1]
         assert (x["top1_error"], x["top1_error_ten_crop"]) == (last["val/top1_error"], last["val/top1_error_ten_crop"])
     # Every run got the same fixed LR schedule (no plateau rule), seed and steps: read from their saved configs.
-    from alexnet_jax.checkpoint import find_step_dir, read_config
+    from alexnet_jax.checkpoint import read
+    from alexnet_jax.paths import find_step_dir
 
-    saved = [read_config(find_step_dir(out / v / "seed0")[0]) for v in ("baseline", "one_tower")]
+    saved = [read(find_step_dir(out / v / "seed0")[0], "config")["config"] for v in ("baseline", "one_tower")]
     assert [(c["optim"]["plateau_patience"], c["seed"], c["total_steps"]) for c in saved] == [(0, 0, 3)] * 2
     assert [c["model"]["towers"] for c in saved] == [2, 1]
 
@@ -109,9 +110,10 @@ def test_a_variant_as_a_config_file_from_the_command_line(tmp_path):
         timeout=300,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    from alexnet_jax.checkpoint import find_step_dir, read_config
+    from alexnet_jax.checkpoint import read
+    from alexnet_jax.paths import find_step_dir
 
-    assert read_config(find_step_dir(tmp_path / "run")[0])["model"]["lrn"] is False
+    assert read(find_step_dir(tmp_path / "run")[0], "config")["config"]["model"]["lrn"] is False
 
 
 @pytest.mark.slow  # a launch.py run through the runner

@@ -169,7 +169,7 @@ def test_costs_and_evaluate_tell_a_config_bug_from_a_mistake(tmp_path, capsys):
         0,
         {"w": np.zeros(2, np.float32)},
         config=base.to_dict(),
-        dataset={"classes": ["a", "b"], "class_names": ["a", "b"], "stats": None},
+        dataset={"classes": ["a", "b"], "class_names": ["a", "b"]},
     )
     with pytest.raises(SystemExit) as e:
         evaluate.main([f"--checkpoint={step_dir}", "--config.data.rooot=/x"])

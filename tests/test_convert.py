@@ -290,7 +290,7 @@ def test_checkpoint_carries_classes_preprocessing_and_origin(converted):
     assert (m.image_size, m.lrn_k, m.lrn_convention, m.lrn_scope) == (227, 1.0, "alpha_over_n", "layer")
     assert (d.resize_mode, d.resize_size, d.crop_size) == ("warp", 256, 227)
     np.testing.assert_allclose(ckpt.stats["mean_image"][100, 100], CAFFE_MEAN_BGR[::-1], rtol=1e-6)  # RGB
-    origin = checkpoint.read_origin(Path(ckpt.path))
+    origin = checkpoint.read(Path(ckpt.path), "origin")["origin"]
     assert origin["format"] == "caffemodel V1" and "BGR" in origin["input"]
 
 

@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")  # a test extra; never imported by the pack
 from torch import nn  # noqa: E402
 
 from alexnet_jax import Classifier, apply_on_mesh, load_checkpoint, make_mesh  # noqa: E402
-from alexnet_jax.checkpoint import read_origin  # noqa: E402
+from alexnet_jax.checkpoint import read  # noqa: E402
 from alexnet_jax.convert_torchvision import MEAN_RGB, STD_RGB  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +138,7 @@ def test_checkpoint_is_the_owt_net_and_records_torchvisions_preprocessing(conver
     )
     assert (c.config.data.resize_mode, c.config.data.resize_size, c.config.data.crop_size) == ("shorter_side", 256, 224)
     np.testing.assert_allclose(c.stats["mean_image"][0, 0], 255 * np.asarray(MEAN_RGB), rtol=1e-6)
-    origin = read_origin(epath.Path(c.path))
+    origin = read(epath.Path(c.path), "origin")["origin"]
     assert origin["normalize"] == {"mean": list(MEAN_RGB), "std": list(STD_RGB), "of": "x / 255"}
     assert "conv1" in origin["folded"]
     assert json.loads(json.dumps(origin))["format"] == "torchvision alexnet state_dict"

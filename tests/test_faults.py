@@ -116,7 +116,7 @@ FULL_DISK_RUN = textwrap.dedent("""
     subprocess.run(["umount", ckpts], check=True)  # 4: a fresh small disk for one Checkpointer
     mount(f"size={size}")
     state = read_state(ref, 2)
-    items = dict(data_state={"next_batch": 2}, config={}, control={})
+    items = dict(data={"next_batch": 2}, config={}, control={})
     ck = Checkpointer(wd, keep=20)
     ck.save(2, state, **items)
     ck.wait()
@@ -193,7 +193,7 @@ def test_read_only_checkpoint_folder_stops_at_start_with_a_clear_message(tmp_pat
 
     wd = tmp_path / "run"
     good = Checkpointer(wd)  # a good checkpoint from an earlier run (any tree will do here)
-    good.save(2, {"w": np.arange(6, dtype=np.float32)}, data_state={"next_batch": 2}, config={}, control={})
+    good.save(2, {"w": np.arange(6, dtype=np.float32)}, data={"next_batch": 2}, config={}, control={})
     good.close()
     before = read_state(wd, 2)
     ck = wd / "checkpoints"

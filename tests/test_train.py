@@ -299,7 +299,7 @@ def test_checkpointer_keeps_last_k_and_the_best(tmp_path):
         ck.save(
             step,
             {"w": np.full((3,), step, np.float32)},
-            data_state={"next_batch": step},
+            data={"next_batch": step},
             config={"seed": 0},
             control={},
             metrics={"val/top1_error": err},

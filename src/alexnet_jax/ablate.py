@@ -72,10 +72,11 @@ def _params(workdir: Path) -> int:
     import jax.numpy as jnp
     import ml_collections
 
-    from alexnet_jax.checkpoint import find_step_dir, read_config
+    from alexnet_jax.checkpoint import read
     from alexnet_jax.model import count_params, from_config
+    from alexnet_jax.paths import find_step_dir
 
-    model = from_config(ml_collections.ConfigDict(read_config(find_step_dir(workdir)[0])).model)
+    model = from_config(ml_collections.ConfigDict(read(find_step_dir(workdir)[0], "config")["config"]).model)
     x = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
     return count_params(jax.eval_shape(model.init, jax.random.key(0), x)["params"])
 

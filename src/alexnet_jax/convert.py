@@ -319,7 +319,8 @@ def convert(caffe: dict, out: str | Path, *, mean_bgr: np.ndarray | None = None,
             params,
             config=json.loads(config.to_json()),
             origin=origin,
-            dataset={"classes": classes, "class_names": names, "stats": {"mean_image": mean}},
+            dataset={"classes": classes, "class_names": names},
+            stats={"mean_image": mean},
         )
     except CheckpointError as e:
         raise ConvertError(str(e)) from None

@@ -138,7 +138,8 @@ def convert(path: str | Path, out: str | Path) -> Path:
             params,
             config=json.loads(owt_config().to_json()),
             origin=origin,
-            dataset={"classes": classes, "class_names": names, "stats": {"mean_image": mean}},
+            dataset={"classes": classes, "class_names": names},
+            stats={"mean_image": mean},
         )
     except CheckpointError as e:
         raise ConvertError(str(e)) from None

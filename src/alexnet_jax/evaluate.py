@@ -123,8 +123,9 @@ def config_for_evaluation(saved: dict) -> ml_collections.ConfigDict:
 
 def parse_command_line(argv: list[str]):
     """``(config, options)``: the checkpoint's config with the command line's overrides, and the other flags."""
-    from alexnet_jax.checkpoint import find_step_dir, read_config
+    from alexnet_jax.checkpoint import read
     from alexnet_jax.errors import CheckpointError
+    from alexnet_jax.paths import find_step_dir
 
     argv = list(argv)
     if cli.wants_help(argv):
@@ -145,7 +146,7 @@ def parse_command_line(argv: list[str]):
         step_dir, _ = find_step_dir(path, first.step)
     except CheckpointError as e:
         sys.exit(f"{_PROG}: {e}")
-    base = config_for_evaluation(read_config(step_dir))
+    base = config_for_evaluation(read(step_dir, "config")["config"])
 
     fv = flags.FlagValues()
     _define_run_flags(fv)

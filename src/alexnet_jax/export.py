@@ -23,18 +23,17 @@ def export(checkpoint: str, out: str, step: int | None = None):
 
     from alexnet_jax import checkpoint as ckpt_lib
 
-    step_dir, number = ckpt_lib.find_step_dir(checkpoint, step)
-    saved_step, params = ckpt_lib.read_params(step_dir, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-    number = saved_step if number is None else number
-    classes, names, stats = ckpt_lib.read_dataset(step_dir)
-    origin = ckpt_lib.read_origin(step_dir) or {}
+    step_dir, number = paths.find_step_dir(checkpoint, step)
+    items = ckpt_lib.read_weights(step_dir, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    state = jax.device_get(items["state"])
     return ckpt_lib.write_weights_only(
         out,
-        number,
-        jax.device_get(params),
-        config=ckpt_lib.read_config(step_dir),
-        dataset={"classes": classes, "class_names": names, "stats": stats},
-        origin={**origin, "exported_from": str(step_dir)},
+        int(state["step"]) if number is None else number,
+        state["params"],
+        config=items["config"],
+        dataset=items["dataset"],
+        stats=items["dataset_stats"],
+        origin={**(items["origin"] or {}), "exported_from": str(step_dir)},
     )
 
 

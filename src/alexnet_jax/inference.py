@@ -113,25 +113,24 @@ def load_checkpoint(
     (or ``AlexNet``) to use instead of the saved one. ``devices``: default
     ``jax.local_devices()``. Only the parameters are read; the optimizer state stays on disk.
     """
-    step_dir, number = checkpoint.find_step_dir(path, step)
-    config = ml_collections.ConfigDict(checkpoint.read_config(step_dir))
+    step_dir, number = paths.find_step_dir(path, step)
+    config = ml_collections.ConfigDict(checkpoint.read(step_dir, "config")["config"])
     net = _model_from(config, model, step_dir)
-    _check_shapes(checkpoint.saved_params(step_dir), net, step_dir, override=model is not None)
     mesh, sharding = _placement(net, devices or jax.local_devices())
-    saved_step, params = checkpoint.read_params(step_dir, sharding)
-    classes, class_names, stats = checkpoint.read_dataset(step_dir)
-    if number is None:  # a step folder copied under another name: the state knows its step
-        number = saved_step
+    items = checkpoint.read_weights(
+        step_dir, sharding, lambda saved: _check_shapes(saved, net, step_dir, model is not None)
+    )
+    params, dataset, stats = items["state"]["params"], items["dataset"], items["dataset_stats"]
     return Checkpoint(
         params=params,
         config=config,
-        step=number,
+        step=int(items["state"]["step"]) if number is None else number,  # a step folder renamed: the state's
         path=str(step_dir),
         model=net,
         mesh=mesh,
-        classes=classes,
-        class_names=class_names,
-        stats=stats,
+        classes=dataset["classes"],
+        class_names=dataset["class_names"],
+        stats=stats and {k: np.asarray(v) for k, v in stats.items()},
     )
 
 

@@ -17,6 +17,8 @@ import ml_collections
 from absl import flags
 from etils import epath
 
+from alexnet_jax.errors import CheckpointError
+
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 # The config fields that name files or folders (the data section's); launch.py's --workdir is a flag.
@@ -84,3 +86,41 @@ def DEFINE_multi_path(name: str, default, help: str, flag_values: flags.FlagValu
     return flags.DEFINE_multi(
         _PathParser(), flags.ArgumentSerializer(), name, default, help, flag_values=flag_values, **kwargs
     )
+
+
+# ---------------------------------------------------------------------------
+# A checkpoint as users name it: a run's workdir, its checkpoints/ folder or one step folder.
+
+_GIVE = "Give a run's workdir (holding checkpoints/<step>/), its checkpoints/ folder or one checkpoints/<step>/ folder."
+
+
+def _is_step_dir(p: epath.Path) -> bool:  # finished writes only (no tmp folders, no half-written steps on GCS)
+    import orbax.checkpoint as ocp
+
+    return (p / "state").is_dir() and (p / "config").is_dir() and ocp.utils.is_checkpoint_finalized(p)
+
+
+def find_step_dir(path: str | os.PathLike, step: int | None = None) -> tuple[epath.Path, int | None]:
+    """``path`` (workdir, checkpoints folder or step folder) -> (step folder, step number)."""
+    root = absolute(path)  # Orbax reads absolute paths only
+    if not root.exists():
+        raise CheckpointError(f"No checkpoint at {str(path)!r}: the path does not exist. {_GIVE}")
+    if _is_step_dir(root):
+        number = int(root.name) if root.name.isdigit() else None
+        if None not in (step, number) and step != number:
+            raise CheckpointError(
+                f"{str(path)!r} is step {number}'s checkpoint; give its parent to choose step {step}."
+            )
+        return root, number
+    ckpt_dir = root / "checkpoints" if (root / "checkpoints").is_dir() else root
+    steps = sorted(int(c.name) for c in ckpt_dir.iterdir() if c.name.isdigit() and _is_step_dir(c))
+    if not steps:
+        raise CheckpointError(
+            f"No finished checkpoint under {str(path)!r}. {_GIVE} "
+            "A run writes its first checkpoint after checkpoint_every steps (or an epoch)."
+        )
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointError(f"No checkpoint of step {step} under {str(ckpt_dir)!r}; the steps there are {steps}.")
+    return ckpt_dir / str(step), step

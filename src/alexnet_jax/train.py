@@ -103,7 +103,8 @@ class _Run:
     start_step: int
     steps_per_epoch: int
     total_steps: int
-    dataset: dict  # the checkpoints' dataset item: class ids and names, the mean image
+    dataset: dict  # the checkpoints' dataset item: class ids and names
+    stats: dict | None  # and their dataset_stats: the mean image, the RGB eigens
     profile: _Profile
     last_val: dict = dataclasses.field(default_factory=dict)
     ckpt_error: CheckpointWriteError | None = None
@@ -135,10 +136,11 @@ class _Run:
                 self.ckpt.save(
                     step,
                     state,
-                    data_state=data_position,
+                    data=data_position,
                     config=json.loads(self.config.to_json()),
                     control=self.lr.history.to_json(),
                     dataset=self.dataset,
+                    stats=self.stats,
                     metrics={"val/top1_error": val["val/top1_error"]} if val else None,
                 )
         except CheckpointWriteError as e:
@@ -277,7 +279,8 @@ def _open_run(config, workdir, manual_lr, stack: contextlib.ExitStack) -> _Run:
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         profile=stack.enter_context(contextlib.closing(_Profile(config.profile_steps, workdir / "profile", console))),
-        dataset={"classes": data.classes, "class_names": data.class_names, "stats": data.stats},
+        dataset={"classes": data.classes, "class_names": data.class_names},
+        stats=data.stats,
     )
 
 

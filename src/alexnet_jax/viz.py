@@ -318,9 +318,9 @@ def write_all(
     Figures whose inputs are missing (no metrics file, no images and no
     dataset on this machine) are skipped with a note saying what to give.
     """
-    from alexnet_jax.checkpoint import find_step_dir
     from alexnet_jax.errors import DatasetError
     from alexnet_jax.inference import Classifier, load_checkpoint
+    from alexnet_jax.paths import find_step_dir
 
     out = Path(out)
     ckpt = load_checkpoint(workdir, step)
