@@ -122,11 +122,15 @@ class Checkpointer:
         if self._barrier and step is not None:  # release the processes waiting for this write
             self._barrier.abort(step)
         self.manager.reload()  # forget what the failed attempt registered; the disk is the truth
-        good = f"step {self.last_good}, in {self.directory}" if self.last_good is not None else "none yet"
+        good = (
+            f"the newest good checkpoint is step {self.last_good}, in {self.directory}"
+            if self.last_good is not None
+            else "no checkpoint has been written yet"
+        )
         text = (
             f"Could not write the checkpoint for step {step} to {self.directory}: {_reason(error)}. The training "
-            f"state in memory is intact and no earlier checkpoint was touched; the newest good checkpoint is "
-            f"{good}. Free disk space or make the folder writable."
+            f"state in memory is intact and no earlier checkpoint was touched; {good}. Free disk space or make "
+            "the folder writable."
         )
         return CheckpointWriteError(f"{earlier} {text}" if earlier else text, step=step, last_good=self.last_good)
 
@@ -155,7 +159,12 @@ class Checkpointer:
                 dst.parent.mkdir(exist_ok=True)
                 shutil.move(step_dir, dst)
                 why = _reason(error) if error else "unreadable on another process"
-                log.warning("Checkpoint at step %d is damaged (%s); moved it to %s and falling back.", step, why, dst)
+                log.warning(
+                    "Checkpoint at step %d is damaged (%s); moved it to %s and falling back to the previous one.",
+                    step,
+                    why,
+                    dst,
+                )
             if jax.process_count() > 1:  # the others wait until it is moved
                 multihost_utils.sync_global_devices(f"alexnet_jax set aside checkpoint {step}")
             self.manager.reload()
