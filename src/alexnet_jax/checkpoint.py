@@ -42,7 +42,8 @@ def _reason(error: BaseException) -> str:
     if found:
         code = int(found[1] or found[2])
         return f"{os.strerror(code)} (errno {code})"
-    return f"{type(error).__name__}: {str(error).strip().partition(chr(10))[0][:300]}"
+    first = str(error).strip().partition("\n")[0][:300]
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 class Checkpointer:
@@ -81,16 +82,17 @@ class Checkpointer:
         self._pending = None  # the step whose asynchronous write may still be running
         self.last_good = max(self.steps(), default=None)  # newest fully written step
 
-    def save(self, step: int, state, *, metrics=None, stats=None, **json_items) -> None:
+    def save(self, step, state, *, data, config, control, dataset=None, origin=None, stats=None, metrics=None):
         """Start writing ``step`` (in the background) once the previous write has finished; ``state`` is only read.
 
-        ``json_items``: data, config, control, dataset (classes, class names), origin (of imported weights);
-        None is left out. ``stats``: arrays (mean image, RGB eigens). ``CheckpointWriteError`` names each step
-        lost: the previous write's, this one's if it cannot start.
+        ``data`` (iterator state), ``config``, ``control`` (LR drops), ``dataset`` (classes, class names) and
+        ``origin`` (of imported weights) are JSON; ``stats`` arrays (mean image, RGB eigens); None is left out.
+        ``CheckpointWriteError`` names each step lost: the previous write's, this one's if it cannot start.
         """
         earlier = self._finish_pending()
         if self._barrier:
             self._barrier.step = step
+        json_items = dict(data=data, config=config, control=control, dataset=dataset, origin=origin)
         items = {k: ocp.args.JsonSave(v) for k, v in json_items.items() if v is not None}
         if stats is not None:
             items["dataset_stats"] = ocp.args.StandardSave(stats)
@@ -228,7 +230,7 @@ def read_weights(step_dir: epath.Path, sharding, check=lambda saved_params: None
         )
     except Exception as e:
         raise CheckpointError(
-            f"Cannot read the parameters in {str(step_dir)!r} ({_reason(e)}): the checkpoint may be damaged."
+            f"Cannot read the checkpoint in {str(step_dir)!r} ({_reason(e)}); it may be damaged."
         ) from e
     return {"origin": None, "dataset_stats": None, **items}
 
@@ -242,7 +244,7 @@ def write_weights_only(out: str | os.PathLike, step: int, params, **items) -> Pa
         raise CheckpointError(f"{out} already holds checkpoints; give an empty or new folder.")
     ckpt = Checkpointer(out, keep=1, asynchronous=False)
     try:
-        ckpt.save(step, {"step": np.int32(step), "params": params}, **items)
+        ckpt.save(step, {"step": np.int32(step), "params": params}, data={}, control={}, **items)
         ckpt.wait()
     finally:
         ckpt.close()
