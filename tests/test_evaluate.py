@@ -17,7 +17,7 @@ import _trained
 import numpy as np
 import pytest
 
-from alexnet_jax import Classifier
+from alexnet_jax import CheckpointError, Classifier, load_checkpoint
 from alexnet_jax.data import embedded, sources
 from alexnet_jax.data.labels import devkit_file_name
 from alexnet_jax.evaluate import evaluate_checkpoint
@@ -149,3 +149,31 @@ def test_bad_command_lines_say_what_is_wrong(run, args, message):
     assert p.returncode != 0
     assert message in p.stderr, p.stderr[-2000:]
     assert "Traceback" not in p.stderr, p.stderr[-3000:]
+
+
+def test_a_damaged_checkpoint_is_one_line_no_traceback_and_is_left_as_it_was(run, tmp_path):
+    """Garbled array files: the command says which folder and that it may be damaged, in one line.
+    TensorStore's late callbacks into Orbax's closed event loop print no 'ignored' tracebacks."""
+    step = max(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    damaged = tmp_path / "damaged" / "checkpoints" / str(step)
+    shutil.copytree(run / "checkpoints" / str(step), damaged)
+    for f in (damaged / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":  # the OCDBT data files
+            f.write_bytes(b"garbage")
+    before = {p: p.read_bytes() for p in damaged.rglob("*") if p.is_file()}
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    p = subprocess.run(
+        [sys.executable, "-m", "alexnet_jax.evaluate", "--checkpoint=damaged"],  # relative, as typed
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("python -m alexnet_jax.evaluate: Cannot read '") and "damaged" in last, last
+    assert str(damaged / "state") in last, last
+    with pytest.raises(CheckpointError, match="or damaged"):
+        load_checkpoint(tmp_path / "damaged")
+    assert {p: p.read_bytes() for p in damaged.rglob("*") if p.is_file()} == before

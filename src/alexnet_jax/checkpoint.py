@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -44,6 +45,22 @@ def _reason(error: BaseException) -> str:
         return f"{os.strerror(code)} (errno {code})"
     first = str(error).strip().partition("\n")[0][:300]
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def _drop_closed_loop_noise() -> None:
+    """After a failed read, TensorStore still calls back into the event loop Orbax has closed, at any time
+    after, and Python prints each as an 'ignored' traceback around the real error (which is raised as
+    usual). From the first read on, this process drops those, and only those."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_noise", False):
+        return
+
+    def hook(u):
+        if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+            previous(u)
+
+    hook.drops_closed_loop_noise = True
+    sys.unraisablehook = hook
 
 
 class Checkpointer:
@@ -198,12 +215,13 @@ def read(step_dir: epath.Path, *names: str, **args) -> dict:
         primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"alexnet_jax_read_{me}"
     )
     items = ocp.args.Composite(**{n: ocp.args.JsonRestore() for n in names}, **args)
+    _drop_closed_loop_noise()
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler(), multiprocessing_options=alone) as reader:
         return dict(reader.restore(step_dir, args=items))
 
 
 def read_weights(step_dir: epath.Path, sharding, check=lambda saved_params: None) -> dict:
-    """A step folder's ``config``, ``dataset``, ``dataset_stats`` (or None), ``origin`` (or None) and ``state``:
+    """A step folder's ``dataset``, ``dataset_stats`` (or None), ``origin`` (or None) and ``state``:
     its step and parameters, placed with ``sharding``. The optimizer state stays on disk. ``check`` sees the
     saved parameters' shapes and dtypes before any array is read."""
     if not (step_dir / "dataset").is_dir():
@@ -212,10 +230,11 @@ def read_weights(step_dir: epath.Path, sharding, check=lambda saved_params: None
             "alexnet_jax's train_and_evaluate, or damaged."
         )
     try:
+        _drop_closed_loop_noise()
         saved = ocp.StandardCheckpointHandler().metadata(step_dir / "state").tree["params"]
     except Exception as e:
         raise CheckpointError(
-            f"Cannot read {str(step_dir / 'state')!r} ({_reason(e)}): not an alexnet_jax train state."
+            f"Cannot read {str(step_dir / 'state')!r} ({_reason(e)}): not an alexnet_jax train state, or damaged."
         ) from e
     check(saved)
     try:
@@ -225,9 +244,7 @@ def read_weights(step_dir: epath.Path, sharding, check=lambda saved_params: None
             target, ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
         )
         extra = {"dataset_stats": ocp.args.StandardRestore()} if (step_dir / "dataset_stats").is_dir() else {}
-        items = read(
-            step_dir, *[n for n in ("config", "dataset", "origin") if (step_dir / n).is_dir()], state=state, **extra
-        )
+        items = read(step_dir, *[n for n in ("dataset", "origin") if (step_dir / n).is_dir()], state=state, **extra)
     except Exception as e:
         raise CheckpointError(
             f"Cannot read the checkpoint in {str(step_dir)!r} ({_reason(e)}); it may be damaged."

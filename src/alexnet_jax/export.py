@@ -30,7 +30,7 @@ def export(checkpoint: str, out: str, step: int | None = None):
         out,
         int(state["step"]) if number is None else number,
         state["params"],
-        config=items["config"],
+        config=ckpt_lib.read(step_dir, "config")["config"],
         dataset=items["dataset"],
         stats=items["dataset_stats"],
         origin={**(items["origin"] or {}), "exported_from": str(step_dir)},
