@@ -48,9 +48,10 @@ def _reason(error: BaseException) -> str:
 
 
 def _drop_closed_loop_noise() -> None:
-    """After a failed read, TensorStore still calls back into the event loop Orbax has closed, at any time
-    after, and Python prints each as an 'ignored' traceback around the real error (which is raised as
-    usual). From the first read on, this process drops those, and only those."""
+    """After a failed read, TensorStore still calls back into the event loop Orbax has closed, and the
+    futures it leaves are collected unread, at any time after: Python prints each as a traceback around
+    the real error (which is raised as usual). From the first read on, this process drops those two kinds,
+    and only those."""
     previous = sys.unraisablehook
     if getattr(previous, "drops_closed_loop_noise", False):
         return
@@ -61,6 +62,7 @@ def _drop_closed_loop_noise() -> None:
 
     hook.drops_closed_loop_noise = True
     sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(lambda r: "exception was never retrieved" not in r.getMessage())
 
 
 class Checkpointer:
